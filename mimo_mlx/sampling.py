@@ -1,0 +1,149 @@
+"""Token sampling on MLX: logits processors (repetition penalty) and samplers (greedy,
+temperature, top-k, top-p, min-p).
+
+Semantics follow transformers' generate: processors first, then TemperatureLogitsWarper,
+TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, in that order, each masking to -inf, then a
+categorical draw. Everything stays on the device as MLX ops over (B, vocab) logits; seed with
+`mx.random.seed` before generating.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import mlx.core as mx
+
+from .errors import MimoError
+
+Sampler = Callable[[mx.array], mx.array]
+"""(B, vocab) float logits -> (B,) token ids."""
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+"""(tokens so far: (L,) or (B, L), logits: (B, vocab)) -> logits."""
+
+_NEG_INF = float("-inf")
+
+
+def apply_temperature(logits: mx.array, temperature: float) -> mx.array:
+    """Divide by the temperature (a division, like transformers, so results match bit for bit)."""
+    return logits / temperature
+
+
+def apply_top_k(logits: mx.array, top_k: int) -> mx.array:
+    """Keep the `top_k` largest logits per row (and ties with the k-th), mask the rest to -inf."""
+    if top_k >= logits.shape[-1]:
+        return logits
+    kth = mx.topk(logits, top_k, axis=-1).min(axis=-1, keepdims=True)  # (B, 1)
+    return mx.where(logits < kth, _NEG_INF, logits)
+
+
+def apply_top_p(logits: mx.array, top_p: float) -> mx.array:
+    """Nucleus filter: drop the least likely tokens whose total probability is at most 1 - top_p."""
+    ascending = mx.sort(logits, axis=-1)  # (B, V)
+    cumulative = mx.cumsum(mx.softmax(ascending, axis=-1), axis=-1)
+    # Dropped tokens form a prefix of the ascending order; the most likely token always stays.
+    dropped = (cumulative <= 1 - top_p).sum(axis=-1, keepdims=True)  # (B, 1)
+    dropped = mx.minimum(dropped, logits.shape[-1] - 1)
+    threshold = mx.take_along_axis(ascending, dropped, axis=-1)  # smallest kept logit
+    return mx.where(logits < threshold, _NEG_INF, logits)
+
+
+def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
+    """Drop tokens less likely than min_p times the most likely one (compared in log space)."""
+    top = logits.max(axis=-1, keepdims=True)
+    return mx.where(logits < top + math.log(min_p), _NEG_INF, logits)
+
+
+def _check_sampling_options(temperature: float, top_p: float, top_k: int, min_p: float) -> None:
+    if not temperature >= 0:
+        raise MimoError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
+    if not 0 < top_p <= 1:
+        raise MimoError(f"top_p must be in (0, 1] (1 disables it), got {top_p}.")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise MimoError(f"top_k must be an integer >= 0 (0 disables it), got {top_k}.")
+    if not 0 <= min_p <= 1:
+        raise MimoError(f"min_p must be in [0, 1] (0 disables it), got {min_p}.")
+
+
+def make_warper(
+    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> Callable[[mx.array], mx.array]:
+    """The logits -> warped logits function a sampler draws from (for tests and inspection)."""
+    steps: list[Callable[[mx.array], mx.array]] = []
+    if temperature != 1.0:
+        steps.append(lambda x: apply_temperature(x, temperature))
+    if top_k > 0:
+        steps.append(lambda x: apply_top_k(x, top_k))
+    if top_p < 1.0:
+        steps.append(lambda x: apply_top_p(x, top_p))
+    if min_p > 0.0:
+        steps.append(lambda x: apply_min_p(x, min_p))
+
+    def warp(logits: mx.array) -> mx.array:
+        logits = logits.astype(mx.float32)
+        for step in steps:
+            logits = step(logits)
+        return logits
+
+    return warp
+
+
+def make_sampler(
+    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> Sampler:
+    """A function from (B, vocab) logits to (B,) sampled ids.
+
+    temperature 0 is greedy (argmax; the filters do not matter then). top_p 1, top_k 0 and min_p 0
+    disable their filter. MiMo's recommendation: temperature 0.3, top_p 0.95; greedy for evals.
+    """
+    _check_sampling_options(temperature, top_p, top_k, min_p)
+    if temperature == 0:
+        return lambda logits: mx.argmax(logits, axis=-1)
+    # The warps are deterministic: compile them into one graph; the random draw stays outside.
+    warp = mx.compile(make_warper(temperature, top_p, top_k, min_p))
+    return lambda logits: mx.random.categorical(warp(logits), axis=-1)
+
+
+def apply_repetition_penalty(logits: mx.array, tokens: mx.array, penalty: float) -> mx.array:
+    """Penalize every id in `tokens` once: logit / penalty if positive, logit * penalty otherwise.
+
+    `tokens` is (L,) (shared by all rows) or (B, L); ids beyond the logits' width cannot be sampled
+    and are ignored, as in transformers' RepetitionPenaltyLogitsProcessor.
+    """
+    if tokens.size == 0:
+        return logits
+    batch, vocab = logits.shape
+    if tokens.ndim == 1:
+        tokens = mx.broadcast_to(tokens[None], (batch, tokens.shape[0]))  # (B, L)
+    # A spare column absorbs out-of-range ids; duplicates write the same value, so scatter is safe.
+    ids = mx.minimum(tokens.astype(mx.int32), vocab)
+    padded = mx.concatenate([logits, mx.zeros((batch, 1), dtype=logits.dtype)], axis=-1)
+    seen = mx.take_along_axis(padded, ids, axis=-1)  # (B, L)
+    seen = mx.where(seen < 0, seen * penalty, seen / penalty)
+    return mx.put_along_axis(padded, ids, seen, axis=-1)[:, :vocab]
+
+
+def make_repetition_penalty(penalty: float, context_size: int | None = None) -> LogitsProcessor:
+    """A processor penalizing the last `context_size` tokens (None: all, prompt included)."""
+    if not penalty > 0:
+        raise MimoError(f"repetition_penalty must be > 0 (1 disables it), got {penalty}.")
+    if context_size is not None and context_size < 1:
+        raise MimoError(f"repetition context size must be >= 1, got {context_size}.")
+
+    def processor(tokens: mx.array, logits: mx.array) -> mx.array:
+        recent = tokens if context_size is None else tokens[..., -context_size:]
+        return apply_repetition_penalty(logits, recent, penalty)
+
+    return processor
+
+
+def make_logits_processors(
+    repetition_penalty: float | None = None, context_size: int | None = None
+) -> list[LogitsProcessor]:
+    """Processors to run on the logits before sampling, given all tokens so far (prompt included).
+
+    transformers penalizes the whole sequence (context_size None); mlx-lm uses a recent window.
+    """
+    if repetition_penalty is None or repetition_penalty == 1.0:
+        return []
+    return [make_repetition_penalty(repetition_penalty, context_size)]
