@@ -1,0 +1,104 @@
+"""The decoder: Qwen2-style layers with grouped-query attention and multimodal rotary embedding.
+
+Attribute names equal the checkpoint's keys under `model.`, so weights load by name.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .cache import KVCache
+from .config import TextConfig
+from .vision import rotate_half
+
+
+class MRoPE:
+    """cos/sin for (3, B, L) positions: frequency i takes its angle from axis section_of(i) % 3."""
+
+    def __init__(self, config: TextConfig):
+        dim = config.head_dim
+        self.inv_freq = mx.array(
+            1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+        )
+        axes = np.concatenate([np.full(n, i % 3) for i, n in enumerate(config.mrope_section)])
+        self.axis_of_freq = mx.array(axes)  # (D/2,)
+
+    def __call__(self, positions: mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+        """positions (3, B, L) -> cos, sin (B, 1, L, D) in `dtype`, angles in float32."""
+        per_freq = positions[self.axis_of_freq]  # (D/2, B, L)
+        freqs = per_freq.transpose(1, 2, 0).astype(mx.float32) * self.inv_freq  # (B, L, D/2)
+        angles = mx.concatenate([freqs, freqs], axis=-1)[:, None]
+        return mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scale = config.head_dim**-0.5
+        dim, kv_dim = config.hidden_size, config.num_key_value_heads * config.head_dim
+        self.q_proj = nn.Linear(dim, dim, bias=True)
+        self.k_proj = nn.Linear(dim, kv_dim, bias=True)
+        self.v_proj = nn.Linear(dim, kv_dim, bias=True)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def __call__(self, x, cos, sin, mask, cache: KVCache | None) -> mx.array:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = q * cos + rotate_half(q) * sin  # (B, H, L, D)
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(self, x, cos, sin, mask, cache: KVCache | None) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self._rope = MRoPE(config)
+
+    def __call__(
+        self, embeds: mx.array, positions: mx.array, cache: list[KVCache] | None = None
+    ) -> mx.array:
+        """embeds (B, L, C) at positions (3, B, L) -> final hidden states (B, L, C)."""
+        cos, sin = self._rope(positions, embeds.dtype)
+        # Causal over the new tokens; MLX aligns the causal mask to the end of a longer cached key list.
+        mask = "causal" if embeds.shape[1] > 1 else None
+        cache = cache or [None] * len(self.layers)
+        x = embeds
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            x = layer(x, cos, sin, mask, layer_cache)
+        return self.norm(x)

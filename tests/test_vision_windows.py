@@ -1,0 +1,103 @@
+"""Window bookkeeping and batched segment attention of the vision tower."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from tiny_models import VISION
+from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+from mimo_mlx.config import VisionConfig
+from mimo_mlx.vision import VisionModel, segment_attention
+from mimo_mlx.windows import plan_attention, rotary_positions, window_order
+
+GRIDS = [
+    [[1, 10, 18]],  # edges cut windows on both sides
+    [[1, 16, 16]],  # sides already a multiple of the window: an extra empty window is dropped
+    [[4, 6, 8], [1, 4, 4], [1, 34, 2]],  # video frames, a tiny image, a thin image
+]
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("window_size", [112, 56, 168])
+def test_window_order_matches_transformers(grid, window_size):
+    grid = np.array(grid)
+    order, lengths = window_order(grid, merge=2, window_side=window_size // 28)
+    ref_index, ref_cu = get_vision_window_index(torch.tensor(grid), 2, window_size, 14)
+    np.testing.assert_array_equal(order, ref_index.numpy())
+    np.testing.assert_array_equal(np.concatenate([[0], np.cumsum(lengths * 4)]), ref_cu.numpy())
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_rotary_positions_match_transformers(grid):
+    grid = np.array(grid)
+    ref = get_vision_position_ids(torch.tensor(grid), 2).numpy()
+    np.testing.assert_array_equal(rotary_positions(grid, 2), ref)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_window_partition_then_inverse_is_identity(grid):
+    grid = np.array(grid)
+    order, lengths = window_order(grid, merge=2, window_side=4)
+    tokens = np.arange(len(order)) * 10 + 3
+    windowed = tokens[order]
+    np.testing.assert_array_equal(windowed[np.argsort(order)], tokens)
+    assert sorted(order.tolist()) == list(range(len(order)))
+    assert lengths.sum() == len(order) and lengths.min() > 0 and lengths.max() <= 16
+
+
+def naive_segment_attention(q, k, v, lengths, scale):
+    """One softmax(q k^T) v per segment, in numpy float64."""
+    out, start = [], 0
+    for n in lengths:
+        qs, ks, vs = (x[start : start + n].transpose(1, 0, 2) for x in (q, k, v))  # (H, n, D)
+        scores = qs @ ks.transpose(0, 2, 1) * scale
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        out.append((probs @ vs).transpose(1, 0, 2).reshape(n, -1))
+        start += n
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("pad_to_longest", [True, False])
+@pytest.mark.parametrize("lengths", [[64, 64, 64], [64, 32, 64, 16, 8], [12, 40, 12, 4]])
+def test_batched_segment_attention_equals_per_segment_loop(lengths, pad_to_longest):
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((sum(lengths), 3, 8)) for _ in range(3))
+    plan = plan_attention(np.array(lengths), pad_to_longest=pad_to_longest)
+    assert len(plan.groups) == (1 if pad_to_longest else len(set(lengths)))
+    ours = segment_attention(*(mx.array(x, dtype=mx.float32) for x in (q, k, v)), plan, 0.35)
+    expected = naive_segment_attention(q, k, v, lengths, 0.35)
+    assert np.abs(np.array(ours) - expected).max() < 1e-5
+
+
+def test_full_attention_chunks_long_frames(monkeypatch):
+    """Splitting queries to bound score memory changes nothing numerically."""
+    rng = np.random.default_rng(1)
+    lengths = [300, 200]
+    q, k, v = (rng.standard_normal((500, 2, 8)) for _ in range(3))
+    plan = plan_attention(np.array(lengths), pad_to_longest=False)
+    monkeypatch.setattr("mimo_mlx.vision.SCORE_BUDGET_BYTES", 4 * 2 * 300 * 37)  # 37-query chunks
+    ours = segment_attention(*(mx.array(x, dtype=mx.float32) for x in (q, k, v)), plan, 0.35)
+    expected = naive_segment_attention(q, k, v, lengths, 0.35)
+    assert np.abs(np.array(ours) - expected).max() < 1e-5
+
+
+def test_1344_image_never_holds_a_full_attention_matrix():
+    """One 1344x1344 image is a single 9216-patch frame; full attention must run in query chunks."""
+    config = VisionConfig(**{**VISION, "depth": 2, "fullatt_block_indexes": (1,)})
+    tower = VisionModel(config)
+    mx.eval(tower.parameters())
+    grid = np.array([[1, 96, 96]])
+    px = mx.random.normal((9216, 1176))
+    mx.eval(px)
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    out = tower(px, grid)
+    mx.eval(out)
+    peak = mx.get_peak_memory() - before
+    one_head_scores = 9216 * 9216 * 4  # a single head's float32 score matrix for the frame
+    assert out.shape == (2304, config.out_hidden_size)
+    assert peak < one_head_scores, f"peak {peak / 2**20:.0f} MiB"
