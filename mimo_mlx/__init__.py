@@ -1,8 +1,27 @@
-"""mimo-mlx: MiMo-VL-7B on MLX."""
+"""mimo-mlx: MiMo-VL-7B on MLX.
+
+model, processor = mimo_mlx.load("XiaomiMiMo/MiMo-VL-7B-RL-2508")   # or a model folder
+result = mimo_mlx.generate(model, processor, "What is in this picture?", images=["photo.jpg"])
+print(result.answer)
+"""
 
 from .config import ModelConfig
 from .errors import MimoError
-from .loading import load_model
+from .generate import GenerationResponse, GenerationResult, generate, stream_generate
+from .loading import load, load_model
 from .model import Model
+from .processor import ModelInputs, Processor
 
-__all__ = ["MimoError", "Model", "ModelConfig", "load_model"]
+__all__ = [
+    "GenerationResponse",
+    "GenerationResult",
+    "MimoError",
+    "Model",
+    "ModelConfig",
+    "ModelInputs",
+    "Processor",
+    "generate",
+    "load",
+    "load_model",
+    "stream_generate",
+]

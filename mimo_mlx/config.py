@@ -8,7 +8,6 @@ Defaults are MiMo-VL-7B's.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,8 +280,3 @@ def _read(
     if kind in (int, float) and value <= 0:
         raise MimoError(f"config.json: {prefix}{name} must be positive, got {value!r}")
     return value
-
-
-def replace(config: ModelConfig, **changes: Any) -> ModelConfig:
-    """A copy of `config` with top-level fields changed (configs are frozen)."""
-    return dataclasses.replace(config, **changes)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +16,63 @@ from mlx.utils import tree_flatten
 from .config import ModelConfig
 from .errors import MimoError
 from .model import Model
+from .processor import Processor
 from .weights import canonical_key, detect_layout, sanitize
+
+DEFAULT_MODEL = "XiaomiMiMo/MiMo-VL-7B-RL-2508"
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def load(
+    model: str | Path = DEFAULT_MODEL,
+    dtype: str | mx.Dtype | None = None,
+    on_convert: Callable[[str, Path], None] | None = None,
+) -> tuple[Model, Processor]:
+    """(model, processor) for a model folder or a Hugging Face repo id.
+
+    A repo id is converted to 4-bit MLX once, into the mimo-mlx cache (`on_convert` is told first),
+    and loaded from there afterwards. On the CPU, floating-point weights are computed in float32
+    (MLX's CPU half-precision math is scalar and slow) unless `dtype` says otherwise.
+    """
+    folder = resolve_model(model, on_convert)
+    dtype = dtype if dtype is not None else default_dtype()
+    return load_model(folder, dtype=dtype), Processor.from_folder(folder)
+
+
+def default_dtype() -> str | None:
+    return "float32" if mx.default_device() == mx.cpu else None
+
+
+def cache_home() -> Path:
+    """Where converted hub models live: $MIMO_MLX_HOME, else ~/.cache/mimo-mlx."""
+    return Path(os.environ.get("MIMO_MLX_HOME", Path.home() / ".cache" / "mimo-mlx"))
+
+
+def converted_path(repo_id: str, bits: int = 4) -> Path:
+    return cache_home() / "models" / f"{repo_id.replace('/', '--')}-{bits}bit"
+
+
+def resolve_model(model: str | Path, on_convert: Callable[[str, Path], None] | None = None) -> Path:
+    """The folder for `model`: itself if it exists, else its cached conversion (made if missing)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    name = str(model)
+    if not _REPO_ID.match(name):
+        raise MimoError(f"{name} is neither a model folder nor a Hugging Face repo id (org/name)")
+    target = converted_path(name)
+    if target.is_dir():
+        return target
+    if on_convert is not None:
+        on_convert(name, target)
+    from .convert import convert  # noqa: PLC0415  (only needed the first time)
+
+    convert(hf_path=name, mlx_path=target)
+    return target
 
 
 def load_model(path: str | Path, dtype: str | mx.Dtype | None = None) -> Model:

@@ -118,7 +118,9 @@ class Tokenizer:
         self.special_tokens_map: dict[str, str] = _named_special_tokens(
             config, dict(special_tokens_map or {})
         )
-        self.eos_token_ids: frozenset[int] = self._find_eos_ids(dict(generation_config or {}))
+        # generation_config.json: stop ids here, sampling defaults for the CLI.
+        self.generation_config: dict[str, Any] = dict(generation_config or {})
+        self.eos_token_ids: frozenset[int] = self._find_eos_ids(self.generation_config)
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> Tokenizer:

@@ -1,0 +1,134 @@
+"""From a user's request (prompt, images, video) to model inputs: chat template, token ids, pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .chat import build_prompt, expand_vision_tokens, load_chat_template
+from .processing import (
+    DEFAULT_MAX_PIXELS,
+    ImageProcessorConfig,
+    load_processor_config,
+    preprocess_images,
+)
+from .tokenizer import Tokenizer
+from .video import (
+    DEFAULT_VIDEO_FPS,
+    DEFAULT_VIDEO_MAX_FRAMES,
+    DEFAULT_VIDEO_MAX_PIXELS,
+    DEFAULT_VIDEO_MIN_PIXELS,
+    load_video,
+    preprocess_video,
+)
+
+ImageInput = str | Path | Image.Image
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """One prompt, ready for `Model`: token ids (1, L) and the vision inputs its placeholders need."""
+
+    input_ids: np.ndarray
+    pixel_values: np.ndarray | None = None
+    image_grid_thw: np.ndarray | None = None
+    pixel_values_videos: np.ndarray | None = None
+    video_grid_thw: np.ndarray | None = None
+    second_per_grid_ts: list[float] | None = None
+    text: str = ""  # the rendered prompt, before vision placeholders were expanded
+    vision_tokens: int = 0  # how many of the ids are image/video placeholders
+    opens_thinking: bool = field(default=False)  # the template already opened <think>
+
+    def vision_kwargs(self) -> dict[str, Any]:
+        return {
+            "pixel_values": self.pixel_values,
+            "image_grid_thw": self.image_grid_thw,
+            "pixel_values_videos": self.pixel_values_videos,
+            "video_grid_thw": self.video_grid_thw,
+            "second_per_grid_ts": self.second_per_grid_ts,
+        }
+
+
+class Processor:
+    """The text and vision front end of a model folder: tokenizer, chat template, image settings."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, chat_template: str, image_config: ImageProcessorConfig
+    ):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.image_config = image_config
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> Processor:
+        return cls(
+            Tokenizer.from_folder(folder),
+            load_chat_template(folder),
+            load_processor_config(folder),
+        )
+
+    def prepare(
+        self,
+        prompt: str,
+        images: Sequence[ImageInput] = (),
+        video: str | Path | None = None,
+        *,
+        system: str | None = None,
+        no_think: bool = False,
+        min_pixels: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        fps: float = DEFAULT_VIDEO_FPS,
+        max_frames: int = DEFAULT_VIDEO_MAX_FRAMES,
+        video_min_pixels: int | None = DEFAULT_VIDEO_MIN_PIXELS,
+        video_max_pixels: int | None = DEFAULT_VIDEO_MAX_PIXELS,
+    ) -> ModelInputs:
+        """Render the chat (images, then the video, then the text) and preprocess the media.
+
+        `min_pixels`/`max_pixels` bound each image's resized area (None: the checkpoint's limits).
+        Video frames are sampled at `fps`, at most `max_frames` of them, each frame's area bounded by
+        `video_min_pixels`/`video_max_pixels`.
+        """
+        config = self.image_config
+        vision: dict[str, Any] = {}
+        if images:
+            pixels, grid = preprocess_images(
+                list(images), config, min_pixels=min_pixels, max_pixels=max_pixels
+            )
+            vision.update(pixel_values=pixels, image_grid_thw=grid)
+        if video is not None:
+            limits = dict(min_pixels=video_min_pixels, max_pixels=video_max_pixels)
+            frames, sample_fps = load_video(video, fps, max_frames, config, **limits)
+            pixels, grid, seconds = preprocess_video(frames, sample_fps, config, **limits)
+            vision.update(
+                pixel_values_videos=pixels, video_grid_thw=grid, second_per_grid_ts=[seconds]
+            )
+        text = build_prompt(
+            self.tokenizer,
+            self.chat_template,
+            prompt,
+            num_images=len(images),
+            video=video is not None,
+            system=system,
+            no_think=no_think,
+        )
+        expanded = expand_vision_tokens(
+            text,
+            vision.get("image_grid_thw", ()),
+            vision.get("video_grid_thw", ()),
+            merge_size=config.merge_size,
+        )
+        ids = np.array([self.tokenizer.encode(expanded)], dtype=np.int64)
+        vision_tokens = sum(
+            int(np.prod(g, axis=1).sum()) // config.merge_size**2
+            for g in (vision.get("image_grid_thw"), vision.get("video_grid_thw"))
+            if g is not None
+        )
+        opens = text.rstrip().endswith("<think>")
+        return ModelInputs(
+            ids, text=text, vision_tokens=vision_tokens, opens_thinking=opens, **vision
+        )

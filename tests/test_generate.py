@@ -1,0 +1,219 @@
+"""Greedy generation through the chat template, token for token against transformers' generate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from tiny_models import TOKENS, save_checkpoint, tiny_hf_model
+from tiny_tokenizer import build_tiny_tokenizer
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+import mimo_mlx
+from mimo_mlx import MimoError
+from mimo_mlx.generate import generate, stream_generate
+
+NEW_TOKENS = 24
+MAX_PIXELS = 28 * 28 * 64
+
+
+def write_model_folder(folder, seed: int):
+    save_checkpoint(tiny_hf_model(seed=seed), folder)
+    build_tiny_tokenizer(folder)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "Qwen2VLImageProcessor",
+                "min_pixels": 3136,
+                "max_pixels": MAX_PIXELS,
+                "patch_size": 14,
+                "temporal_patch_size": 2,
+                "merge_size": 2,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+            }
+        )
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_model_folder(tmp_path_factory.mktemp("tiny-generate"), seed=21)
+
+
+@pytest.fixture(scope="module")
+def ours(folder):
+    return mimo_mlx.load(folder)
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+
+    class ImagesOnly(transformers.Qwen2_5_VLProcessor):
+        # The video processor needs torchvision, which the test environment lacks; a stub with
+        # merge_size stands in for it (videos are fed as pixels below).
+        def check_argument_for_proper_class(self, argument_name, argument):
+            return type(argument)
+
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=MAX_PIXELS)
+    processor = ImagesOnly(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=type("VideoStub", (), {"merge_size": 2, "temporal_patch_size": 2})(),
+        chat_template=tokenizer.chat_template,
+    )
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, (h, w) in enumerate([(131, 257), (60, 90)]):
+        smooth = rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(smooth).resize((w, h), Image.BILINEAR)
+        paths.append(folder / f"image{i}.png")
+        image.save(paths[-1])
+    return paths
+
+
+def hf_messages(prompt: str, images: int = 0, video: bool = False):
+    content = [{"type": "image"}] * images + ([{"type": "video"}] if video else [])
+    return [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
+
+
+def hf_generate(model, inputs: dict) -> list[int]:
+    ids = inputs["input_ids"]
+    mm = torch.zeros_like(ids)
+    mm[ids == TOKENS["image_token_id"]] = 1
+    mm[ids == TOKENS["video_token_id"]] = 2
+    kwargs = {k: v for k, v in inputs.items() if k not in ("mm_token_type_ids", "attention_mask")}
+    with torch.no_grad():
+        out = model.generate(
+            **kwargs, mm_token_type_ids=mm, max_new_tokens=NEW_TOKENS, do_sample=False
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def assert_same_tokens(ours: list[int], theirs: list[int]) -> None:
+    assert len(theirs) >= NEW_TOKENS, "pick another prompt: the reference stopped early"
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("count", [0, 1, 2])
+def test_greedy_matches_transformers_with_images(ours, reference, images, count):
+    model, processor = ours
+    hf_model, hf_processor = reference
+    prompt = ["Tell me a story.", "What is in this picture?", "Compare the two pictures."][count]
+    text = hf_processor.apply_chat_template(
+        hf_messages(prompt, images=count), add_generation_prompt=True, tokenize=False
+    )
+    pil = [Image.open(p) for p in images[:count]]
+    hf_inputs = hf_processor(text=[text], images=pil or None, return_tensors="pt")
+    result = generate(
+        model, processor, prompt, images[:count], max_tokens=NEW_TOKENS, max_pixels=MAX_PIXELS
+    )
+    inputs = processor.prepare(prompt, images[:count], max_pixels=MAX_PIXELS)
+    np.testing.assert_array_equal(inputs.input_ids, hf_inputs["input_ids"].numpy())
+    assert_same_tokens(result.tokens, hf_generate(hf_model, dict(hf_inputs)))
+
+
+def test_greedy_matches_transformers_with_a_video(ours, reference, tmp_path):
+    model, processor = ours
+    hf_model, hf_processor = reference
+    rng = np.random.default_rng(1)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):  # 4 frames at 2 fps: 2 temporal patches, 1 s each
+        Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)).save(frames / f"{i}.png")
+    prompt = "What happens in this video?"
+    limits = dict(video_min_pixels=28 * 28 * 4, video_max_pixels=28 * 28 * 16)
+    inputs = processor.prepare(prompt, video=frames, fps=2.0, **limits)
+    assert inputs.video_grid_thw.tolist() == [[2, 4, 6]] and inputs.second_per_grid_ts == [1.0]
+    text = hf_processor.apply_chat_template(
+        hf_messages(prompt, video=True), add_generation_prompt=True, tokenize=False
+    )
+    text = text.replace("<|video_pad|>", "<|video_pad|>" * 12)  # 2 * 4 * 6 / 4 tokens
+    hf_ids = hf_processor.tokenizer(text, return_tensors="pt")["input_ids"]
+    np.testing.assert_array_equal(inputs.input_ids, hf_ids.numpy())
+    hf_inputs = dict(
+        input_ids=hf_ids,
+        pixel_values_videos=torch.tensor(inputs.pixel_values_videos),
+        video_grid_thw=torch.tensor(inputs.video_grid_thw),
+        second_per_grid_ts=torch.tensor(inputs.second_per_grid_ts),
+    )
+    result = generate(model, processor, prompt, inputs=inputs, max_tokens=NEW_TOKENS)
+    assert_same_tokens(result.tokens, hf_generate(hf_model, hf_inputs))
+
+
+def test_stops_at_an_end_token(ours, reference):
+    """Decode until <|im_end|>: the stream ends with finish_reason 'stop' exactly where transformers
+    stops."""
+    model, processor = ours
+    hf_model, hf_processor = reference
+    prompt = "Tell me a story."
+    inputs = processor.prepare(prompt)
+    hf_tokens = hf_generate(hf_model, {"input_ids": torch.tensor(inputs.input_ids)})
+    # Make the reference's 5th greedy token an end token for both, through the tokenizer's stop set.
+    stop = hf_tokens[4]
+    original = processor.tokenizer.eos_token_ids
+    processor.tokenizer.eos_token_ids = frozenset({stop})
+    try:
+        responses = list(stream_generate(model, processor, prompt, max_tokens=NEW_TOKENS))
+    finally:
+        processor.tokenizer.eos_token_ids = original
+    assert [r.token for r in responses] == hf_tokens[: hf_tokens.index(stop) + 1]
+    assert responses[-1].finish_reason == "stop"
+    assert responses[-1].generation_tokens == len(responses)
+
+
+def test_length_limit_and_stats(ours):
+    model, processor = ours
+    responses = list(stream_generate(model, processor, "Hi", max_tokens=7))
+    assert len(responses) <= 7
+    last = responses[-1]
+    assert last.finish_reason in ("stop", "length")
+    assert last.prompt_tokens == processor.prepare("Hi").input_ids.shape[1]
+    assert last.time_to_first_token > 0 and last.peak_memory_gb > 0
+
+
+def test_seeded_sampling_is_repeatable(ours):
+    model, processor = ours
+    runs = [
+        generate(model, processor, "Hi", max_tokens=12, temperature=1.0, top_p=0.9, seed=5).tokens
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+
+
+def test_prompt_longer_than_the_context(ours, monkeypatch):
+    model, processor = ours
+    short = dataclasses.replace(model.config.text, max_position_embeddings=16)
+    monkeypatch.setattr(model, "config", dataclasses.replace(model.config, text=short))
+    with pytest.raises(MimoError, match="the model's context is 16"):
+        generate(model, processor, "Tell me a story about a long prompt.", max_tokens=2)
+
+
+def test_generation_never_reruns_the_vision_tower(ours, images, monkeypatch):
+    model, processor = ours
+    calls = []
+    original = type(model.visual).__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.visual), "__call__", counting)
+    generate(model, processor, "Describe it.", images[:1], max_tokens=10)
+    assert len(calls) == 1
+    mx.clear_cache()
