@@ -5,6 +5,8 @@ Attribute names equal the checkpoint's keys under `model.`, so weights load by n
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -13,24 +15,33 @@ from .cache import KVCache
 from .config import TextConfig
 from .vision import rotate_half
 
+Rotation = Callable[[mx.array], mx.array]
+
 
 class MRoPE:
-    """cos/sin for (3, B, L) positions: frequency i takes its angle from axis section_of(i) % 3."""
+    """Rotations for (3, B, L) positions: frequency i takes its angle from axis section_of(i) % 3."""
 
     def __init__(self, config: TextConfig):
         dim = config.head_dim
+        self.dim, self.theta = dim, config.rope_theta
         self.inv_freq = mx.array(
-            1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+            1.0 / (self.theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
         )
         axes = np.concatenate([np.full(n, i % 3) for i, n in enumerate(config.mrope_section)])
         self.axis_of_freq = mx.array(axes)  # (D/2,)
 
-    def __call__(self, positions: mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
-        """positions (3, B, L) -> cos, sin (B, 1, L, D) in `dtype`, angles in float32."""
+    def __call__(self, positions: mx.array, dtype: mx.Dtype) -> Rotation:
+        """positions (3, B, L), or (B,) starts of text-only runs -> a function rotating (B, H, L, D)."""
+        if positions.ndim == 1:
+            # Text positions are equal on all three axes, so M-RoPE is plain RoPE: one fused kernel.
+            return lambda x: mx.fast.rope(
+                x, self.dim, traditional=False, base=self.theta, scale=1.0, offset=positions
+            )
         per_freq = positions[self.axis_of_freq]  # (D/2, B, L)
         freqs = per_freq.transpose(1, 2, 0).astype(mx.float32) * self.inv_freq  # (B, L, D/2)
-        angles = mx.concatenate([freqs, freqs], axis=-1)[:, None]
-        return mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
+        angles = mx.concatenate([freqs, freqs], axis=-1)[:, None]  # (B, 1, L, D), float32
+        cos, sin = mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
+        return lambda x: x * cos + rotate_half(x) * sin
 
 
 class Attention(nn.Module):
@@ -45,13 +56,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, kv_dim, bias=True)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
-    def __call__(self, x, cos, sin, mask, cache: KVCache | None) -> mx.array:
+    def __call__(self, x, rotate: Rotation, mask, cache: KVCache | None) -> mx.array:
         batch, length, _ = x.shape
         q = self.q_proj(x).reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
-        q = q * cos + rotate_half(q) * sin  # (B, H, L, D)
-        k = k * cos + rotate_half(k) * sin
+        q, k = rotate(q), rotate(k)  # (B, H, L, D)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
@@ -77,8 +87,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, x, cos, sin, mask, cache: KVCache | None) -> mx.array:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def __call__(self, x, rotate: Rotation, mask, cache: KVCache | None) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), rotate, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -93,12 +103,15 @@ class TextModel(nn.Module):
     def __call__(
         self, embeds: mx.array, positions: mx.array, cache: list[KVCache] | None = None
     ) -> mx.array:
-        """embeds (B, L, C) at positions (3, B, L) -> final hidden states (B, L, C)."""
-        cos, sin = self._rope(positions, embeds.dtype)
+        """embeds (B, L, C) at positions (3, B, L) -> final hidden states (B, L, C).
+
+        positions may also be (B,): each row is text continuing from that position.
+        """
+        rotate = self._rope(positions, embeds.dtype)
         # Causal over the new tokens; MLX aligns the causal mask to the end of a longer cached key list.
         mask = "causal" if embeds.shape[1] > 1 else None
         cache = cache or [None] * len(self.layers)
         x = embeds
         for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x = layer(x, cos, sin, mask, layer_cache)
+            x = layer(x, rotate, mask, layer_cache)
         return self.norm(x)

@@ -66,7 +66,7 @@ class Model(nn.Module):
         has_vision = pixel_values is not None or pixel_values_videos is not None
         if cache is not None and cache.offset > 0 and not has_vision:
             embeds = self.model.embed_tokens(mx.array(input_ids))
-            positions = self.continuation_positions(cache, embeds.shape[0], embeds.shape[1])
+            positions = self.continuation_positions(cache, embeds.shape[0])
             return self.logits(self.model(embeds, positions, cache.layers))
         prepared = self.prepare_inputs(
             input_ids,
@@ -163,11 +163,10 @@ class Model(nn.Module):
         flat[mx.array(rows)] = feats.astype(flat.dtype)
         return flat.reshape(batch, length, width)
 
-    def continuation_positions(self, cache: PromptCache, batch: int, length: int) -> mx.array:
-        """Positions (3, B, L) of text tokens appended at the cache's offset."""
+    def continuation_positions(self, cache: PromptCache, batch: int) -> mx.array:
+        """(B,) first positions of text appended at the cache's offset (the same on all axes)."""
         deltas = cache.rope_deltas if cache.rope_deltas is not None else np.zeros(batch, np.int64)
-        rows = cache.offset + np.arange(length)[None, :] + deltas[:, None]  # (B, L)
-        return mx.array(np.broadcast_to(rows, (3, batch, length)))
+        return mx.array((cache.offset + deltas).astype(np.int32))
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.config.text.tie_word_embeddings:
