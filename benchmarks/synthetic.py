@@ -1,0 +1,174 @@
+"""Synthetic MiMo-VL-7B checkpoints: real key names, shapes, dtype and config, random weights.
+
+The real checkpoint cannot be downloaded on our machines; converter and loader benchmarks need one
+of the right size. `write_checkpoint` writes a bfloat16 safetensors checkpoint (sharded, with an
+index) for the published config with any number of decoder layers and vision blocks (all of them:
+`full=True`, 16.6 GB), streaming block by block so the generator itself stays small in memory.
+
+    python benchmarks/synthetic.py /tmp/synth --decoder-layers 2 --vision-blocks 2
+    /usr/bin/time -v mimo-mlx convert --hf-path /tmp/synth --mlx-path /tmp/synth-4bit
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+import numpy as np
+from mlx.utils import tree_flatten
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from mimo_mlx.config import ModelConfig
+from mimo_mlx.convert.plan import OutputTensor
+from mimo_mlx.convert.writer import ShardedWriter
+from mimo_mlx.model import Model
+
+# MiMo-VL-7B-RL's config.json (the published layout: decoder keys at the root).
+MIMO_VL_7B_CONFIG = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 128000,
+    "max_window_layers": 36,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 36,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "rope_theta": 640000.0,
+    "sliding_window": 32768,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151680,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "vision_config": {
+        "depth": 32,
+        "hidden_act": "silu",
+        "hidden_size": 1280,
+        "intermediate_size": 3456,
+        "num_heads": 16,
+        "in_chans": 3,
+        "out_hidden_size": 4096,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "spatial_patch_size": 14,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+        "temporal_patch_size": 2,
+    },
+}
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>")
+SPECIAL_TOKENS += ("<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+BLOCK_ELEMENTS = 1 << 24  # random numbers are made 64 MB of float32 at a time
+
+
+def synthetic_config(decoder_layers: int, vision_blocks: int) -> dict:
+    """The published config with fewer layers; full-attention blocks kept where they still exist."""
+    config = json.loads(json.dumps(MIMO_VL_7B_CONFIG))
+    config["num_hidden_layers"] = config["max_window_layers"] = decoder_layers
+    vision = config["vision_config"]
+    vision["depth"] = vision_blocks
+    full = [i for i in vision["fullatt_block_indexes"] if i < vision_blocks]
+    vision["fullatt_block_indexes"] = full or [vision_blocks - 1]
+    return config
+
+
+def checkpoint_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Key -> shape as transformers saves it: our model's parameters (named like the checkpoint),
+    with the patch embedding as the Conv3d it is in torch."""
+    model_config = ModelConfig.from_hf(config)
+    shapes = {k: tuple(v.shape) for k, v in tree_flatten(Model(model_config).parameters())}
+    vision = model_config.vision
+    out = shapes["visual.patch_embed.proj.weight"][0]
+    shapes["visual.patch_embed.proj.weight"] = (
+        out,
+        vision.in_channels,
+        vision.temporal_patch_size,
+        vision.patch_size,
+        vision.patch_size,
+    )
+    return dict(sorted(shapes.items()))
+
+
+def _random_bf16(rng: np.random.Generator, count: int, name: str) -> np.ndarray:
+    """bfloat16 bit patterns: norm scales near 1, biases and weights small (uniform, std 0.02)."""
+    values = rng.random(count, dtype=np.float32)
+    values -= 0.5
+    values *= 0.02 * math.sqrt(12)
+    if "norm" in name or name.endswith("ln_q.weight"):
+        values += 1.0
+    return (values.view(np.uint32) >> 16).astype(np.uint16)  # truncate float32 to bfloat16
+
+
+def write_checkpoint(
+    folder: Path,
+    decoder_layers: int = 2,
+    vision_blocks: int = 2,
+    full: bool = False,
+    max_shard_bytes: int = 4 << 30,
+    seed: int = 0,
+) -> dict[str, tuple[int, ...]]:
+    """Write config.json, bfloat16 shards with an index and a minimal tokenizer; returns the shapes."""
+    config = synthetic_config(36, 32) if full else synthetic_config(decoder_layers, vision_blocks)
+    shapes = checkpoint_shapes(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    _write_tokenizer(folder)
+    specs = [(OutputTensor(name, "BF16", shape),) for name, shape in shapes.items()]
+    writer = ShardedWriter(folder, specs, max_shard_bytes)
+    rng = np.random.default_rng(seed)
+    for name, shape in shapes.items():
+        row = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
+        rows = shape[0] if len(shape) > 1 else 1
+        per_block = max(1, BLOCK_ELEMENTS // row)
+        for first in range(0, rows, per_block):
+            count = min(per_block, rows - first)
+            writer.write(name, _random_bf16(rng, count * row, name))
+    writer.close()
+    return shapes
+
+
+def _write_tokenizer(folder: Path) -> None:
+    # Byte-level, no merges: enough for a folder that must hold a tokenizer, not for real text.
+    vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+
+
+@click.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--decoder-layers", default=2, show_default=True)
+@click.option("--vision-blocks", default=2, show_default=True)
+@click.option("--full", is_flag=True, help="All 36 layers and 32 blocks (16.6 GB).")
+def main(folder: Path, decoder_layers: int, vision_blocks: int, full: bool) -> None:
+    """Write a synthetic MiMo-VL-7B checkpoint to FOLDER."""
+    shapes = write_checkpoint(folder, decoder_layers, vision_blocks, full)
+    largest = max(shapes, key=lambda k: math.prod(shapes[k]))
+    total = sum(math.prod(s) for s in shapes.values())
+    click.echo(
+        f"{folder}: {len(shapes)} tensors, {total / 1e9:.3f}B parameters, {2 * total / 1e9:.2f} GB; "
+        f"largest {largest} {shapes[largest]} = {2 * math.prod(shapes[largest]) / 1e9:.2f} GB"
+    )
+
+
+if __name__ == "__main__":
+    main()

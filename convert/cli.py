@@ -1,0 +1,88 @@
+"""`mimo-mlx convert`: a thin click layer over `mimo_mlx.convert.convert`, same argument names.
+
+Values are checked by the library, not by click choices, so a bad value gets the same one-line
+error from the command line as from Python.
+"""
+
+from __future__ import annotations
+
+import click
+
+from .pipeline import convert as convert_checkpoint
+from .plan import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+
+_BITS = ", ".join(map(str, SUPPORTED_BITS))
+_GROUPS = ", ".join(map(str, SUPPORTED_GROUP_SIZES))
+
+
+@click.command("convert")
+@click.option(
+    "--hf-path",
+    required=True,
+    help="Hugging Face repo id (e.g. XiaomiMiMo/MiMo-VL-7B-RL) or a local checkpoint folder.",
+)
+@click.option(
+    "--mlx-path",
+    required=True,
+    type=click.Path(),
+    help="Folder to create. It must not exist unless --force is given.",
+)
+@click.option(
+    "--revision",
+    default=None,
+    help="Hub branch, tag or commit to convert (default: main). The resolved commit is recorded "
+    "in the output's config.json.",
+)
+@click.option(
+    "--q-bits",
+    type=int,
+    default=4,
+    show_default=True,
+    help=f"Bits per quantized weight: {_BITS}.",
+)
+@click.option(
+    "--q-group-size",
+    type=int,
+    default=64,
+    show_default=True,
+    help=f"Weights sharing one scale and bias: {_GROUPS}. A layer whose input width does not "
+    "divide by it stays in float.",
+)
+@click.option(
+    "--no-quantize",
+    is_flag=True,
+    help="Keep every weight in floating point (--dtype).",
+)
+@click.option(
+    "--dtype",
+    default="float16",
+    show_default=True,
+    help="Float type of everything not quantized (norms, biases, patch embedding) and of the "
+    "quantization scales: float16, bfloat16 or float32.",
+)
+@click.option(
+    "--vision-bits",
+    default=None,
+    help=f"Bits for the vision blocks ({_BITS}), or 'float' to keep them unquantized. "
+    "Default: --q-bits.",
+)
+@click.option(
+    "--merger-bits",
+    default=None,
+    help=f"Bits for the vision-to-text merger ({_BITS}), or 'float'. Default: --q-bits.",
+)
+@click.option("--force", is_flag=True, help="Replace --mlx-path if it exists.")
+def convert(**options) -> None:
+    """Convert a MiMo-VL (Qwen2.5-VL architecture) checkpoint into an MLX model folder.
+
+    By default the decoder, vision blocks and merger are quantized to 4 bits (group 64), and norms,
+    biases and the patch embedding are kept in float16. Only safetensors are read; pickled
+    checkpoints are refused. Progress goes to stderr, the summary to stdout.
+
+    \b
+    Example:
+      mimo-mlx convert --hf-path XiaomiMiMo/MiMo-VL-7B-RL --mlx-path ./mimo-vl-7b-rl-4bit
+    """
+    report = convert_checkpoint(**options)
+    for line in report.lines():
+        click.echo(line)

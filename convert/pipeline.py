@@ -1,0 +1,198 @@
+"""`convert`: checkpoint in, complete MLX model folder out, one block of weights in memory at a time.
+
+Every check that can fail on bad input runs before the first weight is read. The output is built in a
+hidden temporary folder beside the target and renamed into place only when complete, so an
+interrupted or failed run never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import click
+
+from mimo_mlx.errors import MimoError
+from mimo_mlx.weights import to_mlx_layout
+
+from . import hub
+from .plan import Options, TensorPlan, build_plan, make_options, quantization_config
+from .quantize import cast_block, quantize_block
+from .reader import read_rows
+from .report import ConversionReport, model_card
+from .source import Checkpoint, open_checkpoint, read_source_config
+from .writer import DEFAULT_SHARD_BYTES, ShardedWriter
+
+# Rows are read, converted and written in blocks of about this many float32 bytes.
+BLOCK_BYTES = 64 << 20
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str | Path,
+    revision: str | None = None,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    no_quantize: bool = False,
+    dtype: str = "float16",
+    vision_bits: int | str | None = None,
+    merger_bits: int | str | None = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> ConversionReport:
+    """Convert a Qwen2.5-VL-architecture checkpoint (MiMo-VL) into an MLX model folder.
+
+    hf_path: a local folder or a Hugging Face repo id; revision pins a hub branch, tag or commit.
+    q_bits / q_group_size: affine quantization of every Linear and Embedding whose input width
+    divides by the group size; vision_bits / merger_bits override the bits for the vision blocks and
+    the merger (an int, or "float" to keep them unquantized); no_quantize keeps everything in float.
+    dtype: the float type of everything not quantized, and of the quantization scales and biases.
+    force: replace an existing mlx_path. Progress goes to stderr; the report says what was written.
+    """
+    options = make_options(q_bits, q_group_size, no_quantize, dtype, vision_bits, merger_bits)
+    target = Path(mlx_path).expanduser().absolute()
+    if _exists(target) and not force:
+        raise MimoError(f"{target} already exists; pass --force to replace it")
+    source = hub.resolve(hf_path, revision, check_config=read_source_config)
+    _check_not_overwriting_source(source.folder, target)
+    checkpoint = open_checkpoint(source.folder)
+    plans = build_plan(
+        checkpoint.model_config, checkpoint.tensors, checkpoint.layout, options, source.folder
+    )
+    report = ConversionReport(target, source.name, source.revision, options)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = _new_hidden_folder(target, "partial")
+    try:
+        _write_weights(plans, checkpoint, work, max_shard_bytes, report)
+        _write_folder(checkpoint, plans, options, work, report)
+        _move_into_place(work, target, force)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return report
+
+
+def _new_hidden_folder(target: Path, kind: str) -> Path:
+    """A fresh `.name.<random>.<kind>` folder beside `target` (mkdir honours the umask; mkdtemp
+    would leave the finished model readable by its owner only)."""
+    while True:
+        folder = target.parent / f".{target.name}.{secrets.token_hex(4)}.{kind}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _check_not_overwriting_source(source: Path, target: Path) -> None:
+    resolved = target.resolve()
+    if resolved == source or resolved in source.parents:
+        raise MimoError(f"--mlx-path {target} would replace the checkpoint being converted")
+
+
+def _write_weights(
+    plans: list[TensorPlan],
+    checkpoint: Checkpoint,
+    folder: Path,
+    max_shard_bytes: int,
+    report: ConversionReport,
+) -> None:
+    """Every planned tensor, streamed from the checkpoint into sharded safetensors with an index."""
+    writer = ShardedWriter(folder, [p.outputs for p in plans], max_shard_bytes)
+    bar = click.progressbar(
+        length=sum(p.source.nbytes for p in plans),
+        label="Converting",
+        file=sys.stderr,
+        item_show_func=lambda name: name,
+    )
+    handle: BinaryIO | None = None
+    try:
+        with bar:
+            for plan in plans:
+                # Plans come in file order: each source shard is opened once, read front to back.
+                if handle is None or handle.name != str(plan.source.file):
+                    if handle is not None:
+                        handle.close()
+                    handle = open(plan.source.file, "rb")
+                for done in _convert_tensor(plan, handle, checkpoint.layout, writer, report):
+                    bar.update(done, plan.name)
+        index = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if handle is not None:
+            handle.close()
+    report.shards = len(writer.names)
+    report.weight_bytes = index["metadata"]["total_size"]
+    report.parameters = sum(math.prod(p.shape) for p in plans)
+    report.quantized_modules = sum(p.quant is not None for p in plans)
+    report.float_modules = [
+        p.name.removesuffix(".weight") for p in plans if p.quantizable and p.quant is None
+    ]
+
+
+def _convert_tensor(
+    plan: TensorPlan, handle: BinaryIO, layout: str, writer: ShardedWriter, report: ConversionReport
+) -> Iterator[int]:
+    """Convert `plan` a block of rows at a time; yields the source bytes done after each block."""
+    source = plan.source
+    row_bytes = source.nbytes // source.rows
+    per_block = max(1, BLOCK_BYTES // (4 * source.row_elements))
+    dtype = plan.outputs[-1].dtype  # the float weight, or the scales and biases
+    for first in range(0, source.rows, per_block):
+        count = min(per_block, source.rows - first)
+        block = to_mlx_layout(plan.name, read_rows(source, handle, first, count), layout)
+        if plan.quant is not None:
+            arrays = quantize_block(plan.name, block, plan.quant, dtype, report.errors[plan.part])
+        else:
+            arrays = cast_block(plan.name, block, dtype)
+        for output, data in zip(plan.outputs, arrays, strict=True):
+            writer.write(output.name, data)
+        yield count * row_bytes
+
+
+def _write_folder(
+    checkpoint: Checkpoint,
+    plans: list[TensorPlan],
+    options: Options,
+    folder: Path,
+    report: ConversionReport,
+) -> None:
+    """config.json with the quantization record, the side files, and the model card."""
+    config = dict(checkpoint.config)
+    quantization = quantization_config(plans, options)
+    if quantization is not None:
+        config["quantization"] = quantization
+    for name in hub.SIDE_FILES:
+        if (checkpoint.folder / name).is_file():
+            shutil.copyfile(checkpoint.folder / name, folder / name)  # follows hub cache symlinks
+    report.folder_bytes = sum(f.stat().st_size for f in folder.iterdir())
+    config["mimo_mlx"] = report.config_section()
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "README.md").write_text(model_card(report))
+    report.folder_bytes = sum(f.stat().st_size for f in folder.iterdir())
+
+
+def _move_into_place(work: Path, target: Path, force: bool) -> None:
+    """Rename the finished folder to `target`; an old target (with --force) goes only after."""
+    if not _exists(target):
+        os.rename(work, target)
+        return
+    if not force:
+        raise MimoError(f"{target} appeared while converting; pass --force to replace it")
+    old = _new_hidden_folder(target, "old")
+    os.rename(target, old / target.name)
+    os.rename(work, target)
+    shutil.rmtree(old, ignore_errors=True)
