@@ -1,0 +1,110 @@
+"""`mimo-mlx generate` as a user runs it: streamed text, a stats line, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from test_generate import write_model_folder
+
+from mimo_mlx.cli import main
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_model_folder(tmp_path_factory.mktemp("tiny-cli"), seed=21)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "photo.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, ["generate", *map(str, args)])
+
+
+def test_streams_text_and_ends_with_a_stats_line(folder, photo):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mimo_mlx",
+            "generate",
+            "--model",
+            str(folder),
+            "--image",
+            str(photo),
+            "--prompt",
+            "What is this?",
+            "--max-tokens",
+            "8",
+            "--temp",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    stats = result.stderr.strip().splitlines()[-1]
+    assert stats.startswith("prompt: ") and "tok/s" in stats and "time to first token" in stats
+    assert "peak memory" in stats and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.png", "not found"),
+        (
+            lambda d: (d / "notes.png").write_text("hello") and d / "notes.png",
+            "not a readable image",
+        ),
+        (
+            lambda d: Image.new("RGB", (10, 10)).save(d / "tiny.png") or d / "tiny.png",
+            "must be at least 28 pixels",
+        ),
+        (
+            lambda d: Image.new("RGB", (28, 6000)).save(d / "thin.png") or d / "thin.png",
+            "aspect ratio",
+        ),
+    ],
+    ids=["missing", "not-an-image", "too-small", "too-thin"],
+)
+def test_bad_images_are_one_line_errors(folder, tmp_path, make, message):
+    result = run("--model", folder, "--image", make(tmp_path), "--prompt", "x")
+    assert result.exit_code == 1
+    assert message in result.output.lower()
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_prompt_longer_than_the_context(folder, tmp_path):
+    result = run("--model", folder, "--prompt", "word " * 5000, "--max-tokens", "1")
+    assert result.exit_code == 1 and "the model's context is 4096" in result.output
+
+
+def test_a_folder_that_is_not_a_model(tmp_path):
+    result = run("--model", tmp_path, "--prompt", "x")
+    assert result.exit_code == 1 and "has no config.json" in result.output
+
+
+def test_neither_folder_nor_repo_id(tmp_path):
+    result = run("--model", tmp_path / "a" / "b" / "c", "--prompt", "x")
+    assert (
+        result.exit_code == 1
+        and "neither a model folder nor a Hugging Face repo id" in result.output
+    )
+
+
+def test_help_explains_the_defaults():
+    result = CliRunner().invoke(main, ["generate", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())  # click wraps lines
+    for words in ("XiaomiMiMo/MiMo-VL-7B-RL-2508", "--max-pixels", "16 GB MacBook", "--no-think"):
+        assert words in text
