@@ -16,6 +16,10 @@ from .windows import AttentionPlan, frame_lengths, plan_attention, rotary_positi
 # chunk stays under this many bytes (a 1344x1344 image is one 9216-token frame in full attention, whose
 # 16 heads of scores would take 5.4 GB at once).
 SCORE_BUDGET_BYTES = 64 * 2**20
+# Above this many patches each half-block is evaluated before the next is built: in one lazy graph MLX
+# keeps the temporaries of consecutive layers alive together (0.4 GB more at 1344x1344). Smaller
+# images (the default limit is 4096 patches) stay one graph.
+EAGER_PATCHES = 4096
 
 
 def rotate_half(x: mx.array) -> mx.array:
@@ -23,8 +27,9 @@ def rotate_half(x: mx.array) -> mx.array:
     return mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
+@mx.compile
 def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate in float32, as the reference does, and return in x's dtype."""
+    """Rotate in float32, as the reference does, and return in x's dtype (fused: one pass)."""
     xf = x.astype(mx.float32)
     return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)
 
@@ -32,25 +37,30 @@ def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 def segment_attention(
     q: mx.array, k: mx.array, v: mx.array, plan: AttentionPlan, scale: float
 ) -> mx.array:
-    """Attention restricted to the plan's segments. q, k, v: (N, H, D) -> (N, H*D)."""
-    n, heads, dim = q.shape
+    """Attention restricted to the plan's segments. q, k, v: (H, N, D) -> (N, H*D).
+
+    Heads go in the batch axis and segments in the head axis of one attention call, so a group of
+    contiguous equal segments is a free reshape of (H, N, D).
+    """
+    heads, n, dim = q.shape
     outputs = []
     for group in plan.groups:
         if group.index is None:
-            qg, kg, vg = (x.reshape(group.count, group.size, heads, dim) for x in (q, k, v))
+            qg, kg, vg = (x.reshape(heads, group.count, group.size, dim) for x in (q, k, v))
         else:
             index = mx.array(group.index)
-            qg, kg, vg = q[index], k[index], v[index]  # (segments, size, H, D)
-        qg, kg, vg = (x.transpose(0, 2, 1, 3) for x in (qg, kg, vg))  # (segments, H, size, D)
-        mask = None if group.key_mask is None else mx.array(group.key_mask)[:, None, None, :]
-        out = _chunked_sdpa(qg, kg, vg, scale, mask)
-        outputs.append(out.transpose(0, 2, 1, 3).reshape(-1, heads * dim))
-    out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
-    return out if plan.restore is None else out[mx.array(plan.restore)]
+            qg, kg, vg = q[:, index], k[:, index], v[:, index]  # (H, segments, size, D)
+        mask = None if group.key_mask is None else mx.array(group.key_mask)[None, :, None, :]
+        out = _chunked_sdpa(qg, kg, vg, scale, mask)  # (H, segments, size, D)
+        outputs.append(out.reshape(heads, -1, dim))
+    out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
+    if plan.restore is not None:
+        out = out[:, mx.array(plan.restore)]
+    return out.transpose(1, 0, 2).reshape(n, heads * dim)
 
 
 def _chunked_sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None):
-    segments, heads, size, _ = q.shape
+    heads, segments, size, _ = q.shape
     chunk = max(1, SCORE_BUDGET_BYTES // (4 * segments * heads * k.shape[2]))
     if chunk >= size:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
@@ -86,10 +96,9 @@ class VisionAttention(nn.Module):
 
     def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, plan: AttentionPlan) -> mx.array:
         n = x.shape[0]
-        q, k, v = mx.split(self.qkv(x).reshape(n, 3, self.num_heads, -1), 3, axis=1)  # (N, 1, H, D)
-        q, k, v = q.squeeze(1), k.squeeze(1), v.squeeze(1)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.proj(segment_attention(q, k, v, plan, self.scale))
+        qkv = self.qkv(x).reshape(n, 3, self.num_heads, -1).transpose(1, 2, 0, 3)  # (3, H, N, D)
+        q, k = apply_rotary(qkv[:2], cos, sin)  # q and k in one pass
+        return self.proj(segment_attention(q, k, qkv[2], plan, self.scale))
 
 
 class VisionMLP(nn.Module):
@@ -111,9 +120,16 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config)
         self.mlp = VisionMLP(config)
 
-    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, plan: AttentionPlan) -> mx.array:
+    def __call__(
+        self, x: mx.array, cos: mx.array, sin: mx.array, plan: AttentionPlan, eager: bool = False
+    ) -> mx.array:
         x = x + self.attn(self.norm1(x), cos, sin, plan)
-        return x + self.mlp(self.norm2(x))
+        if eager:
+            mx.eval(x)
+        x = x + self.mlp(self.norm2(x))
+        if eager:
+            mx.eval(x)
+        return x
 
 
 class PatchMerger(nn.Module):
@@ -157,17 +173,18 @@ class VisionModel(nn.Module):
         n, width = x.shape
         order_mx = mx.array(order)
         x = x.reshape(n // unit, unit, width)[order_mx].reshape(n, width)  # window order
+        eager = n > EAGER_PATCHES
         for i, block in enumerate(self.blocks):
             plan = frame_plan if i in cfg.fullatt_block_indexes else window_plan
-            x = block(x, cos, sin, plan)
+            x = block(x, cos, sin, plan, eager)
         merged = self.merger(x)  # (N / 4, out_hidden), still in window order
         return merged[mx.array(np.argsort(order))]
 
     def _rotary(self, positions: np.ndarray, order: np.ndarray) -> tuple[mx.array, mx.array]:
-        """cos/sin (N, 1, head_dim) in float32, rows permuted to window order like the activations."""
+        """cos/sin (N, head_dim) in float32, rows permuted to window order like the activations."""
         unit = self.config.merge_unit
         positions = positions.reshape(-1, unit, 2)[order].reshape(-1, 2)
         freqs = mx.array(positions, dtype=mx.float32)[..., None] * mx.array(self._inv_freq)
         freqs = freqs.reshape(positions.shape[0], -1)  # (N, D/2): rows' angles, then columns'
-        angles = mx.concatenate([freqs, freqs], axis=-1)[:, None, :]
+        angles = mx.concatenate([freqs, freqs], axis=-1)
         return mx.cos(angles), mx.sin(angles)

@@ -98,8 +98,11 @@ def test_batch_of_two_sequences(model, reference):
     assert_close(ours, hf_logits(reference, ids, pixel_values=px, image_grid_thw=grids))
 
 
-def test_vision_tower_many_images_and_frames(model, reference):
-    """The tower alone, with images and video frames of different sizes in one call."""
+@pytest.mark.parametrize("eager", [False, True], ids=["one-graph", "eager-blocks"])
+def test_vision_tower_many_images_and_frames(model, reference, eager, monkeypatch):
+    """The tower alone, with images and video frames of different sizes in one call; large inputs
+    are evaluated block by block, which must not change the result."""
+    monkeypatch.setattr("mimo_mlx.vision.EAGER_PATCHES", 0 if eager else 10**9)
     rng = np.random.default_rng(6)
     grids = np.array([AWKWARD, [4, 8, 8], BELOW_MIN_PIXELS, [1, 16, 16], [1, 18, 10]])
     px = pixels(grids, rng)

@@ -68,9 +68,13 @@ def test_batched_segment_attention_equals_per_segment_loop(lengths, pad_to_longe
     q, k, v = (rng.standard_normal((sum(lengths), 3, 8)) for _ in range(3))
     plan = plan_attention(np.array(lengths), pad_to_longest=pad_to_longest)
     assert len(plan.groups) == (1 if pad_to_longest else len(set(lengths)))
-    ours = segment_attention(*(mx.array(x, dtype=mx.float32) for x in (q, k, v)), plan, 0.35)
+    ours = segment_attention(*(heads_first(x) for x in (q, k, v)), plan, 0.35)
     expected = naive_segment_attention(q, k, v, lengths, 0.35)
     assert np.abs(np.array(ours) - expected).max() < 1e-5
+
+
+def heads_first(x: np.ndarray) -> mx.array:
+    return mx.array(x.transpose(1, 0, 2), dtype=mx.float32)  # (N, H, D) -> (H, N, D)
 
 
 def test_full_attention_chunks_long_frames(monkeypatch):
@@ -80,7 +84,7 @@ def test_full_attention_chunks_long_frames(monkeypatch):
     q, k, v = (rng.standard_normal((500, 2, 8)) for _ in range(3))
     plan = plan_attention(np.array(lengths), pad_to_longest=False)
     monkeypatch.setattr("mimo_mlx.vision.SCORE_BUDGET_BYTES", 4 * 2 * 300 * 37)  # 37-query chunks
-    ours = segment_attention(*(mx.array(x, dtype=mx.float32) for x in (q, k, v)), plan, 0.35)
+    ours = segment_attention(*(heads_first(x) for x in (q, k, v)), plan, 0.35)
     expected = naive_segment_attention(q, k, v, lengths, 0.35)
     assert np.abs(np.array(ours) - expected).max() < 1e-5
 
