@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -108,3 +110,28 @@ def test_help_explains_the_defaults():
     text = " ".join(result.output.split())  # click wraps lines
     for words in ("XiaomiMiMo/MiMo-VL-7B-RL-2508", "--max-pixels", "16 GB MacBook", "--no-think"):
         assert words in text
+
+
+def test_a_hub_id_is_converted_once_then_reused(tmp_path):
+    """The first-run path: a repo id (here from a pre-populated offline HF cache) is converted to
+    4-bit into $MIMO_MLX_HOME, saying so, and the next run loads the conversion directly."""
+    from convert_helpers import make_source
+    from test_convert_hub import REPO, add_snapshot, folder_files
+
+    cache = tmp_path / "hf" / "hub"
+    add_snapshot(cache, REPO, "c" * 40, folder_files(make_source(tmp_path / "src", seed=3)))
+    env = dict(
+        os.environ,
+        HF_HOME=str(cache.parent),
+        HF_HUB_CACHE=str(cache),
+        HF_HUB_OFFLINE="1",
+        MIMO_MLX_HOME=str(tmp_path / "home"),
+    )
+    command = [sys.executable, "-m", "mimo_mlx", "generate", "--model", REPO, "-p", "Hi", "-m", "3"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert f"{REPO} has not been converted yet" in first.stderr
+    converted = tmp_path / "home" / "models" / "tiny-org--mimo-tiny-4bit"
+    assert json.loads((converted / "config.json").read_text())["quantization"]["bits"] == 4
+    second = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert second.returncode == 0 and "has not been converted" not in second.stderr
