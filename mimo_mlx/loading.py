@@ -75,11 +75,12 @@ def resolve_model(model: str | Path, on_convert: Callable[[str, Path], None] | N
     return target
 
 
-def load_model(path: str | Path, dtype: str | mx.Dtype | None = None) -> Model:
+def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False) -> Model:
     """The model in `path` (a folder with config.json and safetensors), weights checked and loaded.
 
     `dtype` casts floating-point weights (e.g. "float32" for the CPU); None keeps them as stored.
-    Quantized layers are rebuilt wherever the folder holds quantized weights.
+    Quantized layers are rebuilt wherever the folder holds quantized weights. With `lazy`, weights
+    are read only when first used (or evaluated), so a caller can materialize part of the model.
     """
     folder = Path(path)
     raw = read_config(folder)
@@ -96,7 +97,8 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None) -> Model:
             for k, v in weights.items()
         }
     model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     return model
 
 
