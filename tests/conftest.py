@@ -1,9 +1,13 @@
+import os
 import sys
 from pathlib import Path
 
-import mlx.core as mx
+# No test may reach the network: huggingface_hub (and transformers through it) must stay offline.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
-# Test helpers (tiny_models, tiny_tokenizer) are plain modules beside the tests.
+import mlx.core as mx  # noqa: E402
+
+# Test helpers (tiny_models, tiny_tokenizer, ...) are plain modules beside the tests.
 sys.path.insert(0, str(Path(__file__).parent))
 
 # The CPU backend is the one CI has; float32 there is what parity is measured in.
