@@ -44,7 +44,8 @@ def generate_step(
     prepared = model.prepare_inputs(inputs.input_ids, **inputs.vision_kwargs(), cache=cache)
     cache.rope_deltas = prepared.rope_deltas
     embeds, positions = prepared.embeds, prepared.positions
-    history = mx.array(inputs.input_ids[0])  # every token so far, for repetition penalties
+    # Every token so far, kept only for logits processors (repetition penalty) that read it.
+    history = mx.array(inputs.input_ids[0]) if logits_processors else None
 
     def sample(logits: mx.array) -> mx.array:
         for processor in logits_processors:
@@ -62,7 +63,8 @@ def generate_step(
     mx.async_eval(token)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
-            history = mx.concatenate([history, token])
+            if history is not None:
+                history = mx.concatenate([history, token])
             next_token = sample(model(token[:, None], cache=cache)[:, -1])
             mx.async_eval(next_token)
         yield token.item()

@@ -217,3 +217,21 @@ def test_generation_never_reruns_the_vision_tower(ours, images, monkeypatch):
     generate(model, processor, "Describe it.", images[:1], max_tokens=10)
     assert len(calls) == 1
     mx.clear_cache()
+
+
+def test_greedy_with_repetition_penalty_matches_transformers(ours, reference):
+    """The penalty covers the prompt and every generated token, as transformers' processor does."""
+    model, processor = ours
+    hf_model, _ = reference
+    prompt = "Tell me a story."
+    inputs = processor.prepare(prompt)
+    with torch.no_grad():
+        out = hf_model.generate(
+            input_ids=torch.tensor(inputs.input_ids),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            repetition_penalty=1.3,
+        )
+    theirs = out[0, inputs.input_ids.shape[1] :].tolist()
+    result = generate(model, processor, prompt, max_tokens=NEW_TOKENS, repetition_penalty=1.3)
+    assert_same_tokens(result.tokens, theirs)
