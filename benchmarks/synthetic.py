@@ -4,8 +4,11 @@ The real checkpoint cannot be downloaded on our machines; converter and loader b
 of the right size. `write_checkpoint` writes a bfloat16 safetensors checkpoint (sharded, with an
 index) for the published config with any number of decoder layers and vision blocks (all of them:
 `full=True`, 16.6 GB), streaming block by block so the generator itself stays small in memory.
+`scaled_config` gives the benchmark scales: `tiny` and `small` shrink widths too, `full` is the
+published model.
 
     python benchmarks/synthetic.py /tmp/synth --decoder-layers 2 --vision-blocks 2
+    python benchmarks/synthetic.py /tmp/synth-small --scale small
     /usr/bin/time -v mimo-mlx convert --hf-path /tmp/synth --mlx-path /tmp/synth-4bit
 """
 
@@ -77,6 +80,74 @@ SPECIAL_TOKENS += ("<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video
 BLOCK_ELEMENTS = 1 << 24  # random numbers are made 64 MB of float32 at a time
 
 
+# Benchmark scales: overrides of the published config. Head dims stay real where they can (128 in
+# the decoder, 80 in the ViT) so the attention kernels are the ones the real model runs; vocab and
+# special-token ids shrink together (ids keep their distance from the end of the vocabulary).
+SCALES: dict[str, dict] = {
+    "tiny": {
+        "text": dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1024,
+            mrope_section=[2, 3, 3],
+        ),
+        "vision": dict(
+            depth=4, hidden_size=32, intermediate_size=48, num_heads=2, fullatt_block_indexes=[1, 3]
+        ),
+    },
+    "small": {
+        "text": dict(
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=32768,
+            mrope_section=[16, 24, 24],
+        ),
+        "vision": dict(
+            depth=8,
+            hidden_size=640,
+            intermediate_size=1728,
+            num_heads=8,
+            fullatt_block_indexes=[3, 7],
+        ),
+    },
+    "full": {"text": {}, "vision": {}},
+}
+TOKEN_ID_KEYS = (
+    "bos_token_id",
+    "eos_token_id",
+    "image_token_id",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "vision_token_id",
+)
+
+
+def scaled_config(scale: str) -> dict:
+    """The published config at a benchmark scale (see `SCALES`)."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; pick one of {', '.join(SCALES)}")
+    config = json.loads(json.dumps(MIMO_VL_7B_CONFIG))
+    text = dict(SCALES[scale]["text"])
+    if "mrope_section" in text:
+        config["rope_scaling"]["mrope_section"] = text.pop("mrope_section")
+    if "vocab_size" in text:
+        shift = text["vocab_size"] - config["vocab_size"]
+        for key in TOKEN_ID_KEYS:
+            config[key] += shift
+    config.update(text)
+    config["max_window_layers"] = config["num_hidden_layers"]
+    config["vision_config"].update(SCALES[scale]["vision"])
+    config["vision_config"]["out_hidden_size"] = config["hidden_size"]
+    return config
+
+
 def synthetic_config(decoder_layers: int, vision_blocks: int) -> dict:
     """The published config with fewer layers; full-attention blocks kept where they still exist."""
     config = json.loads(json.dumps(MIMO_VL_7B_CONFIG))
@@ -122,9 +193,16 @@ def write_checkpoint(
     full: bool = False,
     max_shard_bytes: int = 4 << 30,
     seed: int = 0,
+    config: dict | None = None,
 ) -> dict[str, tuple[int, ...]]:
-    """Write config.json, bfloat16 shards with an index and a minimal tokenizer; returns the shapes."""
-    config = synthetic_config(36, 32) if full else synthetic_config(decoder_layers, vision_blocks)
+    """Write config.json, bfloat16 shards with an index and a minimal tokenizer; returns the shapes.
+
+    `config` (e.g. from `scaled_config`) replaces the layer/block counts and `full`.
+    """
+    if config is None:
+        config = (
+            synthetic_config(36, 32) if full else synthetic_config(decoder_layers, vision_blocks)
+        )
     shapes = checkpoint_shapes(config)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -159,9 +237,15 @@ def _write_tokenizer(folder: Path) -> None:
 @click.option("--decoder-layers", default=2, show_default=True)
 @click.option("--vision-blocks", default=2, show_default=True)
 @click.option("--full", is_flag=True, help="All 36 layers and 32 blocks (16.6 GB).")
-def main(folder: Path, decoder_layers: int, vision_blocks: int, full: bool) -> None:
+@click.option(
+    "--scale", type=click.Choice(list(SCALES)), help="A benchmark scale (overrides the rest)."
+)
+def main(
+    folder: Path, decoder_layers: int, vision_blocks: int, full: bool, scale: str | None
+) -> None:
     """Write a synthetic MiMo-VL-7B checkpoint to FOLDER."""
-    shapes = write_checkpoint(folder, decoder_layers, vision_blocks, full)
+    config = scaled_config(scale) if scale else None
+    shapes = write_checkpoint(folder, decoder_layers, vision_blocks, full, config=config)
     largest = max(shapes, key=lambda k: math.prod(shapes[k]))
     total = sum(math.prod(s) for s in shapes.values())
     click.echo(

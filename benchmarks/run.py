@@ -1,0 +1,327 @@
+"""The benchmark harness: `python -m benchmarks.run --scale small` (see benchmarks/README.md).
+
+For the same weights, prompt and image it measures mimo-mlx, mlx-vlm and transformers (PyTorch),
+each runtime and task in its own process: vision encode time per image size, time to first token,
+prefill and decode tokens/s, peak memory; plus mimo-mlx's decode overhead above the bare kernels,
+MLX op counts of one vision pass, and the backend's kernel bounds. Writes results.json,
+results.md and results.png to the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+from .machine import REPO, git_state, machine_info, versions
+from .report import size_plans, write_report
+from .synthetic import checkpoint_shapes
+from .weights import VARIANTS, Folders, prepare
+
+RUNTIMES = ("mimo-mlx", "mlx-vlm", "torch")
+MLX_RUNTIMES = ("mimo-mlx", "mlx-vlm")
+OPENBLAS = "/lib/x86_64-linux-gnu/libopenblas.so.0"
+CACHE = REPO / "benchmarks" / ".cache"
+
+DEFAULTS = dict(sizes=[448, 1024, 1344], warmup=1, runs=3, image=448, text=32, decode=64)
+# At full scale on a CPU, a 1344x1344 encode takes minutes and the 4-bit decoder's quantized matmul
+# runs single-threaded at ~2 GFLOPS (~7 s per token; see the kernel bounds): fewer repetitions, and
+# generation with the smallest image (56x56, 4 image tokens) and 4 decoded tokens. Sizes from
+# `large_warmup_from` on get no warm-up of their own (smaller sizes measured first in the same
+# process warmed every kernel up); `size_runs` sets runs per size. On a GPU the defaults apply.
+FULL_CPU = dict(
+    runs=2,
+    size_runs={1024: 1},
+    large_warmup_from=1024,
+    gen_warmup=0,
+    gen_runs=1,
+    image=56,
+    text=8,
+    decode=4,
+)
+
+
+def settings(scale: str, cpu: bool, overrides: dict) -> dict:
+    """The repetitions and prompt for `scale` on this backend, command-line overrides last."""
+    chosen = {**DEFAULTS, "large_warmup_from": None, "size_runs": {}}
+    if scale == "full" and cpu:
+        chosen.update(FULL_CPU)
+    chosen.update({k: v for k, v in overrides.items() if v is not None})
+    chosen.setdefault("gen_warmup", chosen["warmup"])
+    chosen.setdefault("gen_runs", chosen["runs"])
+    if overrides.get("warmup") is not None:
+        chosen["gen_warmup"] = overrides["warmup"]
+    if overrides.get("runs") is not None:
+        chosen["gen_runs"], chosen["size_runs"] = overrides["runs"], {}
+    return chosen
+
+
+def model_fits(config: dict, ram_bytes: int, bytes_per_param: int) -> tuple[bool, float]:
+    """Whether the whole model in this dtype fits in 80% of RAM (with room for activations)."""
+    params = sum(math.prod(s) for s in checkpoint_shapes(config).values())
+    need = params * bytes_per_param
+    return need < 0.8 * ram_bytes, need / 1e9
+
+
+def run_worker(spec: dict, out: Path, name: str, preload: str | None, log) -> dict:
+    """Run one measurement in a fresh process; a failure is recorded with the end of its stderr."""
+    spec_path, result_path = out / "work" / f"{name}.spec.json", out / "work" / f"{name}.json"
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(json.dumps(spec, indent=2, default=str))
+    env = dict(os.environ)
+    if preload:
+        env["LD_PRELOAD"] = preload
+    log(f"  {name} ...")
+    start = time.perf_counter()
+    with open(out / "work" / f"{name}.log", "w") as stderr:
+        code = subprocess.run(
+            [sys.executable, "-m", "benchmarks.worker", str(spec_path), str(result_path)],
+            cwd=REPO,
+            env=env,
+            stdout=stderr,
+            stderr=subprocess.STDOUT,
+        ).returncode
+    elapsed = time.perf_counter() - start
+    if code != 0 or not result_path.is_file():
+        tail = (out / "work" / f"{name}.log").read_text()[-2000:]
+        log(f"  {name} FAILED after {elapsed:.0f}s (exit {code})")
+        return {"error": f"exit {code}", "log_tail": tail}
+    log(f"  {name} done in {elapsed:.0f}s")
+    return json.loads(result_path.read_text())
+
+
+@click.command()
+@click.option(
+    "--scale",
+    type=click.Choice(["tiny", "small", "full"]),
+    default="small",
+    show_default=True,
+    help="Synthetic weights: tiny (seconds), small (minutes), full (MiMo-VL-7B shapes).",
+)
+@click.option(
+    "--model",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A float HF MiMo-VL folder (safetensors): used instead of synthetic weights.",
+)
+@click.option(
+    "--mlx-model",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A folder made by `mimo-mlx convert`: mimo-mlx runs it for its variant.",
+)
+@click.option("--runtimes", default=",".join(RUNTIMES), show_default=True)
+@click.option("--variants", default=",".join(VARIANTS), show_default=True)
+@click.option("--sizes", help="Vision image sizes, comma-separated (default 448,1024,1344).")
+@click.option("--runs", type=int, help="Timed runs per measurement.")
+@click.option("--warmup", type=int, help="Warm-up runs before each measurement.")
+@click.option("--decode-tokens", type=int, help="Tokens decoded per generation (default 64).")
+@click.option("--image-size", type=int, help="The prompt's image for generation (default 448).")
+@click.option("--text-tokens", type=int, help="Text tokens around the image (default 32).")
+@click.option(
+    "--openblas/--no-openblas",
+    default=None,
+    help="Preload the system OpenBLAS into MLX processes (default: on where it exists).",
+)
+@click.option("--kernels/--no-kernels", default=True, help="Measure the kernel bounds.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Output folder (default benchmarks/results/SCALE-TIME).",
+)
+@click.option("--cache", type=click.Path(path_type=Path), default=CACHE, show_default=True)
+@click.option("--prepare-only", is_flag=True, help="Make the cached weight folders and stop.")
+def main(
+    scale,
+    model,
+    mlx_model,
+    runtimes,
+    variants,
+    sizes,
+    runs,
+    warmup,
+    decode_tokens,
+    image_size,
+    text_tokens,
+    openblas,
+    kernels,
+    out,
+    cache,
+    prepare_only,
+) -> None:
+    """Benchmark mimo-mlx against mlx-vlm and transformers on the same weights and inputs."""
+    runtimes = [r for r in runtimes.split(",") if r]
+    variants = [v for v in variants.split(",") if v]
+    log = lambda message: click.echo(message, err=True)  # noqa: E731
+    started = datetime.now(timezone.utc)
+    folders = prepare(cache, scale, runtimes, variants, model, mlx_model, log)
+    if prepare_only:
+        return
+    import mlx.core as mx
+
+    cpu = mx.default_device() == mx.cpu
+    overrides = dict(
+        runs=runs, warmup=warmup, decode=decode_tokens, image=image_size, text=text_tokens
+    )
+    if sizes:
+        overrides["sizes"] = [int(s) for s in sizes.split(",")]
+    options = settings(scale, cpu, overrides)
+    out = out or REPO / "benchmarks" / "results" / f"{scale}-{started:%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True, exist_ok=True)
+    session = Session(
+        out=out,
+        folders=folders,
+        options=options,
+        preload=_preload(openblas, cpu),
+        mlx_dtype="float32" if cpu else "bfloat16",
+        config=json.loads(((folders.source or mlx_model) / "config.json").read_text()),
+        log=log,
+    )
+    log(f"benchmarking at scale {scale}; results in {out}")
+    results = {"vision": session.vision(runtimes, variants)}
+    results["generate"] = session.generate(runtimes, variants, cpu)
+    bounds = session.kernel_bounds(quick=scale == "tiny") if kernels else {}
+    report = {
+        "scale": scale,
+        "started_utc": started.isoformat(timespec="seconds"),
+        "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
+        "git": git_state(),
+        "machine": machine_info(),
+        "versions": versions(),
+        "settings": session.settings(runtimes, variants),
+        "results": results,
+        "kernel_bounds": bounds,
+        "skipped": session.skipped,
+    }
+    paths = write_report(report, out)
+    log("wrote " + ", ".join(str(p) for p in paths))
+
+
+@dataclass
+class Session:
+    """One harness run: where results go, the weights, the settings; runs the workers."""
+
+    out: Path
+    folders: Folders
+    options: dict
+    preload: str | None
+    mlx_dtype: str
+    config: dict
+    log: Callable[[str], None]
+    skipped: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for (runtime, variant), reason in self.folders.skipped.items():
+            self.skip(runtime, variant, "all", reason)
+
+    def skip(self, runtime: str, variant: str, task: str, reason: str) -> None:
+        self.skipped.append(
+            {"runtime": runtime, "variant": variant, "task": task, "reason": reason}
+        )
+
+    def run(self, spec: dict, name: str, runtime: str | None) -> dict:
+        preload = self.preload if runtime in MLX_RUNTIMES else None  # never into torch
+        return run_worker(spec, self.out, name, preload, self.log)
+
+    def vision(self, runtimes: list[str], variants: list[str]) -> dict:
+        """The float tower of each runtime (the 4-bit folders keep the same float tower)."""
+        results = {}
+        for runtime in runtimes:
+            folder = self.folders.paths.get((runtime, "float"))
+            if "float" not in variants or folder is None:
+                continue
+            spec = {
+                "task": "vision",
+                "runtime": runtime,
+                "folder": str(folder),
+                "dtype": self.mlx_dtype,
+                "sizes": size_plans(self.options),
+                "opcount": max(self.options["sizes"]) if runtime in MLX_RUNTIMES else None,
+            }
+            results[runtime] = self.run(spec, f"vision-{runtime}", runtime)
+        return results
+
+    def generate(self, runtimes: list[str], variants: list[str], cpu: bool) -> dict:
+        """Whole generations per runtime and variant, float ones only where the model fits."""
+        results = {}
+        ram = machine_info()["ram_gb"] * 1e9
+        for variant in variants:
+            for runtime in runtimes:
+                folder = self.folders.paths.get((runtime, variant))
+                if folder is None:
+                    continue
+                if variant == "float":
+                    per_param = 4 if (cpu if runtime != "torch" else _torch_cpu()) else 2
+                    fits, need = model_fits(self.config, ram, per_param)
+                    if not fits:
+                        reason = (
+                            f"the float model needs {need:.0f} GB, more than 80% of this "
+                            f"machine's {ram / 1e9:.0f} GB"
+                        )
+                        self.skip(runtime, variant, "generate", reason)
+                        continue
+                spec = {
+                    "task": "generate",
+                    "runtime": runtime,
+                    "folder": str(folder),
+                    "dtype": self.mlx_dtype,
+                    "image_size": self.options["image"],
+                    "text_tokens": self.options["text"],
+                    "decode_tokens": self.options["decode"],
+                    "warmup": self.options["gen_warmup"],
+                    "runs": self.options["gen_runs"],
+                    "overhead": runtime == "mimo-mlx",
+                }
+                name = f"generate-{runtime}-{variant}"
+                results[f"{runtime}/{variant}"] = self.run(spec, name, runtime)
+        return results
+
+    def kernel_bounds(self, quick: bool) -> dict:
+        """MLX's kernels as shipped, and (Linux CPU) with the system OpenBLAS preloaded."""
+        spec = {"task": "kernels", "options": {"quick": quick}}
+        bounds = {"mlx": run_worker(spec, self.out, "kernels", None, self.log)}
+        if self.preload:
+            bounds["mlx_openblas"] = run_worker(
+                spec, self.out, "kernels-openblas", self.preload, self.log
+            )
+        return bounds
+
+    def settings(self, runtimes: list[str], variants: list[str]) -> dict:
+        return {
+            **self.options,
+            "runtimes": runtimes,
+            "variants": variants,
+            "mlx_float_dtype": self.mlx_dtype,
+            "openblas_preload": self.preload,
+            "weights": {
+                "source": str(self.folders.source),
+                "synthetic": self.folders.synthetic,
+                "folders": {f"{r}/{v}": str(p) for (r, v), p in self.folders.paths.items()},
+            },
+            "config": self.config,
+        }
+
+
+def _preload(openblas: bool | None, cpu: bool) -> str | None:
+    """The OpenBLAS to preload into MLX processes: only on a Linux CPU, only if it exists."""
+    available = cpu and sys.platform.startswith("linux") and Path(OPENBLAS).is_file()
+    if openblas and not available:
+        raise click.UsageError(f"--openblas needs {OPENBLAS} on a Linux CPU")
+    return OPENBLAS if (openblas is None or openblas) and available else None
+
+
+def _torch_cpu() -> bool:
+    import torch
+
+    return not (torch.backends.mps.is_available() or torch.cuda.is_available())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""mimo-mlx, through its public pieces: the model, `generate_step` with a greedy sampler."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mimo_mlx.generate import generate_step
+from mimo_mlx.loading import load_model
+from mimo_mlx.model import Model
+from mimo_mlx.processor import ModelInputs
+from mimo_mlx.sampling import make_sampler
+
+from . import mlx_common
+from .base import MemoryReading
+
+
+def lazy_model(folder: Path, dtype: str) -> Model:
+    """mimo-mlx's model with weights read only when first used, so a caller can materialize the
+    vision tower alone (the full float32 decoder does not fit in 24 GB; the tower does)."""
+    return load_model(folder, dtype=dtype, lazy=True)
+
+
+class Vision:
+    def __init__(self, folder: Path, dtype: str):
+        self.model = lazy_model(folder, dtype)
+        mx.eval(self.model.visual.parameters())
+
+    def forward(self, pixels: np.ndarray, grid: np.ndarray) -> mx.array:
+        """The lazy output (for counting graph nodes)."""
+        return self.model.visual(mx.array(pixels), grid)
+
+    def encode(self, pixels: np.ndarray, grid: np.ndarray) -> None:
+        mx.eval(self.forward(pixels, grid))
+
+    reset_peak = staticmethod(mlx_common.reset_peak)
+
+    def peak(self) -> MemoryReading:
+        return mlx_common.peak()
+
+
+class Generate:
+    def __init__(self, folder: Path, dtype: str):
+        self.model = lazy_model(folder, dtype)
+        mx.eval(self.model.parameters())
+        self.sampler = make_sampler(0.0)
+
+    def generate(
+        self, ids: np.ndarray, pixels: np.ndarray, grid: np.ndarray, tokens: int
+    ) -> list[tuple[int, float]]:
+        inputs = ModelInputs(ids, pixel_values=pixels, image_grid_thw=grid)
+        # generate_step never stops on an end token: the caller decides, so all runtimes decode `tokens`.
+        steps = generate_step(self.model, inputs, self.sampler, max_tokens=tokens)
+        return [(token, time.perf_counter()) for token in steps]
+
+    reset_peak = staticmethod(mlx_common.reset_peak)
+
+    def peak(self) -> MemoryReading:
+        return mlx_common.peak()

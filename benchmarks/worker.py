@@ -1,0 +1,156 @@
+"""One measurement in a fresh process: `python -m benchmarks.worker SPEC.json RESULT.json`.
+
+A fresh process per runtime and task keeps peak-memory readings honest (nothing left over from
+another runtime) and lets a runtime that is missing or fails take down its own measurement only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from .inputs import image_inputs, prompt_ids
+from .stats import summarize, time_calls
+
+RUNNERS = {"mimo-mlx": "mimo", "mlx-vlm": "mlx_vlm", "torch": "torch_hf"}
+
+
+def runner_module(runtime: str):
+    return importlib.import_module(f"benchmarks.runners.{RUNNERS[runtime]}")
+
+
+def backend(runtime: str, dtype: str | None) -> dict:
+    """Device, dtype and threads the runtime computes with in this process."""
+    if runtime == "torch":
+        import torch
+
+        from .runners.torch_hf import ATTENTION, pick_device
+
+        device, torch_dtype = pick_device()
+        return {
+            "device": str(device),
+            "dtype": str(torch_dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
+            "attention": ATTENTION,
+        }
+    import mlx.core as mx
+
+    device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    return {"device": device, "dtype": dtype, "metal": mx.metal.is_available()}
+
+
+def measure_vision(spec: dict) -> dict:
+    """Encode time and peak memory per image size, sizes ascending (see MemoryReading)."""
+    module = runner_module(spec["runtime"])
+    start = time.perf_counter()
+    runner = module.Vision(Path(spec["folder"]), spec["dtype"])
+    result = {"load_s": time.perf_counter() - start, "sizes": []}
+    for plan in sorted(spec["sizes"], key=lambda p: p["size"]):
+        pixels, grid = image_inputs(plan["size"])
+        runner.reset_peak()
+        times = time_calls(partial(runner.encode, pixels, grid), plan["warmup"], plan["runs"])
+        memory = runner.peak()
+        result["sizes"].append(
+            {
+                "size": plan["size"],
+                "grid_thw": grid[0].tolist(),
+                "patches": int(pixels.shape[0]),
+                "warmup": plan["warmup"],
+                "seconds": summarize(times),
+                "peak_memory_bytes": memory.bytes,
+                "memory_method": memory.method,
+            }
+        )
+    if spec.get("opcount"):
+        from .opcount import count_vision_ops
+
+        size = spec["opcount"]
+        pixels, grid = image_inputs(size)
+        result["ops"] = {"size": size, **count_vision_ops(spec["runtime"], runner, pixels, grid)}
+    return result
+
+
+def measure_generate(spec: dict) -> dict:
+    """TTFT (vision + prefill), prefill and decode tokens/s, peak memory over whole generations."""
+    module = runner_module(spec["runtime"])
+    config = json.loads((Path(spec["folder"]) / "config.json").read_text())
+    start = time.perf_counter()
+    runner = module.Generate(Path(spec["folder"]), spec["dtype"])
+    load_s = time.perf_counter() - start
+    pixels, grid = image_inputs(spec["image_size"])
+    ids = prompt_ids(config, grid, spec["text_tokens"])
+    n = spec["decode_tokens"]
+    ttft, prefill, decode, step, tokens = [], [], [], [], None
+    runner.reset_peak()
+    for run in range(spec["warmup"] + spec["runs"]):
+        start = time.perf_counter()
+        out = runner.generate(ids, pixels, grid, n)
+        if len(out) != n:
+            raise RuntimeError(f"{spec['runtime']} produced {len(out)} tokens, not {n}")
+        if run < spec["warmup"]:
+            continue
+        first, last = out[0][1] - start, out[-1][1] - out[0][1]
+        ttft.append(first)
+        prefill.append(ids.shape[1] / first)
+        decode.append((n - 1) / last)
+        step.append(last / (n - 1))
+        tokens = [t for t, _ in out]
+    memory = runner.peak()
+    result = {
+        "load_s": load_s,
+        "prompt_tokens": int(ids.shape[1]),
+        "image_size": spec["image_size"],
+        "grid_thw": grid[0].tolist(),
+        "decode_tokens": n,
+        "warmup": spec["warmup"],
+        "ttft_s": summarize(ttft),
+        "prefill_tps": summarize(prefill),
+        "decode_tps": summarize(decode),
+        "decode_step_s": summarize(step),
+        "peak_memory_bytes": memory.bytes,
+        "memory_method": memory.method,
+        "tokens": tokens,
+    }
+    if spec.get("overhead"):
+        from .overhead import kernel_step_seconds
+
+        kernel = kernel_step_seconds(runner.model, int(ids.shape[1]), n, spec["runs"])
+        ours = result["decode_step_s"]["median"]
+        result["overhead"] = {
+            "kernels_step_s": summarize(kernel),
+            "step_s": ours,
+            "overhead": ours / summarize(kernel)["median"] - 1.0,
+        }
+    return result
+
+
+def main(spec_path: str, result_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    start = time.perf_counter()
+    if spec["task"] == "kernels":
+        from .kernels import kernel_bounds
+
+        result = kernel_bounds(**spec.get("options", {}))
+    else:
+        measure = measure_vision if spec["task"] == "vision" else measure_generate
+        result = {"backend": backend(spec["runtime"], spec.get("dtype")), **measure(spec)}
+    result["wall_s"] = time.perf_counter() - start
+    result["ld_preload"] = os.environ.get("LD_PRELOAD", "")
+    Path(result_path).write_text(json.dumps(result, indent=2, default=_plain))
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

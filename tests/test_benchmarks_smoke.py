@@ -1,0 +1,64 @@
+"""The benchmark harness runs end to end at `tiny` scale (one run each), so it cannot rot.
+
+All three runtimes (mimo-mlx, mlx-vlm, transformers), both variants, the decode-overhead loop, the op
+count and the kernel bounds run for real; the checks are on the files written, not on timings.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlx_vlm")
+pytest.importorskip("torch")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench")
+    out = root / "out"
+    command = [
+        sys.executable, "-m", "benchmarks.run", "--scale", "tiny", "--sizes", "448",
+        "--runs", "1", "--warmup", "0", "--decode-tokens", "4", "--text-tokens", "8",
+        "--no-openblas", "--cache", str(root / "cache"), "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_json_holds_every_measurement(results):
+    report = json.loads((results / "results.json").read_text())
+    assert {"git", "machine", "versions", "settings", "kernel_bounds", "targets"} <= report.keys()
+    assert report["machine"]["cores"] >= 1 and report["versions"]["mlx"]
+    vision = report["results"]["vision"]
+    for runtime in ("mimo-mlx", "mlx-vlm", "torch"):
+        assert "error" not in vision[runtime], vision[runtime]
+        (row,) = vision[runtime]["sizes"]
+        assert row["grid_thw"] == [1, 32, 32] and row["seconds"]["median"] > 0
+        assert row["peak_memory_bytes"] > 0 and row["memory_method"]
+    assert vision["mimo-mlx"]["ops"]["ops"] > 0 and vision["mlx-vlm"]["ops"]["ops"] > 0
+    generate = report["results"]["generate"]
+    expected = {"mimo-mlx/float", "mlx-vlm/float", "torch/float", "mimo-mlx/4bit", "mlx-vlm/4bit"}
+    assert set(generate) == expected
+    for key, entry in generate.items():
+        assert "error" not in entry, (key, entry)
+        assert len(entry["tokens"]) == 4 and entry["decode_tps"]["median"] > 0
+        assert entry["ttft_s"]["median"] > 0 and entry["prefill_tps"]["median"] > 0
+    assert generate["mimo-mlx/4bit"]["overhead"]["kernels_step_s"]["median"] > 0
+    assert report["kernel_bounds"]["mlx"]["matmul_gflops_f32"]
+    assert any(s["runtime"] == "torch" and s["variant"] == "4bit" for s in report["skipped"])
+
+
+def test_markdown_and_chart_are_written(results):
+    text = (results / "results.md").read_text()
+    for heading in ("## Vision tower", "## Generation", "## Decode overhead", "## Targets"):
+        assert heading in text
+    pytest.importorskip("matplotlib")
+    assert (results / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
