@@ -151,13 +151,8 @@ class Model(nn.Module):
         ]
 
     def _place(self, embeds: mx.array, ids: np.ndarray, token_id: int, feats: mx.array) -> mx.array:
+        # rope_index has already matched the placeholder runs against the grids the features come from.
         rows = np.flatnonzero(ids.reshape(-1) == token_id)
-        if len(rows) != feats.shape[0]:
-            name = "image" if token_id == self.config.image_token_id else "video"
-            raise MimoError(
-                f"the prompt has {len(rows)} {name} placeholder tokens but the {name} inputs give "
-                f"{feats.shape[0]} features; each {name} needs grid_t*grid_h*grid_w/4 pad tokens"
-            )
         batch, length, width = embeds.shape
         flat = embeds.reshape(batch * length, width)
         flat[mx.array(rows)] = feats.astype(flat.dtype)
