@@ -83,19 +83,38 @@ def _vision_row(entry: dict | None, size: int) -> dict | None:
     return next((s for s in entry["sizes"] if s["size"] == size), None)
 
 
+def _compare(found: list, target: str, ours, theirs, higher_is_better: bool) -> None:
+    met = None
+    if ours is not None and theirs is not None:
+        met = ours >= theirs if higher_is_better else ours <= theirs
+    found.append({"target": target, "measured": f"{_fmt(ours)} vs {_fmt(theirs)}", "met": met})
+
+
 def targets(report: dict) -> list[dict]:
-    """Each target of issue #5 with the measured numbers and whether it is met (None: unmeasured)."""
+    """Each target with the measured numbers and whether it is met (None: unmeasured).
+
+    mimo-mlx at least as fast as mlx-vlm on every figure (decode and time to first token per
+    variant, vision encode per size); decode overhead above the bare kernels under 5%; the vision
+    graph at most half of mlx-vlm's operations; a 1344x1344 encode within the vision weights plus
+    1.5 GB; on a GPU, the largest image encoded 2x faster than mlx-vlm and faster than torch.
+    """
     res, found = report["results"], []
     gen = res["generate"]
     for variant in report["settings"]["variants"]:
         ours, theirs = gen.get(f"mimo-mlx/{variant}"), gen.get(f"mlx-vlm/{variant}")
-        a, b = _median(ours, "decode_tps"), _median(theirs, "decode_tps")
-        found.append(
-            {
-                "target": f"decode tok/s >= mlx-vlm's ({variant})",
-                "measured": f"{_fmt(a)} vs {_fmt(b)}",
-                "met": None if a is None or b is None else a >= b,
-            }
+        _compare(
+            found,
+            f"decode tok/s >= mlx-vlm's ({variant})",
+            _median(ours, "decode_tps"),
+            _median(theirs, "decode_tps"),
+            higher_is_better=True,
+        )
+        _compare(
+            found,
+            f"time to first token <= mlx-vlm's ({variant})",
+            _median(ours, "ttft_s"),
+            _median(theirs, "ttft_s"),
+            higher_is_better=False,
         )
         over = (ours or {}).get("overhead")
         found.append(
@@ -106,19 +125,31 @@ def targets(report: dict) -> list[dict]:
             }
         )
     vision = res["vision"]
-    size = max(report["settings"]["sizes"])
-    ours, theirs = _vision_row(vision.get("mimo-mlx"), size), _vision_row(
-        vision.get("mlx-vlm"), size
-    )
-    if ours and theirs:
-        speedup = theirs["seconds"]["median"] / ours["seconds"]["median"]
-        found.append(
-            {
-                "target": f"vision {size}x{size} >= 2.5x faster than mlx-vlm",
-                "measured": f"{speedup:.2f}x",
-                "met": speedup >= 2.5,
-            }
+    for size in sorted(report["settings"]["sizes"]):
+        ours, theirs = _vision_row(vision.get("mimo-mlx"), size), _vision_row(
+            vision.get("mlx-vlm"), size
         )
+        _compare(
+            found,
+            f"vision {size}x{size} encode s <= mlx-vlm's",
+            ours and ours["seconds"]["median"],
+            theirs and theirs["seconds"]["median"],
+            higher_is_better=False,
+        )
+    size = max(report["settings"]["sizes"])
+    ours = _vision_row(vision.get("mimo-mlx"), size)
+    on_gpu = (vision.get("mimo-mlx") or {}).get("backend", {}).get("device") == "gpu"
+    for other, factor in (("mlx-vlm", 2.0), ("torch", 1.0)) if on_gpu else ():
+        theirs = _vision_row(vision.get(other), size)
+        if ours and theirs:
+            speedup = theirs["seconds"]["median"] / ours["seconds"]["median"]
+            found.append(
+                {
+                    "target": f"GPU: vision {size}x{size} >= {factor:g}x faster than {other}",
+                    "measured": f"{speedup:.2f}x",
+                    "met": speedup >= factor if factor > 1 else speedup > 1,
+                }
+            )
     ops_a = (vision.get("mimo-mlx") or {}).get("ops", {}).get("ops")
     ops_b = (vision.get("mlx-vlm") or {}).get("ops", {}).get("ops")
     if ops_a and ops_b:
@@ -144,7 +175,18 @@ def targets(report: dict) -> list[dict]:
 
 def markdown(report: dict) -> str:
     """The human-readable report: setup, one table per measurement, targets, what was skipped."""
-    sections = (_header, _vision, _generation, _overhead, _ops, _bounds, _floor, _targets, _skipped)
+    sections = (
+        _header,
+        _vision,
+        _generation,
+        _overhead,
+        _ops,
+        _syncs,
+        _bounds,
+        _floor,
+        _targets,
+        _skipped,
+    )
     return "\n".join(line for section in sections for line in section(report)) + "\n"
 
 
@@ -295,6 +337,38 @@ def _ops(report: dict) -> list[str]:
         top = ", ".join(f"{k} {n}" for k, n in list(o.get("by_op", {}).items())[:5])
         lines.append(f"| {r} | {o['size']} | {o['ops']} | {top} | {o.get('note', '')} |")
     return lines
+
+
+def _syncs(report: dict) -> list[str]:
+    rows = []
+    for runtime, entry in report["results"]["vision"].items():
+        for row in entry.get("sizes", []):
+            if row.get("host_syncs"):
+                rows.append(
+                    f"| {runtime} | vision pass {row['size']}x{row['size']} | "
+                    f"{row['host_syncs']['host_syncs']} |"
+                )
+    for key, entry in report["results"]["generate"].items():
+        syncs = entry.get("host_syncs")
+        if syncs:
+            rows.append(
+                f"| {key} | prompt to first token | {syncs['to_first_token']['host_syncs']} |"
+            )
+            rows.append(f"| {key} | per decode step | {syncs['per_decode_step']:.2f} |")
+    if not rows:
+        return []
+    return [
+        "",
+        "## Host syncs (the host waits for the device: mx.eval, mx.synchronize, item, tolist)",
+        "",
+        "On a GPU each one is a pipeline bubble. On the CPU mimo-mlx evaluates large vision passes",
+        "in pieces to bound the attention scores it would otherwise hold; on Metal and CUDA in half",
+        "precision the pass is one lazy graph.",
+        "",
+        "| runtime | what | host syncs |",
+        "|---|---|---|",
+        *rows,
+    ]
 
 
 def _bounds(report: dict) -> list[str]:

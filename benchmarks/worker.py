@@ -57,8 +57,10 @@ def measure_vision(spec: dict) -> dict:
         runner.reset_peak()
         times = time_calls(partial(runner.encode, pixels, grid), plan["warmup"], plan["runs"])
         memory = runner.peak()
+        syncs = _syncs(spec["runtime"], partial(runner.encode, pixels, grid))
         result["sizes"].append(
             {
+                "host_syncs": syncs,
                 "size": plan["size"],
                 "grid_thw": grid[0].tolist(),
                 "patches": int(pixels.shape[0]),
@@ -103,7 +105,17 @@ def measure_generate(spec: dict) -> dict:
         step.append(last / (n - 1))
         tokens = [t for t, _ in out]
     memory = runner.peak()
+    first_token = _syncs(spec["runtime"], partial(runner.generate, ids, pixels, grid, 1))
+    whole = _syncs(spec["runtime"], partial(runner.generate, ids, pixels, grid, n))
     result = {
+        "host_syncs": (
+            None
+            if first_token is None
+            else {
+                "to_first_token": first_token,
+                "per_decode_step": (whole["host_syncs"] - first_token["host_syncs"]) / (n - 1),
+            }
+        ),
         "load_s": load_s,
         "prompt_tokens": int(ids.shape[1]),
         "image_size": spec["image_size"],
@@ -129,6 +141,17 @@ def measure_generate(spec: dict) -> dict:
             "overhead": ours / summarize(kernel)["median"] - 1.0,
         }
     return result
+
+
+def _syncs(runtime: str, run) -> dict | None:
+    """Host syncs (and async evals) of one call of `run`, for the MLX runtimes."""
+    if runtime == "torch":
+        return None
+    from .syncs import count_syncs, host_syncs
+
+    with count_syncs() as counts:
+        run()
+    return {"host_syncs": host_syncs(counts), "by_kind": dict(counts)}
 
 
 def main(spec_path: str, result_path: str) -> None:

@@ -7,10 +7,18 @@ print(result.answer)
 
 from .config import ModelConfig
 from .errors import MimoError
-from .generate import GenerationResponse, GenerationResult, generate, stream_generate
+from .generate import (
+    GenerationResponse,
+    GenerationResult,
+    generate,
+    generate_step,
+    stream_generate,
+)
 from .loading import load, load_model
-from .model import Model
+from .model import Model, Prompt
+from .options import PromptOptions, SamplingOptions
 from .processor import ModelInputs, Processor
+from .sampling import make_logits_processors, make_sampler
 
 __all__ = [
     "GenerationResponse",
@@ -20,8 +28,14 @@ __all__ = [
     "ModelConfig",
     "ModelInputs",
     "Processor",
+    "Prompt",
+    "PromptOptions",
+    "SamplingOptions",
     "generate",
+    "generate_step",
     "load",
     "load_model",
+    "make_logits_processors",
+    "make_sampler",
     "stream_generate",
 ]

@@ -36,18 +36,85 @@ class KVCache:
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
+    @property
+    def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
+        """The cached keys and values (B, H, offset, D), without the unused tail."""
+        if self.keys is None:
+            return ()
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @state.setter
+    def state(self, value: tuple[mx.array, mx.array]) -> None:
+        self.keys, self.values = value
+        self.offset = self.keys.shape[2]
+
+    def trim(self, count: int) -> int:
+        """Forget the last `count` tokens (the buffer is kept and overwritten); returns how many."""
+        count = min(self.offset, max(0, count))
+        self.offset -= count
+        return count
+
 
 class PromptCache:
-    """Everything a sequence carries between calls: one KVCache per layer and the M-RoPE deltas.
+    """Everything a sequence carries between calls: a KVCache per layer and its rotary positions.
 
-    The generation loop owns this object; modules keep no state, so two conversations never share
-    rope offsets.
+    Text continues at `offset + rope_deltas` (the same on all three M-RoPE axes). Images and video
+    move that point: after a vision segment, text continues at the largest position so far + 1, not
+    at the token count. The cache records, for every chunk that came with explicit positions, the
+    next text position after each of its tokens, so `trim` can return to any earlier point with the
+    right deltas. The generation loop owns this object; modules keep no state.
     """
 
     def __init__(self, num_layers: int) -> None:
         self.layers = [KVCache() for _ in range(num_layers)]
-        self.rope_deltas: np.ndarray | None = None  # (B,) once a prompt has been processed
+        # (start offset, next text position after each token: (B, L)) per positioned chunk.
+        self._marks: list[tuple[int, np.ndarray]] = []
 
     @property
     def offset(self) -> int:
         return self.layers[0].offset
+
+    @property
+    def rope_deltas(self) -> np.ndarray | None:
+        """(B,) next text position minus offset; None while no positioned chunk was seen."""
+        if not self._marks:
+            return None
+        start, next_positions = self._marks[-1]
+        return next_positions[:, -1] - (start + next_positions.shape[1])
+
+    def next_positions(self, batch: int) -> np.ndarray:
+        """(B,) positions of the next text token of each row."""
+        deltas = self.rope_deltas
+        return self.offset + (np.zeros(batch, np.int64) if deltas is None else deltas)
+
+    def record_positions(self, positions: np.ndarray) -> None:
+        """Note explicit (3, B, L) positions of tokens about to be appended at `offset`."""
+        positions = np.asarray(positions)
+        previous = self.next_positions(positions.shape[1])
+        running = np.maximum.accumulate(positions.max(axis=0) + 1, axis=-1)  # (B, L)
+        self._marks.append((self.offset, np.maximum(running, previous[:, None])))
+
+    def trim(self, count: int) -> int:
+        """Forget the last `count` tokens, rotary bookkeeping included; returns how many."""
+        count = min(self.offset, max(0, count))
+        end = self.offset - count
+        for layer in self.layers:
+            layer.trim(count)
+        kept = []
+        for start, next_positions in self._marks:
+            if start < end:
+                kept.append((start, next_positions[:, : end - start]))
+        self._marks = kept
+        return count
+
+    @property
+    def state(self) -> list[tuple[mx.array, mx.array] | tuple[()]]:
+        return [layer.state for layer in self.layers]
+
+    @property
+    def marks(self) -> list[tuple[int, np.ndarray]]:
+        """The rotary bookkeeping, for saving a cache (see `restore_marks`)."""
+        return list(self._marks)
+
+    def restore_marks(self, marks: list[tuple[int, np.ndarray]]) -> None:
+        self._marks = [(int(start), np.asarray(pos, np.int64)) for start, pos in marks]

@@ -134,10 +134,23 @@ def render_chat(
             add_generation_prompt=add_generation_prompt,
             **variables,
         )
-    except jinja2.TemplateError as err:
+    except Exception as err:  # a template can fail in any way Python can
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        kinds = {
+            part.get("type")
+            for m in messages
+            if isinstance(m.get("content"), list)
+            for part in m["content"]
+        }
+        hint = ""
+        if kinds & {"image", "video"}:
+            hint = (
+                " It may handle text-only prompts: use the chat template of the original "
+                "Qwen2.5-VL / MiMo-VL checkpoint (chat_template.json) for images and video."
+            )
         raise MimoError(
-            f"The chat template failed ({err}); check the messages or the template."
-        ) from err
+            f"the chat template failed ({type(err).__name__}: {message}).{hint}"
+        ) from None
 
 
 def user_text(prompt: str, no_think: bool = False) -> str:
@@ -151,19 +164,21 @@ def user_text(prompt: str, no_think: bool = False) -> str:
 def build_messages(
     prompt: str,
     num_images: int = 0,
-    video: bool = False,
+    num_videos: int = 0,
     system: str | None = None,
     no_think: bool = False,
 ) -> list[Message]:
-    """One user turn with images, then the video, then the text (MiMo's recommended order).
+    """One user turn with images, then videos, then the text (MiMo's recommended order).
 
-    A `system` message replaces the template's default system prompt; without one the template adds
-    MiMo's own.
+    A text-only turn's content is a plain string, which every ChatML template renders (some, like
+    the one llama.cpp ships for MiMo-VL, handle nothing else). A `system` message replaces the
+    template's default system prompt; without one the template adds MiMo's own.
     """
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
-    if video:
-        content.append({"type": "video"})
-    content.append({"type": "text", "text": user_text(prompt, no_think)})
+    text = user_text(prompt, no_think)
+    content: str | list[dict[str, Any]] = text
+    if num_images or num_videos:
+        media = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
+        content = [*media, {"type": "text", "text": text}]
     messages: list[Message] = [] if system is None else [{"role": "system", "content": system}]
     return [*messages, {"role": "user", "content": content}]
 
@@ -173,13 +188,30 @@ def build_prompt(
     template: str,
     prompt: str,
     num_images: int = 0,
-    video: bool = False,
+    num_videos: int = 0,
     system: str | None = None,
     no_think: bool = False,
 ) -> str:
     """The rendered chat (one placeholder per image / video), ending with the assistant header."""
-    messages = build_messages(prompt, num_images, video=video, system=system, no_think=no_think)
-    return render_chat(template, messages, tokenizer.special_tokens_map, add_generation_prompt=True)
+    messages = build_messages(prompt, num_images, num_videos, system=system, no_think=no_think)
+    text = render_chat(template, messages, tokenizer.special_tokens_map, add_generation_prompt=True)
+    check_media_rendered(text, num_images, num_videos)
+    return text
+
+
+def check_media_rendered(text: str, num_images: int, num_videos: int) -> None:
+    """A template that drops or garbles image/video parts fails here, not as a confused model."""
+    for token, count, kind in (
+        (IMAGE_TOKEN, num_images, "image"),
+        (VIDEO_TOKEN, num_videos, "video"),
+    ):
+        if count and text.count(token) != count:
+            raise MimoError(
+                f"this model's chat template does not place {kind}s (it rendered "
+                f"{text.count(token)} {token} for {count} {kind}(s)); it handles text-only "
+                "prompts. Use the chat template of the original Qwen2.5-VL / MiMo-VL checkpoint "
+                "(chat_template.json) for images and video."
+            )
 
 
 # ---------------------------------------------------------------- vision placeholders
@@ -234,11 +266,12 @@ def _held_prefix_len(text: str, tag: str) -> int:
 class ThinkingSplitter:
     """Splits streamed text into ("thinking", text) and ("answer", text) segments.
 
-    MiMo writes `<think>...</think>` then the answer. The opening tag is optional at the start
-    (leading whitespace before it is dropped): some templates already open it in the generation
-    prompt (`prompt_opened_thinking=True`, text before `</think>` is thinking), otherwise output
-    without an opening tag is all answer. Tags may arrive split across pieces; the tags themselves
-    are not emitted.
+    MiMo writes `<think>...</think>` then the answer, and sometimes more think blocks later: every
+    block goes to the thinking, in order, and the answer never holds a think tag (a stray
+    `</think>` is dropped). The first opening tag is optional: some templates already open it in
+    the generation prompt (`prompt_opened_thinking=True`: text before `</think>` is thinking);
+    otherwise output that starts without one is answer. Leading whitespace before a first
+    `<think>` is dropped. Tags may arrive split across pieces; they are never emitted.
     """
 
     def __init__(
@@ -271,11 +304,8 @@ class ThinkingSplitter:
         if self._state == "start":
             return self._step_start()
         if self._state == "thinking":
-            return self._step_thinking(segments)
-        if self._buffer:
-            segments.append(("answer", self._buffer))
-            self._buffer = ""
-        return False
+            return self._emit_until(segments, "thinking", {self._close: "answer"})
+        return self._emit_until(segments, "answer", {self._open: "thinking", self._close: "answer"})
 
     def _step_start(self) -> bool:
         stripped = self._buffer.lstrip()
@@ -287,16 +317,37 @@ class ThinkingSplitter:
         self._state = self._untagged
         return True
 
-    def _step_thinking(self, segments: list[tuple[Kind, str]]) -> bool:
-        end = self._buffer.find(self._close)
-        if end >= 0:
-            if end:
-                segments.append(("thinking", self._buffer[:end]))
-            self._buffer, self._state = self._buffer[end + len(self._close) :], "answer"
+    def _emit_until(self, segments: list[tuple[Kind, str]], kind: Kind, tags: dict) -> bool:
+        """Emit text up to the first of `tags` (switching to the state it names), holding back
+        an ending that could still become a tag."""
+        found = [(self._buffer.find(tag), tag) for tag in tags if tag in self._buffer]
+        if found:
+            at, tag = min(found)
+            if at:
+                segments.append((kind, self._buffer[:at]))
+            self._buffer, self._state = self._buffer[at + len(tag) :], tags[tag]
             return True
-        keep = _held_prefix_len(self._buffer, self._close)
+        keep = max(_held_prefix_len(self._buffer, tag) for tag in tags)
         ready = self._buffer[: len(self._buffer) - keep]
         if ready:
-            segments.append(("thinking", ready))
+            segments.append((kind, ready))
         self._buffer = self._buffer[len(ready) :]
         return False
+
+
+def split_thinking(text: str, prompt_opened_thinking: bool = False) -> tuple[str, str]:
+    """(reasoning, answer) of a whole generated text: think blocks joined by a blank line."""
+    splitter = ThinkingSplitter(prompt_opened_thinking=prompt_opened_thinking)
+    blocks: list[list[str]] = []
+    answer: list[str] = []
+    previous = None
+    for kind, piece in splitter.feed(text) + splitter.finalize():
+        if kind == "thinking":
+            if previous != "thinking":
+                blocks.append([])
+            blocks[-1].append(piece)
+        else:
+            answer.append(piece)
+        previous = kind
+    thinking = "\n\n".join(b for b in ("".join(parts).strip() for parts in blocks) if b)
+    return thinking, "".join(answer).strip()

@@ -1,19 +1,54 @@
-"""The `mimo-mlx` command line: a thin layer over the library with the same argument names."""
+"""The `mimo-mlx` command line: a thin layer over the library with the same argument names.
+
+Prompt and sampling flags are built from their single declaration (`options.py`). Nothing heavy is
+imported until a command runs, so `--help` answers at once.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
+from collections.abc import Callable
+from dataclasses import MISSING, Field, fields
 
 import click
 
 from .errors import MimoError
-from .generate import DEFAULT_MAX_TOKENS
-from .processing import DEFAULT_MAX_PIXELS
-from .video import DEFAULT_VIDEO_FPS, DEFAULT_VIDEO_MAX_FRAMES
+from .options import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, PromptOptions, SamplingOptions
+
+# Commands that live in other modules, imported only when run: name -> (module:attribute, summary).
+LAZY_COMMANDS = {
+    "convert": (
+        "mimo_mlx.convert.cli:convert",
+        "Convert a MiMo-VL (Qwen2.5-VL architecture) checkpoint into an MLX model folder.",
+    ),
+}
+# What MiMo recommends where the model's generation_config.json says nothing.
+RECOMMENDED_SAMPLING = {"temp": 0.3, "top_p": 0.95, "top_k": 0}
 
 
 class _Group(click.Group):
-    """Prints a MimoError as one line and exits 1, with no traceback; Ctrl-C exits 130."""
+    """Prints a MimoError as one line and exits 1, with no traceback; Ctrl-C exits 130.
+    Loads the commands in LAZY_COMMANDS on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in LAZY_COMMANDS:
+            module, attribute = LAZY_COMMANDS[name][0].split(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return self.commands.get(name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in self.commands:
+                rows.append((name, self.commands[name].get_short_help_str(limit=80)))
+            else:
+                rows.append((name, LAZY_COMMANDS[name][1]))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -32,6 +67,36 @@ def main() -> None:
     """Run MiMo-VL-7B on MLX: convert the weights once, then ask questions about images and video."""
 
 
+def _flag(spec: Field) -> Callable:
+    """A click option for one declared option, its help and range taken from the declaration."""
+    cli, name = spec.metadata["cli"], spec.name
+    decls = ["--" + name.replace("_", "-"), *cli.get("aliases", ()), name]
+    if cli.get("is_flag"):
+        return click.option(*decls, is_flag=True, help=spec.metadata["help"])
+    kind = {"int": int, "float": float, "str": str}[spec.type.split(" ")[0]]
+    bounds = {k: cli[k] for k in ("min", "max", "min_open") if k in cli}
+    if bounds:
+        kind = (click.IntRange if kind is int else click.FloatRange)(**bounds)
+    model_default = cli.get("model_default", False)
+    default = None if model_default or spec.default is MISSING else spec.default
+    show = default is not None and not model_default
+    return click.option(
+        *decls, type=kind, default=default, show_default=show, help=spec.metadata["help"]
+    )
+
+
+def declared_options(*declarations: type) -> Callable:
+    """Decorator adding a flag for every field of the given option dataclasses."""
+
+    def decorate(command: Callable) -> Callable:
+        for declaration in reversed(declarations):
+            for spec in reversed(fields(declaration)):
+                command = _flag(spec)(command)
+        return command
+
+    return decorate
+
+
 @main.command()
 @click.option(
     "--model",
@@ -39,28 +104,24 @@ def main() -> None:
     default=None,
     metavar="DIR_OR_HUB_ID",
     help="A model folder (converted or Hugging Face safetensors) or a hub id. A hub id is converted "
-    "to 4-bit MLX once, into ~/.cache/mimo-mlx (or $MIMO_MLX_HOME). [default: "
-    "XiaomiMiMo/MiMo-VL-7B-RL-2508]",
+    f"to 4-bit MLX once, into ~/.cache/mimo-mlx (or $MIMO_MLX_HOME). [default: {DEFAULT_MODEL}]",
 )
 @click.option(
     "--image",
     "images",
     multiple=True,
     metavar="PATH",
-    help="An image (PNG, JPEG, WebP, "
-    "GIF, ...). Repeat for several; they go before the text, in order.",
+    help="An image (PNG, JPEG, WebP, GIF, ...). Repeat for several; images go first, in order.",
 )
 @click.option(
-    "--video", metavar="PATH", help="A video file (needs PyAV or OpenCV) or a folder of " "frames."
+    "--video",
+    "videos",
+    multiple=True,
+    metavar="PATH",
+    help="A video file (needs PyAV or OpenCV) or a folder of frames. Repeat for several; videos go "
+    "after the images, in order.",
 )
 @click.option("--prompt", "-p", required=True, help="The question or instruction. '-' reads stdin.")
-@click.option("--system", default=None, help="Replace the default system prompt.")
-@click.option(
-    "--no-think",
-    is_flag=True,
-    help="Ask the model not to reason first (MiMo-VL 2508 "
-    "models: appends /no_think to the prompt).",
-)
 @click.option("--hide-thinking", is_flag=True, help="Print only the answer, not the reasoning.")
 @click.option(
     "--max-tokens",
@@ -68,74 +129,11 @@ def main() -> None:
     default=DEFAULT_MAX_TOKENS,
     show_default=True,
     type=click.IntRange(1),
-    help="Most tokens to generate, reasoning included.",
+    help="Most tokens to generate, reasoning included (fewer if the model's context fills up).",
 )
-@click.option(
-    "--temperature",
-    "--temp",
-    default=None,
-    type=click.FloatRange(0),
-    help="Sampling temperature; 0 is greedy. [default: the model's generation_config, "
-    "else 0.3 as MiMo recommends]",
-)
-@click.option(
-    "--top-p",
-    default=None,
-    type=click.FloatRange(0, 1, min_open=True),
-    help="Nucleus sampling mass. [default: generation_config, else 0.95]",
-)
-@click.option(
-    "--top-k",
-    default=None,
-    type=click.IntRange(0),
-    help="Keep the k most likely " "tokens; 0 disables. [default: generation_config, else 0]",
-)
-@click.option(
-    "--min-p",
-    default=0.0,
-    show_default=True,
-    type=click.FloatRange(0, 1),
-    help="Drop tokens less likely than min-p times the most likely one.",
-)
-@click.option(
-    "--repetition-penalty",
-    default=None,
-    type=click.FloatRange(0, min_open=True),
-    help="Penalize tokens already in the prompt or output (>1 discourages repeats).",
-)
-@click.option("--seed", default=None, type=int, help="Random seed, for repeatable sampling.")
-@click.option(
-    "--max-pixels",
-    default=DEFAULT_MAX_PIXELS,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Largest area an image is resized to (the default, 1024 vision tokens, keeps a "
-    "16 GB MacBook responsive; the checkpoint allows 12845056).",
-)
-@click.option(
-    "--min-pixels",
-    default=None,
-    type=click.IntRange(1),
-    help="Smallest area an image is resized to. [default: the model's, 3136]",
-)
-@click.option(
-    "--fps",
-    default=DEFAULT_VIDEO_FPS,
-    show_default=True,
-    type=click.FloatRange(0, min_open=True),
-    help="Video frames sampled per second.",
-)
-@click.option(
-    "--max-frames",
-    default=DEFAULT_VIDEO_MAX_FRAMES,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Most video frames to sample.",
-)
-def generate(
-    model_path, images, video, prompt, hide_thinking, temperature, top_p, top_k, **options
-):
-    """Answer a prompt about images or a video, streaming the answer to stdout.
+@declared_options(PromptOptions, SamplingOptions)
+def generate(model_path, images, videos, prompt, hide_thinking, max_tokens, **options):
+    """Answer a prompt about images or videos, streaming the answer to stdout.
 
     \b
     mimo-mlx generate --image photo.jpg --prompt "What is in this picture?"
@@ -144,104 +142,56 @@ def generate(
     The reasoning is shown dimmed before the answer (kept between <think> tags when stdout is not a
     terminal); a line of statistics follows on stderr.
     """
-    from .generate import stream_generate  # noqa: PLC0415  (keeps --help fast)
-    from .loading import DEFAULT_MODEL, load  # noqa: PLC0415
+    from .console import StreamPrinter, stats_line, stop_reason  # noqa: PLC0415  (fast --help)
+    from .generate import max_new_tokens, stream_generate  # noqa: PLC0415
+    from .options import pop_prompt_options  # noqa: PLC0415
 
     if prompt == "-":
         prompt = sys.stdin.read()
-
-    def announce(repo_id, target):
+    model, processor = _load(model_path)
+    options = sampling_defaults(processor.tokenizer.generation_config, options)
+    inputs = processor.prepare(prompt, images, videos, **pop_prompt_options(options))
+    context = model.config.text.max_position_embeddings
+    budget = max_new_tokens(model, inputs.input_ids.shape[1], max_tokens)
+    if 0 < budget < max_tokens:
         click.echo(
-            f"{repo_id} has not been converted yet: converting it to 4-bit MLX once, into "
-            f"{target}",
+            f"note: the prompt takes {inputs.input_ids.shape[1]} of the model's {context} tokens "
+            f"of context, so at most {budget} tokens will be generated (--max-tokens {max_tokens})",
             err=True,
         )
-
-    model, processor = load(model_path or DEFAULT_MODEL, on_convert=announce)
-    sampling = _sampling_defaults(processor, temperature, top_p, top_k)
-    inputs = processor.prepare(
-        prompt,
-        images,
-        video,
-        system=options.pop("system"),
-        no_think=options.pop("no_think"),
-        min_pixels=options.pop("min_pixels"),
-        max_pixels=options.pop("max_pixels"),
-        fps=options.pop("fps"),
-        max_frames=options.pop("max_frames"),
-    )
-    printer = _StreamPrinter(hide_thinking, inputs.opens_thinking)
+    printer = StreamPrinter(hide_thinking, inputs.opens_thinking)
     last = None
-    for response in stream_generate(model, processor, prompt, inputs=inputs, **sampling, **options):
+    for response in stream_generate(
+        model, processor, prompt, inputs=inputs, max_tokens=max_tokens, **options
+    ):
         printer.write(response.text)
         last = response
     printer.close()
-    click.echo(
-        f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
-        f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
-        f"time to first token: {last.time_to_first_token:.2f} s | "
-        f"peak memory: {last.peak_memory_gb:.2f} GB",
-        err=True,
-    )
+    reason = stop_reason(last.finish_reason, max_tokens, budget < max_tokens, context)
+    click.echo(stats_line(last, reason), err=True)
 
 
-def _sampling_defaults(processor, temperature, top_p, top_k) -> dict:
-    """Unset options come from the model's generation_config.json, else MiMo's recommendation."""
-    config = processor.tokenizer.generation_config
-    if temperature is None:
-        temperature = config.get("temperature", 0.3) if config.get("do_sample", True) else 0.0
-    return {
-        "temperature": temperature,
-        "top_p": top_p if top_p is not None else config.get("top_p", 0.95),
-        "top_k": top_k if top_k is not None else config.get("top_k", 0),
-    }
+def _load(model_path: str | None):
+    from .loading import load  # noqa: PLC0415
+
+    def announce(repo_id, target):
+        click.echo(
+            f"{repo_id} has not been converted yet: converting it to 4-bit MLX once, into {target}",
+            err=True,
+        )
+
+    return load(model_path or DEFAULT_MODEL, on_convert=announce)
 
 
-class _StreamPrinter:
-    """Writes streamed text, the reasoning dimmed on a terminal (or dropped), the answer plainly."""
-
-    def __init__(self, hide_thinking: bool, opened: bool):
-        from .chat import ThinkingSplitter  # noqa: PLC0415
-
-        self.splitter = ThinkingSplitter(prompt_opened_thinking=opened)
-        self.hide = hide_thinking
-        self.tty = sys.stdout.isatty()
-        self.kind = None
-        self.answer_started = False
-
-    def write(self, piece: str) -> None:
-        for kind, text in self.splitter.feed(piece):
-            self._emit(kind, text)
-
-    def close(self) -> None:
-        for kind, text in self.splitter.finalize():
-            self._emit(kind, text)
-        if self.kind == "thinking" and not self.tty and not self.hide:
-            click.echo("</think>", nl=False)
-        click.echo()
-
-    def _emit(self, kind: str, text: str) -> None:
-        if kind == "thinking":
-            if self.hide:
-                return
-            if self.kind is None and not self.tty:
-                click.echo("<think>", nl=False)
-            self.kind = "thinking"
-            click.echo(click.style(text, dim=True) if self.tty else text, nl=False)
-            return
-        if self.kind == "thinking":
-            click.echo("\n" if self.tty else "</think>", nl=False)
-        if not self.answer_started:
-            text = text.lstrip("\n")  # the blank line after </think>
-            self.answer_started = bool(text)
-        self.kind = "answer"
-        click.echo(text, nl=False)
-
-
-def _register() -> None:
-    from .convert.cli import convert  # noqa: PLC0415  (the converter lives in its own package)
-
-    main.add_command(convert)
-
-
-_register()
+def sampling_defaults(generation_config: dict, options: dict) -> dict:
+    """Unset sampling options from the model's generation_config.json, else MiMo's advice."""
+    options = dict(options)
+    if options.get("temp") is None:
+        sample = generation_config.get("do_sample", True)
+        options["temp"] = (
+            generation_config.get("temperature", RECOMMENDED_SAMPLING["temp"]) if sample else 0.0
+        )
+    for name in ("top_p", "top_k"):
+        if options.get(name) is None:
+            options[name] = generation_config.get(name, RECOMMENDED_SAMPLING[name])
+    return options

@@ -1,90 +1,108 @@
-"""Text generation in three layers: `generate_step` (tokens), `stream_generate` (text pieces with
-timings), `generate` (the whole answer, reasoning apart)."""
+"""Text generation in three layers, as in mlx-lm: `generate_step` (token ids and log-probabilities),
+`stream_generate` (text pieces with timings), `generate` (the whole answer, reasoning apart)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
+from .backend import generation_settings, release_cache
 from .cache import PromptCache
-from .chat import ThinkingSplitter
+from .chat import split_thinking
 from .errors import MimoError
-from .model import Model
-from .processing import DEFAULT_MAX_PIXELS
+from .model import Model, Prompt
+from .options import DEFAULT_MAX_TOKENS, SamplingOptions, pop_prompt_options, split_options
 from .processor import ImageInput, ModelInputs, Processor
 from .sampling import LogitsProcessor, Sampler, make_logits_processors, make_sampler
-from .video import DEFAULT_VIDEO_FPS, DEFAULT_VIDEO_MAX_FRAMES
 
-DEFAULT_MAX_TOKENS = 2048  # MiMo reasons before it answers; short limits cut the answer off
 DEFAULT_PREFILL_STEP = 512
-# stream_generate's options that shape the prompt rather than the sampling.
-PROMPT_OPTIONS = ("system", "no_think", "min_pixels", "max_pixels", "fps", "max_frames")
 
 
 def generate_step(
+    prompt: Prompt | np.ndarray | mx.array,
     model: Model,
-    inputs: ModelInputs,
-    sampler: Sampler,
-    logits_processors: Sequence[LogitsProcessor] = (),
-    max_tokens: int = DEFAULT_MAX_TOKENS,
+    *,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    prompt_cache: PromptCache | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
-    cache: PromptCache | None = None,
-) -> Iterator[int]:
-    """Yield generated token ids, one per step, until `max_tokens`; the caller stops on end tokens.
+) -> Iterator[tuple[int, mx.array]]:
+    """Yield (token id, log-probabilities over the vocabulary) until `max_tokens`; the caller stops
+    on end tokens.
 
-    The vision tower runs once, in the prefill; the prompt is prefilled in chunks of
-    `prefill_step_size` tokens. Each decode step is built and queued before the previous token is
-    read back, so building the graph overlaps with evaluating it.
+    `prompt` is a `Prompt` from `model.prepare_prompt` (images, video, positions), or the token ids
+    of a text prompt. A given `prompt_cache` is extended in place (a `Prompt` must have been
+    prepared against it). All prompt tokens but the last are prefilled in chunks of
+    `prefill_step_size` through the model's own call, with no logits computed for them; each decode
+    step is queued before the previous token is read back.
     """
-    cache = cache if cache is not None else model.make_cache()
-    prepared = model.prepare_inputs(inputs.input_ids, **inputs.vision_kwargs(), cache=cache)
-    cache.rope_deltas = prepared.rope_deltas
-    embeds, positions = prepared.embeds, prepared.positions
+    cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    if not isinstance(prompt, Prompt):
+        prompt = model.prepare_prompt(np.asarray(prompt).reshape(1, -1), cache=cache)
+    if prompt.length == 0:
+        raise MimoError("the prompt is empty")
+    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    processors = list(logits_processors or ())
     # Every token so far, kept only for logits processors (repetition penalty) that read it.
-    history = mx.array(inputs.input_ids[0]) if logits_processors else None
+    history = mx.array(prompt.input_ids[0]) if processors else None
 
-    def sample(logits: mx.array) -> mx.array:
-        for processor in logits_processors:
-            logits = processor(history, logits)
-        return sampler(logits)
+    with generation_settings(model) as stream:
 
-    start = 0
-    while embeds.shape[1] - start > prefill_step_size:
-        end = start + prefill_step_size
-        model.model(embeds[:, start:end], positions[:, :, start:end], cache.layers)
-        mx.eval([layer.keys for layer in cache.layers])  # keep the graph one chunk deep
-        start = end
-    hidden = model.model(embeds[:, start:], positions[:, :, start:], cache.layers)
-    token = sample(model.logits(hidden[:, -1]))  # (1,)
-    mx.async_eval(token)
-    for n in range(max_tokens):
-        if n + 1 < max_tokens:
-            if history is not None:
-                history = mx.concatenate([history, token])
-            next_token = sample(model(token[:, None], cache=cache)[:, -1])
-            mx.async_eval(next_token)
-        yield token.item()
-        if n + 1 < max_tokens:
-            token = next_token
+        def step(**inputs) -> tuple[mx.array, mx.array]:
+            with mx.stream(stream or mx.default_stream(mx.default_device())):
+                logits = model(**inputs, cache=cache)[:, -1, :]
+                for processor in processors:
+                    logits = processor(history, logits)
+                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+                return sampler(logprobs), logprobs.squeeze(0)
+
+        start = 0
+        while prompt.length - start > 1:
+            end = min(start + prefill_step_size, prompt.length - 1)
+            with mx.stream(stream or mx.default_stream(mx.default_device())):
+                model(**prompt.chunk(start, end), cache=cache)  # logits stay unevaluated
+            mx.eval(cache.state)  # keep the graph one chunk deep
+            start = end
+        token, logprobs = step(**prompt.chunk(start))
+        mx.async_eval(token, logprobs)
+        for n in range(max_tokens):
+            if n + 1 < max_tokens:
+                if history is not None:
+                    history = mx.concatenate([history, token])
+                next_token, next_logprobs = step(input_ids=token[:, None])
+                mx.async_eval(next_token, next_logprobs)
+            yield token.item(), logprobs
+            release_cache(n + 1)
+            if n + 1 < max_tokens:
+                token, logprobs = next_token, next_logprobs
 
 
 @dataclass(frozen=True)
 class GenerationResponse:
-    """One streamed step: the new text (possibly empty while a character is incomplete) and stats."""
+    """One streamed step (mlx-lm's fields, plus the time to the first token).
+
+    text is the new text (possibly empty while a character is incomplete); peak_memory is in GB.
+    finish_reason is "stop" (an end token) or "length" (max_tokens or the model's context) at the
+    last step, else None.
+    """
 
     text: str
     token: int
+    logprobs: mx.array
+    from_draft: bool
     prompt_tokens: int
     prompt_tps: float
     generation_tokens: int
     generation_tps: float
+    peak_memory: float
     time_to_first_token: float
-    peak_memory_gb: float
-    finish_reason: str | None = None  # "stop" (an end token) or "length" (max_tokens) at the end
+    finish_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,62 +119,62 @@ class GenerationResult:
         return self.text
 
 
+def max_new_tokens(model: Model, prompt_tokens: int, max_tokens: int) -> int:
+    """`max_tokens`, capped so the prompt and the answer fit the model's context."""
+    limit = model.config.text.max_position_embeddings
+    return max(0, min(max_tokens, limit - prompt_tokens))
+
+
 def stream_generate(
     model: Model,
     processor: Processor,
     prompt: str,
-    images: Sequence[ImageInput] = (),
-    video: str | Path | None = None,
+    images: Sequence[ImageInput] | ImageInput = (),
+    videos: Sequence[str | Path] | str | Path = (),
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    seed: int | None = None,
-    system: str | None = None,
-    no_think: bool = False,
-    min_pixels: int | None = None,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    fps: float = DEFAULT_VIDEO_FPS,
-    max_frames: int = DEFAULT_VIDEO_MAX_FRAMES,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    prompt_cache: PromptCache | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     inputs: ModelInputs | None = None,
+    **options,
 ) -> Iterator[GenerationResponse]:
-    """Answer `prompt` about `images` / `video`, yielding text pieces as they are decoded.
+    """Answer `prompt` about `images` and `videos`, yielding text pieces as they are decoded.
 
-    temperature 0 is greedy; otherwise tokens are sampled after top-k, top-p and min-p filtering.
-    Generation stops at an end token of the tokenizer / generation config, or after `max_tokens`.
-    `inputs` (from `processor.prepare`) replaces prompt/images/video when given.
+    `options` are the prompt options (`options.PromptOptions`: system, no_think, min_pixels,
+    max_pixels, fps, max_frames, ...) and sampling options (`options.SamplingOptions`: temp,
+    top_p, top_k, min_p, repetition_penalty, seed); a `sampler` or `logits_processors` replace the
+    sampling options. Generation stops at an end token of the tokenizer / generation config, after
+    `max_tokens`, or when the model's context is full. `inputs` (from `processor.prepare`)
+    replaces prompt, images, videos and the prompt options.
     """
     if max_tokens < 1:
         raise MimoError(f"max_tokens must be at least 1, got {max_tokens}")
-    sampler = make_sampler(temperature, top_p, top_k, min_p)
-    processors = make_logits_processors(repetition_penalty)
-    if seed is not None:
-        mx.random.seed(seed)
+    prompt_options, sampling = split_options(options)
     start = time.perf_counter()
     if inputs is None:
-        inputs = processor.prepare(
-            prompt,
-            images,
-            video,
-            system=system,
-            no_think=no_think,
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-            fps=fps,
-            max_frames=max_frames,
-        )
+        inputs = processor.prepare(prompt, images, videos, **vars(prompt_options))
     check_context(model, inputs)
+    sampler, logits_processors = _sampling(sampling, sampler, logits_processors)
     prompt_tokens = inputs.input_ids.shape[1]
+    max_tokens = max_new_tokens(model, prompt_tokens, max_tokens)
     detokenizer = processor.tokenizer.detokenizer()
     stop = processor.tokenizer.eos_token_ids
     mx.reset_peak_memory()
-    steps = generate_step(model, inputs, sampler, processors, max_tokens, prefill_step_size)
+    cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    prepared = model.prepare_prompt(inputs.input_ids, **inputs.vision_kwargs(), cache=cache)
+    steps = generate_step(
+        prepared,
+        model,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=logits_processors,
+        prompt_cache=cache,
+        prefill_step_size=prefill_step_size,
+    )
     first = prompt_tps = 0.0
-    for n, token in enumerate(steps, start=1):
+    for n, (token, logprobs) in enumerate(steps, start=1):
         now = time.perf_counter()
         if n == 1:
             first = now - start
@@ -169,49 +187,73 @@ def stream_generate(
         yield GenerationResponse(
             text=text,
             token=token,
+            logprobs=logprobs,
+            from_draft=False,
             prompt_tokens=prompt_tokens,
             prompt_tps=prompt_tps,
             generation_tokens=n,
             generation_tps=(n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
             time_to_first_token=first,
-            peak_memory_gb=mx.get_peak_memory() / 1e9,
             finish_reason=finish,
         )
         if finish:
             break
 
 
+def _sampling(
+    options: SamplingOptions,
+    sampler: Sampler | None,
+    processors: Sequence[LogitsProcessor] | None,
+) -> tuple[Sampler, list[LogitsProcessor]]:
+    if options.seed is not None:
+        mx.random.seed(options.seed)
+    if sampler is None:
+        sampler = make_sampler(options.temp, options.top_p, options.min_p, top_k=options.top_k)
+    if processors is None:
+        processors = make_logits_processors(options.repetition_penalty)
+    return sampler, list(processors)
+
+
 def generate(
     model: Model,
     processor: Processor,
     prompt: str,
-    images: Sequence[ImageInput] = (),
-    video: str | Path | None = None,
-    on_text: Callable[[str], None] | None = None,
+    images: Sequence[ImageInput] | ImageInput = (),
+    videos: Sequence[str | Path] | str | Path = (),
+    verbose: bool = False,
     **kwargs,
 ) -> GenerationResult:
-    """The whole answer; keyword arguments as in `stream_generate`. `on_text` sees each piece."""
+    """The whole answer; keyword arguments as in `stream_generate`. With `verbose`, the text is
+    printed as it streams, then the statistics, as mlx-lm's `generate` does."""
     inputs = kwargs.pop("inputs", None)
+    prompt_options = pop_prompt_options(kwargs)
     if inputs is None:
-        options = {key: kwargs.pop(key) for key in PROMPT_OPTIONS if key in kwargs}
-        inputs = processor.prepare(prompt, images, video, **options)
+        inputs = processor.prepare(prompt, images, videos, **prompt_options)
+    if verbose:
+        print("=" * 10)
     pieces, tokens, last = [], [], None
     for response in stream_generate(model, processor, prompt, inputs=inputs, **kwargs):
         pieces.append(response.text)
         tokens.append(response.token)
         last = response
-        if on_text is not None and response.text:
-            on_text(response.text)
+        if verbose:
+            print(response.text, end="", flush=True)
     text = "".join(pieces)
-    splitter = ThinkingSplitter(prompt_opened_thinking=inputs.opens_thinking)
-    parts = splitter.feed(text) + splitter.finalize()
-    thinking = "".join(t for kind, t in parts if kind == "thinking")
-    answer = "".join(t for kind, t in parts if kind == "answer")
-    return GenerationResult(text, thinking.strip(), answer.strip(), tokens, last)
+    if verbose:
+        print()
+        print("=" * 10)
+        print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
+        print(
+            f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec"
+        )
+        print(f"Peak memory: {last.peak_memory:.3f} GB")
+    thinking, answer = split_thinking(text, prompt_opened_thinking=inputs.opens_thinking)
+    return GenerationResult(text, thinking, answer, tokens, last)
 
 
 def check_context(model: Model, inputs: ModelInputs) -> None:
-    """A prompt longer than the model's context is refused before any work is done."""
+    """A prompt that leaves no room for an answer in the model's context is refused up front."""
     limit = model.config.text.max_position_embeddings
     length = inputs.input_ids.shape[1]
     if length >= limit:

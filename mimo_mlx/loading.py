@@ -16,10 +16,10 @@ from mlx.utils import tree_flatten
 from .config import ModelConfig
 from .errors import MimoError
 from .model import Model
+from .options import DEFAULT_MODEL
 from .processor import Processor
 from .weights import canonical_key, detect_layout, sanitize
 
-DEFAULT_MODEL = "XiaomiMiMo/MiMo-VL-7B-RL-2508"
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -28,19 +28,22 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
 def load(
-    model: str | Path = DEFAULT_MODEL,
+    path_or_hf_repo: str | Path = DEFAULT_MODEL,
+    revision: str | None = None,
     dtype: str | mx.Dtype | None = None,
+    lazy: bool = False,
     on_convert: Callable[[str, Path], None] | None = None,
 ) -> tuple[Model, Processor]:
-    """(model, processor) for a model folder or a Hugging Face repo id.
+    """(model, processor) for a model folder or a Hugging Face repo id (at `revision`).
 
     A repo id is converted to 4-bit MLX once, into the mimo-mlx cache (`on_convert` is told first),
     and loaded from there afterwards. On the CPU, floating-point weights are computed in float32
-    (MLX's CPU half-precision math is scalar and slow) unless `dtype` says otherwise.
+    (MLX's CPU half-precision math is scalar and slow) unless `dtype` says otherwise. With `lazy`,
+    weights are read only when first used.
     """
-    folder = resolve_model(model, on_convert)
+    folder = resolve_model(path_or_hf_repo, revision, on_convert)
     dtype = dtype if dtype is not None else default_dtype()
-    return load_model(folder, dtype=dtype), Processor.from_folder(folder)
+    return load_model(folder, dtype=dtype, lazy=lazy), Processor.from_folder(folder)
 
 
 def default_dtype() -> str | None:
@@ -52,26 +55,43 @@ def cache_home() -> Path:
     return Path(os.environ.get("MIMO_MLX_HOME", Path.home() / ".cache" / "mimo-mlx"))
 
 
-def converted_path(repo_id: str, bits: int = 4) -> Path:
-    return cache_home() / "models" / f"{repo_id.replace('/', '--')}-{bits}bit"
+def converted_path(repo_id: str, revision: str | None = None, bits: int = 4) -> Path:
+    at = "@" + re.sub(r"[^\w.-]", "_", revision) if revision else ""
+    return cache_home() / "models" / f"{repo_id.replace('/', '--')}{at}-{bits}bit"
 
 
-def resolve_model(model: str | Path, on_convert: Callable[[str, Path], None] | None = None) -> Path:
+def looks_like_path(name: str) -> bool:
+    """Whether the user meant a folder: starts with '.', '/' or '~', or names an existing parent."""
+    if name.startswith((".", "/", "~")) or "\\" in name:
+        return True
+    parent = Path(name).parent
+    return str(parent) not in ("", ".") and parent.expanduser().is_dir()
+
+
+def resolve_model(
+    model: str | Path,
+    revision: str | None = None,
+    on_convert: Callable[[str, Path], None] | None = None,
+) -> Path:
     """The folder for `model`: itself if it exists, else its cached conversion (made if missing)."""
     path = Path(model).expanduser()
     if path.exists():
+        if revision is not None:
+            raise MimoError(f"revision {revision!r} pins a hub repo; {model} is a local folder")
         return path
     name = str(model)
+    if isinstance(model, Path) or looks_like_path(name):
+        raise MimoError(f"model folder not found: {name}")
     if not _REPO_ID.match(name):
         raise MimoError(f"{name} is neither a model folder nor a Hugging Face repo id (org/name)")
-    target = converted_path(name)
+    target = converted_path(name, revision)
     if target.is_dir():
         return target
     if on_convert is not None:
         on_convert(name, target)
     from .convert import convert  # noqa: PLC0415  (only needed the first time)
 
-    convert(hf_path=name, mlx_path=target)
+    convert(hf_path=name, mlx_path=target, revision=revision)
     return target
 
 

@@ -1,33 +1,65 @@
 """MiMo-VL (Qwen2.5-VL architecture): vision tower and merger in front of the MiMo-7B decoder.
 
 Attribute names follow the published checkpoint (`model.*`, `visual.*`, `lm_head.*`), so weights load
-by name. The forward pass is a function of (inputs, cache): the caller owns the PromptCache.
+by name. One forward path: `model(input_ids, cache=..., positions=..., vision_features=...)` runs a
+prefill chunk with vision features in place, or a decode step; the caller owns the PromptCache.
+`prepare_prompt` does a prompt's host work once (vision tower, M-RoPE positions) so a long prompt can
+be fed through that call in chunks.
+
+    prompt = model.prepare_prompt(input_ids, pixel_values=..., image_grid_thw=...)
+    cache = model.make_cache()
+    logits = model(**prompt.chunk(), cache=cache)          # or chunk(0, 512), chunk(512, ...)
+    logits = model(mx.array([[next_token]]), cache=cache)  # decode
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .backend import device_kind, vision_schedule
 from .cache import PromptCache
 from .config import ModelConfig
 from .errors import MimoError
 from .language import TextModel
 from .mrope import VisionTokens, rope_index
-from .vision import VisionModel
+from .vision import VisionModel, encode
 
 
 @dataclass(frozen=True)
-class PreparedInputs:
-    """A prompt ready for the decoder: embeddings with vision features in place, and positions."""
+class Prompt:
+    """A prompt ready for the decoder: token ids, M-RoPE positions and vision features.
 
-    embeds: mx.array  # (B, L, C)
-    positions: mx.array  # (3, B, L)
-    rope_deltas: np.ndarray  # (B,)
+    positions is None for a text-only prompt (text positions continue the cache by themselves).
+    vision_features holds one row per image/video placeholder token, in the order they appear.
+    """
+
+    input_ids: np.ndarray  # (B, L)
+    positions: np.ndarray | None  # (3, B, L)
+    vision_features: mx.array | None  # (placeholders, hidden)
+    placeholders_before: np.ndarray  # (L + 1,) placeholder tokens before each index (all rows)
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    def chunk(self, start: int = 0, end: int | None = None) -> dict[str, Any]:
+        """Keyword arguments of `Model.__call__` for tokens [start, end) of every row."""
+        end = self.length if end is None else min(end, self.length)
+        features = None
+        if self.vision_features is not None:
+            first, last = self.placeholders_before[start], self.placeholders_before[end]
+            features = self.vision_features[int(first) : int(last)] if last > first else None
+        return {
+            "input_ids": self.input_ids[:, start:end],
+            "positions": None if self.positions is None else self.positions[:, :, start:end],
+            "vision_features": features,
+        }
 
 
 class Model(nn.Module):
@@ -44,6 +76,7 @@ class Model(nn.Module):
             spatial_merge_size=config.vision.spatial_merge_size,
             tokens_per_second=config.vision.tokens_per_second,
         )
+        self._placeholder_ids = np.array([config.image_token_id, config.video_token_id])
 
     def make_cache(self) -> PromptCache:
         return PromptCache(len(self.model.layers))
@@ -51,59 +84,62 @@ class Model(nn.Module):
     def __call__(
         self,
         input_ids: mx.array | np.ndarray,
-        pixel_values: mx.array | np.ndarray | None = None,
-        image_grid_thw: np.ndarray | None = None,
-        pixel_values_videos: mx.array | np.ndarray | None = None,
-        video_grid_thw: np.ndarray | None = None,
-        second_per_grid_ts: Sequence[float] | None = None,
         cache: PromptCache | None = None,
+        *,
+        positions: np.ndarray | None = None,
+        vision_features: mx.array | None = None,
     ) -> mx.array:
-        """Logits (B, L, vocab) for `input_ids` (B, L), continuing from `cache` when it holds tokens.
+        """Logits (B, L, vocab) of tokens (B, L) appended to `cache` (None: a fresh sequence).
 
-        Vision features replace the `<|image_pad|>` / `<|video_pad|>` tokens, images first in order.
-        A text-only continuation (a decode step) touches no host data, so steps can be pipelined.
+        positions: (3, B, L) M-RoPE positions from `prepare_prompt`; None means text continuing
+        the cache, which needs no host data (decode steps can be pipelined).
+        vision_features: rows for the image/video placeholder tokens among `input_ids`, in order.
+        The cache's rotary offsets are updated here and nowhere else.
         """
-        has_vision = pixel_values is not None or pixel_values_videos is not None
-        if cache is not None and cache.offset > 0 and not has_vision:
-            embeds = self.model.embed_tokens(mx.array(input_ids))
-            positions = self.continuation_positions(cache, embeds.shape[0])
-            return self.logits(self.model(embeds, positions, cache.layers))
-        prepared = self.prepare_inputs(
-            input_ids,
-            pixel_values,
-            image_grid_thw,
-            pixel_values_videos,
-            video_grid_thw,
-            second_per_grid_ts,
-            cache,
-        )
-        if cache is None:
-            return self.logits(self.model(prepared.embeds, prepared.positions))
-        cache.rope_deltas = prepared.rope_deltas
-        return self.logits(self.model(prepared.embeds, prepared.positions, cache.layers))
+        embeds = self.model.embed_tokens(mx.array(input_ids))
+        if vision_features is not None:
+            embeds = self._place(embeds, np.asarray(input_ids), vision_features)
+        batch = embeds.shape[0]
+        if positions is not None:
+            if cache is not None:
+                cache.record_positions(positions)
+            rope = mx.array(positions)
+        elif cache is not None:
+            rope = mx.array(cache.next_positions(batch).astype(np.int32))
+        else:
+            rope = mx.zeros((batch,), mx.int32)
+        hidden = self.model(embeds, rope, None if cache is None else cache.layers)
+        return self.logits(hidden)
 
-    def prepare_inputs(
+    def prepare_prompt(
         self,
-        input_ids: mx.array | np.ndarray,
+        input_ids: np.ndarray,
         pixel_values: mx.array | np.ndarray | None = None,
         image_grid_thw: np.ndarray | None = None,
         pixel_values_videos: mx.array | np.ndarray | None = None,
         video_grid_thw: np.ndarray | None = None,
         second_per_grid_ts: Sequence[float] | None = None,
         cache: PromptCache | None = None,
-    ) -> PreparedInputs:
-        """Run the vision tower once, place its features, and compute M-RoPE positions.
+        vision_features: mx.array | None = None,
+    ) -> Prompt:
+        """Run the vision tower once and compute the prompt's positions (continuing `cache`).
 
-        Generation uses this directly to prefill a long prompt in chunks without re-encoding images.
+        Images and videos are given as transformers' processor returns them; `vision_features`
+        (already merged features, one row per placeholder in prompt order) replaces the pixels,
+        e.g. from a cache of encoded images.
         """
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise MimoError(f"input_ids must have shape (batch, length), got {ids.shape}")
         _check_pixels(pixel_values, image_grid_thw, "pixel_values", "image_grid_thw")
         _check_pixels(pixel_values_videos, video_grid_thw, "pixel_values_videos", "video_grid_thw")
+        placeholder = np.isin(ids, self._placeholder_ids)
+        before = np.concatenate([[0], np.cumsum(placeholder.sum(axis=0))])
+        if not placeholder.any() and pixel_values is None and pixel_values_videos is None:
+            return Prompt(ids, None, None, before)
         offset = cache.offset if cache is not None else 0
-        deltas = cache.rope_deltas if cache is not None and offset > 0 else None
-        positions, rope_deltas = rope_index(
+        deltas = cache.rope_deltas if cache is not None else None
+        positions, _ = rope_index(
             ids,
             self._vision_tokens,
             image_grid_thw,
@@ -112,56 +148,67 @@ class Model(nn.Module):
             offset=offset,
             deltas=deltas,
         )
-        embeds = self.model.embed_tokens(mx.array(ids))
-        features = self.vision_features(
-            pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
-        )
-        for token_id, feats in features:
-            embeds = self._place(embeds, ids, token_id, feats)
-        return PreparedInputs(embeds, mx.array(positions), rope_deltas)
+        if vision_features is None:
+            vision_features = self.encode_vision(
+                pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+            )
+            vision_features = vision_features[mx.array(self._prompt_order(ids))]
+        elif vision_features.shape[0] != before[-1]:
+            raise MimoError(
+                f"{vision_features.shape[0]} vision feature rows for {before[-1]} placeholders"
+            )
+        return Prompt(ids, positions, vision_features, before)
 
-    def vision_features(
+    def encode_vision(
         self,
         pixel_values=None,
         image_grid_thw=None,
         pixel_values_videos=None,
         video_grid_thw=None,
-    ) -> list[tuple[int, mx.array]]:
-        """(placeholder id, features) per modality; images and video go through the tower in one call."""
+    ) -> mx.array:
+        """Merged features of every image, then every video, from one pass of the tower.
+
+        The pass follows the backend's memory schedule (`backend.vision_schedule`): one lazy graph
+        where attention is fused, evaluated pieces where it would hold every score.
+        """
         parts = [
-            (self.config.image_token_id, pixel_values, image_grid_thw),
-            (self.config.video_token_id, pixel_values_videos, video_grid_thw),
-        ]
-        parts = [
-            (tok, mx.array(px), np.asarray(g).reshape(-1, 3))
-            for tok, px, g in parts
+            (px, g)
+            for px, g in ((pixel_values, image_grid_thw), (pixel_values_videos, video_grid_thw))
             if px is not None
         ]
         if not parts:
-            return []
-        pixels = mx.concatenate([px for _, px, _ in parts]) if len(parts) > 1 else parts[0][1]
-        grids = np.concatenate([g for _, _, g in parts])
-        merged = self.visual(pixels, grids)
-        sizes = [
-            int(np.sum(np.prod(g, axis=1))) // self.config.vision.merge_unit for _, _, g in parts
-        ]
-        return [
-            (tok, merged[s : s + n])
-            for (tok, _, _), s, n in zip(parts, np.cumsum([0, *sizes]), sizes, strict=False)
-        ]
+            raise MimoError("the prompt has image/video placeholders but no pixels were given")
+        pixels = mx.concatenate([mx.array(px) for px, _ in parts])
+        grids = np.concatenate([np.asarray(g).reshape(-1, 3) for _, g in parts])
+        cfg = self.config.vision
+        frames = grids[:, 1] * grids[:, 2]
+        schedule = vision_schedule(
+            device_kind(),
+            self.visual.patch_embed.proj.weight.dtype,
+            cfg.head_dim,
+            patches=int(np.sum(frames * grids[:, 0])),
+            longest_frame=int(frames.max()),
+        )
+        return encode(self.visual, pixels, grids, schedule)
 
-    def _place(self, embeds: mx.array, ids: np.ndarray, token_id: int, feats: mx.array) -> mx.array:
-        # rope_index has already matched the placeholder runs against the grids the features come from.
-        rows = np.flatnonzero(ids.reshape(-1) == token_id)
+    def _prompt_order(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of (image features + video features) for each placeholder, in prompt order."""
+        flat = ids.reshape(-1)
+        image = flat == self.config.image_token_id
+        video = flat == self.config.video_token_id
+        rank = np.where(image, np.cumsum(image) - 1, np.cumsum(video) - 1 + image.sum())
+        return rank[image | video]
+
+    def _place(self, embeds: mx.array, ids: np.ndarray, features: mx.array) -> mx.array:
+        rows = np.flatnonzero(np.isin(ids.reshape(-1), self._placeholder_ids))
+        if len(rows) != features.shape[0]:
+            raise MimoError(
+                f"{features.shape[0]} vision feature rows for {len(rows)} placeholder tokens"
+            )
         batch, length, width = embeds.shape
         flat = embeds.reshape(batch * length, width)
-        flat[mx.array(rows)] = feats.astype(flat.dtype)
+        flat[mx.array(rows)] = features.astype(flat.dtype)
         return flat.reshape(batch, length, width)
-
-    def continuation_positions(self, cache: PromptCache, batch: int) -> mx.array:
-        """(B,) first positions of text appended at the cache's offset (the same on all axes)."""
-        deltas = cache.rope_deltas if cache.rope_deltas is not None else np.zeros(batch, np.int64)
-        return mx.array((cache.offset + deltas).astype(np.int32))
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.config.text.tie_word_embeddings:

@@ -11,9 +11,12 @@ natural images. Video frames go through the same steps (see ``video.py``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Sequence
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import MimoError
+from .options import DEFAULT_MAX_PIXELS
 
 DEFAULT_MIN_PIXELS = 3136
 """The checkpoint's min_pixels (56 x 56 = 4 patches of 28 x 28)."""
@@ -29,15 +33,9 @@ DEFAULT_MIN_PIXELS = 3136
 CHECKPOINT_MAX_PIXELS = 12_845_056
 """The published preprocessor_config.json's max_pixels: 16,384 merged tokens for one image."""
 
-DEFAULT_MAX_PIXELS = 1024 * 28 * 28
-"""At most 1024 merged decoder tokens (4096 vision patches) per image, about 896 x 896 pixels.
-
-The checkpoint allows 16x more, which on a 16 GB MacBook means ~170 TFLOPs of vision tower (a
-minute or more on a base M-series GPU) and ~2.4 GB of bf16 KV cache for one photo, next to a
-~4.5 GB 4-bit model. 1024 tokens keep a screenshot or a page of text legible (28 px per token
-side) while one image costs ~150 MB of KV cache and seconds of vision compute. Pass
-``max_pixels=None`` to use the checkpoint's limit.
-"""
+MAX_IMAGE_PIXELS = 16384 * 16384
+"""Largest image decoded (268 MP). PIL refuses images above 179 MP as decompression bombs, but
+phone cameras reach 200 MP (16320 x 12240); a 268 MP RGB image decodes to 0.8 GB."""
 
 MAX_ASPECT_RATIO = 200  # smart_resize's limit: thinner images cannot keep their shape on the grid
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -174,18 +172,44 @@ def check_image_size(width: int, height: int, factor: int = 28, name: str = "ima
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file as upright RGB: first frame, EXIF orientation applied, alpha on white."""
     path = Path(path)
+    if path.is_dir():
+        raise MimoError(
+            f"{path} is a folder, not an image (a folder of video frames goes to --video)"
+        )
     if not path.is_file():
         raise MimoError(f"image not found: {path}")
     try:
-        with Image.open(path) as opened:
+        with _own_pixel_limit(), Image.open(path) as opened:
+            width, height = opened.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise MimoError(
+                    f"{path} is {width}x{height} pixels ({width * height / 1e6:.0f} MP), above the "
+                    f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP mimo-mlx decodes; scale it down first"
+                )
             opened.load()  # decode now so a truncated file fails here, not mid-preprocessing
             image = ImageOps.exif_transpose(opened)
-    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise MimoError(f"{path} is not a readable image: {err}") from err
+    except UnidentifiedImageError as err:
+        raise MimoError(f"{path} is not a readable image: {err}") from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL reports corrupt data with these
-        raise MimoError(f"{path} could not be decoded as an image: {err}") from err
+        raise MimoError(f"{path} could not be decoded as an image: {err}") from None
     check_image_size(image.width, image.height, name=str(path))
     return to_rgb(image)
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    """PIL's decompression-bomb check off (and its warning silenced) while `load_image`, which
+    applies MAX_IMAGE_PIXELS itself, opens a file."""
+    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
 
 
 def smart_resize(

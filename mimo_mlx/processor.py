@@ -11,21 +11,11 @@ import numpy as np
 from PIL import Image
 
 from .chat import build_prompt, expand_vision_tokens, load_chat_template
-from .processing import (
-    DEFAULT_MAX_PIXELS,
-    ImageProcessorConfig,
-    load_processor_config,
-    preprocess_images,
-)
+from .errors import MimoError
+from .options import PromptOptions
+from .processing import ImageProcessorConfig, load_processor_config, preprocess_images
 from .tokenizer import Tokenizer
-from .video import (
-    DEFAULT_VIDEO_FPS,
-    DEFAULT_VIDEO_MAX_FRAMES,
-    DEFAULT_VIDEO_MAX_PIXELS,
-    DEFAULT_VIDEO_MIN_PIXELS,
-    load_video,
-    preprocess_video,
-)
+from .video import load_video, preprocess_video
 
 ImageInput = str | Path | Image.Image
 
@@ -75,46 +65,36 @@ class Processor:
     def prepare(
         self,
         prompt: str,
-        images: Sequence[ImageInput] = (),
-        video: str | Path | None = None,
-        *,
-        system: str | None = None,
-        no_think: bool = False,
-        min_pixels: int | None = None,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
-        fps: float = DEFAULT_VIDEO_FPS,
-        max_frames: int = DEFAULT_VIDEO_MAX_FRAMES,
-        video_min_pixels: int | None = DEFAULT_VIDEO_MIN_PIXELS,
-        video_max_pixels: int | None = DEFAULT_VIDEO_MAX_PIXELS,
+        images: Sequence[ImageInput] | ImageInput = (),
+        videos: Sequence[str | Path] | str | Path = (),
+        **options,
     ) -> ModelInputs:
-        """Render the chat (images, then the video, then the text) and preprocess the media.
+        """Render the chat (images, then videos, then the text) and preprocess the media.
 
-        `min_pixels`/`max_pixels` bound each image's resized area (None: the checkpoint's limits).
-        Video frames are sampled at `fps`, at most `max_frames` of them, each frame's area bounded by
-        `video_min_pixels`/`video_max_pixels`.
+        `images` and `videos` are a list, or one item (a path, or a PIL image). `options` are
+        `options.PromptOptions`: `min_pixels`/`max_pixels` bound each image's resized area (None:
+        the checkpoint's limits); video frames are sampled at `fps`, at most `max_frames` per
+        video, each frame's area bounded by `video_min_pixels`/`video_max_pixels`.
         """
+        opts = PromptOptions(**options)
+        images, videos = _as_list(images, "images"), _as_list(videos, "videos")
         config = self.image_config
         vision: dict[str, Any] = {}
         if images:
             pixels, grid = preprocess_images(
-                list(images), config, min_pixels=min_pixels, max_pixels=max_pixels
+                images, config, min_pixels=opts.min_pixels, max_pixels=opts.max_pixels
             )
             vision.update(pixel_values=pixels, image_grid_thw=grid)
-        if video is not None:
-            limits = dict(min_pixels=video_min_pixels, max_pixels=video_max_pixels)
-            frames, sample_fps = load_video(video, fps, max_frames, config, **limits)
-            pixels, grid, seconds = preprocess_video(frames, sample_fps, config, **limits)
-            vision.update(
-                pixel_values_videos=pixels, video_grid_thw=grid, second_per_grid_ts=[seconds]
-            )
+        if videos:
+            vision.update(self._videos(videos, opts))
         text = build_prompt(
             self.tokenizer,
             self.chat_template,
             prompt,
             num_images=len(images),
-            video=video is not None,
-            system=system,
-            no_think=no_think,
+            num_videos=len(videos),
+            system=opts.system,
+            no_think=opts.no_think,
         )
         expanded = expand_vision_tokens(
             text,
@@ -132,3 +112,33 @@ class Processor:
         return ModelInputs(
             ids, text=text, vision_tokens=vision_tokens, opens_thinking=opens, **vision
         )
+
+    def _videos(self, videos: list, opts: PromptOptions) -> dict[str, Any]:
+        """Every video sampled and preprocessed, concatenated in order as transformers does."""
+        limits = dict(min_pixels=opts.video_min_pixels, max_pixels=opts.video_max_pixels)
+        pixels, grids, seconds = [], [], []
+        for video in videos:
+            frames, sample_fps = load_video(
+                video, opts.fps, opts.max_frames, self.image_config, **limits
+            )
+            px, grid, second = preprocess_video(frames, sample_fps, self.image_config, **limits)
+            pixels.append(px)
+            grids.append(grid)
+            seconds.append(second)
+        return dict(
+            pixel_values_videos=np.concatenate(pixels),
+            video_grid_thw=np.concatenate(grids),
+            second_per_grid_ts=seconds,
+        )
+
+
+def _as_list(items: Any, name: str) -> list:
+    """A list of media items from a list, a tuple, or one item (a path string is one item)."""
+    if items is None:
+        return []
+    if isinstance(items, str | Path | Image.Image):
+        return [items]
+    try:
+        return list(items)
+    except TypeError:
+        raise MimoError(f"{name} must be a path, a PIL image or a list of them") from None

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from .errors import MimoError
+from .options import SamplingOptions
 
 Sampler = Callable[[mx.array], mx.array]
 """(B, vocab) float logits -> (B,) token ids."""
@@ -48,36 +49,39 @@ def apply_top_p(logits: mx.array, top_p: float) -> mx.array:
     return mx.where(logits < threshold, _NEG_INF, logits)
 
 
-def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
-    """Drop tokens less likely than min_p times the most likely one (compared in log space)."""
+def apply_min_p(logits: mx.array, min_p: float, min_tokens_to_keep: int = 1) -> mx.array:
+    """Drop tokens less likely than min_p times the most likely one (compared in log space),
+    keeping at least the `min_tokens_to_keep` most likely."""
     top = logits.max(axis=-1, keepdims=True)
-    return mx.where(logits < top + math.log(min_p), _NEG_INF, logits)
-
-
-def _check_sampling_options(temperature: float, top_p: float, top_k: int, min_p: float) -> None:
-    if not temperature >= 0:
-        raise MimoError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
-    if not 0 < top_p <= 1:
-        raise MimoError(f"top_p must be in (0, 1] (1 disables it), got {top_p}.")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise MimoError(f"top_k must be an integer >= 0 (0 disables it), got {top_k}.")
-    if not 0 <= min_p <= 1:
-        raise MimoError(f"min_p must be in [0, 1] (0 disables it), got {min_p}.")
+    threshold = top + math.log(min_p)
+    if min_tokens_to_keep > 1:
+        keep = min(min_tokens_to_keep, logits.shape[-1])
+        kth = mx.topk(logits, keep, axis=-1).min(axis=-1, keepdims=True)
+        threshold = mx.minimum(threshold, kth)
+    return mx.where(logits < threshold, _NEG_INF, logits)
 
 
 def make_warper(
-    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+    temp: float = 1.0,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    min_tokens_to_keep: int = 1,
+    top_k: int = 0,
 ) -> Callable[[mx.array], mx.array]:
-    """The logits -> warped logits function a sampler draws from (for tests and inspection)."""
+    """The logits -> warped logits function a sampler draws from (for tests and inspection).
+
+    Filters run in transformers' order: temperature, top-k, top-p, min-p. top_p 0 or 1, top_k 0
+    and min_p 0 disable their filter.
+    """
     steps: list[Callable[[mx.array], mx.array]] = []
-    if temperature != 1.0:
-        steps.append(lambda x: apply_temperature(x, temperature))
+    if temp != 1.0:
+        steps.append(lambda x: apply_temperature(x, temp))
     if top_k > 0:
         steps.append(lambda x: apply_top_k(x, top_k))
-    if top_p < 1.0:
+    if 0.0 < top_p < 1.0:
         steps.append(lambda x: apply_top_p(x, top_p))
     if min_p > 0.0:
-        steps.append(lambda x: apply_min_p(x, min_p))
+        steps.append(lambda x: apply_min_p(x, min_p, min_tokens_to_keep))
 
     def warp(logits: mx.array) -> mx.array:
         logits = logits.astype(mx.float32)
@@ -89,18 +93,24 @@ def make_warper(
 
 
 def make_sampler(
-    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    min_tokens_to_keep: int = 1,
+    top_k: int = 0,
 ) -> Sampler:
-    """A function from (B, vocab) logits to (B,) sampled ids.
+    """A function from (B, vocab) logits or log-probabilities to (B,) sampled ids (mlx-lm's names).
 
-    temperature 0 is greedy (argmax; the filters do not matter then). top_p 1, top_k 0 and min_p 0
-    disable their filter. MiMo's recommendation: temperature 0.3, top_p 0.95; greedy for evals.
+    temp 0 is greedy (argmax; the filters do not matter then). top_p 0 or 1, top_k 0 and min_p 0
+    disable their filter. MiMo's recommendation: temp 0.3, top_p 0.95; greedy for evaluations.
     """
-    _check_sampling_options(temperature, top_p, top_k, min_p)
-    if temperature == 0:
+    SamplingOptions(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)  # validates, one message each
+    if not (isinstance(min_tokens_to_keep, int) and min_tokens_to_keep >= 1):
+        raise MimoError(f"min_tokens_to_keep must be an integer >= 1, got {min_tokens_to_keep!r}")
+    if temp == 0:
         return lambda logits: mx.argmax(logits, axis=-1)
     # The warps are deterministic: compile them into one graph; the random draw stays outside.
-    warp = mx.compile(make_warper(temperature, top_p, top_k, min_p))
+    warp = mx.compile(make_warper(temp, top_p, min_p, min_tokens_to_keep, top_k))
     return lambda logits: mx.random.categorical(warp(logits), axis=-1)
 
 
@@ -125,8 +135,7 @@ def apply_repetition_penalty(logits: mx.array, tokens: mx.array, penalty: float)
 
 def make_repetition_penalty(penalty: float, context_size: int | None = None) -> LogitsProcessor:
     """A processor penalizing the last `context_size` tokens (None: all, prompt included)."""
-    if not penalty > 0:
-        raise MimoError(f"repetition_penalty must be > 0 (1 disables it), got {penalty}.")
+    SamplingOptions(repetition_penalty=penalty)  # validates
     if context_size is not None and context_size < 1:
         raise MimoError(f"repetition context size must be >= 1, got {context_size}.")
 

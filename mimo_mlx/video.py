@@ -11,6 +11,7 @@ Decoding uses PyAV (``pip install av``) when installed, else OpenCV (``pip insta
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,6 +20,12 @@ import numpy as np
 from PIL import Image
 
 from .errors import MimoError
+from .options import (
+    DEFAULT_VIDEO_FPS,
+    DEFAULT_VIDEO_MAX_FRAMES,
+    DEFAULT_VIDEO_MAX_PIXELS,
+    DEFAULT_VIDEO_MIN_PIXELS,
+)
 from .processing import (
     DEFAULT_CONFIG,
     ImageProcessorConfig,
@@ -32,16 +39,7 @@ from .processing import (
     to_rgb,
 )
 
-DEFAULT_VIDEO_FPS = 2.0
-VIDEO_MIN_FRAMES = 4  # qwen-vl-utils: sample at least this many frames from a short clip
-DEFAULT_VIDEO_MAX_FRAMES = 128
-"""64 s at 2 fps. qwen-vl-utils allows 768; with the per-frame limits below that is up to 98k
-decoder tokens, far beyond a 16 GB laptop. 128 frames cost at most 64 x 256 = 16,384 tokens."""
-
-DEFAULT_VIDEO_MIN_PIXELS = 128 * 28 * 28  # qwen-vl-utils' per-frame floor (~317 x 317)
-DEFAULT_VIDEO_MAX_PIXELS = 256 * 28 * 28
-"""~448 x 448 per frame, 256 merged tokens per pair of frames; qwen-vl-utils' ceiling is
-768 * 28 * 28, three times the tokens for every second of video."""
+VIDEO_MIN_FRAMES = 4  # qwen-vl-utils: sample at least this many frames from a long-enough clip
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -62,18 +60,19 @@ def sample_frame_indices(
     """Indices of the frames to keep, as qwen-vl-utils' ``smart_nframes`` + ``linspace().round()``.
 
     The count is duration * fps clamped to [min_frames, max_frames] and to the video's length, then
-    floored to a multiple of ``frame_factor`` so frames pair up without padding.
+    floored to a multiple of ``frame_factor`` so frames pair up without padding. A clip (or a
+    max_frames) shorter than one temporal patch keeps the frames it has; preprocessing then repeats
+    the last frame to fill the patch, as transformers' video processor does.
     """
-    min_frames = math.ceil(min_frames / frame_factor) * frame_factor
-    max_frames = math.floor(min(max_frames, total_frames) / frame_factor) * frame_factor
+    if total_frames < 1:
+        raise MimoError("the video has no frames")
+    factor_min = math.ceil(min_frames / frame_factor) * frame_factor
+    factor_max = math.floor(min(max_frames, total_frames) / frame_factor) * frame_factor
     wanted = total_frames / video_fps * fps
-    nframes = min(max(wanted, min_frames), max_frames, total_frames)
+    nframes = min(max(wanted, factor_min), factor_max, total_frames)
     nframes = math.floor(nframes / frame_factor) * frame_factor
     if nframes < frame_factor:
-        raise MimoError(
-            f"video has {total_frames} frame(s) and max_frames={max_frames}; need at least "
-            f"{frame_factor} frames (pass a single frame as an image)"
-        )
+        nframes = min(total_frames, max_frames)
     # numpy rounds half to even like torch; float64 linspace matches torch's float32 one on the
     # indices that matter (checked against torch in the tests).
     return np.round(np.linspace(0, total_frames - 1, nframes)).astype(np.int64)
@@ -110,11 +109,16 @@ class FrameResizer:
 def _decoder() -> str:
     """Name of the first installed video decoder, or a MimoError saying what to install."""
     try:
-        import av  # noqa: F401
+        import av.logging
 
+        av.logging.set_level(av.logging.PANIC)  # ffmpeg's own complaints are not for the user
         return "av"
     except ImportError:
         pass
+    # Read by OpenCV when it loads: ffmpeg's lines ("moov atom not found") and OpenCV's own stay
+    # off the user's terminal unless they asked for them.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
     try:
         import cv2  # noqa: F401
 
@@ -242,6 +246,8 @@ def load_video(
     the returned frames. Frames are resized as they are decoded, so long 4K clips fit in memory.
     """
     source = Path(source)
+    if source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
+        raise MimoError(f"{source} is an image, not a video: pass it with --image (images=[...])")
     resize = FrameResizer(config, min_pixels, max_pixels)
     if fps <= 0 or max_frames < 1:
         raise MimoError(f"need fps > 0 and max_frames >= 1, got fps={fps}, max_frames={max_frames}")

@@ -1,25 +1,29 @@
 """The vision tower: patch embedding, 2D rotary embedding, windowed/full attention blocks, 2x2 merger.
 
-Attribute names equal the checkpoint's keys under `visual.`, so weights load by name.
+Attribute names equal the checkpoint's keys under `visual.`, so weights load by name. The modules
+build one lazy graph and never evaluate; `encode` runs the same math under a backend's memory
+schedule (evaluated pieces where the backend would otherwise hold every attention score).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .backend import VisionSchedule
 from .config import VisionConfig
-from .windows import AttentionPlan, frame_lengths, plan_attention, rotary_positions, window_order
-
-# Scores of one attention call are (segments, heads, queries, keys) floats; queries are split so that one
-# chunk stays under this many bytes (a 1344x1344 image is one 9216-token frame in full attention, whose
-# 16 heads of scores would take 5.4 GB at once).
-SCORE_BUDGET_BYTES = 64 * 2**20
-# Above this many patches each half-block is evaluated before the next is built: in one lazy graph MLX
-# keeps the temporaries of consecutive layers alive together (0.4 GB more at 1344x1344). Smaller
-# images (the default limit is 4096 patches) stay one graph.
-EAGER_PATCHES = 4096
+from .windows import (
+    AttentionGroup,
+    AttentionPlan,
+    frame_lengths,
+    plan_attention,
+    rotary_positions,
+    window_order,
+)
 
 
 def rotate_half(x: mx.array) -> mx.array:
@@ -34,45 +38,56 @@ def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)
 
 
+def group_attention(
+    q: mx.array, k: mx.array, v: mx.array, group: AttentionGroup, scale: float, chunk: int | None
+) -> Iterator[mx.array]:
+    """Attention within one group's segments, `chunk` queries at a time (None: all at once).
+
+    q, k, v: (H, N, D). Heads go in the batch axis and segments in the head axis of one attention
+    call, so a group of contiguous equal segments is a free reshape. Yields (H, segments, piece, D).
+    """
+    heads, _, dim = q.shape
+    if group.index is None:
+        qg, kg, vg = (x.reshape(heads, group.count, group.size, dim) for x in (q, k, v))
+    else:
+        index = mx.array(group.index)
+        qg, kg, vg = q[:, index], k[:, index], v[:, index]  # (H, segments, size, D)
+    mask = None if group.key_mask is None else mx.array(group.key_mask)[None, :, None, :]
+    step = chunk or group.size
+    for i in range(0, group.size, step):
+        yield mx.fast.scaled_dot_product_attention(
+            qg[:, :, i : i + step], kg, vg, scale=scale, mask=mask
+        )
+
+
+def assemble(pieces: list[list[mx.array]], plan: AttentionPlan) -> mx.array:
+    """Each group's pieces (H, segments, piece, D), in order -> (N, H*D) in token order."""
+    groups = [mx.concatenate(p, axis=2) if len(p) > 1 else p[0] for p in pieces]
+    heads, dim = groups[0].shape[0], groups[0].shape[-1]
+    out = mx.concatenate([g.reshape(heads, -1, dim) for g in groups], axis=1)  # (H, N, D)
+    if plan.restore is not None:
+        out = out[:, mx.array(plan.restore)]
+    return out.transpose(1, 0, 2).reshape(out.shape[1], heads * dim)
+
+
 def segment_attention(
     q: mx.array, k: mx.array, v: mx.array, plan: AttentionPlan, scale: float
 ) -> mx.array:
-    """Attention restricted to the plan's segments. q, k, v: (H, N, D) -> (N, H*D).
-
-    Heads go in the batch axis and segments in the head axis of one attention call, so a group of
-    contiguous equal segments is a free reshape of (H, N, D).
-    """
-    heads, n, dim = q.shape
-    outputs = []
-    for group in plan.groups:
-        if group.index is None:
-            qg, kg, vg = (x.reshape(heads, group.count, group.size, dim) for x in (q, k, v))
-        else:
-            index = mx.array(group.index)
-            qg, kg, vg = q[:, index], k[:, index], v[:, index]  # (H, segments, size, D)
-        mask = None if group.key_mask is None else mx.array(group.key_mask)[None, :, None, :]
-        out = _chunked_sdpa(qg, kg, vg, scale, mask)  # (H, segments, size, D)
-        outputs.append(out.reshape(heads, -1, dim))
-    out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
-    if plan.restore is not None:
-        out = out[:, mx.array(plan.restore)]
-    return out.transpose(1, 0, 2).reshape(n, heads * dim)
+    """Attention restricted to the plan's segments, one lazy graph. (H, N, D) each -> (N, H*D)."""
+    return assemble([list(group_attention(q, k, v, g, scale, None)) for g in plan.groups], plan)
 
 
-def _chunked_sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None):
-    heads, segments, size, _ = q.shape
-    chunk = max(1, SCORE_BUDGET_BYTES // (4 * segments * heads * k.shape[2]))
-    if chunk >= size:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    parts = []
-    for i in range(0, size, chunk):
-        part = mx.fast.scaled_dot_product_attention(
-            q[:, :, i : i + chunk], k, v, scale=scale, mask=mask
-        )
-        # Evaluated one by one: in a single lazy graph MLX schedules every chunk's scores at once.
-        mx.eval(part)
-        parts.append(part)
-    return mx.concatenate(parts, axis=2)
+@dataclass(frozen=True)
+class Layout:
+    """Host bookkeeping of one vision pass, computed once from the grids."""
+
+    order: np.ndarray  # merged tokens in window order (index into arrival order)
+    window_plan: AttentionPlan  # attention within windows
+    frame_plan: AttentionPlan  # attention within frames (the full-attention blocks)
+    cos: mx.array  # (N, head_dim) rotary tables in window order, float32
+    sin: mx.array
+    patches: int
+    longest_frame: int
 
 
 class PatchEmbed(nn.Module):
@@ -95,10 +110,14 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
 
     def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, plan: AttentionPlan) -> mx.array:
+        return self.proj(segment_attention(*self.heads(x, cos, sin), plan, self.scale))
+
+    def heads(self, x: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, ...]:
+        """Rotated queries and keys, and values: (H, N, D) each."""
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, -1).transpose(1, 2, 0, 3)  # (3, H, N, D)
         q, k = apply_rotary(qkv[:2], cos, sin)  # q and k in one pass
-        return self.proj(segment_attention(q, k, qkv[2], plan, self.scale))
+        return q, k, qkv[2]
 
 
 class VisionMLP(nn.Module):
@@ -120,16 +139,9 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config)
         self.mlp = VisionMLP(config)
 
-    def __call__(
-        self, x: mx.array, cos: mx.array, sin: mx.array, plan: AttentionPlan, eager: bool = False
-    ) -> mx.array:
+    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, plan: AttentionPlan) -> mx.array:
         x = x + self.attn(self.norm1(x), cos, sin, plan)
-        if eager:
-            mx.eval(x)
-        x = x + self.mlp(self.norm2(x))
-        if eager:
-            mx.eval(x)
-        return x
+        return x + self.mlp(self.norm2(x))
 
 
 class PatchMerger(nn.Module):
@@ -160,25 +172,46 @@ class VisionModel(nn.Module):
         self._inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
 
     def __call__(self, pixel_values: mx.array, grid_thw: np.ndarray) -> mx.array:
-        """(patches, 1176) pixels of all images/frames in `grid_thw` order -> (patches / 4, out_hidden)."""
+        """(patches, 1176) pixels of all images/frames in `grid_thw` order -> (patches / 4, out_hidden).
+
+        One lazy graph; `encode` runs the same pass under a backend's memory schedule.
+        """
+        layout = self.layout(grid_thw)
+        x = self.embed(pixel_values, layout)
+        for i, block in enumerate(self.blocks):
+            x = block(x, layout.cos, layout.sin, self.plan(i, layout))
+        return self.merge(x, layout)
+
+    def layout(self, grid_thw: np.ndarray) -> Layout:
         cfg = self.config
         grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
         order, window_lengths = window_order(grid_thw, cfg.spatial_merge_size, cfg.window_side)
-        unit = cfg.merge_unit
-        window_plan = plan_attention(window_lengths * unit, pad_to_longest=True)
-        frame_plan = plan_attention(frame_lengths(grid_thw), pad_to_longest=False)
+        frames = frame_lengths(grid_thw)
         cos, sin = self._rotary(rotary_positions(grid_thw, cfg.spatial_merge_size), order)
+        return Layout(
+            order=order,
+            window_plan=plan_attention(window_lengths * cfg.merge_unit, pad_to_longest=True),
+            frame_plan=plan_attention(frames, pad_to_longest=False),
+            cos=cos,
+            sin=sin,
+            patches=int(frames.sum()),
+            longest_frame=int(frames.max()),
+        )
 
-        x = self.patch_embed(pixel_values.astype(self.patch_embed.proj.weight.dtype))  # (N, C)
+    def plan(self, block: int, layout: Layout) -> AttentionPlan:
+        full = block in self.config.fullatt_block_indexes
+        return layout.frame_plan if full else layout.window_plan
+
+    def embed(self, pixel_values: mx.array, layout: Layout) -> mx.array:
+        """Patch embedding, rows reordered window by window: (N, C)."""
+        x = self.patch_embed(pixel_values.astype(self.patch_embed.proj.weight.dtype))
         n, width = x.shape
-        order_mx = mx.array(order)
-        x = x.reshape(n // unit, unit, width)[order_mx].reshape(n, width)  # window order
-        eager = n > EAGER_PATCHES
-        for i, block in enumerate(self.blocks):
-            plan = frame_plan if i in cfg.fullatt_block_indexes else window_plan
-            x = block(x, cos, sin, plan, eager)
-        merged = self.merger(x)  # (N / 4, out_hidden), still in window order
-        return merged[mx.array(np.argsort(order))]
+        unit = self.config.merge_unit
+        return x.reshape(n // unit, unit, width)[mx.array(layout.order)].reshape(n, width)
+
+    def merge(self, x: mx.array, layout: Layout) -> mx.array:
+        """Merger, then merged tokens back in arrival order: (N / 4, out_hidden)."""
+        return self.merger(x)[mx.array(np.argsort(layout.order))]
 
     def _rotary(self, positions: np.ndarray, order: np.ndarray) -> tuple[mx.array, mx.array]:
         """cos/sin (N, head_dim) in float32, rows permuted to window order like the activations."""
@@ -188,3 +221,44 @@ class VisionModel(nn.Module):
         freqs = freqs.reshape(positions.shape[0], -1)  # (N, D/2): rows' angles, then columns'
         angles = mx.concatenate([freqs, freqs], axis=-1)
         return mx.cos(angles), mx.sin(angles)
+
+
+def encode(
+    tower: VisionModel, pixel_values: mx.array, grid_thw: np.ndarray, schedule: VisionSchedule
+) -> mx.array:
+    """The tower's pass under `schedule`: one lazy graph, or pieces evaluated one after another.
+
+    The evaluated path repeats VisionBlock's two residual lines so it can evaluate between them
+    and between chunks of attention queries; the math is the same.
+    """
+    if schedule.one_graph:
+        return tower(pixel_values, grid_thw)
+    layout = tower.layout(grid_thw)
+    x = tower.embed(pixel_values, layout)
+    for i, block in enumerate(tower.blocks):
+        q, k, v = block.attn.heads(block.norm1(x), layout.cos, layout.sin)
+        x = x + block.attn.proj(
+            _evaluated_attention(q, k, v, tower.plan(i, layout), block, schedule)
+        )
+        if schedule.evaluate_blocks:
+            mx.eval(x)
+        x = x + block.mlp(block.norm2(x))
+        if schedule.evaluate_blocks:
+            mx.eval(x)
+    return tower.merge(x, layout)
+
+
+def _evaluated_attention(q, k, v, plan: AttentionPlan, block: VisionBlock, schedule) -> mx.array:
+    heads, itemsize = q.shape[0], q.dtype.size
+    pieces = []
+    for group in plan.groups:
+        chunk = schedule.query_chunk(heads, group.count, group.size, itemsize)
+        group_pieces = []
+        for piece in group_attention(q, k, v, group, block.attn.scale, chunk):
+            if (
+                chunk is not None
+            ):  # in one lazy graph MLX would schedule every chunk's scores at once
+                mx.eval(piece)
+            group_pieces.append(piece)
+        pieces.append(group_pieces)
+    return assemble(pieces, plan)

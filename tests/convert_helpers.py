@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from safetensors.numpy import load_file, save_file
-from tiny_models import build_ids, pixels, save_checkpoint, tiny_hf_model
+from tiny_models import build_ids, mlx_logits, pixels, save_checkpoint, tiny_hf_model
 from tiny_tokenizer import build_tiny_tokenizer
 
 from mimo_mlx import load_model
@@ -94,7 +94,10 @@ def sample_inputs(seed: int = 0) -> dict:
 
 
 def logits(folder: Path, inputs: dict) -> np.ndarray:
-    return np.array(load_model(folder, dtype="float32")(**inputs))
+    inputs = dict(inputs)
+    return np.array(
+        mlx_logits(load_model(folder, dtype="float32"), inputs.pop("input_ids"), **inputs)
+    )
 
 
 def relative_rms(actual: np.ndarray, reference: np.ndarray) -> float:

@@ -44,6 +44,8 @@ def test_json_holds_every_measurement(results):
         assert row["grid_thw"] == [1, 32, 32] and row["seconds"]["median"] > 0
         assert row["peak_memory_bytes"] > 0 and row["memory_method"]
     assert vision["mimo-mlx"]["ops"]["ops"] > 0 and vision["mlx-vlm"]["ops"]["ops"] > 0
+    for runtime in ("mimo-mlx", "mlx-vlm"):  # every MLX vision pass waits on the host at least once
+        assert vision[runtime]["sizes"][0]["host_syncs"]["host_syncs"] >= 1
     generate = report["results"]["generate"]
     expected = {"mimo-mlx/float", "mlx-vlm/float", "torch/float", "mimo-mlx/4bit", "mlx-vlm/4bit"}
     assert set(generate) == expected
@@ -52,13 +54,27 @@ def test_json_holds_every_measurement(results):
         assert len(entry["tokens"]) == 4 and entry["decode_tps"]["median"] > 0
         assert entry["ttft_s"]["median"] > 0 and entry["prefill_tps"]["median"] > 0
     assert generate["mimo-mlx/4bit"]["overhead"]["kernels_step_s"]["median"] > 0
+    for key in ("mimo-mlx/float", "mlx-vlm/float"):  # reading each token back is one sync
+        assert generate[key]["host_syncs"]["per_decode_step"] >= 1
     assert report["kernel_bounds"]["mlx"]["matmul_gflops_f32"]
     assert any(s["runtime"] == "torch" and s["variant"] == "4bit" for s in report["skipped"])
 
 
 def test_markdown_and_chart_are_written(results):
     text = (results / "results.md").read_text()
-    for heading in ("## Vision tower", "## Generation", "## Decode overhead", "## Targets"):
+    headings = ("## Vision tower", "## Generation", "## Decode overhead", "## Host syncs")
+    for heading in (*headings, "## Targets"):
         assert heading in text
     pytest.importorskip("matplotlib")
     assert (results / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_warns_without_the_system_openblas(monkeypatch, tmp_path):
+    from benchmarks import run
+
+    monkeypatch.setattr(run, "OPENBLAS", str(tmp_path / "missing.so"))
+    monkeypatch.setattr(run.sys, "platform", "linux")
+    warning = run.openblas_warning(cpu=True, openblas=None)
+    assert "apt-get install libopenblas0-pthread" in warning and "40x" in warning
+    assert run.openblas_warning(cpu=False, openblas=None) is None
+    assert run.openblas_warning(cpu=True, openblas=False) is None  # asked to go without it

@@ -1,11 +1,12 @@
-"""Cached decoding equals one full forward pass, for text and for prompts with images."""
+"""Cached decoding equals one full forward pass, for text and for prompts with images; trimming
+returns to any earlier point exactly, rotary offsets included."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny_models import build_ids, pixels, save_checkpoint, tiny_hf_model
+from tiny_models import build_ids, mlx_logits, pixels, save_checkpoint, tiny_hf_model
 
 from mimo_mlx import load_model
 
@@ -26,32 +27,35 @@ def image_prompt(rng, tail: int):
     return ids, dict(pixel_values=pixels(grids, rng), image_grid_thw=grids)
 
 
+def close(a, b) -> bool:
+    return np.abs(np.array(a) - np.array(b)).max() < TOLERANCE
+
+
 def test_step_by_step_decode_equals_full_forward(model):
     ids, vision = image_prompt(np.random.default_rng(0), tail=12)
-    full = np.array(model(ids, **vision))
+    full = np.array(mlx_logits(model, ids, **vision))
     prompt_length = ids.shape[1] - 10
     cache = model.make_cache()
-    logits = model(ids[:, :prompt_length], **vision, cache=cache)
-    assert np.abs(np.array(logits) - full[:, :prompt_length]).max() < TOLERANCE
+    logits = mlx_logits(model, ids[:, :prompt_length], cache=cache, **vision)
+    assert close(logits, full[:, :prompt_length])
     for i in range(prompt_length, ids.shape[1]):
         step = model(mx.array(ids[:, i : i + 1]), cache=cache)
-        assert np.abs(np.array(step)[:, 0] - full[:, i]).max() < TOLERANCE, f"token {i}"
+        assert close(np.array(step)[:, 0], full[:, i]), f"token {i}"
     assert cache.offset == ids.shape[1]
 
 
-def test_chunked_prefill_equals_full_forward(model):
+@pytest.mark.parametrize("size", [1, 7, 16, 61])
+def test_chunked_prefill_equals_full_forward(model, size):
+    """Chunks cut anywhere, inside the images too, through the model's own call."""
     ids, vision = image_prompt(np.random.default_rng(1), tail=5)
-    full = np.array(model(ids, **vision))
-    prepared = model.prepare_inputs(ids, **vision)
+    full = np.array(mlx_logits(model, ids, **vision))
     cache = model.make_cache()
-    outputs = []
-    for start in range(0, ids.shape[1], 16):
-        end = start + 16
-        hidden = model.model(
-            prepared.embeds[:, start:end], prepared.positions[:, :, start:end], cache.layers
-        )
-        outputs.append(np.array(model.logits(hidden)))
-    assert np.abs(np.concatenate(outputs, axis=1) - full).max() < TOLERANCE
+    prompt = model.prepare_prompt(ids, **vision, cache=cache)
+    outputs = [
+        np.array(model(**prompt.chunk(start, start + size), cache=cache))
+        for start in range(0, ids.shape[1], size)
+    ]
+    assert close(np.concatenate(outputs, axis=1), full)
 
 
 def test_cache_grows_past_its_step(model):
@@ -61,7 +65,7 @@ def test_cache_grows_past_its_step(model):
     model(ids[:, :250], cache=cache)
     for i in range(250, 300):
         step = np.array(model(mx.array(ids[:, i : i + 1]), cache=cache))
-        assert np.abs(step[:, 0] - full[:, i]).max() < TOLERANCE
+        assert close(step[:, 0], full[:, i])
 
 
 def test_interleaved_conversations_keep_their_own_offsets(model):
@@ -69,25 +73,65 @@ def test_interleaved_conversations_keep_their_own_offsets(model):
     rng = np.random.default_rng(3)
     with_images, vision = image_prompt(rng, tail=6)
     text = build_ids([("text", 9)], rng)
-    expected = [np.array(model(with_images, **vision)), np.array(model(text))]
+    expected = [np.array(mlx_logits(model, with_images, **vision)), np.array(model(text))]
     caches = [model.make_cache(), model.make_cache()]
-    model(with_images[:, :-4], **vision, cache=caches[0])
+    mlx_logits(model, with_images[:, :-4], cache=caches[0], **vision)
     model(text[:, :-4], cache=caches[1])
     for k in range(4, 0, -1):
         for seq, ids in enumerate((with_images, text)):
             step = np.array(model(mx.array(ids[:, -k:][:, :1]), cache=caches[seq]))
-            assert np.abs(step[:, 0] - expected[seq][:, -k]).max() < TOLERANCE
+            assert close(step[:, 0], expected[seq][:, -k])
 
 
 def test_new_image_in_a_later_turn(model):
     """A second turn that brings an image continues positions from the cached first turn."""
     rng = np.random.default_rng(4)
     ids, vision = image_prompt(rng, tail=3)
-    full = np.array(model(ids, **vision))
-    split = 8  # after the first image's end token: the first turn carries image 1 only
+    full = np.array(mlx_logits(model, ids, **vision))
+    split = 8 + 45  # after the first image's end token: the first turn carries image 1 only
     first_image = {k: v[:180] if k == "pixel_values" else v[:1] for k, v in vision.items()}
     second_image = {k: v[180:] if k == "pixel_values" else v[1:] for k, v in vision.items()}
     cache = model.make_cache()
-    model(ids[:, : split + 45], **first_image, cache=cache)
-    later = np.array(model(ids[:, split + 45 :], **second_image, cache=cache))
-    assert np.abs(later - full[:, split + 45 :]).max() < TOLERANCE
+    mlx_logits(model, ids[:, :split], cache=cache, **first_image)
+    later = mlx_logits(model, ids[:, split:], cache=cache, **second_image)
+    assert close(later, full[:, split:])
+
+
+@pytest.mark.parametrize("keep", [3, 4, 20, 53, 60, 63, 66])
+def test_trim_returns_to_any_point(model, keep):
+    """Trim back to `keep` tokens (in text, inside an image, right after one), then feed the rest
+    again: the logits equal a full forward pass."""
+    ids, vision = image_prompt(np.random.default_rng(5), tail=6)
+    full = np.array(mlx_logits(model, ids, **vision))
+    cache = model.make_cache()
+    prompt = model.prepare_prompt(ids, **vision, cache=cache)
+    model(**prompt.chunk(), cache=cache)
+    for _ in range(3):  # decode a few tokens beyond the prompt, then forget them too
+        model(mx.array([[5]]), cache=cache)
+    assert cache.trim(cache.offset - keep) == ids.shape[1] + 3 - keep
+    assert cache.offset == keep
+    again = model(**prompt.chunk(keep), cache=cache)
+    assert close(again, full[:, keep:])
+
+
+def test_trim_bookkeeping_matches_positions():
+    """The next text position after a trim, worked out by hand for a b <vs> [2x2 image] <ve>."""
+    from mimo_mlx.cache import PromptCache
+
+    positions = np.array(
+        [
+            [0, 1, 2, 3, 3, 3, 3, 5],  # temporal
+            [0, 1, 2, 3, 3, 4, 4, 5],  # height
+            [0, 1, 2, 3, 4, 3, 4, 5],  # width
+        ]
+    )[
+        :, None
+    ]  # (3, 1, 8)
+    cache = PromptCache(num_layers=1)
+    cache.record_positions(positions)
+    cache.layers[0].offset = 8  # as if the tokens went through the layers
+    assert cache.rope_deltas.tolist() == [6 - 8]
+    expected_next = {8: 6, 7: 5, 6: 5, 5: 5, 4: 4, 3: 3, 2: 2, 0: 0}
+    for keep in sorted(expected_next, reverse=True):
+        cache.trim(cache.offset - keep)
+        assert cache.next_positions(1).tolist() == [expected_next[keep]], keep

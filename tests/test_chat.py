@@ -15,6 +15,7 @@ from mimo_mlx.chat import (
     expand_vision_tokens,
     load_chat_template,
     render_chat,
+    split_thinking,
 )
 from mimo_mlx.errors import MimoError
 from mimo_mlx.tokenizer import Tokenizer
@@ -62,8 +63,8 @@ def hf_processor(hf_tokenizer):
     )
 
 
-def _hf_messages(text, images=0, video=False, system=None):
-    content = [{"type": "image"}] * images + ([{"type": "video"}] if video else [])
+def _hf_messages(text, images=0, videos=0, system=None):
+    content = [{"type": "image"}] * images + [{"type": "video"}] * videos
     content = content + [{"type": "text", "text": text}]
     head = [] if system is None else [{"role": "system", "content": system}]
     return head + [{"role": "user", "content": content}]
@@ -73,9 +74,12 @@ CASES = {
     "text": dict(prompt="Hi there!", hf=_hf_messages("Hi there!")),
     "one_image": dict(prompt="What is this?", num_images=1, hf=_hf_messages("What is this?", 1)),
     "two_images": dict(prompt="Compare.", num_images=2, hf=_hf_messages("Compare.", 2)),
-    "video": dict(prompt="What happens?", video=True, hf=_hf_messages("What happens?", video=True)),
-    "images_and_video": dict(
-        prompt="Both?", num_images=2, video=True, hf=_hf_messages("Both?", 2, video=True)
+    "video": dict(prompt="What happens?", num_videos=1, hf=_hf_messages("What happens?", videos=1)),
+    "two_videos": dict(
+        prompt="Same place?", num_videos=2, hf=_hf_messages("Same place?", videos=2)
+    ),
+    "images_and_videos": dict(
+        prompt="Both?", num_images=2, num_videos=2, hf=_hf_messages("Both?", 2, videos=2)
     ),
     "system": dict(
         prompt="Hi", system="You are terse.", hf=_hf_messages("Hi", system="You are terse.")
@@ -112,12 +116,14 @@ def test_prompt_golden(ours, folder):
 
 
 def test_build_messages_order():
-    messages = build_messages("Go", num_images=2, video=True, system="S", no_think=True)
+    messages = build_messages("Go", num_images=2, num_videos=2, system="S", no_think=True)
     assert messages[0] == {"role": "system", "content": "S"}
-    assert [c["type"] for c in messages[1]["content"]] == ["image", "image", "video", "text"]
+    kinds = [c["type"] for c in messages[1]["content"]]
+    assert kinds == ["image", "image", "video", "video", "text"]
     assert messages[1]["content"][-1]["text"] == "Go /no_think"
-    assert build_messages("Go\n", no_think=True)[0]["content"][-1]["text"] == "Go\n/no_think"
-    assert build_messages("Go /no_think", no_think=True)[0]["content"][-1]["text"] == "Go /no_think"
+    # A text-only turn is a plain string, which templates that handle nothing else can render.
+    assert build_messages("Go\n", no_think=True)[0]["content"] == "Go\n/no_think"
+    assert build_messages("Go /no_think", no_think=True)[0]["content"] == "Go /no_think"
 
 
 TRICKY_TEMPLATE = (
@@ -223,7 +229,11 @@ def test_image_expansion_matches_processor(ours, folder, hf_processor):
 def test_expansion_matches_processor_rule(ours, folder, hf_processor, image_grids, video_grids):
     # The processor's own path (replace_*_token + get_text_with_replacements) on given grids.
     prompt = build_prompt(
-        ours, load_chat_template(folder), "x", num_images=len(image_grids), video=bool(video_grids)
+        ours,
+        load_chat_template(folder),
+        "x",
+        num_images=len(image_grids),
+        num_videos=len(video_grids),
     )
     images = {"image_grid_thw": np.array(image_grids, dtype=np.int64).reshape(-1, 3)}
     videos = {"video_grid_thw": np.array(video_grids, dtype=np.int64).reshape(-1, 3)}
@@ -266,8 +276,20 @@ SPLIT_CASES = [
         False,
         [("thinking", "\nStep 1.\n"), ("answer", "\n\nAnswer.")],
     ),
-    ("\n<think>a<b</think>c</think>", False, [("thinking", "a<b"), ("answer", "c</think>")]),
-    ("Plain answer <think>x</think>", False, [("answer", "Plain answer <think>x</think>")]),
+    ("\n<think>a<b</think>c</think>", False, [("thinking", "a<b"), ("answer", "c")]),
+    ("Plain answer <think>x</think>", False, [("answer", "Plain answer "), ("thinking", "x")]),
+    (
+        "<think>a</think>b<think>c</think>d",
+        False,
+        [("thinking", "a"), ("answer", "b"), ("thinking", "c"), ("answer", "d")],
+    ),
+    (
+        "r1</think>x<think>r2</think>y",
+        True,
+        [("thinking", "r1"), ("answer", "x"), ("thinking", "r2"), ("answer", "y")],
+    ),
+    ("<think>a</think><think>b</think>c", False, [("thinking", "ab"), ("answer", "c")]),
+    ("ans <thin", False, [("answer", "ans <thin")]),
     ("reasoning</think>answer", True, [("thinking", "reasoning"), ("answer", "answer")]),
     ("<think>r</think>a", True, [("thinking", "r"), ("answer", "a")]),
     ("<think></think>only answer", False, [("answer", "only answer")]),
@@ -293,3 +315,42 @@ def test_thinking_splitter_streams_early():
     assert splitter.feed("think>The") == [("answer", "The")]
     assert splitter.feed(" end") == [("answer", " end")]
     assert splitter.finalize() == []
+
+
+def test_split_thinking_joins_every_block():
+    text = "<think>\nFirst.\n</think>\nPart one. <think>Second.</think> Part two."
+    thinking, answer = split_thinking(text)
+    assert thinking == "First.\n\nSecond."
+    assert answer == "Part one.  Part two."
+    assert "<think>" not in answer and "</think>" not in answer
+
+
+# llama.cpp's MiMo-VL template shape: string content only, concatenated with `+`.
+STRING_ONLY_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_string_only_template_renders_text_prompts(ours):
+    text = build_prompt(ours, STRING_ONLY_TEMPLATE, "Hi", system="S")
+    assert (
+        text
+        == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_string_only_template_says_what_it_cannot_render(ours):
+    with pytest.raises(MimoError) as caught:
+        build_prompt(ours, STRING_ONLY_TEMPLATE, "What is this?", num_images=1)
+    message = str(caught.value)
+    assert "TypeError" in message and "text-only prompts" in message and "\n" not in message
+
+
+def test_template_that_drops_images_is_refused(ours):
+    drops = (
+        "{% for m in messages %}{{ m['content'] if m['content'] is string else 'x' }}{% endfor %}"
+    )
+    with pytest.raises(MimoError, match="does not place images"):
+        build_prompt(ours, drops, "What is this?", num_images=1)

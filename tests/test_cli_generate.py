@@ -96,8 +96,24 @@ def test_a_folder_that_is_not_a_model(tmp_path):
     assert result.exit_code == 1 and "has no config.json" in result.output
 
 
-def test_neither_folder_nor_repo_id(tmp_path):
-    result = run("--model", tmp_path / "a" / "b" / "c", "--prompt", "x")
+@pytest.mark.parametrize("name", ["./typo", "~/no-such-model-here", "/no/such/folder"])
+def test_a_missing_folder_is_not_taken_for_a_hub_id(name):
+    result = run("--model", name, "--prompt", "x")
+    assert result.exit_code == 1 and "model folder not found" in result.output
+    assert "convert" not in result.output
+
+
+def test_an_existing_parent_makes_a_path(tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = run(
+        "--model", "models/mimo", "--prompt", "x"
+    )  # could be a repo id, but models/ exists
+    assert result.exit_code == 1 and "model folder not found: models/mimo" in result.output
+
+
+def test_neither_folder_nor_repo_id():
+    result = run("--model", "not a repo", "--prompt", "x")
     assert (
         result.exit_code == 1
         and "neither a model folder nor a Hugging Face repo id" in result.output

@@ -96,14 +96,14 @@ def test_image_token_count_mismatch(pristine):
     ids[0, 5] = 7  # one pad fewer than the image's 6 features
     grid = np.array([[1, 4, 6]])
     with pytest.raises(MimoError, match="5 image placeholder tokens but the image grids give 6"):
-        model(ids, pixel_values=pixels(grid, rng), image_grid_thw=grid)
+        model.prepare_prompt(ids, pixel_values=pixels(grid, rng), image_grid_thw=grid)
 
 
 def test_pixels_and_grid_must_agree(pristine):
     model = load_model(pristine)
     ids = build_ids([("image", (1, 4, 6))], np.random.default_rng(0))
     with pytest.raises(MimoError, match="pixel_values has 10 patches"):
-        model(
+        model.prepare_prompt(
             ids, pixel_values=np.zeros((10, 1176), np.float32), image_grid_thw=np.array([[1, 4, 6]])
         )
 

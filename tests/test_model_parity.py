@@ -6,9 +6,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from tiny_models import build_ids, hf_logits, pixels, save_checkpoint, tiny_hf_model
+from tiny_models import build_ids, hf_logits, mlx_logits, pixels, save_checkpoint, tiny_hf_model
 
 from mimo_mlx import load_model
+from mimo_mlx.backend import VisionSchedule
+from mimo_mlx.vision import encode
 
 TOLERANCE = 1e-4
 
@@ -47,7 +49,7 @@ def test_two_images_between_text(model, reference):
         rng,
     )
     px = pixels(grids, rng)
-    ours = model(ids, pixel_values=px, image_grid_thw=grids)
+    ours = mlx_logits(model, ids, pixel_values=px, image_grid_thw=grids)
     assert_close(ours, hf_logits(reference, ids, pixel_values=px, image_grid_thw=grids))
 
 
@@ -57,7 +59,9 @@ def test_four_frame_video(model, reference):
     ids = build_ids([("text", 4), ("video", tuple(grid[0])), ("text", 6)], rng)
     px = pixels(grid, rng)
     seconds = [1.0]
-    ours = model(ids, pixel_values_videos=px, video_grid_thw=grid, second_per_grid_ts=seconds)
+    ours = mlx_logits(
+        model, ids, pixel_values_videos=px, video_grid_thw=grid, second_per_grid_ts=seconds
+    )
     theirs = hf_logits(
         reference,
         ids,
@@ -83,7 +87,7 @@ def test_image_and_video_in_one_prompt(model, reference):
         second_per_grid_ts=[0.5],
     )
     theirs = hf_logits(reference, ids, **{**vision, "second_per_grid_ts": torch.tensor([0.5])})
-    assert_close(model(ids, **vision), theirs)
+    assert_close(mlx_logits(model, ids, **vision), theirs)
 
 
 def test_batch_of_two_sequences(model, reference):
@@ -94,19 +98,25 @@ def test_batch_of_two_sequences(model, reference):
     ids = np.concatenate([first, second])
     grids = np.array([[1, 4, 6], [1, 6, 4]])
     px = pixels(grids, rng)
-    ours = model(ids, pixel_values=px, image_grid_thw=grids)
+    ours = mlx_logits(model, ids, pixel_values=px, image_grid_thw=grids)
     assert_close(ours, hf_logits(reference, ids, pixel_values=px, image_grid_thw=grids))
 
 
-@pytest.mark.parametrize("eager", [False, True], ids=["one-graph", "eager-blocks"])
-def test_vision_tower_many_images_and_frames(model, reference, eager, monkeypatch):
-    """The tower alone, with images and video frames of different sizes in one call; large inputs
-    are evaluated block by block, which must not change the result."""
-    monkeypatch.setattr("mimo_mlx.vision.EAGER_PATCHES", 0 if eager else 10**9)
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        VisionSchedule(one_graph=True),
+        VisionSchedule(one_graph=False, score_budget=2 * 4 * 64 * 7, evaluate_blocks=True),
+    ],
+    ids=["one-graph", "evaluated-pieces"],
+)
+def test_vision_tower_many_images_and_frames(model, reference, schedule):
+    """The tower alone, with images and video frames of different sizes in one call, as one lazy
+    graph and as evaluated pieces (query chunks of 7, every half-block): the same result."""
     rng = np.random.default_rng(6)
     grids = np.array([AWKWARD, [4, 8, 8], BELOW_MIN_PIXELS, [1, 16, 16], [1, 18, 10]])
     px = pixels(grids, rng)
-    ours = np.array(model.visual(mx.array(px), grids))
+    ours = np.array(encode(model.visual, mx.array(px), grids, schedule))
     with torch.no_grad():
         theirs = reference.model.visual(
             torch.tensor(px), grid_thw=torch.tensor(grids)
@@ -134,4 +144,4 @@ def test_config_and_key_layouts(config_layout, key_layout, tmp_path):
         pixel_values_videos=px_video,
         video_grid_thw=grids[1:],
     )
-    assert_close(model(ids, **vision), hf_logits(reference, ids, **vision))
+    assert_close(mlx_logits(model, ids, **vision), hf_logits(reference, ids, **vision))

@@ -308,8 +308,11 @@ def test_sample_frame_indices_follow_qwen_vl_utils():
             expected = torch.linspace(0, total - 1, n).round().long().numpy()
             ours = sample_frame_indices(total, float(total), float(n), max_frames=n, min_frames=2)
             np.testing.assert_array_equal(ours, expected)
-    with pytest.raises(MimoError, match="at least 2 frames"):
-        sample_frame_indices(1, 10.0)
+    # Shorter than one temporal patch: the frames there are (preprocessing repeats the last one).
+    assert sample_frame_indices(1, 10.0).tolist() == [0]
+    assert sample_frame_indices(300, 30.0, 2.0, max_frames=1).tolist() == [0]
+    with pytest.raises(MimoError, match="no frames"):
+        sample_frame_indices(0, 10.0)
 
 
 @pytest.fixture

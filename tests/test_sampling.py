@@ -34,14 +34,14 @@ def _ours(logits, **options):
 
 def test_greedy_is_argmax():
     logits = _logits()
-    tokens = make_sampler(temperature=0.0, top_p=0.5, top_k=3)(mx.array(logits))
+    tokens = make_sampler(temp=0.0, top_p=0.5, top_k=3)(mx.array(logits))
     np.testing.assert_array_equal(np.array(tokens), logits.argmax(axis=-1))
 
 
 def test_temperature_matches_transformers():
     logits = _logits()
     theirs = _theirs([logits_process.TemperatureLogitsWarper(0.7)], logits)
-    np.testing.assert_array_equal(_ours(logits, temperature=0.7), theirs)
+    np.testing.assert_array_equal(_ours(logits, temp=0.7), theirs)
 
 
 @pytest.mark.parametrize("top_k", [1, 5, 50, 999, 1000, 5000])
@@ -73,15 +73,15 @@ def test_min_p_support_matches_transformers(min_p):
 @pytest.mark.parametrize(
     "options",
     [
-        dict(temperature=0.3, top_p=0.95),  # MiMo-VL's recommended setting
-        dict(temperature=0.7, top_k=40, top_p=0.9, min_p=0.02),
-        dict(temperature=1.5, top_k=200, min_p=0.1),
-        dict(temperature=0.5, top_p=0.5, min_p=0.3),
+        dict(temp=0.3, top_p=0.95),  # MiMo-VL's recommended setting
+        dict(temp=0.7, top_k=40, top_p=0.9, min_p=0.02),
+        dict(temp=1.5, top_k=200, min_p=0.1),
+        dict(temp=0.5, top_p=0.5, min_p=0.3),
     ],
 )
 def test_chain_matches_transformers_order(options):
     # transformers' generate: temperature, top-k, top-p, min-p, in this order.
-    warpers = [logits_process.TemperatureLogitsWarper(options["temperature"])]
+    warpers = [logits_process.TemperatureLogitsWarper(options["temp"])]
     if "top_k" in options:
         warpers.append(logits_process.TopKLogitsWarper(options["top_k"]))
     if "top_p" in options:
@@ -97,7 +97,7 @@ def test_chain_matches_transformers_order(options):
 
 def test_sampling_frequencies_follow_warped_softmax():
     base = np.array([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -4.0]], dtype=np.float32)
-    options = dict(temperature=0.8, top_p=0.9, top_k=6)
+    options = dict(temp=0.8, top_p=0.9, top_k=6)
     warped = _ours(base, **options)[0]
     expected = np.exp(warped - warped.max())
     expected /= expected.sum()
@@ -111,7 +111,7 @@ def test_sampling_frequencies_follow_warped_softmax():
 
 def test_seeded_sampling_is_reproducible():
     logits = mx.array(_logits())
-    sampler = make_sampler(temperature=1.0)
+    sampler = make_sampler(temp=1.0)
     mx.random.seed(42)
     first = np.array(sampler(logits))
     mx.random.seed(42)
@@ -120,7 +120,7 @@ def test_seeded_sampling_is_reproducible():
 
 def test_half_precision_logits_are_upcast():
     logits = _logits()
-    ours = np.array(make_warper(temperature=0.5, top_k=10)(mx.array(logits).astype(mx.bfloat16)))
+    ours = np.array(make_warper(temp=0.5, top_k=10)(mx.array(logits).astype(mx.bfloat16)))
     assert ours.dtype == np.float32 and np.isfinite(ours).sum() == 4 * 10
 
 
@@ -167,16 +167,33 @@ def test_no_processors_when_disabled():
 @pytest.mark.parametrize(
     "options",
     [
-        dict(temperature=-1.0),
-        dict(temperature=0.5, top_p=0.0),
-        dict(temperature=0.5, top_p=1.5),
-        dict(temperature=0.5, top_k=-1),
-        dict(temperature=0.5, min_p=2.0),
+        dict(temp=-1.0),
+        dict(temp=float("inf")),
+        dict(temp=float("nan")),
+        dict(temp=0.5, top_p=-0.1),
+        dict(temp=0.5, top_p=1.5),
+        dict(temp=0.5, top_k=-1),
+        dict(temp=0.5, min_p=2.0),
+        dict(temp=0.5, min_tokens_to_keep=0),
     ],
 )
 def test_bad_options(options):
     with pytest.raises(MimoError):
         make_sampler(**options)
+
+
+@pytest.mark.parametrize("top_p", [0.0, 1.0])
+def test_top_p_zero_or_one_disables_it_as_in_mlx_lm(top_p):
+    logits = _logits()
+    np.testing.assert_array_equal(_ours(logits, top_p=top_p), logits)
+
+
+@pytest.mark.parametrize("keep", [1, 3, 40])
+def test_min_tokens_to_keep_matches_transformers(keep):
+    logits = _logits(seed=keep, scale=6.0)
+    theirs = _theirs([logits_process.MinPLogitsWarper(0.5, min_tokens_to_keep=keep)], logits)
+    ours = _ours(logits, min_p=0.5, min_tokens_to_keep=keep)
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(theirs))
 
 
 def test_bad_penalty():

@@ -9,8 +9,9 @@ import torch
 from tiny_models import VISION
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
+from mimo_mlx.backend import vision_schedule
 from mimo_mlx.config import VisionConfig
-from mimo_mlx.vision import VisionModel, segment_attention
+from mimo_mlx.vision import VisionModel, assemble, encode, group_attention, segment_attention
 from mimo_mlx.windows import plan_attention, rotary_positions, window_order
 
 GRIDS = [
@@ -77,29 +78,35 @@ def heads_first(x: np.ndarray) -> mx.array:
     return mx.array(x.transpose(1, 0, 2), dtype=mx.float32)  # (N, H, D) -> (H, N, D)
 
 
-def test_full_attention_chunks_long_frames(monkeypatch):
+def test_full_attention_chunks_long_frames():
     """Splitting queries to bound score memory changes nothing numerically."""
     rng = np.random.default_rng(1)
     lengths = [300, 200]
-    q, k, v = (rng.standard_normal((500, 2, 8)) for _ in range(3))
+    q, k, v = (heads_first(rng.standard_normal((500, 2, 8))) for _ in range(3))
     plan = plan_attention(np.array(lengths), pad_to_longest=False)
-    monkeypatch.setattr("mimo_mlx.vision.SCORE_BUDGET_BYTES", 4 * 2 * 300 * 37)  # 37-query chunks
-    ours = segment_attention(*(heads_first(x) for x in (q, k, v)), plan, 0.35)
-    expected = naive_segment_attention(q, k, v, lengths, 0.35)
+    pieces = [list(group_attention(q, k, v, g, 0.35, 37)) for g in plan.groups]
+    assert [len(p) for p in pieces] == [6, 9]  # 200 and 300 queries in pieces of 37
+    ours = assemble(pieces, plan)
+    expected = naive_segment_attention(
+        *(np.array(x).transpose(1, 0, 2) for x in (q, k, v)), lengths, 0.35
+    )
     assert np.abs(np.array(ours) - expected).max() < 1e-5
 
 
 def test_1344_image_never_holds_a_full_attention_matrix():
-    """One 1344x1344 image is a single 9216-patch frame; full attention must run in query chunks."""
+    """One 1344x1344 image is a single 9216-patch frame; on the CPU, whose attention holds the
+    scores, full attention runs in evaluated query chunks (the CPU's schedule)."""
     config = VisionConfig(**{**VISION, "depth": 2, "fullatt_block_indexes": (1,)})
     tower = VisionModel(config)
     mx.eval(tower.parameters())
     grid = np.array([[1, 96, 96]])
     px = mx.random.normal((9216, 1176))
     mx.eval(px)
+    schedule = vision_schedule("cpu", mx.float32, config.head_dim, 9216, 9216)
+    assert not schedule.one_graph and schedule.evaluate_blocks
     mx.reset_peak_memory()
     before = mx.get_active_memory()
-    out = tower(px, grid)
+    out = encode(tower, px, grid, schedule)
     mx.eval(out)
     peak = mx.get_peak_memory() - before
     one_head_scores = 9216 * 9216 * 4  # a single head's float32 score matrix for the frame

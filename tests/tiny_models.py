@@ -151,6 +151,12 @@ def hf_logits(model, ids: np.ndarray, **vision) -> np.ndarray:
     return out.logits.numpy()
 
 
+def mlx_logits(model, ids, cache=None, **vision):
+    """The MLX port's logits for a whole prompt: its host work once, then the model's own call."""
+    prompt = model.prepare_prompt(ids, **vision, cache=cache)
+    return model(**prompt.chunk(), cache=cache)
+
+
 def pixels(grid_thw, rng: np.random.Generator) -> np.ndarray:
     count = int(np.sum(np.prod(np.asarray(grid_thw).reshape(-1, 3), axis=1)))
     return rng.standard_normal((count, 1176)).astype(np.float32)

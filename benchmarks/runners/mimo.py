@@ -1,4 +1,4 @@
-"""mimo-mlx, through its public pieces: the model, `generate_step` with a greedy sampler."""
+"""mimo-mlx, through its public pieces: the model, `prepare_prompt`, `generate_step` (greedy)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import numpy as np
 from mimo_mlx.generate import generate_step
 from mimo_mlx.loading import load_model
 from mimo_mlx.model import Model
-from mimo_mlx.processor import ModelInputs
 from mimo_mlx.sampling import make_sampler
 
 from . import mlx_common
@@ -30,11 +29,12 @@ class Vision:
         mx.eval(self.model.visual.parameters())
 
     def forward(self, pixels: np.ndarray, grid: np.ndarray) -> mx.array:
-        """The lazy output (for counting graph nodes)."""
+        """The whole pass as one lazy graph (for counting graph nodes)."""
         return self.model.visual(mx.array(pixels), grid)
 
     def encode(self, pixels: np.ndarray, grid: np.ndarray) -> None:
-        mx.eval(self.forward(pixels, grid))
+        """The pass as generation runs it: under this backend's memory schedule."""
+        mx.eval(self.model.encode_vision(pixels, grid))
 
     reset_peak = staticmethod(mlx_common.reset_peak)
 
@@ -51,10 +51,15 @@ class Generate:
     def generate(
         self, ids: np.ndarray, pixels: np.ndarray, grid: np.ndarray, tokens: int
     ) -> list[tuple[int, float]]:
-        inputs = ModelInputs(ids, pixel_values=pixels, image_grid_thw=grid)
+        cache = self.model.make_cache()
+        prompt = self.model.prepare_prompt(
+            ids, pixel_values=pixels, image_grid_thw=grid, cache=cache
+        )
         # generate_step never stops on an end token: the caller decides, so all runtimes decode `tokens`.
-        steps = generate_step(self.model, inputs, self.sampler, max_tokens=tokens)
-        return [(token, time.perf_counter()) for token in steps]
+        steps = generate_step(
+            prompt, self.model, max_tokens=tokens, sampler=self.sampler, prompt_cache=cache
+        )
+        return [(token, time.perf_counter()) for token, _ in steps]
 
     reset_peak = staticmethod(mlx_common.reset_peak)
 

@@ -1,0 +1,167 @@
+"""Every user-facing option of a request, declared once: name, default, meaning.
+
+`PromptOptions` shape the prompt (system prompt, thinking switch, image and video sizing);
+`SamplingOptions` shape how tokens are drawn. The processor, `stream_generate`, `generate` and the
+command line all take their options from these declarations; the CLI builds its flags and help
+from the field metadata. No mlx import here: `mimo-mlx --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import MimoError
+
+DEFAULT_MAX_PIXELS = 1024 * 28 * 28
+"""At most 1024 merged decoder tokens (4096 vision patches) per image, about 896 x 896 pixels.
+
+The checkpoint allows 16x more, which on a 16 GB MacBook means ~170 TFLOPs of vision tower (a
+minute or more on a base M-series GPU) and ~2.4 GB of bf16 KV cache for one photo, next to a
+~4.5 GB 4-bit model. 1024 tokens keep a screenshot or a page of text legible (28 px per token
+side) while one image costs ~150 MB of KV cache and seconds of vision compute. Pass
+``max_pixels=None`` to use the checkpoint's limit.
+"""
+DEFAULT_VIDEO_FPS = 2.0
+DEFAULT_VIDEO_MAX_FRAMES = 128
+"""64 s at 2 fps. qwen-vl-utils allows 768; with the per-frame limits below that is up to 98k
+decoder tokens, far beyond a 16 GB laptop. 128 frames cost at most 64 x 256 = 16,384 tokens."""
+DEFAULT_VIDEO_MIN_PIXELS = 128 * 28 * 28  # qwen-vl-utils' per-frame floor (~317 x 317)
+DEFAULT_VIDEO_MAX_PIXELS = 256 * 28 * 28
+"""~448 x 448 per frame, 256 merged tokens per pair of frames; qwen-vl-utils' ceiling is
+768 * 28 * 28, three times the tokens for every second of video."""
+DEFAULT_MODEL = "XiaomiMiMo/MiMo-VL-7B-RL-2508"
+DEFAULT_MAX_TOKENS = 2048  # MiMo reasons before it answers; short limits cut the answer off
+
+
+def option(default: Any, help: str, *, cli: dict | None = None) -> Any:
+    """A dataclass field carrying its command-line help (and click settings in `cli`)."""
+    return field(default=default, metadata={"help": help, "cli": cli or {}})
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """How a request becomes a prompt."""
+
+    system: str | None = option(None, "Replace the default system prompt.")
+    no_think: bool = option(
+        False,
+        "Ask the model to answer without reasoning first. MiMo-VL 2508 models (RL-2508, "
+        "SFT-2508) follow it: '/no_think' is appended to the prompt. The original RL and SFT "
+        "models do not know the switch and may reason anyway.",
+        cli={"is_flag": True},
+    )
+    min_pixels: int | None = option(
+        None,
+        "Smallest area an image is resized to. [default: the model's, 3136]",
+        cli={"min": 1},
+    )
+    max_pixels: int | None = option(
+        DEFAULT_MAX_PIXELS,
+        "Largest area an image is resized to (the default, 1024 vision tokens, keeps a 16 GB "
+        "MacBook responsive; the checkpoint allows 12845056).",
+        cli={"min": 1},
+    )
+    fps: float = option(DEFAULT_VIDEO_FPS, "Video frames sampled per second.", cli={"min": 0})
+    max_frames: int = option(
+        DEFAULT_VIDEO_MAX_FRAMES, "Most frames sampled per video.", cli={"min": 1}
+    )
+    video_min_pixels: int | None = option(
+        DEFAULT_VIDEO_MIN_PIXELS, "Smallest area a video frame is resized to.", cli={"min": 1}
+    )
+    video_max_pixels: int | None = option(
+        DEFAULT_VIDEO_MAX_PIXELS,
+        "Largest area a video frame is resized to (256 vision tokens per pair of frames).",
+        cli={"min": 1},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and value > 0):
+                raise MimoError(f"{name} must be a positive integer, got {value!r}")
+        if not (_is_number(self.fps) and math.isfinite(self.fps) and self.fps > 0):
+            raise MimoError(f"fps must be a positive number, got {self.fps!r}")
+        if not (_is_int(self.max_frames) and self.max_frames >= 1):
+            raise MimoError(f"max_frames must be an integer >= 1, got {self.max_frames!r}")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How tokens are drawn (mlx-lm's names). temp 0 is greedy."""
+
+    temp: float = option(
+        0.0,
+        "Sampling temperature; 0 is greedy. [default: the model's generation_config, else 0.3 "
+        "as MiMo recommends]",
+        cli={"aliases": ("--temperature",), "min": 0, "model_default": True},
+    )
+    top_p: float = option(
+        1.0,
+        "Nucleus sampling: keep the most likely tokens up to this probability mass; 1 (or 0) "
+        "disables. [default: generation_config, else 0.95]",
+        cli={"min": 0, "max": 1, "model_default": True},
+    )
+    top_k: int = option(
+        0,
+        "Keep only the k most likely tokens; 0 disables. [default: generation_config, else 0]",
+        cli={"min": 0, "model_default": True},
+    )
+    min_p: float = option(
+        0.0,
+        "Drop tokens less likely than min-p times the most likely one.",
+        cli={"min": 0, "max": 1},
+    )
+    repetition_penalty: float | None = option(
+        None,
+        "Penalize tokens already in the prompt or the answer (> 1 discourages repeats).",
+        cli={"min": 0, "min_open": True},
+    )
+    seed: int | None = option(None, "Random seed, for repeatable sampling.")
+
+    def __post_init__(self) -> None:
+        if not (_is_number(self.temp) and 0 <= self.temp < math.inf):
+            raise MimoError(
+                f"temp must be a finite number >= 0 (0 means greedy), got {self.temp!r}"
+            )
+        if not (_is_number(self.top_p) and 0 <= self.top_p <= 1):
+            raise MimoError(f"top_p must be in [0, 1] (0 or 1 disables it), got {self.top_p!r}")
+        if not (_is_int(self.top_k) and self.top_k >= 0):
+            raise MimoError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not (_is_number(self.min_p) and 0 <= self.min_p <= 1):
+            raise MimoError(f"min_p must be in [0, 1] (0 disables it), got {self.min_p!r}")
+        penalty = self.repetition_penalty
+        if penalty is not None and not (_is_number(penalty) and 0 < penalty < math.inf):
+            raise MimoError(
+                f"repetition_penalty must be a finite number > 0 (1 disables it), got {penalty!r}"
+            )
+        if self.seed is not None and not _is_int(self.seed):
+            raise MimoError(f"seed must be an integer, got {self.seed!r}")
+
+
+def split_options(options: dict[str, Any]) -> tuple[PromptOptions, SamplingOptions]:
+    """Keyword arguments -> (PromptOptions, SamplingOptions); an unknown name is an error."""
+    prompt_names = {f.name for f in fields(PromptOptions)}
+    sampling_names = {f.name for f in fields(SamplingOptions)}
+    unknown = sorted(options.keys() - prompt_names - sampling_names)
+    if unknown:
+        known = ", ".join(sorted(prompt_names | sampling_names))
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; the options are: {known}")
+    prompt = PromptOptions(**{k: v for k, v in options.items() if k in prompt_names})
+    sampling = SamplingOptions(**{k: v for k, v in options.items() if k in sampling_names})
+    return prompt, sampling
+
+
+def pop_prompt_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Remove and return the prompt options among `kwargs`."""
+    names = {f.name for f in fields(PromptOptions)}
+    return {name: kwargs.pop(name) for name in list(kwargs) if name in names}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
