@@ -143,7 +143,7 @@ def generate(model_path, images, videos, prompt, hide_thinking, max_tokens, **op
     terminal); a line of statistics follows on stderr.
     """
     from .console import StreamPrinter, stats_line, stop_reason  # noqa: PLC0415  (fast --help)
-    from .generate import max_new_tokens, stream_generate  # noqa: PLC0415
+    from .generation import max_new_tokens, stream_generate  # noqa: PLC0415
     from .options import pop_prompt_options  # noqa: PLC0415
 
     if prompt == "-":

@@ -151,3 +151,102 @@ def test_a_hub_id_is_converted_once_then_reused(tmp_path):
     assert json.loads((converted / "config.json").read_text())["quantization"]["bits"] == 4
     second = subprocess.run(command, env=env, capture_output=True, text=True)
     assert second.returncode == 0 and "has not been converted" not in second.stderr
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_temperature_must_be_finite(folder, value):
+    result = run("--model", folder, "--prompt", "x", "--temperature", value)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "temp" in result.output
+
+
+def frames_folder(root, name: str, count: int, seed: int):
+    folder = root / name
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_several_videos_and_a_one_frame_clip(folder, photo, tmp_path):
+    result = run(
+        "--model", folder, "--image", photo,
+        "--video", frames_folder(tmp_path, "clip", 4, seed=1),
+        "--video", frames_folder(tmp_path, "still", 1, seed=2),
+        "--prompt", "What changed?", "--max-tokens", "3", "--temp", "0",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "stopped:" in result.stderr
+
+
+def test_an_image_as_a_video_is_refused(folder, photo):
+    result = run("--model", folder, "--video", photo, "--prompt", "x")
+    assert result.exit_code == 1 and "pass it with --image" in result.output
+
+
+def test_a_folder_as_an_image_is_refused(folder, tmp_path):
+    result = run("--model", folder, "--image", tmp_path, "--prompt", "x")
+    assert result.exit_code == 1 and "is a folder, not an image" in result.output
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory):
+    """The tiny model with a 90-token context."""
+    short = tmp_path_factory.mktemp("short-context")
+    write_model_folder(short, seed=21)
+    config = json.loads((short / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 90
+    (short / "config.json").write_text(json.dumps(config))
+    return short
+
+
+def test_max_tokens_capped_by_the_context_with_a_notice(short_context):
+    result = run(
+        "--model", short_context, "--prompt", "Tell me a story.", "-m", "500", "--temp", "0"
+    )
+    assert result.exit_code == 0, result.output
+    prompt_tokens = int(result.stderr.split("the prompt takes ")[1].split()[0])
+    notice = f"at most {90 - prompt_tokens} tokens will be generated (--max-tokens 500)"
+    assert notice in result.stderr
+    stats = result.stderr.strip().splitlines()[-1]
+    assert stats.endswith(("stopped: context full (90 tokens)", "stopped: end of answer"))
+
+
+def test_stats_line_says_why_generation_ended(folder):
+    result = run("--model", folder, "--prompt", "Tell me a story.", "-m", "2", "--temp", "0")
+    assert result.exit_code == 0
+    assert result.stderr.strip().splitlines()[-1].endswith("stopped: max tokens (2)")
+
+
+@pytest.mark.parametrize(
+    "hide, expected",
+    [(False, "<think>a</think>b\n<think>c</think>d\n"), (True, "bd\n")],
+)
+def test_every_think_block_is_reasoning_when_piped(capsys, hide, expected):
+    from mimo_mlx.console import StreamPrinter
+
+    printer = StreamPrinter(hide_thinking=hide, opened=False)
+    for piece in "<think>a</think>\n\nb<think>c</think>d":
+        printer.write(piece)
+    printer.close()
+    assert capsys.readouterr().out == expected.replace("b\n<think>", "b\n<think>")
+
+
+def test_help_does_not_import_mlx():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from mimo_mlx.cli import main\n"
+        "for args in (['--help'], ['generate', '--help']):\n"
+        "    assert CliRunner().invoke(main, args).exit_code == 0\n"
+        "print(sorted(m for m in ('mlx', 'mlx.core', 'mimo_mlx.model') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_no_think_help_names_the_model_versions():
+    text = " ".join(CliRunner().invoke(main, ["generate", "--help"]).output.split())
+    assert "2508 models" in text and "original RL and SFT" in text

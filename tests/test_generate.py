@@ -17,7 +17,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 import mimo_mlx
 from mimo_mlx import MimoError
-from mimo_mlx.generate import generate, stream_generate
+from mimo_mlx.generation import generate, stream_generate
 
 NEW_TOKENS = 24
 MAX_PIXELS = 28 * 28 * 64

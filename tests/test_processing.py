@@ -369,3 +369,87 @@ def test_video_errors(tmp_path):
         load_video(tmp_path / "fake.avi")
     with pytest.raises(MimoError, match="uint8"):
         preprocess_video(np.zeros((2, 56, 56, 3), dtype=np.float32), 2.0)
+
+
+# --- what a user can get wrong (issue 8) ---------------------------------------------------------
+
+
+def test_a_folder_given_as_an_image_says_it_is_a_folder(tmp_path):
+    with pytest.raises(MimoError, match="is a folder, not an image"):
+        load_image(tmp_path)
+
+
+def test_a_string_is_one_image_not_letters(tmp_path, model_dir):
+    from mimo_mlx.processor import _as_list
+
+    path = tmp_path / "photo.png"
+    random_image(60, 80).save(path)
+    assert _as_list(str(path), "images") == [str(path)]
+    assert _as_list(path, "images") == [path]
+    with pytest.raises(MimoError, match="images must be a path"):
+        _as_list(5, "images")
+
+
+def test_images_beyond_pils_bomb_limit_load_without_a_warning(tmp_path, monkeypatch):
+    """PIL refuses images above 2 x MAX_IMAGE_PIXELS (179 MP) and warns above it, but phone cameras
+    reach 200 MP: with PIL's limit lowered to stand for that, a 60x60 image plays the 200 MP photo.
+    """
+    import warnings
+
+    path = tmp_path / "big.png"
+    random_image(60, 60).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL alone: DecompressionBombError
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        assert load_image(path).size == (60, 60)
+    assert Image.MAX_IMAGE_PIXELS == 100  # put back as it was
+
+
+def test_images_beyond_our_limit_are_refused_with_our_message(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    random_image(60, 60).save(path)
+    monkeypatch.setattr("mimo_mlx.processing.MAX_IMAGE_PIXELS", 3000)
+    with pytest.raises(MimoError, match="60x60 pixels .* above the 0 MP mimo-mlx decodes"):
+        load_image(path)
+
+
+def test_a_one_frame_video_is_padded_like_an_image(tmp_path, reference):
+    """transformers pads a clip to the temporal patch size by repeating the last frame, exactly as
+    its image processor turns one image into two equal frames."""
+    frame = random_image(96, 130, seed=3)
+    frame.save(tmp_path / "only.png")
+    frames, fps = load_video(tmp_path, fps=2.0)
+    pv, grid, _ = preprocess_video(frames, fps)
+    ref = reference([frame], DEFAULT_VIDEO_MIN_PIXELS, DEFAULT_VIDEO_MAX_PIXELS)
+    assert_matches((pv, grid), ref)
+
+
+def test_max_frames_one_keeps_one_frame(video_file):
+    pytest.importorskip("cv2")
+    frames, _ = load_video(video_file, fps=2.0, max_frames=1)
+    pv, grid, _ = preprocess_video(frames, 2.0)
+    assert frames.shape[0] == 1 and grid[0, 0] == 1
+
+
+def test_an_image_given_as_a_video_points_to_images(tmp_path):
+    path = tmp_path / "photo.jpg"
+    random_image(60, 80).save(path)
+    with pytest.raises(MimoError, match="is an image, not a video: pass it with --image"):
+        load_video(path)
+
+
+def test_decoder_noise_stays_off_the_terminal(tmp_path, video_file):
+    """A truncated MP4 makes ffmpeg print 'moov atom not found' on stderr; only our line remains."""
+    pytest.importorskip("cv2")
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 4000)
+    code = (
+        "import sys\n"
+        "from mimo_mlx.video import load_video\n"
+        "from mimo_mlx.errors import MimoError\n"
+        "try:\n    load_video(sys.argv[1])\n"
+        "except MimoError as err:\n    print(err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(broken)], capture_output=True, text=True)
+    assert done.returncode == 0 and "broken.mp4" in done.stdout
+    assert done.stderr == "", done.stderr

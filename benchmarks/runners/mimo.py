@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mimo_mlx.generate import generate_step
+from mimo_mlx.generation import generate_step
 from mimo_mlx.loading import load_model
 from mimo_mlx.model import Model
 from mimo_mlx.sampling import make_sampler
