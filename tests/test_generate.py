@@ -156,6 +156,54 @@ def test_greedy_matches_transformers_with_a_video(ours, reference, tmp_path):
     assert_same_tokens(result.tokens, hf_generate(hf_model, hf_inputs))
 
 
+def test_greedy_matches_transformers_with_an_image_and_two_videos(
+    ours, reference, images, tmp_path
+):
+    """An image, a 6-frame clip and a one-frame clip (padded to one temporal patch) in one prompt,
+    in the order given: ids from transformers' template and processor rules, the image's pixels
+    from its image processor, and greedy tokens from its model."""
+    model, processor = ours
+    hf_model, hf_processor = reference
+    rng = np.random.default_rng(2)
+    clips = []
+    for name, count, size in (("clip", 6, (56, 84)), ("still", 1, (84, 56))):
+        clips.append(tmp_path / name)
+        clips[-1].mkdir()
+        for i in range(count):
+            frame = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+            Image.fromarray(frame).save(clips[-1] / f"{i}.png")
+    prompt = "Which clip shows the picture?"
+    limits = dict(video_min_pixels=28 * 28 * 4, video_max_pixels=28 * 28 * 16)
+    # At 4 fps a temporal patch is 0.5 s, one position at 2 tokens/s: the clip's temporal extent
+    # stays within its grid. (Beyond it, transformers 5 continues text at start + max(h, w) where
+    # the original rule, ours, continues at the largest position + 1: see test_mrope.)
+    inputs = processor.prepare(prompt, images[:1], clips, max_pixels=MAX_PIXELS, fps=4.0, **limits)
+    assert inputs.video_grid_thw.tolist() == [[3, 4, 6], [1, 6, 4]]
+    assert inputs.second_per_grid_ts == [0.5, 0.5]
+    text = hf_processor.apply_chat_template(
+        hf_messages(prompt, images=1, videos=2), add_generation_prompt=True, tokenize=False
+    )
+    image = hf_processor.image_processor(images=[Image.open(images[0])], return_tensors="np")
+    t, h, w = image["image_grid_thw"][0]
+    counts = [t * h * w // 4, 3 * 4 * 6 // 4, 1 * 6 * 4 // 4]  # the image's, then each video's
+    parts = text.replace("<|video_pad|>", "<|image_pad|>").split("<|image_pad|>")
+    pads = ["<|image_pad|>" * counts[0], *("<|video_pad|>" * c for c in counts[1:])]
+    expanded = parts[0] + "".join(p + rest for p, rest in zip(pads, parts[1:], strict=True))
+    hf_ids = hf_processor.tokenizer(expanded, return_tensors="pt")["input_ids"]
+    np.testing.assert_array_equal(inputs.input_ids, hf_ids.numpy())
+    np.testing.assert_array_equal(inputs.pixel_values, image["pixel_values"])
+    hf_inputs = dict(
+        input_ids=hf_ids,
+        pixel_values=torch.tensor(image["pixel_values"]),
+        image_grid_thw=torch.tensor(image["image_grid_thw"]),
+        pixel_values_videos=torch.tensor(inputs.pixel_values_videos),
+        video_grid_thw=torch.tensor(inputs.video_grid_thw),
+        second_per_grid_ts=torch.tensor(inputs.second_per_grid_ts),
+    )
+    result = generate(model, processor, prompt, inputs=inputs, max_tokens=NEW_TOKENS)
+    assert_same_tokens(result.tokens, hf_generate(hf_model, hf_inputs))
+
+
 def test_stops_at_an_end_token(ours, reference):
     """Decode until <|im_end|>: the stream ends with finish_reason 'stop' exactly where transformers
     stops."""
