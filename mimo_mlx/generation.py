@@ -56,7 +56,9 @@ def generate_step(
 
         def step(**inputs) -> tuple[mx.array, mx.array]:
             with mx.stream(stream or mx.default_stream(mx.default_device())):
-                logits = model(**inputs, cache=cache)[:, -1, :]
+                # float32 from here on, as transformers' generate does: processors, log-probs
+                # and sampling see full-precision scores whatever the model computes in.
+                logits = model(**inputs, cache=cache)[:, -1, :].astype(mx.float32)
                 for processor in processors:
                     logits = processor(history, logits)
                 logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
