@@ -9,7 +9,9 @@ MiMo-VL follows Qwen2.5-VL: after its reasoning it answers a grounding request w
 or, as a GUI agent, ``{"action": "drag", "start_point": [x, y], "end_point": [x, y]}``, always in
 absolute pixels of the image *as the processor resized it* (Qwen2-VL's 0-1000 grid is gone).
 ``parse_grounding`` reads those, plus Qwen's ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` text, and
-never raises. No mlx here: this module runs anywhere.
+never raises; ``geometry_of`` recomputes the resize that preprocessing applied, and
+``to_original`` scales the coordinates back onto the upright original image, as Xiaomi's grounding
+example does (``x * width / resized_width``). No mlx here: this module runs anywhere.
 """
 
 from __future__ import annotations
@@ -19,8 +21,23 @@ import bisect
 import json
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
+
+from PIL import Image
+
+from .errors import MimoError
+from .processing import (
+    DEFAULT_CONFIG,
+    DEFAULT_MAX_PIXELS,
+    ImageProcessorConfig,
+    check_image_size,
+    load_image,
+    pixel_range,
+    smart_resize,
+)
 
 # ---------------------------------------------------------------- results
 
@@ -73,16 +90,62 @@ class Action:
 
 
 @dataclass(frozen=True)
-class ParseResult:
-    """What a grounding answer held, in the order it was written, in the model's pixels.
+class ImageGeometry:
+    """One image's (width, height) as the user sees it (upright) and as the processor resized it."""
 
-    ``skipped`` says, one line each, what could not be read.
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        for name in ("original_size", "resized_size"):
+            size = getattr(self, name)
+            if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+                raise ValueError(f"{name} must be (width, height) in positive pixels, got {size}")
+
+    @classmethod
+    def from_grid(
+        cls, original_size: tuple[int, int], grid_thw: Any, patch_size: int = 14
+    ) -> ImageGeometry:
+        """The geometry preprocessing reported: its (t, h, w) patch grid times the patch size."""
+        _, grid_h, grid_w = (int(v) for v in grid_thw)
+        width, height = (int(v) for v in original_size)
+        return cls((width, height), (grid_w * patch_size, grid_h * patch_size))
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Original pixels per resized pixel along x and y."""
+        (width, height), (resized_w, resized_h) = self.original_size, self.resized_size
+        return width / resized_w, height / resized_h
+
+    def to_original(self, x: float, y: float) -> tuple[float, float]:
+        """Resized-image pixels -> original-image pixels, clipped to [0, width] x [0, height]."""
+        (width, height), (resized_w, resized_h) = self.original_size, self.resized_size
+        return _clip(x * width / resized_w, width), _clip(y * height / resized_h, height)
+
+    def to_resized(self, x: float, y: float) -> tuple[float, float]:
+        """Original-image pixels -> resized-image pixels (the model's), clipped to that image."""
+        (width, height), (resized_w, resized_h) = self.original_size, self.resized_size
+        return _clip(x * resized_w / width, resized_w), _clip(y * resized_h / height, resized_h)
+
+
+@dataclass(frozen=True)
+class ParseResult:
+    """What a grounding answer held, in the order it was written.
+
+    ``geometry`` is None while coordinates are the model's (resized-image pixels); ``to_original``
+    sets it to the image the coordinates now refer to. ``skipped`` says, one line each, what could
+    not be read.
     """
 
     boxes: tuple[Box, ...] = ()
     points: tuple[Point, ...] = ()
     actions: tuple[Action, ...] = ()
     skipped: tuple[str, ...] = ()
+    geometry: ImageGeometry | None = None
+
+
+def _clip(value: float, limit: int) -> float:
+    return min(max(value, 0.0), float(limit))
 
 
 # ---------------------------------------------------------------- parsing
@@ -354,3 +417,59 @@ class _Reader:
         closed = sum(1 for m in _TAGGED.finditer(self.text) if m.group(1) != "object_ref")
         if opened > closed:
             self.notes.append((len(self.text), f"{opened - closed} unfinished <|box_start|> text"))
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def geometry_of(
+    image: str | Path | Image.Image,
+    min_pixels: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    config: ImageProcessorConfig = DEFAULT_CONFIG,
+) -> ImageGeometry:
+    """The sizes ``preprocess_images`` gives this image with the same pixel limits and config.
+
+    A path is opened as ``load_image`` does (EXIF orientation applied); a PIL image is taken as it
+    is, as ``preprocess_images`` takes it. None limits mean the config's (checkpoint's) values.
+    """
+    lo, hi = pixel_range(config, min_pixels, max_pixels)
+    if isinstance(image, str | Path):
+        image = load_image(image)
+    elif not isinstance(image, Image.Image):
+        raise MimoError(f"expected a PIL image or an image path, got {type(image).__name__}")
+    check_image_size(image.width, image.height, config.factor)
+    height, width = smart_resize(image.height, image.width, config.factor, lo, hi)
+    return ImageGeometry((image.width, image.height), (width, height))
+
+
+def to_original(result: ParseResult, geometry: ImageGeometry) -> ParseResult:
+    """The model's coordinates (resized-image pixels) mapped onto the original image, clipped to it."""
+    if result.geometry is not None:
+        raise ValueError("these coordinates are already in original-image pixels")
+    return replace(_mapped(result, geometry.to_original), geometry=geometry)
+
+
+def to_resized(result: ParseResult) -> ParseResult:
+    """The inverse of ``to_original``: original-image pixels back to the model's."""
+    if result.geometry is None:
+        raise ValueError("these coordinates are already in resized-image pixels")
+    return replace(_mapped(result, result.geometry.to_resized), geometry=None)
+
+
+def _mapped(
+    result: ParseResult, move: Callable[[float, float], tuple[float, float]]
+) -> ParseResult:
+    def point(p: Point | None) -> Point | None:
+        return None if p is None else Point(*move(p.x, p.y), p.label)
+
+    def box(b: Box) -> Box:
+        (x1, y1), (x2, y2) = move(b.x1, b.y1), move(b.x2, b.y2)
+        return Box(x1, y1, x2, y2, b.label)
+
+    return replace(
+        result,
+        boxes=tuple(box(b) for b in result.boxes),
+        points=tuple(point(p) for p in result.points),
+        actions=tuple(replace(a, start=point(a.start), end=point(a.end)) for a in result.actions),
+    )

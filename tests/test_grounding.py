@@ -1,4 +1,4 @@
-"""Grounding answers: parsing every format MiMo-VL writes, never raising on what it cannot read."""
+"""Grounding answers: parsing every format MiMo-VL writes, and mapping back to the user's image."""
 
 from __future__ import annotations
 
@@ -10,13 +10,27 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+from mimo_mlx.errors import MimoError
 from mimo_mlx.grounding import (
     Action,
     Box,
+    ImageGeometry,
     ParseResult,
     Point,
+    geometry_of,
     parse_grounding,
+    to_original,
+    to_resized,
+)
+from mimo_mlx.processing import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    ImageProcessorConfig,
+    load_image,
+    preprocess_images,
+    smart_resize,
 )
 
 # MiMo-VL-7B-RL's answer in Xiaomi's grounding example (examples/grounding.ipynb), abridged.
@@ -48,6 +62,7 @@ def test_xiaomi_example_answer():
         (289, 102, 345, 164, "Poodle"),
     ]
     assert result.points == () and result.actions == () and result.skipped == ()
+    assert result.geometry is None
 
 
 @pytest.mark.parametrize(
@@ -328,3 +343,132 @@ print(",".join(loaded))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def test_mapping_scales_each_axis_and_clips():
+    geometry = ImageGeometry(original_size=(1000, 500), resized_size=(504, 252))
+    assert geometry.scale == (1000 / 504, 500 / 252)
+    assert geometry.to_original(252, 126) == (500, 250)
+    assert geometry.to_original(-5, 300) == (0, 500)  # outside the image: clipped to it
+    mapped = to_original(ParseResult(boxes=(Box(-10, 0, 600, 126, "x"),)), geometry)
+    assert mapped.boxes == (Box(0, 0, 1000, 250, "x"),) and mapped.geometry == geometry
+
+
+def test_pixels_not_the_qwen2_grid():
+    # Qwen2-VL's 0-1000 grid would put this box at the image's far corner; MiMo's pixels do not.
+    geometry = ImageGeometry(original_size=(2000, 1000), resized_size=(1008, 504))
+    (box,) = to_original(parse_grounding('{"bbox_2d": [0, 0, 504, 252]}'), geometry).boxes
+    assert (box.x2, box.y2) == (1000, 500)
+
+
+def test_mapping_twice_is_refused():
+    geometry = ImageGeometry((100, 100), (112, 112))
+    mapped = to_original(ParseResult(), geometry)
+    with pytest.raises(ValueError):
+        to_original(mapped, geometry)
+    with pytest.raises(ValueError):
+        to_resized(ParseResult())
+
+
+@pytest.mark.parametrize("bad", [(0, 10), (10,), (10.5, 10), (-1, 5)])
+def test_geometry_rejects_impossible_sizes(bad):
+    with pytest.raises(ValueError):
+        ImageGeometry(bad, (28, 28))
+
+
+def random_geometries(count: int, seed: int):
+    rng = random.Random(seed)
+    limits = [
+        (None, DEFAULT_MAX_PIXELS),
+        (DEFAULT_MIN_PIXELS, 256 * 28 * 28),
+        (128 * 28 * 28, None),
+    ]
+    config = ImageProcessorConfig()
+    for _ in range(count):
+        width = rng.randint(28, 5000)
+        height = min(max(28, round(width / rng.uniform(0.1, 10))), 200 * width, 20000)
+        lo, hi = rng.choice(limits)
+        lo, hi = lo or config.min_pixels, hi or config.max_pixels
+        resized_h, resized_w = smart_resize(height, width, 28, lo, hi)
+        yield ImageGeometry((width, height), (resized_w, resized_h))
+
+
+def test_points_round_trip_exactly():
+    rng = random.Random(3)
+    for geometry in random_geometries(300, seed=1):
+        width, height = geometry.original_size
+        for _ in range(5):
+            x, y = rng.uniform(0, width), rng.uniform(0, height)
+            back = geometry.to_original(*geometry.to_resized(x, y))
+            assert back == pytest.approx((x, y), rel=1e-12, abs=1e-9)
+
+
+def test_boxes_round_trip_within_one_resized_pixel():
+    rng = random.Random(4)
+    for geometry in random_geometries(300, seed=2):
+        width, height = geometry.original_size
+        x1, x2 = sorted(rng.randint(0, width) for _ in range(2))
+        y1, y2 = sorted(rng.randint(0, height) for _ in range(2))
+        original = ParseResult(boxes=(Box(x1, y1, x2, y2, "b"),), geometry=geometry)
+        model = to_resized(original).boxes[0]  # what the model would see ...
+        written = [round(v) for v in (model.x1, model.y1, model.x2, model.y2)]
+        answer = json.dumps({"bbox_2d": written})  # ... and would write, in whole pixels
+        back = to_original(parse_grounding(answer), geometry).boxes[0]
+        scale_x, scale_y = geometry.scale
+        got, want = (back.x1, back.y1, back.x2, back.y2), (x1, y1, x2, y2)
+        for g, w, scale in zip(got, want, (scale_x, scale_y) * 2, strict=True):
+            assert abs(g - w) <= scale / 2 + 1e-9
+
+
+@pytest.mark.parametrize(
+    "size, min_pixels, max_pixels",
+    [
+        ((640, 480), None, DEFAULT_MAX_PIXELS),
+        ((28, 700), None, DEFAULT_MAX_PIXELS),
+        ((60, 40), None, DEFAULT_MAX_PIXELS),
+        ((1000, 600), None, 64 * 28 * 28),
+        ((300, 200), 512 * 28 * 28, DEFAULT_MAX_PIXELS),
+        ((777, 333), None, None),
+    ],
+)
+def test_geometry_matches_what_preprocessing_does(tmp_path, size, min_pixels, max_pixels):
+    path = tmp_path / "image.png"
+    Image.new("RGB", size, (10, 20, 30)).save(path)
+    geometry = geometry_of(path, min_pixels, max_pixels)
+    _, grid = preprocess_images([path], min_pixels=min_pixels, max_pixels=max_pixels)
+    assert geometry == ImageGeometry.from_grid(size, grid[0])
+    assert geometry_of(Image.open(path), min_pixels, max_pixels) == geometry
+
+
+def test_geometry_uses_the_models_preprocessor_config():
+    config = ImageProcessorConfig(min_pixels=56 * 56, max_pixels=100 * 28 * 28)
+    geometry = geometry_of(Image.new("RGB", (2000, 1000)), max_pixels=None, config=config)
+    assert geometry.resized_size[0] * geometry.resized_size[1] <= 100 * 28 * 28
+
+
+def test_geometry_errors_are_user_errors(tmp_path):
+    with pytest.raises(MimoError, match="not found"):
+        geometry_of(tmp_path / "missing.png")
+    with pytest.raises(MimoError, match="at least 28"):
+        geometry_of(Image.new("RGB", (20, 100)))
+    with pytest.raises(MimoError):
+        geometry_of(42)  # type: ignore[arg-type]
+
+
+UPRIGHT_SWAPS = {1: False, 2: False, 3: False, 4: False, 5: True, 6: True, 7: True, 8: True}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_geometry_of_a_rotated_photo_is_its_upright_size(tmp_path, orientation):
+    path = tmp_path / f"photo{orientation}.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.new("RGB", (120, 80), (200, 100, 50)).save(path, exif=exif)
+    geometry = geometry_of(path)
+    expected = (80, 120) if UPRIGHT_SWAPS[orientation] else (120, 80)
+    assert geometry.original_size == expected == load_image(path).size
+    resized_h, resized_w = smart_resize(expected[1], expected[0], 28, DEFAULT_MIN_PIXELS)
+    assert geometry.resized_size == (resized_w, resized_h)
