@@ -473,3 +473,76 @@ def _mapped(
         points=tuple(point(p) for p in result.points),
         actions=tuple(replace(a, start=point(a.start), end=point(a.end)) for a in result.actions),
     )
+
+
+# ---------------------------------------------------------------- prompt
+
+_REGION_PROMPT = (
+    'Based on the description: "{query}", locate all regions matching the description. '
+    'Output a JSON in the format [{{"bbox_2d": [...], "label": "{{the_whole_description}}"}}, ...].'
+)
+_GUI_PROMPT = (
+    'Locate UI components that match the command: "{query}". '
+    'Output a JSON in the format [{{"bbox_2d": [...], "label": "{{the_whole_command}}"}}, ...].'
+)
+
+
+def grounding_prompt(query: str, gui: bool = False) -> str:
+    """A grounding request in the wording Xiaomi evaluates MiMo-VL with.
+
+    From XiaomiMiMo/lmms-eval: ``PROMPT_MIMO`` of tasks/refcoco/utils_rec.py (regions matching a
+    description) and, with ``gui=True``, of tasks/screenspot_v2 and osworld_g (UI components
+    matching a command). Both ask for ``[{"bbox_2d": [...], "label": ...}]`` JSON.
+    """
+    query = " ".join(str(query).split())
+    if not query:
+        raise MimoError("a grounding prompt needs something to look for, e.g. 'the red car'")
+    return (_GUI_PROMPT if gui else _REGION_PROMPT).format(query=query)
+
+
+# ---------------------------------------------------------------- report
+
+
+def to_json(result: ParseResult, indent: int | None = 2) -> str:
+    """A JSON report: boxes, points and actions with labels, and what was skipped.
+
+    Mapped results (``to_original``) report whole original-image pixels and both image sizes;
+    unmapped ones report the model's own numbers.
+    """
+    geometry = result.geometry
+
+    def xy(*values: float) -> list[float]:
+        return [_rounded(v, whole=geometry is not None) for v in values]
+
+    def action(a: Action) -> dict[str, Any]:
+        entry: dict[str, Any] = {"action": a.name}
+        if a.start is not None:
+            entry["start_point"] = xy(a.start.x, a.start.y)
+        if a.end is not None:
+            entry["end_point"] = xy(a.end.x, a.end.y)
+        return {**entry, **{k: v for k, v in a.arguments if k not in entry}}
+
+    report = {
+        "coordinates": "original image pixels" if geometry else "resized image pixels",
+        "image": None,
+        "boxes": [{"label": b.label, "bbox": xy(b.x1, b.y1, b.x2, b.y2)} for b in result.boxes],
+        "points": [{"label": p.label, "point": xy(p.x, p.y)} for p in result.points],
+        "actions": [action(a) for a in result.actions],
+        "skipped": list(result.skipped),
+    }
+    if geometry is not None:
+        (width, height), (resized_w, resized_h) = geometry.original_size, geometry.resized_size
+        report["image"] = {
+            "width": width,
+            "height": height,
+            "resized_width": resized_w,
+            "resized_height": resized_h,
+        }
+    return json.dumps(report, ensure_ascii=False, indent=indent)
+
+
+def _rounded(value: float, whole: bool) -> float | int:
+    # Whole pixels on the user's image: the model's own precision is one resized pixel.
+    if whole:
+        return math.floor(value + 0.5)
+    return int(value) if float(value).is_integer() else round(value, 2)

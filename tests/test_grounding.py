@@ -20,7 +20,9 @@ from mimo_mlx.grounding import (
     ParseResult,
     Point,
     geometry_of,
+    grounding_prompt,
     parse_grounding,
+    to_json,
     to_original,
     to_resized,
 )
@@ -472,3 +474,52 @@ def test_geometry_of_a_rotated_photo_is_its_upright_size(tmp_path, orientation):
     assert geometry.original_size == expected == load_image(path).size
     resized_h, resized_w = smart_resize(expected[1], expected[0], 28, DEFAULT_MIN_PIXELS)
     assert geometry.resized_size == (resized_w, resized_h)
+
+
+# ---------------------------------------------------------------- prompt and report
+
+
+def test_prompt_follows_xiaomi_evaluation_wording():
+    prompt = grounding_prompt("  the  red car ")
+    assert prompt == (
+        'Based on the description: "the red car", locate all regions matching the description. '
+        'Output a JSON in the format [{"bbox_2d": [...], "label": "{the_whole_description}"}, ...].'
+    )
+    gui = grounding_prompt("open {settings}", gui=True)
+    assert gui.startswith('Locate UI components that match the command: "open {settings}".')
+    assert '"bbox_2d"' in gui
+
+
+def test_prompt_needs_a_query():
+    with pytest.raises(MimoError, match="something to look for"):
+        grounding_prompt(" \n")
+
+
+def test_json_report_in_original_pixels():
+    geometry = ImageGeometry(original_size=(1000, 500), resized_size=(504, 252))
+    answer = (
+        '[{"bbox_2d": [252, 126, 504, 252], "label": "猫"}, {"point_2d": [100.4, 50], "label": "p"},'
+        ' {"action": "drag", "start_point": [0, 0], "end_point": [504, 300], "text": "x"}]'
+    )
+    report = json.loads(to_json(to_original(parse_grounding(answer), geometry)))
+    assert report["coordinates"] == "original image pixels"
+    assert report["image"] == {
+        "width": 1000,
+        "height": 500,
+        "resized_width": 504,
+        "resized_height": 252,
+    }
+    assert report["boxes"] == [{"label": "猫", "bbox": [500, 250, 1000, 500]}]
+    assert report["points"] == [{"label": "p", "point": [199, 99]}]
+    assert report["actions"] == [
+        {"action": "drag", "start_point": [0, 0], "end_point": [1000, 500], "text": "x"}
+    ]
+    assert report["skipped"] == []
+    assert "猫" in to_json(to_original(parse_grounding(answer), geometry))  # not \\u-escaped
+
+
+def test_json_report_of_model_coordinates():
+    report = json.loads(to_json(parse_grounding('{"bbox_2d": [1, 2.5, 3, 4]} {"point_2d": [1]}')))
+    assert report["coordinates"] == "resized image pixels" and report["image"] is None
+    assert report["boxes"] == [{"label": "", "bbox": [1, 2.5, 3, 4]}]
+    assert len(report["skipped"]) == 1
