@@ -338,7 +338,7 @@ import sys, types
 package = types.ModuleType("mimo_mlx")
 package.__path__ = [{str(package)!r}]
 sys.modules["mimo_mlx"] = package
-import mimo_mlx.grounding
+import mimo_mlx.grounding, mimo_mlx.annotate
 loaded = sorted(m for m in sys.modules if m == "mlx" or m.startswith("mlx."))
 print(",".join(loaded))
 """
