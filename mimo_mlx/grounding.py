@@ -150,7 +150,6 @@ def _clip(value: float, limit: int) -> float:
 
 # ---------------------------------------------------------------- parsing
 
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _TAGGED = re.compile(r"<\|(object_ref|box|point)_start\|>(.{0,400}?)<\|\1_end\|>", re.DOTALL)
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _TRAILING_COMMA = re.compile(r",\s*([\]}])")
@@ -180,13 +179,21 @@ def parse_grounding(answer: str) -> ParseResult:
 
 
 def _drop_reasoning(text: str) -> tuple[str, list[str]]:
-    text = _THINK_BLOCK.sub("\n", text)
-    notes = []
+    kept, notes, position = [], [], 0
+    while (start := text.find("<think>", position)) >= 0:  # a scan, not a regex: stays linear
+        kept.append(text[position:start])
+        end = text.find("</think>", start)
+        if end < 0:  # reasoning that never closed: generation stopped inside it
+            notes.append(
+                "the answer ends inside an unfinished <think> block; that text was ignored"
+            )
+            position = len(text)
+            break
+        kept.append("\n")
+        position = end + len("</think>")
+    text = "".join(kept) + text[position:]
     if "</think>" in text:  # the prompt opened <think>: everything before the close is reasoning
         text = text[text.rindex("</think>") + len("</think>") :]
-    if "<think>" in text:  # reasoning that never closed: generation stopped inside it
-        text = text[: text.index("<think>")]
-        notes.append("the answer ends inside an unfinished <think> block; that text was ignored")
     return text, notes
 
 
