@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -148,6 +148,7 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _draw(picture: Image.Image, boxes: list[Box], points: list[Point], actions: list[Action]):
+    boxes, points, actions = _near_the_image(picture.size, boxes, points, actions)
     style = Style.for_size(*picture.size)
     draw = ImageDraw.Draw(picture)
     colours = colours_for(
@@ -174,6 +175,32 @@ def _draw(picture: Image.Image, boxes: list[Box], points: list[Point], actions: 
     for text, where, colour in labels:
         if text:
             taken.append(_label(draw, picture.size, text, where, colour, font, style, taken))
+
+
+def _near_the_image(size, boxes: list[Box], points: list[Point], actions: list[Action]):
+    """Coordinates clamped to a band around the image: far-off ones (an answer that was never
+    mapped, say) would overflow Pillow's integer drawing. What lies inside the image is unchanged.
+    """
+    width, height = size
+
+    def near(value: float, limit: int) -> float:
+        return -limit if math.isnan(value) else min(max(value, -limit), 2 * limit)
+
+    def point(p: Point | None) -> Point | None:
+        return None if p is None else replace(p, x=near(p.x, width), y=near(p.y, height))
+
+    boxes = [
+        replace(
+            b,
+            x1=near(b.x1, width),
+            y1=near(b.y1, height),
+            x2=near(b.x2, width),
+            y2=near(b.y2, height),
+        )
+        for b in boxes
+    ]
+    actions = [replace(a, start=point(a.start), end=point(a.end)) for a in actions]
+    return boxes, [point(p) for p in points], actions
 
 
 def _rectangle(draw: ImageDraw.ImageDraw, box: Box, colour: RGB, line: int) -> None:

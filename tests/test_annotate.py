@@ -93,6 +93,15 @@ def test_drag_arrow_runs_from_start_to_end(tmp_path):
     assert colour_at(pixels, 3100, 1500) == GREY and colour_at(pixels, 1800, 1600) == GREY
 
 
+def test_far_off_coordinates_draw_what_is_visible(tmp_path):
+    # Unmapped or hand-made coordinates may lie far outside; Pillow must not see them as they are.
+    far = [Box(-1e12, 20, 1e12, 60), Box(float("nan"), 1, float("inf"), 2)]
+    drag = Action("drag", Point(-1e20, 70), Point(1e20, 70))
+    pixels = drawn(tmp_path, (100, 80), boxes=far, points=[Point(1e15, -1e15)], actions=[drag])
+    assert share(pixels, 0, 20, 100, 21, PALETTE[0]) == 1.0  # the top edge, across the image
+    assert share(pixels, 0, 70, 100, 71, PALETTE[1]) == 1.0  # the shaft, in the colour of "drag"
+
+
 def test_actions_without_a_point_draw_nothing(tmp_path):
     pixels = drawn(
         tmp_path, (200, 100), actions=[Action("press", arguments=(("keys", ["enter"]),))]
