@@ -1,6 +1,6 @@
 """Draw grounding results on a copy of the user's image: boxes, point markers, drag arrows, labels.
 
-Coordinates are original-image pixels (``grounding.to_original``). Line widths, markers and the font
+Coordinates are original-image pixels (``grounding_report.to_original``). Line widths, markers and the font
 scale with the image, so the drawing reads the same on a 60 x 40 icon and a 4000 x 3000 photo.
 Colours come from a fixed palette, one per label in order of first appearance.
 """
@@ -74,12 +74,7 @@ def annotate(
     image is never overwritten.
     """
     out = Path(out_path)
-    image_format = _output_format(out)
-    source = Path(image) if isinstance(image, str | Path) else _pil_source(image)
-    if source is not None and _same_file(source, out):
-        raise MimoError(
-            f"refusing to overwrite the input image {source}; choose another output path"
-        )
+    image_format = check_destination(image, out)
     if isinstance(image, Image.Image):
         picture = to_rgb(image)  # a new image: the caller's stays untouched
     elif isinstance(image, str | Path):
@@ -89,6 +84,21 @@ def annotate(
     _draw(picture, list(boxes), list(points), list(actions))
     _save(picture, out, image_format)
     return out
+
+
+def check_destination(image: str | Path | Image.Image, out_path: str | Path) -> str:
+    """The image format `out_path` asks for; MimoError if it cannot be written or would replace
+    the input. Cheap, so a command can check before it spends minutes generating."""
+    out = Path(out_path)
+    image_format = _output_format(out)
+    source = Path(image) if isinstance(image, str | Path) else _pil_source(image)
+    if source is not None and _same_file(source, out):
+        raise MimoError(
+            f"refusing to overwrite the input image {source}; choose another output path"
+        )
+    if not out.parent.is_dir():
+        raise MimoError(f"cannot write {out}: the folder {out.parent} does not exist")
+    return image_format
 
 
 def colours_for(labels: Sequence[str]) -> dict[str, RGB]:

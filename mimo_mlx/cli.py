@@ -121,7 +121,26 @@ def declared_options(*declarations: type) -> Callable:
     help="A video file (needs PyAV or OpenCV) or a folder of frames. Repeat for several; videos go "
     "after the images, in order.",
 )
-@click.option("--prompt", "-p", required=True, help="The question or instruction. '-' reads stdin.")
+@click.option("--prompt", "-p", help="The question or instruction. '-' reads stdin.")
+@click.option(
+    "--ground",
+    metavar="WHAT",
+    help="Ask the model to locate WHAT in the image (MiMo-VL's grounding prompt, in place of "
+    "--prompt), then print the boxes it found as JSON in pixels of your image.",
+)
+@click.option(
+    "--gui",
+    is_flag=True,
+    help="With --ground: MiMo-VL's GUI wording ('locate UI components that match the command'), "
+    "for screenshots.",
+)
+@click.option(
+    "--annotate",
+    "annotate_path",
+    metavar="OUT",
+    help="Write a copy of the image with the answer's boxes, points and GUI actions drawn on it "
+    "(.png, .jpg or .webp), with or without --ground. Needs exactly one image.",
+)
 @click.option("--hide-thinking", is_flag=True, help="Print only the answer, not the reasoning.")
 @click.option(
     "--max-tokens",
@@ -132,7 +151,18 @@ def declared_options(*declarations: type) -> Callable:
     help="Most tokens to generate, reasoning included (fewer if the model's context fills up).",
 )
 @declared_options(PromptOptions, SamplingOptions)
-def generate(model_path, images, videos, prompt, hide_thinking, max_tokens, **options):
+def generate(
+    model_path,
+    images,
+    videos,
+    prompt,
+    ground,
+    gui,
+    annotate_path,
+    hide_thinking,
+    max_tokens,
+    **options,
+):
     """Answer a prompt about images or videos, streaming the answer to stdout.
 
     \b
@@ -146,8 +176,9 @@ def generate(model_path, images, videos, prompt, hide_thinking, max_tokens, **op
     from .generation import max_new_tokens, stream_generate  # noqa: PLC0415
     from .options import pop_prompt_options  # noqa: PLC0415
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = _prompt_text(prompt, ground, gui)
+    if ground is not None or annotate_path is not None:
+        _check_grounding(images, videos, annotate_path)
     model, processor = _load(model_path)
     options = sampling_defaults(processor.tokenizer.generation_config, options)
     inputs = processor.prepare(prompt, images, videos, **pop_prompt_options(options))
@@ -160,15 +191,64 @@ def generate(model_path, images, videos, prompt, hide_thinking, max_tokens, **op
             err=True,
         )
     printer = StreamPrinter(hide_thinking, inputs.opens_thinking)
-    last = None
+    last, pieces = None, []
     for response in stream_generate(
         model, processor, prompt, inputs=inputs, max_tokens=max_tokens, **options
     ):
         printer.write(response.text)
+        pieces.append(response.text)
         last = response
     printer.close()
     reason = stop_reason(last.finish_reason, max_tokens, budget < max_tokens, context)
     click.echo(stats_line(last, reason), err=True)
+    if ground is not None or annotate_path is not None:
+        _report_grounding("".join(pieces), inputs, images[0], annotate_path)
+
+
+def _prompt_text(prompt: str | None, ground: str | None, gui: bool) -> str:
+    """The prompt: --prompt (stdin for '-'), or MiMo-VL's grounding request for --ground."""
+    if ground is not None:
+        if prompt is not None:
+            raise click.UsageError("--ground writes the prompt itself; give --prompt or --ground")
+        from .grounding_report import grounding_prompt  # noqa: PLC0415
+
+        return grounding_prompt(ground, gui=gui)
+    if gui:
+        raise click.UsageError("--gui goes with --ground")
+    if prompt is None:
+        raise click.UsageError("give a --prompt (or --ground WHAT to locate something)")
+    return sys.stdin.read() if prompt == "-" else prompt
+
+
+def _check_grounding(images, videos, annotate_path) -> None:
+    """Before any work: one image and no video, and somewhere the drawing can go."""
+    if len(images) != 1 or videos:
+        raise MimoError(
+            f"--ground and --annotate need exactly one --image and no --video (got {len(images)} "
+            f"image(s), {len(videos)} video(s)): an answer's coordinates do not say which image "
+            "they are on"
+        )
+    if annotate_path is not None:
+        from .annotate import check_destination  # noqa: PLC0415
+
+        check_destination(images[0], annotate_path)
+
+
+def _report_grounding(text: str, inputs, image: str, annotate_path: str | None) -> None:
+    """The answer's boxes as JSON on stdout (pixels of the user's image); the drawing if asked."""
+    from .grounding_report import ground, to_json  # noqa: PLC0415
+
+    found = ground(text, inputs)
+    if not (found.boxes or found.points or found.actions):
+        note = f" ({'; '.join(found.skipped)})" if found.skipped else ""
+        click.echo(f"no boxes or points in the answer{note}", err=True)
+        return
+    click.echo(to_json(found))
+    if annotate_path is not None:
+        from .annotate import annotate  # noqa: PLC0415
+
+        annotate(image, found.boxes, found.points, annotate_path, found.actions)
+        click.echo(f"wrote {annotate_path}", err=True)
 
 
 def _load(model_path: str | None):

@@ -15,6 +15,7 @@ from .backend import generation_settings, release_cache
 from .cache import PromptCache
 from .chat import split_thinking
 from .errors import MimoError
+from .grounding import ParseResult
 from .model import Model, Prompt
 from .options import DEFAULT_MAX_TOKENS, SamplingOptions, pop_prompt_options, split_options
 from .processor import ImageInput, ModelInputs, Processor
@@ -116,9 +117,18 @@ class GenerationResult:
     answer: str
     tokens: list[int]
     stats: GenerationResponse | None
+    inputs: ModelInputs | None = None  # what was asked, images' resize included
 
     def __str__(self) -> str:
         return self.text
+
+    @property
+    def grounding(self) -> ParseResult:
+        """The answer's boxes, points and GUI actions in pixels of the user's image (a prompt with
+        one image; see `grounding_report.ground`). `.boxes`, `.points`, `.actions`, `.skipped`."""
+        from .grounding_report import ground  # noqa: PLC0415  (only when asked)
+
+        return ground(self.text, self.inputs)
 
 
 def max_new_tokens(model: Model, prompt_tokens: int, max_tokens: int) -> int:
@@ -251,7 +261,7 @@ def generate(
         )
         print(f"Peak memory: {last.peak_memory:.3f} GB")
     thinking, answer = split_thinking(text, prompt_opened_thinking=inputs.opens_thinking)
-    return GenerationResult(text, thinking, answer, tokens, last)
+    return GenerationResult(text, thinking, answer, tokens, last, inputs)
 
 
 def check_context(model: Model, inputs: ModelInputs) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 from .chat import build_prompt, expand_vision_tokens, load_chat_template
 from .errors import MimoError
 from .options import PromptOptions
-from .processing import ImageProcessorConfig, load_processor_config, preprocess_images
+from .processing import ImageProcessorConfig, load_image, load_processor_config, preprocess_images
 from .tokenizer import Tokenizer
 from .video import load_video, preprocess_video
 
@@ -33,6 +33,8 @@ class ModelInputs:
     text: str = ""  # the rendered prompt, before vision placeholders were expanded
     vision_tokens: int = 0  # how many of the ids are image/video placeholders
     opens_thinking: bool = field(default=False)  # the template already opened <think>
+    # Per image: ((width, height) as the user sees it, (width, height) the processor resized it to).
+    image_sizes: tuple[tuple[tuple[int, int], tuple[int, int]], ...] = ()
 
     def vision_kwargs(self) -> dict[str, Any]:
         return {
@@ -80,11 +82,19 @@ class Processor:
         images, videos = _as_list(images, "images"), _as_list(videos, "videos")
         config = self.image_config
         vision: dict[str, Any] = {}
+        sizes = ()
         if images:
+            # Opened here (upright, as preprocessing sees them) so their sizes can be recorded.
+            images = [load_image(x) if isinstance(x, str | Path) else x for x in images]
             pixels, grid = preprocess_images(
                 images, config, min_pixels=opts.min_pixels, max_pixels=opts.max_pixels
             )
             vision.update(pixel_values=pixels, image_grid_thw=grid)
+            patch = config.patch_size
+            sizes = tuple(
+                (image.size, (int(w) * patch, int(h) * patch))
+                for image, (_, h, w) in zip(images, grid, strict=True)
+            )
         if videos:
             vision.update(self._videos(videos, opts))
         text = build_prompt(
@@ -110,7 +120,12 @@ class Processor:
         )
         opens = text.rstrip().endswith("<think>")
         return ModelInputs(
-            ids, text=text, vision_tokens=vision_tokens, opens_thinking=opens, **vision
+            ids,
+            text=text,
+            vision_tokens=vision_tokens,
+            opens_thinking=opens,
+            image_sizes=sizes,
+            **vision,
         )
 
     def _videos(self, videos: list, opts: PromptOptions) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from PIL import Image
 
 from mimo_mlx.annotate import PALETTE, Style, annotate, colours_for
 from mimo_mlx.errors import MimoError
-from mimo_mlx.grounding import Action, Box, Point, geometry_of, parse_grounding, to_original
+from mimo_mlx.grounding import Action, Box, Point, parse_grounding
+from mimo_mlx.grounding_report import geometry_of, to_original
 
 GREY = (128, 128, 128)
 
