@@ -55,10 +55,11 @@ _GROUPS = ", ".join(map(str, SUPPORTED_GROUP_SIZES))
 )
 @click.option(
     "--dtype",
-    default="float16",
-    show_default=True,
+    default=None,
+    show_default="the checkpoint's own, bfloat16 for MiMo-VL",
     help="Float type of everything not quantized (norms, biases, patch embedding) and of the "
-    "quantization scales: float16, bfloat16 or float32.",
+    "quantization scales: float16, bfloat16 or float32. bfloat16 is safer than float16, whose "
+    "range ends at 65504: a real model's activations can overflow it.",
 )
 @click.option(
     "--vision-bits",
@@ -76,8 +77,9 @@ def convert(**options) -> None:
     """Convert a MiMo-VL (Qwen2.5-VL architecture) checkpoint into an MLX model folder.
 
     By default the decoder, vision blocks and merger are quantized to 4 bits (group 64), and norms,
-    biases and the patch embedding are kept in float16. Only safetensors are read; pickled
-    checkpoints are refused. Progress goes to stderr, the summary to stdout.
+    biases and the patch embedding keep the checkpoint's float type (bfloat16 for MiMo-VL). Only
+    safetensors are read; pickled checkpoints are refused. Progress goes to stderr, the summary to
+    stdout.
 
     \b
     Example:

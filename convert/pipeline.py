@@ -14,6 +14,7 @@ import secrets
 import shutil
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -41,7 +42,7 @@ def convert(
     q_bits: int = 4,
     q_group_size: int = 64,
     no_quantize: bool = False,
-    dtype: str = "float16",
+    dtype: str | None = None,
     vision_bits: int | str | None = None,
     merger_bits: int | str | None = None,
     force: bool = False,
@@ -53,7 +54,8 @@ def convert(
     q_bits / q_group_size: affine quantization of every Linear and Embedding whose input width
     divides by the group size; vision_bits / merger_bits override the bits for the vision blocks and
     the merger (an int, or "float" to keep them unquantized); no_quantize keeps everything in float.
-    dtype: the float type of everything not quantized, and of the quantization scales and biases.
+    dtype: the float type of everything not quantized, and of the quantization scales and biases;
+    by default the checkpoint's own (config.json's torch_dtype, bfloat16 for MiMo-VL).
     force: replace an existing mlx_path. Progress goes to stderr; the report says what was written.
     """
     options = make_options(q_bits, q_group_size, no_quantize, dtype, vision_bits, merger_bits)
@@ -63,10 +65,14 @@ def convert(
     source = hub.resolve(hf_path, revision, check_config=read_source_config)
     _check_not_overwriting_source(source.folder, target)
     checkpoint = open_checkpoint(source.folder)
+    dtype_origin = "--dtype"
+    if options.dtype is None:
+        options = replace(options, dtype=checkpoint.dtype)
+        dtype_origin = checkpoint.dtype_origin
     plans = build_plan(
         checkpoint.model_config, checkpoint.tensors, checkpoint.layout, options, source.folder
     )
-    report = ConversionReport(target, source.name, source.revision, options)
+    report = ConversionReport(target, source.name, source.revision, options, dtype_origin)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = _new_hidden_folder(target, "partial")
     try:

@@ -19,6 +19,7 @@ class ConversionReport:
     source: str
     revision: str | None
     options: Options
+    dtype_origin: str = "--dtype"  # or where the checkpoint's own type was read
     parameters: int = 0  # of the float model
     weight_bytes: int = 0  # of all stored tensors
     folder_bytes: int = 0  # of every file in the output folder
@@ -40,6 +41,7 @@ class ConversionReport:
         return {
             "mode": "affine" if self.options.quantized else None,
             "float_dtype": self.options.dtype,
+            "float_dtype_from": self.dtype_origin,
             "parts": {p: _spec_record(self.options.parts[p]) for p in PARTS},
             "quantized_modules": self.quantized_modules,
             "float_modules": self.float_modules,
@@ -61,6 +63,7 @@ class ConversionReport:
         out = [
             f"Wrote {self.path}: {_size(self.folder_bytes)} in {self.shards} shard(s), "
             f"{self.bits_per_weight:.2f} bits per weight ({_count(self.parameters)} parameters)",
+            f"Norms, biases, float weights and scales in {self.options.dtype} ({self._dtype_why()})",
             "Quantization error against the float weights (|dequantized - float|):",
         ]
         for part in PARTS:
@@ -71,6 +74,11 @@ class ConversionReport:
             else:
                 out.append(f"  {part:<8} {storage:<12} not quantized")
         return out
+
+    def _dtype_why(self) -> str:
+        if self.dtype_origin == "--dtype":
+            return "--dtype"
+        return f"the checkpoint's own, from {self.dtype_origin}"
 
 
 def model_card(report: ConversionReport) -> str:

@@ -158,7 +158,7 @@ def test_failure_midway_leaves_nothing(folder, tmp_path, monkeypatch):
         real_rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(pipeline.shutil, "rmtree", spy)
-    result = run_cli(tmp_path, "--hf-path", str(folder))
+    result = run_cli(tmp_path, "--hf-path", str(folder), "--dtype", "float16")
     assert_clean_failure(result, tmp_path, f"{late} has values that are NaN or infinite")
     assert "--dtype bfloat16" in result.stderr
     (written,) = removed
