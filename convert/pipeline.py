@@ -27,7 +27,7 @@ from . import hub
 from .plan import Options, TensorPlan, build_plan, make_options, quantization_config
 from .quantize import cast_block, quantize_block
 from .reader import read_rows
-from .report import ConversionReport, model_card
+from .report import ConversionReport, sized_model_card
 from .source import Checkpoint, open_checkpoint, read_source_config
 from .writer import DEFAULT_SHARD_BYTES, ShardedWriter
 
@@ -184,11 +184,15 @@ def _write_folder(
     for name in hub.SIDE_FILES:
         if (checkpoint.folder / name).is_file():
             shutil.copyfile(checkpoint.folder / name, folder / name)  # follows hub cache symlinks
-    report.folder_bytes = sum(f.stat().st_size for f in folder.iterdir())
     config["mimo_mlx"] = report.config_section()
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "README.md").write_text(model_card(report))
-    report.folder_bytes = sum(f.stat().st_size for f in folder.iterdir())
+    # The card states the folder's final size, itself included: computed, then measured.
+    (folder / "README.md").write_bytes(sized_model_card(report, _folder_bytes(folder)))
+    report.folder_bytes = _folder_bytes(folder)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir())
 
 
 def _move_into_place(work: Path, target: Path, force: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,6 +25,7 @@ from safetensors import safe_open
 
 from mimo_mlx import load_model
 from mimo_mlx.convert import convert, pipeline
+from mimo_mlx.convert.report import format_size, model_card, sized_model_card
 
 LAYOUTS = [
     ("text_config", "model"),
@@ -119,6 +121,34 @@ def test_summary_lines(default_output):
         stats = report.errors[part]
         assert 0 < stats.mean < stats.max < 0.2
         assert any(line.split()[0] == part and "4-bit g64" in line for line in lines)
+
+
+def stated_size(card: str) -> tuple[str, int]:
+    """The size a model card states: as printed ("1.23 MB") and in bytes."""
+    match = re.search(
+        r"In all: (\d+(?:\.\d+)? [kMG]?B)\s+\(([\d,]+) bytes, this card included\)", card
+    )
+    assert match, card
+    return match[1], int(match[2].replace(",", ""))
+
+
+def test_model_card_states_the_printed_size(default_output):
+    out, report = default_output
+    on_disk = sum(p.stat().st_size for p in out.iterdir())
+    printed = re.match(rf"Wrote {re.escape(str(out))}: (.+?) in 1 shard", report.lines()[0])[1]
+    assert stated_size((out / "README.md").read_text()) == (printed, on_disk)
+    assert report.folder_bytes == on_disk
+
+
+@pytest.mark.parametrize("edge", [10**3, 10**6, 10**7, 10**9])
+def test_model_card_size_is_exact_at_unit_edges(default_output, edge):
+    """Where a larger size prints shorter ("999.99 kB" -> "1.00 MB", or one more digit), the card
+    must still state exactly the folder's size with itself included."""
+    _, report = default_output
+    length = len(model_card(report, edge).encode())
+    for other in range(max(0, edge - length - 40), edge - length + 40):
+        card = sized_model_card(report, other)
+        assert stated_size(card.decode()) == (format_size(other + len(card)), other + len(card))
 
 
 def test_quantized_logits_within_stated_bound(
