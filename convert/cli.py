@@ -72,7 +72,12 @@ _GROUPS = ", ".join(map(str, SUPPORTED_GROUP_SIZES))
     default=None,
     help=f"Bits for the vision-to-text merger ({_BITS}), or 'float'. Default: --q-bits.",
 )
-@click.option("--force", is_flag=True, help="Replace --mlx-path if it exists.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace --mlx-path if an earlier conversion wrote it. A folder holding anything else, the "
+    "current or home folder, a filesystem root and the checkpoint are never replaced.",
+)
 def convert(**options) -> None:
     """Convert a MiMo-VL (Qwen2.5-VL architecture) checkpoint into an MLX model folder.
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 import shutil
 import sys
 from collections.abc import Iterator
@@ -20,10 +18,9 @@ from typing import BinaryIO
 
 import click
 
-from mimo_mlx.errors import MimoError
 from mimo_mlx.weights import to_mlx_layout
 
-from . import hub
+from . import hub, output
 from .plan import Options, TensorPlan, build_plan, make_options, quantization_config
 from .quantize import cast_block, quantize_block
 from .reader import read_rows
@@ -56,14 +53,19 @@ def convert(
     the merger (an int, or "float" to keep them unquantized); no_quantize keeps everything in float.
     dtype: the float type of everything not quantized, and of the quantization scales and biases;
     by default the checkpoint's own (config.json's torch_dtype, bfloat16 for MiMo-VL).
-    force: replace an existing mlx_path. Progress goes to stderr; the report says what was written.
+    force: replace mlx_path if an earlier conversion wrote it; nothing else is ever replaced.
+    Progress goes to stderr; the report says what was written.
     """
     options = make_options(q_bits, q_group_size, no_quantize, dtype, vision_bits, merger_bits)
-    target = Path(mlx_path).expanduser().absolute()
-    if _exists(target) and not force:
-        raise MimoError(f"{target} already exists; pass --force to replace it")
-    source = hub.resolve(hf_path, revision, check_config=read_source_config)
-    _check_not_overwriting_source(source.folder, target)
+    target = output.target_path(mlx_path)
+    output.refuse_protected(target)
+
+    def check_before_weights(folder: Path):  # runs before any weights are downloaded or read
+        output.refuse_source(target, folder.resolve())
+        output.check_existing(target, force)
+        return read_source_config(folder)
+
+    source = hub.resolve(hf_path, revision, check_config=check_before_weights)
     checkpoint = open_checkpoint(source.folder)
     dtype_origin = "--dtype"
     if options.dtype is None:
@@ -73,38 +75,29 @@ def convert(
         checkpoint.model_config, checkpoint.tensors, checkpoint.layout, options, source.folder
     )
     report = ConversionReport(target, source.name, source.revision, options, dtype_origin)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = _new_hidden_folder(target, "partial")
-    try:
-        _write_weights(plans, checkpoint, work, max_shard_bytes, report)
-        _write_folder(checkpoint, plans, options, work, report)
-        _move_into_place(work, target, force)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    _write_output(plans, checkpoint, target, force, max_shard_bytes, report)
     return report
 
 
-def _new_hidden_folder(target: Path, kind: str) -> Path:
-    """A fresh `.name.<random>.<kind>` folder beside `target` (mkdir honours the umask; mkdtemp
-    would leave the finished model readable by its owner only)."""
-    while True:
-        folder = target.parent / f".{target.name}.{secrets.token_hex(4)}.{kind}"
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
-
-
-def _exists(path: Path) -> bool:
-    return path.exists() or path.is_symlink()
-
-
-def _check_not_overwriting_source(source: Path, target: Path) -> None:
-    resolved = target.resolve()
-    if resolved == source or resolved in source.parents:
-        raise MimoError(f"--mlx-path {target} would replace the checkpoint being converted")
+def _write_output(
+    plans: list[TensorPlan],
+    checkpoint: Checkpoint,
+    target: Path,
+    force: bool,
+    max_shard_bytes: int,
+    report: ConversionReport,
+) -> None:
+    """Build the folder hidden beside `target`, then rename it into place; on failure the hidden
+    folder is removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = output.new_hidden_folder(target, "partial")
+    try:
+        _write_weights(plans, checkpoint, work, max_shard_bytes, report)
+        _write_folder(checkpoint, plans, report.options, work, report)
+        output.move_into_place(work, target, force)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def _write_weights(
@@ -164,8 +157,8 @@ def _convert_tensor(
             arrays = quantize_block(plan.name, block, plan.quant, dtype, report.errors[plan.part])
         else:
             arrays = cast_block(plan.name, block, dtype)
-        for output, data in zip(plan.outputs, arrays, strict=True):
-            writer.write(output.name, data)
+        for tensor, data in zip(plan.outputs, arrays, strict=True):
+            writer.write(tensor.name, data)
         yield count * row_bytes
 
 
@@ -193,16 +186,3 @@ def _write_folder(
 
 def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir())
-
-
-def _move_into_place(work: Path, target: Path, force: bool) -> None:
-    """Rename the finished folder to `target`; an old target (with --force) goes only after."""
-    if not _exists(target):
-        os.rename(work, target)
-        return
-    if not force:
-        raise MimoError(f"{target} appeared while converting; pass --force to replace it")
-    old = _new_hidden_folder(target, "old")
-    os.rename(target, old / target.name)
-    os.rename(work, target)
-    shutil.rmtree(old, ignore_errors=True)

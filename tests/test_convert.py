@@ -277,15 +277,16 @@ def test_blocks_and_shards_do_not_change_the_result(default_output, source, tmp_
 
 def test_existing_output_is_refused_unless_forced(source, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    convert(hf_path=str(source), mlx_path=str(out))
     with pytest.raises(Exception, match="already exists; pass --force"):
         convert(hf_path=str(source), mlx_path=str(out))
-    assert (out / "keep.txt").read_text() == "mine"
     convert(hf_path=str(source), mlx_path=str(out), force=True, q_bits=8)
-    assert not (out / "keep.txt").exists()
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
     assert leftovers(tmp_path, "out") == ["out"]
+    (out / "keep.txt").write_text("mine")  # no longer only a conversion: --force leaves it be
+    with pytest.raises(Exception, match="does not write \\(keep.txt\\)"):
+        convert(hf_path=str(source), mlx_path=str(out), force=True)
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_output_may_not_replace_the_source(source):

@@ -1,0 +1,174 @@
+"""Where a conversion writes: the --mlx-path folder, checked before anything is written, and the
+hidden folders beside it that make the finished model appear all at once.
+
+--force replaces only a folder that an earlier conversion wrote, recognised by its files; never the
+filesystem's root, a home folder, the current folder, the checkpoint, or a folder holding anything
+else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+
+from mimo_mlx.errors import MimoError
+
+from .hub import SIDE_FILES
+from .writer import INDEX_FILE
+
+# Every file a conversion writes: a folder holding anything else is not only ours to replace.
+OUTPUT_FILES = frozenset({"config.json", "README.md", INDEX_FILE, *SIDE_FILES})
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_FINDER_FILE = ".DS_Store"  # macOS Finder leaves one in any folder it shows; it holds no data
+
+
+def target_path(mlx_path: str | os.PathLike) -> Path:
+    """--mlx-path made absolute, its parent's links resolved; the last part is kept as given, so a
+    link there is seen as a link. "." and ".." stand for the folders they name."""
+    text = os.fspath(mlx_path)
+    if not text.strip():
+        raise MimoError(
+            f"--mlx-path {text!r} is empty; give the folder to create (an unset shell variable "
+            "expands to nothing)"
+        )
+    path = Path(text).expanduser().absolute()
+    if path.name in ("", ".."):
+        return path.resolve()
+    return path.parent.resolve() / path.name
+
+
+def exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def refuse_protected(target: Path) -> None:
+    """Refuse, with or without --force, a target whose replacement would take what is not ours."""
+    real = target.resolve()
+    if real.parent == real or os.path.ismount(real):
+        reason = "is the root of a filesystem"
+    else:
+        reason = _holds_a_working_folder(real)
+    if reason:
+        raise MimoError(
+            f"--mlx-path {target} {reason}; choose a new folder for the converted model"
+        )
+
+
+def _holds_a_working_folder(real: Path) -> str | None:
+    places = [(home, "your home folder") for home in _homes()]
+    try:
+        places.append((Path.cwd(), "the current folder"))
+    except FileNotFoundError:  # the current folder was deleted: nothing there to protect
+        pass
+    for place, what in places:
+        if real == place:
+            return f"is {what}"
+        if real in place.parents:
+            return f"holds {what} ({place})"
+    return None
+
+
+def _homes() -> list[Path]:
+    """$HOME and the password database's home, which differ under sudo."""
+    homes = [os.path.expanduser("~")]
+    try:
+        import pwd  # noqa: PLC0415  (POSIX only)
+
+        homes.append(pwd.getpwuid(os.getuid()).pw_dir)
+    except (ImportError, KeyError):
+        pass
+    return [Path(home).resolve() for home in dict.fromkeys(homes) if os.path.isabs(home)]
+
+
+def refuse_source(target: Path, source: Path) -> None:
+    """Refuse a target that is or holds the checkpoint, or that lies in it and would be replaced."""
+    real = target.resolve()
+    if real == source or real in source.parents:
+        raise MimoError(
+            f"--mlx-path {target} would replace the checkpoint being converted ({source}); "
+            "choose another folder"
+        )
+    if exists(target) and source in real.parents:
+        raise MimoError(
+            f"--mlx-path {target} lies inside the checkpoint being converted ({source}); --force "
+            "replaces nothing there: choose a folder outside it"
+        )
+
+
+def check_existing(target: Path, force: bool) -> None:
+    """Refuse an existing target unless --force is given and an earlier conversion wrote it."""
+    if not exists(target):
+        return
+    foreign = _not_a_conversion(target)
+    if foreign:
+        raise MimoError(
+            f"{target} already exists and {foreign}; --force replaces only a folder that "
+            "mimo-mlx convert wrote: choose another --mlx-path, or empty it yourself"
+        )
+    if not force:
+        raise MimoError(f"{target} already exists; pass --force to replace it")
+
+
+def _not_a_conversion(folder: Path) -> str | None:
+    """Why `folder` is not an earlier conversion's output, or None when it is one (or empty)."""
+    if folder.is_symlink():
+        return "is a symbolic link"
+    if not folder.is_dir():
+        return "is a file"
+    entries = sorted(folder.iterdir())
+    strays = [e.name + ("/" if e.is_dir() else "") for e in entries if not _is_output_file(e)]
+    if strays:
+        listed = ", ".join(strays[:3]) + (f" and {len(strays) - 3} more" if len(strays) > 3 else "")
+        return f"holds files that mimo-mlx convert does not write ({listed})"
+    if not entries:
+        return None  # nothing to lose
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        return "has no config.json"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "has a config.json that is not valid JSON"
+    if not isinstance(config, dict) or not isinstance(config.get("mimo_mlx"), dict):
+        return "has a config.json without the mimo_mlx section that a conversion writes"
+    return None
+
+
+def _is_output_file(entry: Path) -> bool:
+    if entry.is_symlink() or not entry.is_file():
+        return False
+    name = entry.name
+    return name in OUTPUT_FILES or name == _FINDER_FILE or _SHARD.fullmatch(name) is not None
+
+
+def new_hidden_folder(target: Path, kind: str) -> Path:
+    """A fresh `.name.<random>.<kind>` folder beside `target` (mkdir honours the umask; mkdtemp
+    would leave the finished model readable by its owner only)."""
+    while True:
+        folder = target.parent / f".{target.name}.{secrets.token_hex(4)}.{kind}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
+def move_into_place(work: Path, target: Path, force: bool) -> None:
+    """Rename the finished `work` folder to `target`. An earlier output (with --force) is checked
+    again, moved aside, and removed only once the new one is in place."""
+    if not exists(target):
+        os.rename(work, target)
+        return
+    check_existing(target, force)  # it appeared or changed while converting
+    old = new_hidden_folder(target, "old")
+    os.rename(target, old / target.name)
+    try:
+        os.rename(work, target)
+    except BaseException:
+        os.rename(old / target.name, target)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
