@@ -3,27 +3,39 @@ hidden folders beside it that make the finished model appear all at once.
 
 --force replaces only a folder that an earlier conversion wrote, recognised by its files; never the
 filesystem's root, a home folder, the current folder, the checkpoint, or a folder holding anything
-else.
+else. A filesystem that refuses to be written is one error naming the path and what to do.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mimo_mlx.errors import MimoError
 
 from .hub import SIDE_FILES
+from .report import format_size
 from .writer import INDEX_FILE
 
 # Every file a conversion writes: a folder holding anything else is not only ours to replace.
 OUTPUT_FILES = frozenset({"config.json", "README.md", INDEX_FILE, *SIDE_FILES})
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _FINDER_FILE = ".DS_Store"  # macOS Finder leaves one in any folder it shows; it holds no data
+_ADVICE = {
+    errno.ENOSPC: "{need}free space there, or choose another --mlx-path",
+    errno.EDQUOT: "{need}free some of your quota there, or choose another --mlx-path",
+    errno.EACCES: "choose an --mlx-path in a folder you may write to",
+    errno.EPERM: "choose an --mlx-path in a folder you may write to",
+    errno.EROFS: "that filesystem is read-only: choose another --mlx-path",
+    errno.ENAMETOOLONG: "choose a shorter --mlx-path",
+}
 
 
 def target_path(mlx_path: str | os.PathLike) -> Path:
@@ -103,7 +115,8 @@ def check_existing(target: Path, force: bool) -> None:
     """Refuse an existing target unless --force is given and an earlier conversion wrote it."""
     if not exists(target):
         return
-    foreign = _not_a_conversion(target)
+    with filesystem_errors(target):
+        foreign = _not_a_conversion(target)
     if foreign:
         raise MimoError(
             f"{target} already exists and {foreign}; --force replaces only a folder that "
@@ -156,6 +169,34 @@ def new_hidden_folder(target: Path, kind: str) -> Path:
             continue
 
 
+def make_parents(target: Path) -> list[Path]:
+    """Create the missing folders above `target`, outermost first, and return them so that a
+    failed run can remove them again."""
+    missing = []
+    for parent in target.parents:
+        if exists(parent):
+            break
+        missing.append(parent)
+    created: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+    except BaseException:
+        remove_empty(created)
+        raise
+    return created
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove `folders`, innermost first, as long as they are empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # something else is in it now; it and the folders above it stay
+
+
 def move_into_place(work: Path, target: Path, force: bool) -> None:
     """Rename the finished `work` folder to `target`. An earlier output (with --force) is checked
     again, moved aside, and removed only once the new one is in place."""
@@ -172,3 +213,37 @@ def move_into_place(work: Path, target: Path, force: bool) -> None:
         old.rmdir()
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def filesystem_errors(target: Path, need: int | None = None) -> Iterator[None]:
+    """An OSError while checking or writing the output becomes one MimoError that names the path
+    and says what to do; `need` is the size of the output, for a full disk."""
+    try:
+        yield
+    except OSError as err:
+        raise MimoError(_describe(err, target, need)) from None
+
+
+def _describe(err: OSError, target: Path, need: int | None) -> str:
+    if err.errno in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT):
+        blocker = _file_above(target)
+        if blocker is not None:
+            return (
+                f"cannot create {target}: {blocker} is a file, not a folder; choose another "
+                "--mlx-path"
+            )
+    place = Path(err.filename) if err.filename else target.parent
+    if str(place).startswith(str(target.parent / f".{target.name}.")):
+        place = target.parent  # our hidden folder's name would only puzzle
+    needed = f"the converted model needs {format_size(need)}: " if need else ""
+    advice = _ADVICE.get(err.errno, "choose another --mlx-path").format(need=needed)
+    return f"cannot write {target}: {err.strerror or err} ({place}); {advice}"
+
+
+def _file_above(target: Path) -> Path | None:
+    """The nearest existing folder above `target` when it is in fact a file."""
+    for parent in target.parents:
+        if exists(parent):
+            return None if parent.is_dir() else parent
+    return None

@@ -1,8 +1,8 @@
 """`convert`: checkpoint in, complete MLX model folder out, one block of weights in memory at a time.
 
 Every check that can fail on bad input runs before the first weight is read. The output is built in a
-hidden temporary folder beside the target and renamed into place only when complete, so an
-interrupted or failed run never leaves a folder that looks finished.
+hidden folder beside the target and renamed into place only when complete. A run that fails, or is
+stopped by Ctrl-C, removes what it wrote, parent folders it made included.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mimo_mlx.weights import to_mlx_layout
 from . import hub, output
 from .plan import Options, TensorPlan, build_plan, make_options, quantization_config
 from .quantize import cast_block, quantize_block
-from .reader import read_rows
+from .reader import open_source, read_rows
 from .report import ConversionReport, sized_model_card
 from .source import Checkpoint, open_checkpoint, read_source_config
 from .writer import DEFAULT_SHARD_BYTES, ShardedWriter
@@ -87,17 +87,22 @@ def _write_output(
     max_shard_bytes: int,
     report: ConversionReport,
 ) -> None:
-    """Build the folder hidden beside `target`, then rename it into place; on failure the hidden
-    folder is removed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = output.new_hidden_folder(target, "partial")
-    try:
-        _write_weights(plans, checkpoint, work, max_shard_bytes, report)
-        _write_folder(checkpoint, plans, report.options, work, report)
-        output.move_into_place(work, target, force)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    """Build the folder hidden beside `target`, then rename it into place. Whatever stops it, an
+    error or Ctrl-C, the hidden folder and the parents made for it are removed."""
+    need = sum(t.nbytes for plan in plans for t in plan.outputs)
+    with output.filesystem_errors(target, need):
+        created = output.make_parents(target)
+        work = None
+        try:
+            work = output.new_hidden_folder(target, "partial")
+            _write_weights(plans, checkpoint, work, max_shard_bytes, report)
+            _write_folder(checkpoint, plans, report.options, work, report)
+            output.move_into_place(work, target, force)
+        except BaseException:
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
+            output.remove_empty(created)
+            raise
 
 
 def _write_weights(
@@ -123,7 +128,7 @@ def _write_weights(
                 if handle is None or handle.name != str(plan.source.file):
                     if handle is not None:
                         handle.close()
-                    handle = open(plan.source.file, "rb")
+                    handle = open_source(plan.source.file)
                 for done in _convert_tensor(plan, handle, checkpoint.layout, writer, report):
                     bar.update(done, plan.name)
         index = writer.close()
@@ -175,8 +180,9 @@ def _write_folder(
     if quantization is not None:
         config["quantization"] = quantization
     for name in hub.SIDE_FILES:
-        if (checkpoint.folder / name).is_file():
-            shutil.copyfile(checkpoint.folder / name, folder / name)  # follows hub cache symlinks
+        if (checkpoint.folder / name).is_file():  # follows hub cache symlinks, as open() does
+            with open_source(checkpoint.folder / name) as src, open(folder / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
     config["mimo_mlx"] = report.config_section()
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     # The card states the folder's final size, itself included: computed, then measured.
