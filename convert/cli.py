@@ -10,6 +10,7 @@ import click
 
 from .pipeline import convert as convert_checkpoint
 from .plan import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from .signals import Terminated
 
 _BITS = ", ".join(map(str, SUPPORTED_BITS))
 _GROUPS = ", ".join(map(str, SUPPORTED_GROUP_SIZES))
@@ -90,6 +91,17 @@ def convert(**options) -> None:
     Example:
       mimo-mlx convert --hf-path XiaomiMiMo/MiMo-VL-7B-RL --mlx-path ./mimo-vl-7b-rl-4bit
     """
-    report = convert_checkpoint(**options)
+    try:
+        report = convert_checkpoint(**options)
+    except Terminated as stop:  # the output is already cleaned up; say why the run ended
+        _echo_if_possible(f"\nterminated by {stop.name}")
+        raise
     for line in report.lines():
         click.echo(line)
+
+
+def _echo_if_possible(message: str) -> None:
+    try:
+        click.echo(message, err=True)
+    except OSError:  # after SIGHUP the terminal may be gone; the exit status still tells
+        pass

@@ -3,17 +3,21 @@ hidden folders beside it that make the finished model appear all at once.
 
 --force replaces only a folder that an earlier conversion wrote, recognised by its files; never the
 filesystem's root, a home folder, the current folder, the checkpoint, or a folder holding anything
-else. A filesystem that refuses to be written is one error naming the path and what to do.
+else. Hidden folders are named after the host and the process that made them, so a later run can
+remove what a run killed outright left behind, and never what a live run is still writing. A
+filesystem that refuses to be written is one error naming the path and what to do.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +32,10 @@ from .writer import INDEX_FILE
 OUTPUT_FILES = frozenset({"config.json", "README.md", INDEX_FILE, *SIDE_FILES})
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _FINDER_FILE = ".DS_Store"  # macOS Finder leaves one in any folder it shows; it holds no data
+# A pid means nothing on another machine sharing the filesystem, so hidden folders name the host too.
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_KINDS = ("partial", "old")  # a conversion being written; a replaced one being removed
+
 _ADVICE = {
     errno.ENOSPC: "{need}free space there, or choose another --mlx-path",
     errno.EDQUOT: "{need}free some of your quota there, or choose another --mlx-path",
@@ -158,15 +166,71 @@ def _is_output_file(entry: Path) -> bool:
 
 
 def new_hidden_folder(target: Path, kind: str) -> Path:
-    """A fresh `.name.<random>.<kind>` folder beside `target` (mkdir honours the umask; mkdtemp
-    would leave the finished model readable by its owner only)."""
+    """A fresh `.name.<host>-<pid>-<random>.<kind>` folder beside `target` (mkdir honours the
+    umask; mkdtemp would leave the finished model readable by its owner only)."""
     while True:
-        folder = target.parent / f".{target.name}.{secrets.token_hex(4)}.{kind}"
+        token = secrets.token_hex(4)
+        folder = target.parent / f".{target.name}.{HOST_TAG}-{os.getpid()}-{token}.{kind}"
         try:
             folder.mkdir()
             return folder
         except FileExistsError:
             continue
+
+
+def remove_debris(target: Path) -> None:
+    """Remove the hidden folders that conversions to `target` killed outright (SIGKILL, power loss)
+    left behind. One of a live process, of another host, or holding anything not ours stays."""
+    pattern = re.compile(
+        rf"\.{re.escape(target.name)}\.([0-9a-f]{{8}})-(\d{{1,10}})-[0-9a-f]{{8}}\.({'|'.join(_KINDS)})"
+    )
+    with filesystem_errors(target):
+        try:
+            entries = sorted(target.parent.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return  # no parent folder yet: no debris either
+        for entry in entries:
+            match = pattern.fullmatch(entry.name)
+            if match is None or entry.is_symlink() or not entry.is_dir():
+                continue
+            if match[1] != HOST_TAG or not _dead(int(match[2])):
+                continue
+            if match[3] == "partial":
+                _remove_partial(entry)
+            else:
+                _settle_old(entry, target)
+
+
+def _dead(pid: int) -> bool:
+    """Whether no process has this pid now (a reused pid only keeps debris a little longer)."""
+    if pid == os.getpid():
+        return False  # ours: another conversion in this process may be writing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False  # someone else's live process, or no pid at all
+    return False
+
+
+def _remove_partial(folder: Path) -> None:
+    if all(_is_output_file(entry) for entry in folder.iterdir()):
+        shutil.rmtree(folder)
+
+
+def _settle_old(folder: Path, target: Path) -> None:
+    """A replaced output the killed run had moved aside: back into place if the new one never got
+    there, else removed."""
+    inside = list(folder.iterdir())
+    previous = folder / target.name
+    if inside and (inside != [previous] or previous.is_symlink() or not previous.is_dir()):
+        return  # not what a conversion leaves
+    if inside and not exists(target):
+        os.rename(previous, target)
+    elif inside:
+        shutil.rmtree(previous)
+    folder.rmdir()
 
 
 def make_parents(target: Path) -> list[Path]:

@@ -2,7 +2,8 @@
 
 Every check that can fail on bad input runs before the first weight is read. The output is built in a
 hidden folder beside the target and renamed into place only when complete. A run that fails, or is
-stopped by Ctrl-C, removes what it wrote, parent folders it made included.
+stopped by Ctrl-C, SIGTERM or SIGHUP, removes what it wrote; what a run killed outright left behind is
+removed by the next conversion to the same place.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .plan import Options, TensorPlan, build_plan, make_options, quantization_co
 from .quantize import cast_block, quantize_block
 from .reader import open_source, read_rows
 from .report import ConversionReport, sized_model_card
+from .signals import TerminationGuard
 from .source import Checkpoint, open_checkpoint, read_source_config
 from .writer import DEFAULT_SHARD_BYTES, ShardedWriter
 
@@ -59,6 +61,7 @@ def convert(
     options = make_options(q_bits, q_group_size, no_quantize, dtype, vision_bits, merger_bits)
     target = output.target_path(mlx_path)
     output.refuse_protected(target)
+    output.remove_debris(target)
 
     def check_before_weights(folder: Path):  # runs before any weights are downloaded or read
         output.refuse_source(target, folder.resolve())
@@ -88,20 +91,23 @@ def _write_output(
     report: ConversionReport,
 ) -> None:
     """Build the folder hidden beside `target`, then rename it into place. Whatever stops it, an
-    error or Ctrl-C, the hidden folder and the parents made for it are removed."""
+    error, Ctrl-C, SIGTERM or SIGHUP, the hidden folder and the parents made for it are removed."""
     need = sum(t.nbytes for plan in plans for t in plan.outputs)
-    with output.filesystem_errors(target, need):
-        created = output.make_parents(target)
-        work = None
+    with output.filesystem_errors(target, need), TerminationGuard() as guard:
+        created, work = [], None
         try:
-            work = output.new_hidden_folder(target, "partial")
+            with guard.held():  # nothing may be created without being recorded for the cleanup
+                created = output.make_parents(target)
+                work = output.new_hidden_folder(target, "partial")
             _write_weights(plans, checkpoint, work, max_shard_bytes, report)
             _write_folder(checkpoint, plans, report.options, work, report)
-            output.move_into_place(work, target, force)
+            with guard.held():  # the old output must not be left aside half-way
+                output.move_into_place(work, target, force)
         except BaseException:
-            if work is not None:
-                shutil.rmtree(work, ignore_errors=True)
-            output.remove_empty(created)
+            with guard.held():
+                if work is not None:
+                    shutil.rmtree(work, ignore_errors=True)
+                output.remove_empty(created)
             raise
 
 

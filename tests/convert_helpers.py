@@ -110,3 +110,19 @@ def leftovers(parent: Path, name: str) -> list[str]:
     return sorted(
         p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}")
     )
+
+
+def make_slow_source(folder: Path, vocab_size: int = 1 << 18) -> Path:
+    """A tiny model with a large vocabulary: its embedding and head (64 MB each in float32) keep
+    the converter busy for a good part of a second, long enough to signal a real process midway."""
+    make_source(folder, wide=False)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["vocab_size"] = vocab_size
+    (folder / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    large = ("model.embed_tokens.weight", "lm_head.weight")
+    edit_tensors(
+        folder / "model.safetensors",
+        lambda t: t.update({k: rng.standard_normal((vocab_size, 64), np.float32) for k in large}),
+    )
+    return folder
