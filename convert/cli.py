@@ -26,7 +26,8 @@ _GROUPS = ", ".join(map(str, SUPPORTED_GROUP_SIZES))
     "--mlx-path",
     required=True,
     type=click.Path(),
-    help="Folder to create. It must not exist unless --force is given.",
+    help="Folder to create. It must not exist, unless --force is given and an earlier conversion "
+    "wrote it.",
 )
 @click.option(
     "--revision",

@@ -56,7 +56,9 @@ def convert(
     dtype: the float type of everything not quantized, and of the quantization scales and biases;
     by default the checkpoint's own (config.json's torch_dtype, bfloat16 for MiMo-VL).
     force: replace mlx_path if an earlier conversion wrote it; nothing else is ever replaced.
-    Progress goes to stderr; the report says what was written.
+    Progress goes to stderr; the report says what was written. SIGTERM or SIGHUP while writing (in
+    the main thread) removes the partial output, then raises `signals.Terminated`, a SystemExit
+    with status 128 + the signal number.
     """
     options = make_options(q_bits, q_group_size, no_quantize, dtype, vision_bits, merger_bits)
     target = output.target_path(mlx_path)

@@ -195,3 +195,9 @@ def test_a_new_folder_inside_the_checkpoint_is_fine(source, tmp_path):
     result = run(local, local / "mlx-4bit")
     assert result.exit_code == 0, result.output
     assert (local / "mlx-4bit" / "config.json").is_file()
+
+
+def test_help_says_what_force_replaces():
+    text = " ".join(CliRunner().invoke(main, ["convert", "--help"]).output.split())
+    assert "--force Replace --mlx-path if an earlier conversion wrote it." in text
+    assert "the current or home folder, a filesystem root and the checkpoint are never" in text
