@@ -10,6 +10,7 @@ import click
 
 from .pipeline import convert as convert_checkpoint
 from .plan import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from .signals import Terminated
 
 _BITS = ", ".join(map(str, SUPPORTED_BITS))
 _GROUPS = ", ".join(map(str, SUPPORTED_GROUP_SIZES))
@@ -25,7 +26,8 @@ _GROUPS = ", ".join(map(str, SUPPORTED_GROUP_SIZES))
     "--mlx-path",
     required=True,
     type=click.Path(),
-    help="Folder to create. It must not exist unless --force is given.",
+    help="Folder to create. It must not exist, unless --force is given and an earlier conversion "
+    "wrote it.",
 )
 @click.option(
     "--revision",
@@ -55,10 +57,11 @@ _GROUPS = ", ".join(map(str, SUPPORTED_GROUP_SIZES))
 )
 @click.option(
     "--dtype",
-    default="float16",
-    show_default=True,
+    default=None,
+    show_default="the checkpoint's own, bfloat16 for MiMo-VL",
     help="Float type of everything not quantized (norms, biases, patch embedding) and of the "
-    "quantization scales: float16, bfloat16 or float32.",
+    "quantization scales: float16, bfloat16 or float32. bfloat16 is safer than float16, whose "
+    "range ends at 65504: a real model's activations can overflow it.",
 )
 @click.option(
     "--vision-bits",
@@ -71,18 +74,35 @@ _GROUPS = ", ".join(map(str, SUPPORTED_GROUP_SIZES))
     default=None,
     help=f"Bits for the vision-to-text merger ({_BITS}), or 'float'. Default: --q-bits.",
 )
-@click.option("--force", is_flag=True, help="Replace --mlx-path if it exists.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace --mlx-path if an earlier conversion wrote it. A folder holding anything else, the "
+    "current or home folder, a filesystem root and the checkpoint are never replaced.",
+)
 def convert(**options) -> None:
     """Convert a MiMo-VL (Qwen2.5-VL architecture) checkpoint into an MLX model folder.
 
     By default the decoder, vision blocks and merger are quantized to 4 bits (group 64), and norms,
-    biases and the patch embedding are kept in float16. Only safetensors are read; pickled
-    checkpoints are refused. Progress goes to stderr, the summary to stdout.
+    biases and the patch embedding keep the checkpoint's float type (bfloat16 for MiMo-VL). Only
+    safetensors are read; pickled checkpoints are refused. Progress goes to stderr, the summary to
+    stdout.
 
     \b
     Example:
       mimo-mlx convert --hf-path XiaomiMiMo/MiMo-VL-7B-RL --mlx-path ./mimo-vl-7b-rl-4bit
     """
-    report = convert_checkpoint(**options)
+    try:
+        report = convert_checkpoint(**options)
+    except Terminated as stop:  # the output is already cleaned up; say why the run ended
+        _echo_if_possible(f"\nterminated by {stop.name}")
+        raise
     for line in report.lines():
         click.echo(line)
+
+
+def _echo_if_possible(message: str) -> None:
+    try:
+        click.echo(message, err=True)
+    except OSError:  # after SIGHUP the terminal may be gone; the exit status still tells
+        pass

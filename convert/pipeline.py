@@ -1,32 +1,32 @@
 """`convert`: checkpoint in, complete MLX model folder out, one block of weights in memory at a time.
 
 Every check that can fail on bad input runs before the first weight is read. The output is built in a
-hidden temporary folder beside the target and renamed into place only when complete, so an
-interrupted or failed run never leaves a folder that looks finished.
+hidden folder beside the target and renamed into place only when complete. A run that fails, or is
+stopped by Ctrl-C, SIGTERM or SIGHUP, removes what it wrote; what a run killed outright left behind is
+removed by the next conversion to the same place.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 import shutil
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
 import click
 
-from mimo_mlx.errors import MimoError
 from mimo_mlx.weights import to_mlx_layout
 
-from . import hub
+from . import hub, output
 from .plan import Options, TensorPlan, build_plan, make_options, quantization_config
 from .quantize import cast_block, quantize_block
-from .reader import read_rows
-from .report import ConversionReport, model_card
+from .reader import open_source, read_rows
+from .report import ConversionReport, sized_model_card
+from .signals import TerminationGuard
 from .source import Checkpoint, open_checkpoint, read_source_config
 from .writer import DEFAULT_SHARD_BYTES, ShardedWriter
 
@@ -41,7 +41,7 @@ def convert(
     q_bits: int = 4,
     q_group_size: int = 64,
     no_quantize: bool = False,
-    dtype: str = "float16",
+    dtype: str | None = None,
     vision_bits: int | str | None = None,
     merger_bits: int | str | None = None,
     force: bool = False,
@@ -53,52 +53,64 @@ def convert(
     q_bits / q_group_size: affine quantization of every Linear and Embedding whose input width
     divides by the group size; vision_bits / merger_bits override the bits for the vision blocks and
     the merger (an int, or "float" to keep them unquantized); no_quantize keeps everything in float.
-    dtype: the float type of everything not quantized, and of the quantization scales and biases.
-    force: replace an existing mlx_path. Progress goes to stderr; the report says what was written.
+    dtype: the float type of everything not quantized, and of the quantization scales and biases;
+    by default the checkpoint's own (config.json's torch_dtype, bfloat16 for MiMo-VL).
+    force: replace mlx_path if an earlier conversion wrote it; nothing else is ever replaced.
+    Progress goes to stderr; the report says what was written. SIGTERM or SIGHUP while writing (in
+    the main thread) removes the partial output, then raises `signals.Terminated`, a SystemExit
+    with status 128 + the signal number.
     """
     options = make_options(q_bits, q_group_size, no_quantize, dtype, vision_bits, merger_bits)
-    target = Path(mlx_path).expanduser().absolute()
-    if _exists(target) and not force:
-        raise MimoError(f"{target} already exists; pass --force to replace it")
-    source = hub.resolve(hf_path, revision, check_config=read_source_config)
-    _check_not_overwriting_source(source.folder, target)
+    target = output.target_path(mlx_path)
+    output.refuse_protected(target)
+    output.remove_debris(target)
+
+    def check_before_weights(folder: Path):  # runs before any weights are downloaded or read
+        output.refuse_source(target, folder.resolve())
+        output.check_existing(target, force)
+        return read_source_config(folder)
+
+    source = hub.resolve(hf_path, revision, check_config=check_before_weights)
     checkpoint = open_checkpoint(source.folder)
+    dtype_origin = "--dtype"
+    if options.dtype is None:
+        options = replace(options, dtype=checkpoint.dtype)
+        dtype_origin = checkpoint.dtype_origin
     plans = build_plan(
         checkpoint.model_config, checkpoint.tensors, checkpoint.layout, options, source.folder
     )
-    report = ConversionReport(target, source.name, source.revision, options)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = _new_hidden_folder(target, "partial")
-    try:
-        _write_weights(plans, checkpoint, work, max_shard_bytes, report)
-        _write_folder(checkpoint, plans, options, work, report)
-        _move_into_place(work, target, force)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    report = ConversionReport(target, source.name, source.revision, options, dtype_origin)
+    _write_output(plans, checkpoint, target, force, max_shard_bytes, report)
     return report
 
 
-def _new_hidden_folder(target: Path, kind: str) -> Path:
-    """A fresh `.name.<random>.<kind>` folder beside `target` (mkdir honours the umask; mkdtemp
-    would leave the finished model readable by its owner only)."""
-    while True:
-        folder = target.parent / f".{target.name}.{secrets.token_hex(4)}.{kind}"
+def _write_output(
+    plans: list[TensorPlan],
+    checkpoint: Checkpoint,
+    target: Path,
+    force: bool,
+    max_shard_bytes: int,
+    report: ConversionReport,
+) -> None:
+    """Build the folder hidden beside `target`, then rename it into place. Whatever stops it, an
+    error, Ctrl-C, SIGTERM or SIGHUP, the hidden folder and the parents made for it are removed."""
+    need = sum(t.nbytes for plan in plans for t in plan.outputs)
+    with output.filesystem_errors(target, need), TerminationGuard() as guard:
+        created, work = [], None
         try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
-
-
-def _exists(path: Path) -> bool:
-    return path.exists() or path.is_symlink()
-
-
-def _check_not_overwriting_source(source: Path, target: Path) -> None:
-    resolved = target.resolve()
-    if resolved == source or resolved in source.parents:
-        raise MimoError(f"--mlx-path {target} would replace the checkpoint being converted")
+            with guard.held():  # nothing may be created without being recorded for the cleanup
+                created = output.make_parents(target)
+                work = output.new_hidden_folder(target, "partial")
+            _write_weights(plans, checkpoint, work, max_shard_bytes, report)
+            _write_folder(checkpoint, plans, report.options, work, report)
+            with guard.held():  # the old output must not be left aside half-way
+                output.move_into_place(work, target, force)
+        except BaseException:
+            with guard.held():
+                if work is not None:
+                    shutil.rmtree(work, ignore_errors=True)
+                output.remove_empty(created)
+            raise
 
 
 def _write_weights(
@@ -124,7 +136,7 @@ def _write_weights(
                 if handle is None or handle.name != str(plan.source.file):
                     if handle is not None:
                         handle.close()
-                    handle = open(plan.source.file, "rb")
+                    handle = open_source(plan.source.file)
                 for done in _convert_tensor(plan, handle, checkpoint.layout, writer, report):
                     bar.update(done, plan.name)
         index = writer.close()
@@ -158,8 +170,8 @@ def _convert_tensor(
             arrays = quantize_block(plan.name, block, plan.quant, dtype, report.errors[plan.part])
         else:
             arrays = cast_block(plan.name, block, dtype)
-        for output, data in zip(plan.outputs, arrays, strict=True):
-            writer.write(output.name, data)
+        for tensor, data in zip(plan.outputs, arrays, strict=True):
+            writer.write(tensor.name, data)
         yield count * row_bytes
 
 
@@ -176,23 +188,15 @@ def _write_folder(
     if quantization is not None:
         config["quantization"] = quantization
     for name in hub.SIDE_FILES:
-        if (checkpoint.folder / name).is_file():
-            shutil.copyfile(checkpoint.folder / name, folder / name)  # follows hub cache symlinks
-    report.folder_bytes = sum(f.stat().st_size for f in folder.iterdir())
+        if (checkpoint.folder / name).is_file():  # follows hub cache symlinks, as open() does
+            with open_source(checkpoint.folder / name) as src, open(folder / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
     config["mimo_mlx"] = report.config_section()
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "README.md").write_text(model_card(report))
-    report.folder_bytes = sum(f.stat().st_size for f in folder.iterdir())
+    # The card states the folder's final size, itself included: computed, then measured.
+    (folder / "README.md").write_bytes(sized_model_card(report, _folder_bytes(folder)))
+    report.folder_bytes = _folder_bytes(folder)
 
 
-def _move_into_place(work: Path, target: Path, force: bool) -> None:
-    """Rename the finished folder to `target`; an old target (with --force) goes only after."""
-    if not _exists(target):
-        os.rename(work, target)
-        return
-    if not force:
-        raise MimoError(f"{target} appeared while converting; pass --force to replace it")
-    old = _new_hidden_folder(target, "old")
-    os.rename(target, old / target.name)
-    os.rename(work, target)
-    shutil.rmtree(old, ignore_errors=True)
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir())

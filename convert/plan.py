@@ -41,7 +41,7 @@ class QuantSpec:
 class Options:
     """How each part is stored: a QuantSpec, or None to keep it in floating point (`dtype`)."""
 
-    dtype: str
+    dtype: str | None  # None until the checkpoint's own type is known
     parts: dict[str, QuantSpec | None]
 
     @property
@@ -53,11 +53,12 @@ def make_options(
     q_bits: int,
     q_group_size: int,
     no_quantize: bool,
-    dtype: str,
+    dtype: str | None,
     vision_bits: int | str | None,
     merger_bits: int | str | None,
 ) -> Options:
-    """Validated options; every message names the command-line flag it is about."""
+    """Validated options; every message names the command-line flag it is about. A `dtype` of
+    None stands for the checkpoint's own, which the caller fills in once it has read it."""
     if q_bits not in SUPPORTED_BITS:
         raise MimoError(
             f"--q-bits {q_bits} is not supported: choose one of {_listed(SUPPORTED_BITS)}"
@@ -67,7 +68,7 @@ def make_options(
             f"--q-group-size {q_group_size} is not supported: choose one of "
             f"{_listed(SUPPORTED_GROUP_SIZES)}"
         )
-    if dtype not in FLOAT_DTYPES:
+    if dtype is not None and dtype not in FLOAT_DTYPES:
         raise MimoError(f"--dtype {dtype} is not supported: choose one of {_listed(FLOAT_DTYPES)}")
     if no_quantize and (vision_bits is not None or merger_bits is not None):
         raise MimoError("--no-quantize keeps every part in float; drop --vision-bits/--merger-bits")

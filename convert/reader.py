@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +47,21 @@ class SourceTensor:
         return self.shape[0] if len(self.shape) > 1 else 1
 
 
+def open_source(file: Path) -> BinaryIO:
+    """`file` opened for reading; failing that, an error that says which file and why."""
+    try:
+        return open(file, "rb")
+    except OSError as err:
+        raise MimoError(
+            f"cannot read {file} ({err.strerror or err}); every file of the checkpoint must be "
+            "readable"
+        ) from None
+
+
 def read_header(file: Path) -> dict[str, SourceTensor]:
     """The tensors of one safetensors file, checked against the file's size (truncation)."""
-    size = file.stat().st_size
-    with open(file, "rb") as handle:
+    with open_source(file) as handle:
+        size = os.fstat(handle.fileno()).st_size
         prefix = handle.read(8)
         if len(prefix) < 8:
             raise MimoError(f"{file} is truncated (it is {size} bytes long); download it again")
@@ -113,8 +125,11 @@ def read_rows(tensor: SourceTensor, handle: BinaryIO, first: int, count: int) ->
     """Rows [first, first + count) of `tensor` as float32, shaped (count, *shape[1:])."""
     itemsize, np_dtype = FLOAT_DTYPES[tensor.dtype]
     row_bytes = tensor.row_elements * itemsize
-    handle.seek(tensor.start + first * row_bytes)
-    raw = handle.read(count * row_bytes)
+    try:
+        handle.seek(tensor.start + first * row_bytes)
+        raw = handle.read(count * row_bytes)
+    except OSError as err:  # e.g. a disk or network share gone away mid-read
+        raise MimoError(f"reading {tensor.file} failed: {err.strerror or err}") from None
     if len(raw) != count * row_bytes:
         raise MimoError(f"{tensor.file} ended early while reading {tensor.key}; download it again")
     shape = (count, *tensor.shape[1:]) if len(tensor.shape) > 1 else tensor.shape

@@ -19,6 +19,7 @@ class ConversionReport:
     source: str
     revision: str | None
     options: Options
+    dtype_origin: str = "--dtype"  # or where the checkpoint's own type was read
     parameters: int = 0  # of the float model
     weight_bytes: int = 0  # of all stored tensors
     folder_bytes: int = 0  # of every file in the output folder
@@ -40,6 +41,7 @@ class ConversionReport:
         return {
             "mode": "affine" if self.options.quantized else None,
             "float_dtype": self.options.dtype,
+            "float_dtype_from": self.dtype_origin,
             "parts": {p: _spec_record(self.options.parts[p]) for p in PARTS},
             "quantized_modules": self.quantized_modules,
             "float_modules": self.float_modules,
@@ -59,8 +61,9 @@ class ConversionReport:
     def lines(self) -> list[str]:
         """The human summary printed when a conversion finishes."""
         out = [
-            f"Wrote {self.path}: {_size(self.folder_bytes)} in {self.shards} shard(s), "
+            f"Wrote {self.path}: {format_size(self.folder_bytes)} in {self.shards} shard(s), "
             f"{self.bits_per_weight:.2f} bits per weight ({_count(self.parameters)} parameters)",
+            f"Norms, biases, float weights and scales in {self.options.dtype} ({self._dtype_why()})",
             "Quantization error against the float weights (|dequantized - float|):",
         ]
         for part in PARTS:
@@ -72,9 +75,33 @@ class ConversionReport:
                 out.append(f"  {part:<8} {storage:<12} not quantized")
         return out
 
+    def _dtype_why(self) -> str:
+        if self.dtype_origin == "--dtype":
+            return "--dtype"
+        return f"the checkpoint's own, from {self.dtype_origin}"
 
-def model_card(report: ConversionReport) -> str:
-    """A short README.md for the output folder."""
+
+def sized_model_card(report: ConversionReport, other_bytes: int) -> bytes:
+    """The model card of a folder whose other files hold `other_bytes`: the size it states is the
+    whole folder's, the card's own bytes included, so it equals what the summary prints.
+
+    The stated number changes the card's length, so it is rendered again until the two agree.
+    Near a unit's edge a larger size can print shorter ("999.99 kB" -> "1.00 MB"); then the card
+    is padded with newlines up to the size it states, and the loop ends either way.
+    """
+    total = other_bytes
+    while True:
+        card = model_card(report, total).encode()
+        size = other_bytes + len(card)
+        if size == total:
+            return card
+        if size < total:
+            return card + b"\n" * (total - size)
+        total = size
+
+
+def model_card(report: ConversionReport, folder_bytes: int) -> str:
+    """A short README.md for the output folder, which holds `folder_bytes` in all."""
     name = report.path.name
     if report.revision is not None:  # from the hub: link it and name the exact commit
         origin = f"[{report.source}](https://huggingface.co/{report.source}) at revision "
@@ -83,6 +110,7 @@ def model_card(report: ConversionReport) -> str:
     else:
         origin, base_model = f"`{report.source}`", ""
     rows = "\n".join(f"| {p} | {report.part_storage(p)} |" for p in PARTS)
+    size = format_size(folder_bytes)
     return f"""---
 library_name: mlx
 tags: [mlx, mimo-mlx, qwen2_5_vl, image-text-to-text]
@@ -97,9 +125,9 @@ tags: [mlx, mimo-mlx, qwen2_5_vl, image-text-to-text]
 {rows}
 
 Norms, biases and any weight whose width does not split into quantization groups (such as the
-1176-wide patch embedding) are stored in {report.options.dtype}. In all: {_size(report.folder_bytes)},
-{report.bits_per_weight:.2f} bits per weight. config.json's `quantization` section says exactly how
-each module is stored.
+1176-wide patch embedding) are stored in {report.options.dtype}. In all: {size}
+({folder_bytes:,} bytes, this card included), {report.bits_per_weight:.2f} bits per weight.
+config.json's `quantization` section says exactly how each module is stored.
 
 ```python
 import mimo_mlx
@@ -117,7 +145,8 @@ def _spec_record(spec: QuantSpec | None) -> dict | str:
     return {"bits": spec.bits, "group_size": spec.group_size} if spec else "float"
 
 
-def _size(nbytes: int) -> str:
+def format_size(nbytes: int) -> str:
+    """Bytes as the summary and the model card print them: "4.71 GB"."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if nbytes >= scale:
             return f"{nbytes / scale:.2f} {unit}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,12 +12,15 @@ from mimo_mlx.errors import MimoError
 from mimo_mlx.loading import read_config, safetensors_files
 from mimo_mlx.weights import detect_layout
 
+from .plan import FLOAT_DTYPES
 from .reader import SourceTensor, read_headers
 
 # Sizes that decide every weight's shape: a config relying on defaults for them is not trusted.
 _TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _TEXT_FIELDS += ("vocab_size",)
 _VISION_FIELDS = ("depth", "hidden_size", "num_heads")
+_DTYPE_KEYS = ("torch_dtype", "dtype")  # transformers 4 writes the first, transformers 5 the second
+_DTYPE_NAMES = {code: name for name, code in FLOAT_DTYPES.items()}  # "BF16" -> "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,8 @@ class Checkpoint:
     model_config: ModelConfig
     tensors: dict[str, SourceTensor]  # by the checkpoint's own key
     layout: str  # weights.HF, MLX_VLM or MIMO_MLX
+    dtype: str  # the float type it was saved in: float16, bfloat16 or float32
+    dtype_origin: str  # where `dtype` was read, for the summary
 
 
 def read_source_config(folder: Path) -> tuple[dict, ModelConfig]:
@@ -64,4 +71,24 @@ def open_checkpoint(folder: Path) -> Checkpoint:
             f"{folder} has no tokenizer.json; a converted model needs the checkpoint's tokenizer"
         )
     tensors = read_headers(safetensors_files(folder))
-    return Checkpoint(folder, raw, config, tensors, detect_layout(tensors, raw))
+    dtype, origin = saved_dtype(raw, tensors, folder)
+    return Checkpoint(folder, raw, config, tensors, detect_layout(tensors, raw), dtype, origin)
+
+
+def saved_dtype(raw: dict, tensors: dict[str, SourceTensor], folder: Path) -> tuple[str, str]:
+    """The float type the checkpoint was saved in, and where that was read: config.json's
+    torch_dtype or dtype (at its root, then in text_config), else the type most weights have."""
+    sections = [("", raw)]
+    if isinstance(raw.get("text_config"), dict):
+        sections.append(("text_config.", raw["text_config"]))
+    for prefix, section in sections:
+        for key in _DTYPE_KEYS:
+            value = section.get(key)
+            if isinstance(value, str) and value.removeprefix("torch.") in FLOAT_DTYPES:
+                return value.removeprefix("torch."), f"config.json {prefix}{key}"
+    elements = Counter()
+    for tensor in tensors.values():
+        elements[tensor.dtype] += math.prod(tensor.shape)
+    if not elements:
+        raise MimoError(f"{folder} has safetensors files but no tensors in them")
+    return _DTYPE_NAMES[max(elements, key=elements.get)], "the safetensors headers"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import torch
 from safetensors.numpy import load_file, save_file
 from tiny_models import build_ids, mlx_logits, pixels, save_checkpoint, tiny_hf_model
 from tiny_tokenizer import build_tiny_tokenizer
@@ -43,11 +44,14 @@ def make_source(
     key_layout: str = "model",
     wide: bool = True,
     tied: bool = False,
+    dtype: str = "float32",
 ) -> Path:
-    """A tiny random Qwen2.5-VL checkpoint folder as published ones are: weights and side files."""
+    """A tiny random Qwen2.5-VL checkpoint folder as published ones are: weights and side files,
+    saved in `dtype` (MiMo-VL's is bfloat16) and saying so in config.json, as transformers does."""
     sizes = WIDE if wide else {}
     text = {**sizes.get("text", {}), **({"tie_word_embeddings": True} if tied else {})}
     model = tiny_hf_model(seed=seed, text=text, vision=sizes.get("vision"))
+    model = model.to(getattr(torch, dtype))
     save_checkpoint(model, folder, config_layout=config_layout, key_layout=key_layout)
     build_tiny_tokenizer(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
@@ -109,3 +113,19 @@ def leftovers(parent: Path, name: str) -> list[str]:
     return sorted(
         p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}")
     )
+
+
+def make_slow_source(folder: Path, vocab_size: int = 1 << 18) -> Path:
+    """A tiny model with a large vocabulary: its embedding and head (64 MB each in float32) keep
+    the converter busy for a good part of a second, long enough to signal a real process midway."""
+    make_source(folder, wide=False)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["vocab_size"] = vocab_size
+    (folder / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    large = ("model.embed_tokens.weight", "lm_head.weight")
+    edit_tensors(
+        folder / "model.safetensors",
+        lambda t: t.update({k: rng.standard_normal((vocab_size, 64), np.float32) for k in large}),
+    )
+    return folder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,6 +25,7 @@ from safetensors import safe_open
 
 from mimo_mlx import load_model
 from mimo_mlx.convert import convert, pipeline
+from mimo_mlx.convert.report import format_size, model_card, sized_model_card
 
 LAYOUTS = [
     ("text_config", "model"),
@@ -90,10 +92,11 @@ def test_default_dtypes_and_quantized_modules(default_output):
     out, _ = default_output
     with safe_open(out / "model-00001-of-00001.safetensors", "np") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
-    assert dtypes["visual.patch_embed.proj.weight"] == "F16"
-    assert dtypes["model.norm.weight"] == "F16" and dtypes["visual.blocks.0.attn.qkv.bias"] == "F16"
+    # The float type defaults to the checkpoint's own: float32 for this tiny one.
+    assert dtypes["visual.patch_embed.proj.weight"] == "F32"
+    assert dtypes["model.norm.weight"] == "F32" and dtypes["visual.blocks.0.attn.qkv.bias"] == "F32"
     assert dtypes["model.layers.0.mlp.up_proj.weight"] == "U32"
-    assert dtypes["model.layers.0.mlp.up_proj.scales"] == "F16"
+    assert dtypes["model.layers.0.mlp.up_proj.scales"] == "F32"
     model = load_model(out)
     assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
     for module in (
@@ -118,6 +121,34 @@ def test_summary_lines(default_output):
         stats = report.errors[part]
         assert 0 < stats.mean < stats.max < 0.2
         assert any(line.split()[0] == part and "4-bit g64" in line for line in lines)
+
+
+def stated_size(card: str) -> tuple[str, int]:
+    """The size a model card states: as printed ("1.23 MB") and in bytes."""
+    match = re.search(
+        r"In all: (\d+(?:\.\d+)? [kMG]?B)\s+\(([\d,]+) bytes, this card included\)", card
+    )
+    assert match, card
+    return match[1], int(match[2].replace(",", ""))
+
+
+def test_model_card_states_the_printed_size(default_output):
+    out, report = default_output
+    on_disk = sum(p.stat().st_size for p in out.iterdir())
+    printed = re.match(rf"Wrote {re.escape(str(out))}: (.+?) in 1 shard", report.lines()[0])[1]
+    assert stated_size((out / "README.md").read_text()) == (printed, on_disk)
+    assert report.folder_bytes == on_disk
+
+
+@pytest.mark.parametrize("edge", [10**3, 10**6, 10**7, 10**9])
+def test_model_card_size_is_exact_at_unit_edges(default_output, edge):
+    """Where a larger size prints shorter ("999.99 kB" -> "1.00 MB", or one more digit), the card
+    must still state exactly the folder's size with itself included."""
+    _, report = default_output
+    length = len(model_card(report, edge).encode())
+    for other in range(max(0, edge - length - 40), edge - length + 40):
+        card = sized_model_card(report, other)
+        assert stated_size(card.decode()) == (format_size(other + len(card)), other + len(card))
 
 
 def test_quantized_logits_within_stated_bound(
@@ -246,15 +277,16 @@ def test_blocks_and_shards_do_not_change_the_result(default_output, source, tmp_
 
 def test_existing_output_is_refused_unless_forced(source, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    convert(hf_path=str(source), mlx_path=str(out))
     with pytest.raises(Exception, match="already exists; pass --force"):
         convert(hf_path=str(source), mlx_path=str(out))
-    assert (out / "keep.txt").read_text() == "mine"
     convert(hf_path=str(source), mlx_path=str(out), force=True, q_bits=8)
-    assert not (out / "keep.txt").exists()
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
     assert leftovers(tmp_path, "out") == ["out"]
+    (out / "keep.txt").write_text("mine")  # no longer only a conversion: --force leaves it be
+    with pytest.raises(Exception, match="does not write \\(keep.txt\\)"):
+        convert(hf_path=str(source), mlx_path=str(out), force=True)
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_output_may_not_replace_the_source(source):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -62,6 +64,12 @@ class Payload:
         return (open, (str(self.marker), "w"))
 
 
+def add_unreadable_shard(folder, tmp_path):
+    """Without an index every *.safetensors is a shard; one that cannot be opened, even by root."""
+    (folder / "model.safetensors.index.json").unlink()
+    (folder / "zz.safetensors").mkdir()
+
+
 def make_pickle_only(folder, tmp_path):
     for file in [*folder.glob("*.safetensors"), folder / "model.safetensors.index.json"]:
         file.unlink()
@@ -109,12 +117,13 @@ def make_pickle_only(folder, tmp_path):
             ),
             "is I64; only float checkpoints",
         ),
+        (add_unreadable_shard, "cannot read {folder}/zz.safetensors (Is a directory)"),
     ],
 )
 def test_bad_checkpoint(folder, tmp_path, break_it, message):
     break_it(folder, tmp_path)
     result = run_cli(tmp_path, "--hf-path", str(folder))
-    assert_clean_failure(result, tmp_path, message)
+    assert_clean_failure(result, tmp_path, message.format(folder=folder))
     assert not (tmp_path / "unpickled").exists()
 
 
@@ -158,7 +167,7 @@ def test_failure_midway_leaves_nothing(folder, tmp_path, monkeypatch):
         real_rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(pipeline.shutil, "rmtree", spy)
-    result = run_cli(tmp_path, "--hf-path", str(folder))
+    result = run_cli(tmp_path, "--hf-path", str(folder), "--dtype", "float16")
     assert_clean_failure(result, tmp_path, f"{late} has values that are NaN or infinite")
     assert "--dtype bfloat16" in result.stderr
     (written,) = removed
@@ -197,3 +206,79 @@ def test_ctrl_c_midway_leaves_nothing(folder, tmp_path, monkeypatch):
     assert result.exit_code == 130 and "interrupted" in result.stderr
     assert len(calls) == 20
     assert leftovers(tmp_path, "out") == []
+
+
+def convert_to(source, mlx_path, *options):
+    args = ["convert", "--hf-path", str(source), "--mlx-path", str(mlx_path), *options]
+    return CliRunner().invoke(main, args)
+
+
+def assert_one_line(result, message):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.exception is not None
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr
+    assert message in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("below", ["sub", "sub/deeper/out"])
+def test_output_below_a_file(pristine, tmp_path, below):
+    """A path component that is a file fails for root too."""
+    (tmp_path / "somefile").write_text("mine")
+    target = tmp_path / "somefile" / below
+    result = convert_to(pristine, target)
+    assert_one_line(
+        result, f"cannot create {target}: {tmp_path / 'somefile'} is a file, not a folder"
+    )
+    assert os.listdir(tmp_path) == ["somefile"] and (tmp_path / "somefile").read_text() == "mine"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_output_in_a_filesystem_that_takes_no_folders(pristine):
+    result = convert_to(pristine, "/proc/mimo-mlx-test")
+    assert_one_line(result, "cannot write /proc/mimo-mlx-test: No such file or directory (/proc)")
+    assert not any("mimo-mlx-test" in name for name in os.listdir("/proc"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+@pytest.mark.parametrize("below", ["out", "new/out"])
+def test_output_in_a_folder_without_write_permission(pristine, tmp_path, below):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        result = convert_to(pristine, locked / below)
+    finally:
+        locked.chmod(0o755)
+    assert_one_line(result, f"cannot write {locked / below}: Permission denied")
+    assert "choose an --mlx-path in a folder you may write to" in result.stderr
+    assert os.listdir(locked) == []
+
+
+@pytest.mark.parametrize(
+    "code, advice",
+    [
+        (errno.ENOSPC, "; the converted model needs 426.14 kB: free space there, or choose"),
+        (errno.EDQUOT, "needs 426.14 kB: free some of your quota there"),
+        (errno.EROFS, "that filesystem is read-only"),
+        (errno.EACCES, "a folder you may write to"),
+        (errno.EIO, "choose another --mlx-path"),
+    ],
+)
+def test_write_failure_midway_leaves_nothing(folder, tmp_path, monkeypatch, code, advice):
+    """The disk fills (or goes read-only, ...) after some blocks are on disk: one line, exit 1, and
+    neither the hidden folder nor the parent folders made for it remain."""
+    real_write = pipeline.ShardedWriter.write
+    calls = []
+
+    def write_then_fail(self, name, data):
+        real_write(self, name, data)
+        calls.append(name)
+        if len(calls) == 20:
+            raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(pipeline.ShardedWriter, "write", write_then_fail)
+    target = tmp_path / "new" / "deeper" / "out"
+    result = convert_to(folder, target)
+    assert_one_line(result, f"cannot write {target}: {os.strerror(code)} ({target.parent}); ")
+    assert advice in result.stderr
+    assert not (tmp_path / "new").exists()
