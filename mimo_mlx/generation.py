@@ -20,6 +20,7 @@ from .model import Model, Prompt
 from .options import DEFAULT_MAX_TOKENS, SamplingOptions, pop_prompt_options, split_options
 from .processor import ImageInput, ModelInputs, Processor
 from .sampling import LogitsProcessor, Sampler, make_logits_processors, make_sampler
+from .tokenizer import Tokenizer
 
 DEFAULT_PREFILL_STEP = 512
 
@@ -90,7 +91,8 @@ def generate_step(
 class GenerationResponse:
     """One streamed step (mlx-lm's fields, plus the time to the first token).
 
-    text is the new text (possibly empty while a character is incomplete); peak_memory is in GB.
+    text is the new text (possibly empty while a character is incomplete); peak_memory is in GB;
+    prompt_tps counts the prompt tokens computed (not those reused from a cache).
     finish_reason is "stop" (an end token) or "length" (max_tokens or the model's context) at the
     last step, else None.
     """
@@ -106,6 +108,7 @@ class GenerationResponse:
     peak_memory: float
     time_to_first_token: float
     finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens reused from the cache, not computed again
 
 
 @dataclass(frozen=True)
@@ -169,15 +172,42 @@ def stream_generate(
         inputs = processor.prepare(prompt, images, videos, **vars(prompt_options))
     check_context(model, inputs)
     sampler, logits_processors = _sampling(sampling, sampler, logits_processors)
-    prompt_tokens = inputs.input_ids.shape[1]
-    max_tokens = max_new_tokens(model, prompt_tokens, max_tokens)
-    detokenizer = processor.tokenizer.detokenizer()
-    stop = processor.tokenizer.eos_token_ids
-    mx.reset_peak_memory()
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    mx.reset_peak_memory()
     prepared = model.prepare_prompt(inputs.input_ids, **inputs.vision_kwargs(), cache=cache)
-    steps = generate_step(
+    yield from stream_prompt(
+        model,
+        processor.tokenizer,
         prepared,
+        cache,
+        started=start,
+        max_tokens=max_new_tokens(model, inputs.input_ids.shape[1], max_tokens),
+        sampler=sampler,
+        logits_processors=logits_processors,
+        prefill_step_size=prefill_step_size,
+    )
+
+
+def stream_prompt(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompt: Prompt,
+    cache: PromptCache,
+    *,
+    started: float,
+    max_tokens: int,
+    sampler: Sampler,
+    logits_processors: Sequence[LogitsProcessor],
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    cached_tokens: int = 0,
+) -> Iterator[GenerationResponse]:
+    """Stream the answer to a prepared prompt that continues `cache` (holding `cached_tokens`
+    tokens of the whole prompt already); timings count from `started`."""
+    prompt_tokens = cached_tokens + prompt.length
+    detokenizer = tokenizer.detokenizer()
+    stop = tokenizer.eos_token_ids
+    steps = generate_step(
+        prompt,
         model,
         max_tokens=max_tokens,
         sampler=sampler,
@@ -189,13 +219,13 @@ def stream_generate(
     for n, (token, logprobs) in enumerate(steps, start=1):
         now = time.perf_counter()
         if n == 1:
-            first = now - start
-            prompt_tps = prompt_tokens / first
+            first = now - started
+            prompt_tps = prompt.length / first
         finish = "stop" if token in stop else ("length" if n == max_tokens else None)
         text = detokenizer.add_token(token) if token not in stop else ""
         if finish:
             text += detokenizer.finalize()
-        decode_time = now - start - first
+        decode_time = now - started - first
         yield GenerationResponse(
             text=text,
             token=token,
@@ -208,6 +238,7 @@ def stream_generate(
             peak_memory=mx.get_peak_memory() / 1e9,
             time_to_first_token=first,
             finish_reason=finish,
+            cached_tokens=cached_tokens,
         )
         if finish:
             break

@@ -126,16 +126,19 @@ class Model(nn.Module):
 
         Images and videos are given as transformers' processor returns them; `vision_features`
         (already merged features, one row per placeholder in prompt order) replaces the pixels,
-        e.g. from a cache of encoded images.
+        e.g. from a cache of encoded images (the grids are still needed, for the positions).
         """
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise MimoError(f"input_ids must have shape (batch, length), got {ids.shape}")
-        _check_pixels(pixel_values, image_grid_thw, "pixel_values", "image_grid_thw")
-        _check_pixels(pixel_values_videos, video_grid_thw, "pixel_values_videos", "video_grid_thw")
+        if vision_features is None:
+            _check_pixels(pixel_values, image_grid_thw, "pixel_values", "image_grid_thw")
+            _check_pixels(
+                pixel_values_videos, video_grid_thw, "pixel_values_videos", "video_grid_thw"
+            )
         placeholder = np.isin(ids, self._placeholder_ids)
         before = np.concatenate([[0], np.cumsum(placeholder.sum(axis=0))])
-        if not placeholder.any() and pixel_values is None and pixel_values_videos is None:
+        if not placeholder.any() and image_grid_thw is None and video_grid_thw is None:
             return Prompt(ids, None, None, before)
         offset = cache.offset if cache is not None else 0
         deltas = cache.rope_deltas if cache is not None else None

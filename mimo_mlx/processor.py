@@ -2,22 +2,45 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .chat import build_prompt, expand_vision_tokens, load_chat_template
+from .chat import check_media_rendered, expand_vision_tokens, load_chat_template, render_chat
 from .errors import MimoError
+from .messages import Media, split_messages
 from .options import PromptOptions
 from .processing import ImageProcessorConfig, load_image, load_processor_config, preprocess_images
 from .tokenizer import Tokenizer
 from .video import load_video, preprocess_video
 
 ImageInput = str | Path | Image.Image
+
+
+@dataclass(frozen=True)
+class PreparedMedia:
+    """One image or video, preprocessed: its patches and grid, and what grounding needs."""
+
+    kind: str  # "image" or "video"
+    pixel_values: np.ndarray  # (t * h * w, patch_dim) float32
+    grid_thw: tuple[int, int, int]
+    second_per_grid_t: float | None = None  # videos: seconds one temporal patch spans
+    sizes: tuple[tuple[int, int], tuple[int, int]] | None = None  # images: (upright, resized)
+
+    @cached_property
+    def key(self) -> str:
+        """A content key: the preprocessed pixels fold in every preprocessing setting, so equal
+        keys mean equal vision features for a given model."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{self.kind}:{self.grid_thw}:{self.second_per_grid_t}".encode())
+        digest.update(np.ascontiguousarray(self.pixel_values).data)
+        return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -35,6 +58,7 @@ class ModelInputs:
     opens_thinking: bool = field(default=False)  # the template already opened <think>
     # Per image: ((width, height) as the user sees it, (width, height) the processor resized it to).
     image_sizes: tuple[tuple[tuple[int, int], tuple[int, int]], ...] = ()
+    media: tuple[PreparedMedia, ...] = ()  # every image and video, in order of appearance
 
     def vision_kwargs(self) -> dict[str, Any]:
         return {
@@ -71,80 +95,84 @@ class Processor:
         videos: Sequence[str | Path] | str | Path = (),
         **options,
     ) -> ModelInputs:
-        """Render the chat (images, then videos, then the text) and preprocess the media.
+        """One user turn: images, then videos, then the text (MiMo's recommended order).
 
         `images` and `videos` are a list, or one item (a path, or a PIL image). `options` are
         `options.PromptOptions`: `min_pixels`/`max_pixels` bound each image's resized area (None:
         the checkpoint's limits); video frames are sampled at `fps`, at most `max_frames` per
         video, each frame's area bounded by `video_min_pixels`/`video_max_pixels`.
         """
+        media = [{"type": "image", "image": x} for x in _as_list(images, "images")]
+        media += [{"type": "video", "video": x} for x in _as_list(videos, "videos")]
+        content = [*media, {"type": "text", "text": prompt}]
+        return self.prepare_messages([{"role": "user", "content": content}], **options)
+
+    def prepare_messages(
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = True,
+        preprocess: Callable[[Media, PromptOptions], PreparedMedia] | None = None,
+        **options,
+    ) -> ModelInputs:
+        """A whole conversation (see `messages.py` for the accepted shapes), rendered with the
+        chat template and tokenized as transformers would, its media preprocessed in order.
+
+        `preprocess` replaces `self.preprocess` (a conversation reuses what it prepared before).
+        """
         opts = PromptOptions(**options)
-        images, videos = _as_list(images, "images"), _as_list(videos, "videos")
-        config = self.image_config
+        rendered, media = split_messages(messages, system=opts.system, no_think=opts.no_think)
+        prepared = tuple((preprocess or self.preprocess)(item, opts) for item in media)
+        images = [m for m in prepared if m.kind == "image"]
+        videos = [m for m in prepared if m.kind == "video"]
+        special = self.tokenizer.special_tokens_map
+        text = render_chat(self.chat_template, rendered, special, add_generation_prompt)
+        check_media_rendered(text, len(images), len(videos))
+        image_grids = np.array([m.grid_thw for m in images], dtype=np.int64).reshape(-1, 3)
+        video_grids = np.array([m.grid_thw for m in videos], dtype=np.int64).reshape(-1, 3)
+        merge = self.image_config.merge_size
+        expanded = expand_vision_tokens(text, image_grids, video_grids, merge_size=merge)
         vision: dict[str, Any] = {}
-        sizes = ()
         if images:
-            # Opened here (upright, as preprocessing sees them) so their sizes can be recorded.
-            images = [load_image(x) if isinstance(x, str | Path) else x for x in images]
-            pixels, grid = preprocess_images(
-                images, config, min_pixels=opts.min_pixels, max_pixels=opts.max_pixels
-            )
-            vision.update(pixel_values=pixels, image_grid_thw=grid)
-            patch = config.patch_size
-            sizes = tuple(
-                (image.size, (int(w) * patch, int(h) * patch))
-                for image, (_, h, w) in zip(images, grid, strict=True)
-            )
+            pixels = np.concatenate([m.pixel_values for m in images])
+            vision.update(pixel_values=pixels, image_grid_thw=image_grids)
         if videos:
-            vision.update(self._videos(videos, opts))
-        text = build_prompt(
-            self.tokenizer,
-            self.chat_template,
-            prompt,
-            num_images=len(images),
-            num_videos=len(videos),
-            system=opts.system,
-            no_think=opts.no_think,
-        )
-        expanded = expand_vision_tokens(
-            text,
-            vision.get("image_grid_thw", ()),
-            vision.get("video_grid_thw", ()),
-            merge_size=config.merge_size,
-        )
-        ids = np.array([self.tokenizer.encode(expanded)], dtype=np.int64)
-        vision_tokens = sum(
-            int(np.prod(g, axis=1).sum()) // config.merge_size**2
-            for g in (vision.get("image_grid_thw"), vision.get("video_grid_thw"))
-            if g is not None
-        )
-        opens = text.rstrip().endswith("<think>")
+            vision.update(
+                pixel_values_videos=np.concatenate([m.pixel_values for m in videos]),
+                video_grid_thw=video_grids,
+                second_per_grid_ts=[m.second_per_grid_t for m in videos],
+            )
         return ModelInputs(
-            ids,
+            np.array([self.tokenizer.encode(expanded)], dtype=np.int64),
             text=text,
-            vision_tokens=vision_tokens,
-            opens_thinking=opens,
-            image_sizes=sizes,
+            vision_tokens=sum(int(np.prod(m.grid_thw)) // merge**2 for m in prepared),
+            opens_thinking=text.rstrip().endswith("<think>"),
+            image_sizes=tuple(m.sizes for m in images),
+            media=prepared,
             **vision,
         )
 
-    def _videos(self, videos: list, opts: PromptOptions) -> dict[str, Any]:
-        """Every video sampled and preprocessed, concatenated in order as transformers does."""
-        limits = dict(min_pixels=opts.video_min_pixels, max_pixels=opts.video_max_pixels)
-        pixels, grids, seconds = [], [], []
-        for video in videos:
-            frames, sample_fps = load_video(
-                video, opts.fps, opts.max_frames, self.image_config, **limits
-            )
-            px, grid, second = preprocess_video(frames, sample_fps, self.image_config, **limits)
-            pixels.append(px)
-            grids.append(grid)
-            seconds.append(second)
-        return dict(
-            pixel_values_videos=np.concatenate(pixels),
-            video_grid_thw=np.concatenate(grids),
-            second_per_grid_ts=seconds,
+    def preprocess(self, item: Media, opts: PromptOptions) -> PreparedMedia:
+        """One image (upright, resized, normalized, patched) or video (sampled, then the same);
+        an item prepared before passes through."""
+        if isinstance(item.source, PreparedMedia):
+            return item.source
+        config = self.image_config
+        if item.kind == "video":
+            limits = dict(min_pixels=opts.video_min_pixels, max_pixels=opts.video_max_pixels)
+            if not isinstance(item.source, str | Path):
+                raise MimoError(
+                    f"a video is a file or a folder of frames, got {type(item.source).__name__}"
+                )
+            frames, fps = load_video(item.source, opts.fps, opts.max_frames, config, **limits)
+            pixels, grid, second = preprocess_video(frames, fps, config, **limits)
+            return PreparedMedia("video", pixels, tuple(int(v) for v in grid[0]), second)
+        image = load_image(item.source) if isinstance(item.source, str | Path) else item.source
+        pixels, grid = preprocess_images(
+            [image], config, min_pixels=opts.min_pixels, max_pixels=opts.max_pixels
         )
+        t, h, w = (int(v) for v in grid[0])
+        resized = (w * config.patch_size, h * config.patch_size)
+        return PreparedMedia("image", pixels, (t, h, w), sizes=(image.size, resized))
 
 
 def _as_list(items: Any, name: str) -> list:

@@ -55,6 +55,11 @@ def ours(folder):
 
 @pytest.fixture(scope="module")
 def reference(folder):
+    return hf_reference(folder)
+
+
+def hf_reference(folder):
+    """transformers' model and processor for a tiny model folder (images at MAX_PIXELS)."""
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
 
@@ -76,8 +81,12 @@ def reference(folder):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
+    return sample_images(tmp_path_factory.mktemp("images"))
+
+
+def sample_images(folder):
+    """Two smooth random images of awkward sizes (131x257 and 60x90), as PNG files."""
     rng = np.random.default_rng(0)
-    folder = tmp_path_factory.mktemp("images")
     paths = []
     for i, (h, w) in enumerate([(131, 257), (60, 90)]):
         smooth = rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)

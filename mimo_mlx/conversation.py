@@ -1,0 +1,251 @@
+"""Multi-turn conversations that never compute what they have already seen.
+
+Each turn renders the whole conversation with the chat template, as transformers would for a fresh
+`generate`, and tokenizes it. The cache already holds a prefix of those tokens (the earlier turns,
+and the answers as they were generated): only the tokens after the longest common prefix are
+prefilled. Where the template renders history differently from what was generated (it re-tokenizes
+an answer, or drops past reasoning), the cache is trimmed back to the first difference, rotary
+offsets included, and continues from there. Tokens of an image or video compare by the item's
+content key, never by their placeholder ids, and encoded items come from a shared `VisionCache`.
+
+    chat = Conversation(model, processor)
+    print(chat.ask("What is in this picture?", images=["photo.jpg"]).answer)
+    print(chat.ask("And what colour is it?").answer)       # the image is not encoded again
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .chat import split_thinking
+from .errors import MimoError
+from .generation import (
+    DEFAULT_PREFILL_STEP,
+    GenerationResponse,
+    GenerationResult,
+    _sampling,
+    stream_prompt,
+)
+from .messages import Message, with_media
+from .model import Model
+from .options import DEFAULT_MAX_TOKENS, PromptOptions, SamplingOptions
+from .processor import ImageInput, Media, ModelInputs, PreparedMedia, Processor, _as_list
+from .sampling import LogitsProcessor, Sampler
+from .vision_cache import VisionCache, shared_vision_cache
+
+
+class Conversation:
+    """A chat with one model: its messages, and a cache of everything it has computed.
+
+    `prompt_options` (`options.PromptOptions`: system, no_think, pixel limits, video sampling)
+    hold for every turn. `max_kv_size` bounds the tokens kept (default: the model's context);
+    a turn that would not fit is refused, or with `drop_old_turns` the oldest exchanges are
+    dropped until it fits.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        processor: Processor,
+        *,
+        vision_cache: VisionCache | None = None,
+        max_kv_size: int | None = None,
+        drop_old_turns: bool = False,
+        **prompt_options,
+    ) -> None:
+        self.model, self.processor = model, processor
+        self.prompt_options = PromptOptions(**prompt_options)
+        self.vision_cache = vision_cache if vision_cache is not None else shared_vision_cache()
+        context = model.config.text.max_position_embeddings
+        if max_kv_size is not None and not 0 < max_kv_size <= context:
+            raise MimoError(f"max_kv_size must be between 1 and the model's context, {context}")
+        self.max_kv_size = max_kv_size or context
+        self.drop_old_turns = drop_old_turns
+        self._codes: dict[str, int] = {}  # media key -> code in the token identities
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every turn and everything cached (the shared vision cache stays)."""
+        self.messages: list[Message] = []
+        self.cache = self.model.make_cache()
+        self._tokens = np.zeros(0, dtype=np.int64)  # identity of each cached token
+        self._inputs: ModelInputs | None = None  # the last turn's
+        self._opened = False
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self._tokens)
+
+    def ask(self, content: str | list, images=(), videos=(), **kwargs) -> GenerationResult:
+        """Add a user turn and return the whole answer (reasoning apart); see `stream`."""
+        pieces, tokens, last = [], [], None
+        for response in self.stream(content, images, videos, **kwargs):
+            pieces.append(response.text)
+            tokens.append(response.token)
+            last = response
+        text = "".join(pieces)
+        thinking, answer = split_thinking(text, prompt_opened_thinking=self._opened)
+        return GenerationResult(text, thinking, answer, tokens, last, self._inputs)
+
+    def stream(
+        self,
+        content: str | list,
+        images: Sequence[ImageInput] | ImageInput = (),
+        videos: Sequence[str | Path] | str | Path = (),
+        **kwargs,
+    ) -> Iterator[GenerationResponse]:
+        """Add a user turn (text or a list of parts; images, then videos, then the text) and
+        stream the answer, which joins the history. Keyword arguments as in `stream_messages`."""
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+        media = [{"type": "image", "image": x} for x in _as_list(images, "images")]
+        media += [{"type": "video", "video": x} for x in _as_list(videos, "videos")]
+        turn = {"role": "user", "content": [*media, *parts]}
+        yield from self.stream_messages([*self.messages, turn], **kwargs)
+
+    def stream_messages(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        sampler: Sampler | None = None,
+        logits_processors: Sequence[LogitsProcessor] | None = None,
+        prefill_step_size: int = DEFAULT_PREFILL_STEP,
+        **sampling,
+    ) -> Iterator[GenerationResponse]:
+        """Answer a whole conversation (the OpenAI message shape; see `messages.py`), reusing the
+        longest prefix this cache holds. Afterwards `messages` plus the answer are the history,
+        also when the caller stops reading early (the answer so far is kept)."""
+        if max_tokens < 1:
+            raise MimoError(f"max_tokens must be at least 1, got {max_tokens}")
+        started = time.perf_counter()
+        sampler, logits_processors = _sampling(
+            SamplingOptions(**sampling), sampler, logits_processors
+        )
+        messages, inputs = self._fitted(list(messages))
+        identity = self._identity(inputs)
+        keep = self._reusable(identity)
+        self.cache.trim(self.cache.offset - keep)
+        self._tokens = self._tokens[:keep]
+        prompt = self._suffix_prompt(inputs, identity, keep)
+        self._inputs, self._opened = inputs, inputs.opens_thinking
+        budget = min(max_tokens, self.max_kv_size - len(identity))
+        generated: list[int] = []
+        mx.reset_peak_memory()
+        try:
+            for response in stream_prompt(
+                self.model,
+                self.processor.tokenizer,
+                prompt,
+                self.cache,
+                started=started,
+                max_tokens=budget,
+                sampler=sampler,
+                logits_processors=logits_processors,
+                prefill_step_size=prefill_step_size,
+                cached_tokens=keep,
+            ):
+                generated.append(response.token)
+                yield response
+        finally:
+            # Whatever happened (done, stopped early, interrupted), the cache holds this prompt
+            # and the answer as far as it got; the history says the same.
+            self._tokens = np.concatenate([identity, generated])[: self.cache.offset]
+            self.messages = with_media(messages, inputs.media)
+            if generated:
+                answer = [t for t in generated if t not in self.processor.tokenizer.eos_token_ids]
+                text = self.processor.tokenizer.decode(answer, skip_special_tokens=True)
+                self.messages.append({"role": "assistant", "content": text})
+            else:
+                self.messages.pop()  # no answer at all: as if the turn was never sent
+
+    # ---------------------------------------------------------------- the prompt of a turn
+
+    def _prepare(self, messages: list[Message]) -> ModelInputs:
+        return self.processor.prepare_messages(messages, **vars(self.prompt_options))
+
+    def _fitted(self, messages: list[Message]) -> tuple[list[Message], ModelInputs]:
+        """The messages and their inputs, leaving room for at least one answer token."""
+        while True:
+            inputs = self._prepare(messages)
+            length = inputs.input_ids.shape[1]
+            if length < self.max_kv_size:
+                return messages, inputs
+            shorter = _without_oldest_exchange(messages) if self.drop_old_turns else None
+            if shorter is None:
+                advice = (
+                    "start over (/reset in chat) or drop the oldest turns (--drop-old-turns)"
+                    if not self.drop_old_turns
+                    else "the last message alone does not fit: shorten it or send smaller media"
+                )
+                raise MimoError(
+                    f"the conversation is {length} tokens but at most {self.max_kv_size} fit "
+                    f"(--max-kv-size, or the model's context); {advice}"
+                )
+            messages = shorter
+
+    def _identity(self, inputs: ModelInputs) -> np.ndarray:
+        """Token ids, with each image/video placeholder replaced by a code for its content."""
+        ids = inputs.input_ids[0].copy()
+        config = self.model.config
+        for token_id, kind in ((config.image_token_id, "image"), (config.video_token_id, "video")):
+            items = [m for m in inputs.media if m.kind == kind]
+            where = np.flatnonzero(ids == token_id)
+            counts = [int(np.prod(m.grid_thw)) // config.vision.merge_unit for m in items]
+            owner = np.repeat(np.arange(len(items)), counts)
+            codes = np.array([self._code(m.key) for m in items], dtype=np.int64)
+            ids[where] = codes[owner] if len(items) else ids[where]
+        return ids
+
+    def _code(self, key: str) -> int:
+        return -1 - self._codes.setdefault(key, len(self._codes))
+
+    def _reusable(self, identity: np.ndarray) -> int:
+        """How many cached tokens the new prompt starts with; at least one token is computed
+        afresh (its logits start the answer), and never from inside an image or video."""
+        common = min(len(self._tokens), len(identity))
+        differ = np.flatnonzero(self._tokens[:common] != identity[:common])
+        keep = min(int(differ[0]) if len(differ) else common, len(identity) - 1)
+        while 0 < keep and identity[keep] < 0 and identity[keep - 1] == identity[keep]:
+            keep -= 1
+        return keep
+
+    def _suffix_prompt(self, inputs: ModelInputs, identity: np.ndarray, keep: int):
+        """The prompt from token `keep` on: the vision features of the media that start there
+        (from the vision cache) and positions continuing the cache."""
+        by_code = {self._code(m.key): m for m in inputs.media}
+        suffix = identity[keep:]
+        starts = np.flatnonzero((suffix < 0) & (np.concatenate([[1], suffix[:-1]]) != suffix))
+        new_media = [by_code[int(suffix[i])] for i in starts]  # one per placeholder run, in order
+        features = self.vision_cache.features(self.model, new_media)
+        images = [m for m in new_media if m.kind == "image"]
+        videos = [m for m in new_media if m.kind == "video"]
+        return self.model.prepare_prompt(
+            inputs.input_ids[:, keep:],
+            image_grid_thw=_grids(images),
+            video_grid_thw=_grids(videos),
+            second_per_grid_ts=[m.second_per_grid_t for m in videos] or None,
+            cache=self.cache,
+            vision_features=mx.concatenate(features) if features else None,
+        )
+
+
+def _grids(media: list[PreparedMedia]) -> np.ndarray | None:
+    return np.array([m.grid_thw for m in media], dtype=np.int64) if media else None
+
+
+def _without_oldest_exchange(messages: list[Message]) -> list[Message] | None:
+    """The messages without the oldest user turn and the answer to it (system kept); None when
+    only the last turn is left."""
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if first is None or len(turns) < 2:
+        return None
+    return messages[:first] + messages[turns[1] :]
+
+
+__all__ = ["Conversation", "Media"]

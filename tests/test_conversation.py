@@ -1,0 +1,226 @@
+"""Conversations: each turn equals transformers' generate from scratch on the whole conversation,
+while only the new tokens are computed and no image is encoded twice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_generate import (
+    MAX_PIXELS,
+    NEW_TOKENS,
+    assert_same_tokens,
+    hf_generate,
+    hf_reference,
+    sample_images,
+    write_model_folder,
+)
+
+import mimo_mlx
+from mimo_mlx.conversation import Conversation
+from mimo_mlx.errors import MimoError
+from mimo_mlx.vision_cache import VisionCache
+
+VIDEO_LIMITS = dict(video_min_pixels=28 * 28 * 4, video_max_pixels=28 * 28 * 16)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_model_folder(tmp_path_factory.mktemp("tiny-chat"), seed=21)
+
+
+@pytest.fixture(scope="module")
+def ours(folder):
+    return mimo_mlx.load(folder)
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    return hf_reference(folder)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return sample_images(tmp_path_factory.mktemp("chat-images"))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """Six frames; at 4 fps each temporal patch is one position, within the clip's grid (beyond
+    it transformers 5 places the following text differently from the original M-RoPE rule)."""
+    folder = tmp_path_factory.mktemp("clip")
+    rng = np.random.default_rng(7)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def conversation(model_processor, **options) -> Conversation:
+    model, processor = model_processor
+    options = dict(max_pixels=MAX_PIXELS, fps=4.0, **VIDEO_LIMITS, **options)
+    return Conversation(model, processor, vision_cache=options.pop("vision_cache", None), **options)
+
+
+def hf_turn(reference, chat: Conversation, prompt_media: list) -> list[int]:
+    """transformers' greedy answer to the prompt of `chat`'s last turn (its messages without the
+    answer just given), computed from scratch.
+
+    The ids come from transformers' template and expansion rules (video placeholders counted
+    from our grids: its video processor needs torchvision); images' pixels from its own image
+    processor; `prompt_media` lists the conversation's images (PIL) and videos in order.
+    """
+    hf_model, hf_processor = reference
+    messages = []
+    for message in chat.messages[:-1]:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [
+                {"type": p["type"]} if p["type"] != "text" else {"type": "text", "text": p["text"]}
+                for p in content
+            ]
+        messages.append({"role": message["role"], "content": content})
+    text = hf_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    pil = [m for m in prompt_media if isinstance(m, Image.Image)]
+    image = hf_processor.image_processor(images=pil, return_tensors="np")
+    inputs = chat._inputs
+    image_counts = [t * h * w // 4 for t, h, w in image["image_grid_thw"]]
+    videos = inputs.video_grid_thw if inputs.video_grid_thw is not None else []
+    video_counts = [t * h * w // 4 for t, h, w in videos]
+    counts = {"<|image_pad|>": iter(image_counts), "<|video_pad|>": iter(video_counts)}
+    pieces = []
+    for chunk in text.split("<|vision_end|>"):
+        for pad, numbers in counts.items():
+            if chunk.endswith(pad):
+                chunk = chunk[: -len(pad)] + pad * next(numbers)
+        pieces.append(chunk)
+    ids = hf_processor.tokenizer("<|vision_end|>".join(pieces), return_tensors="pt")["input_ids"]
+    np.testing.assert_array_equal(inputs.input_ids, ids.numpy())
+    np.testing.assert_array_equal(inputs.pixel_values, image["pixel_values"])
+    hf_inputs = dict(
+        input_ids=ids,
+        pixel_values=torch.tensor(image["pixel_values"]),
+        image_grid_thw=torch.tensor(image["image_grid_thw"]),
+    )
+    if inputs.video_grid_thw is not None:
+        hf_inputs.update(
+            pixel_values_videos=torch.tensor(inputs.pixel_values_videos),
+            video_grid_thw=torch.tensor(inputs.video_grid_thw),
+            second_per_grid_ts=torch.tensor(inputs.second_per_grid_ts),
+        )
+    return hf_generate(hf_model, hf_inputs)
+
+
+def pil(path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def test_three_turns_equal_transformers_from_scratch(ours, reference, images, clip):
+    chat = conversation(ours, vision_cache=VisionCache())
+    first, second = pil(images[0]), pil(images[1])
+    turn1 = chat.ask("Describe this picture.", images=[first], max_tokens=NEW_TOKENS)
+    assert turn1.stats.cached_tokens == 0
+    assert_same_tokens(turn1.tokens, hf_turn(reference, chat, [first]))
+
+    turn2 = chat.ask("And what colour is it?", max_tokens=NEW_TOKENS)
+    assert turn2.stats.cached_tokens > turn1.stats.prompt_tokens  # turn 1 and most of its answer
+    assert_same_tokens(turn2.tokens, hf_turn(reference, chat, [first]))
+
+    turn3 = chat.ask("Compare with this.", images=[second], videos=[clip], max_tokens=NEW_TOKENS)
+    # At least turn 2's prompt: this answer starts with a byte piece that renders as U+FFFD, so
+    # its re-tokenized text differs from the generated tokens at once (and is recomputed).
+    assert turn3.stats.cached_tokens >= turn2.stats.prompt_tokens
+    assert_same_tokens(turn3.tokens, hf_turn(reference, chat, [first, second, clip]))
+    # Each image and the video went through the tower once, in the turn that brought it.
+    assert (chat.vision_cache.misses, chat.vision_cache.hits) == (3, 0)
+
+
+def test_divergence_inside_an_earlier_answer(ours, reference, images):
+    """History re-rendered differently from what was generated (here: the first answer edited,
+    as a template that drops reasoning would): the cache is trimmed back to the first difference,
+    rotary offsets included, and the turn still equals transformers from scratch."""
+    chat = conversation(ours, vision_cache=VisionCache())
+    first = pil(images[0])
+    chat.ask("Describe this picture.", images=[first], max_tokens=NEW_TOKENS)
+    held = chat.cached_tokens
+    answer = chat.messages[-1]["content"]
+    edited = [*chat.messages[:-1], {"role": "assistant", "content": answer[: len(answer) // 2]}]
+    turn = {"role": "user", "content": "Go on."}
+    responses = list(chat.stream_messages([*edited, turn], max_tokens=NEW_TOKENS))
+    reused = responses[-1].cached_tokens
+    assert chat._inputs.input_ids.shape[1] - 30 < held and reused < held  # trimmed
+    assert reused > chat._inputs.input_ids.shape[1] // 2  # ... inside the answer, not earlier
+    assert_same_tokens([r.token for r in responses], hf_turn(reference, chat, [first]))
+
+
+def test_trim_before_an_image_encodes_it_again_from_the_cache(ours, reference, images):
+    """An earlier user message edited before its image: everything from there is recomputed and
+    the image's features come from the vision cache, without running the tower."""
+    chat = conversation(ours, vision_cache=VisionCache())
+    first = pil(images[0])
+    chat.ask("Describe this picture.", images=[first], max_tokens=8)
+    edited = [
+        {"role": "system", "content": "You are terse."},
+        *chat.messages,
+        {"role": "user", "content": "Again?"},
+    ]
+    responses = list(chat.stream_messages(edited, max_tokens=NEW_TOKENS))
+    image_at = int(np.argmax(chat._inputs.input_ids[0] == chat.model.config.image_token_id))
+    assert 0 < responses[-1].cached_tokens < image_at  # "<|im_start|>system\nYou are" is shared
+    assert (chat.vision_cache.misses, chat.vision_cache.hits) == (1, 1)
+    assert_same_tokens([r.token for r in responses], hf_turn(reference, chat, [first]))
+
+
+def test_evictions_never_change_an_answer(ours, images):
+    """A vision cache too small for anything gives the same answers as one that keeps it all."""
+    answers = []
+    for cache in (VisionCache(), VisionCache(max_bytes=1)):
+        chat = conversation(ours, vision_cache=cache)
+        chat.ask("Describe this picture.", images=[pil(images[0])], max_tokens=6)
+        answers.append(chat.ask("Compare.", images=[pil(images[1])], max_tokens=NEW_TOKENS).tokens)
+        edited = [
+            {"role": "system", "content": "S"},
+            *chat.messages,
+            {"role": "user", "content": "?"},
+        ]
+        answers.append([r.token for r in chat.stream_messages(edited, max_tokens=NEW_TOKENS)])
+    assert answers[0:2] == answers[2:4]
+
+
+def test_a_stopped_answer_stays_in_the_history(ours):
+    chat = conversation(ours)
+    stream = chat.stream("Tell me a story.", max_tokens=NEW_TOKENS)
+    taken = [next(stream).token for _ in range(5)]
+    stream.close()  # the reader went away (Ctrl-C, a closed connection)
+    assert chat.messages[-1]["role"] == "assistant"
+    assert chat.messages[-1]["content"] == chat.processor.tokenizer.decode(
+        taken, skip_special_tokens=True
+    )
+    assert chat.cached_tokens == chat.cache.offset
+    chat.ask("Go on.", max_tokens=4)  # and the conversation continues
+
+
+@pytest.fixture
+def small_context(ours):
+    """The tiny model with a 120-token limit on the cache."""
+    return ours, 120
+
+
+def test_at_the_context_limit_a_turn_is_refused(small_context):
+    model_processor, limit = small_context
+    chat = conversation(model_processor, max_kv_size=limit)
+    chat.ask("Tell me a story.", max_tokens=40)
+    with pytest.raises(MimoError, match=f"at most {limit} fit.*--drop-old-turns"):
+        for _ in range(4):
+            chat.ask("Tell me another story, a longer one please.", max_tokens=40)
+
+
+def test_old_turns_are_dropped_when_asked(small_context):
+    model_processor, limit = small_context
+    chat = conversation(model_processor, max_kv_size=limit, drop_old_turns=True)
+    for i in range(5):
+        chat.ask(f"Tell me story number {i}.", max_tokens=30)
+        assert chat.cache.offset <= limit
+    users = [m["content"][-1]["text"] for m in chat.messages if m["role"] == "user"]
+    assert users[-1] == "Tell me story number 4." and "Tell me story number 0." not in users
