@@ -30,9 +30,10 @@ class MRoPE:
         axes = np.concatenate([np.full(n, i % 3) for i, n in enumerate(config.mrope_section)])
         self.axis_of_freq = mx.array(axes)  # (D/2,)
 
-    def __call__(self, positions: mx.array, dtype: mx.Dtype) -> Rotation:
-        """positions (3, B, L), or (B,) starts of text-only runs -> a function rotating (B, H, L, D)."""
-        if positions.ndim == 1:
+    def __call__(self, positions: mx.array | int, dtype: mx.Dtype) -> Rotation:
+        """positions (3, B, L), or the start of text-only runs: (B,) per row or one int for all
+        -> a function rotating (B, H, L, D)."""
+        if isinstance(positions, int) or positions.ndim == 1:
             # Text positions are equal on all three axes, so M-RoPE is plain RoPE: one fused kernel.
             return lambda x: mx.fast.rope(
                 x, self.dim, traditional=False, base=self.theta, scale=1.0, offset=positions
@@ -101,11 +102,11 @@ class TextModel(nn.Module):
         self._rope = MRoPE(config)
 
     def __call__(
-        self, embeds: mx.array, positions: mx.array, cache: list[KVCache] | None = None
+        self, embeds: mx.array, positions: mx.array | int, cache: list[KVCache] | None = None
     ) -> mx.array:
         """embeds (B, L, C) at positions (3, B, L) -> final hidden states (B, L, C).
 
-        positions may also be (B,): each row is text continuing from that position.
+        positions may also be (B,) or an int: each row is text continuing from that position.
         """
         rotate = self._rope(positions, embeds.dtype)
         # Causal over the new tokens; MLX aligns the causal mask to the end of a longer cached key list.

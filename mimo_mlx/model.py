@@ -96,7 +96,8 @@ class Model(nn.Module):
         vision_features: rows for the image/video placeholder tokens among `input_ids`, in order.
         The cache's rotary offsets are updated here and nowhere else.
         """
-        embeds = self.model.embed_tokens(mx.array(input_ids))
+        ids = input_ids if isinstance(input_ids, mx.array) else mx.array(input_ids)
+        embeds = self.model.embed_tokens(ids)
         if vision_features is not None:
             embeds = self._place(embeds, np.asarray(input_ids), vision_features)
         batch = embeds.shape[0]
@@ -104,10 +105,11 @@ class Model(nn.Module):
             if cache is not None:
                 cache.record_positions(positions)
             rope = mx.array(positions)
-        elif cache is not None:
-            rope = mx.array(cache.next_positions(batch).astype(np.int32))
         else:
-            rope = mx.zeros((batch,), mx.int32)
+            starts = cache.next_positions(batch) if cache is not None else np.zeros(batch, np.int64)
+            # Rows continuing at one position take a plain offset (the faster rope kernel).
+            same = bool(np.all(starts == starts[0]))
+            rope = int(starts[0]) if same else mx.array(starts.astype(np.int32))
         hidden = self.model(embeds, rope, None if cache is None else cache.layers)
         return self.logits(hidden)
 
@@ -191,6 +193,7 @@ class Model(nn.Module):
             cfg.head_dim,
             patches=int(np.sum(frames * grids[:, 0])),
             longest_frame=int(frames.max()),
+            intermediate_size=cfg.intermediate_size,
         )
         return encode(self.visual, pixels, grids, schedule)
 
