@@ -48,6 +48,11 @@ class KVCache:
         self.keys, self.values = value
         self.offset = self.keys.shape[2]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, unused tail included."""
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
     def trim(self, count: int) -> int:
         """Forget the last `count` tokens (the buffer is kept and overwritten); returns how many."""
         count = min(self.offset, max(0, count))
@@ -110,6 +115,21 @@ class PromptCache:
     @property
     def state(self) -> list[tuple[mx.array, mx.array] | tuple[()]]:
         return [layer.state for layer in self.layers]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    def copy(self, length: int) -> PromptCache:
+        """A separate cache holding this one's first `length` tokens (the arrays are shared until
+        either cache writes, which gives the writer new ones)."""
+        other = PromptCache(len(self.layers))
+        length = min(length, self.offset)
+        for mine, theirs in zip(self.layers, other.layers, strict=True):
+            if length:
+                theirs.state = (mine.keys[..., :length, :], mine.values[..., :length, :])
+        other._marks = [(s, p[:, : length - s]) for s, p in self._marks if s < length]
+        return other
 
     @property
     def marks(self) -> list[tuple[int, np.ndarray]]:

@@ -251,6 +251,88 @@ def _report_grounding(text: str, inputs, image: str, annotate_path: str | None) 
         click.echo(f"wrote {annotate_path}", err=True)
 
 
+@main.command()
+@click.option(
+    "--model",
+    "model_path",
+    default=None,
+    metavar="DIR_OR_HUB_ID",
+    help=f"A model folder or a hub id, as for generate. [default: {DEFAULT_MODEL}]",
+)
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    metavar="PATH",
+    help="An image for the first message (repeatable; /image adds more later).",
+)
+@click.option(
+    "--video",
+    "videos",
+    multiple=True,
+    metavar="PATH",
+    help="A video for the first message (repeatable; /video adds more later).",
+)
+@click.option("--hide-thinking", is_flag=True, help="Print only the answers, not the reasoning.")
+@click.option(
+    "--max-tokens",
+    "-m",
+    default=DEFAULT_MAX_TOKENS,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Most tokens per answer, reasoning included.",
+)
+@click.option(
+    "--max-kv-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Most tokens the conversation may hold (prompt, images and answers). [default: the "
+    "model's context]",
+)
+@click.option(
+    "--drop-old-turns",
+    is_flag=True,
+    help="When the conversation would pass --max-kv-size, drop its oldest exchanges (and "
+    "compute the rest again) instead of refusing the message.",
+)
+@declared_options(PromptOptions, SamplingOptions)
+def chat(
+    model_path, images, videos, hide_thinking, max_tokens, max_kv_size, drop_old_turns, **options
+):
+    """Chat about images and videos; nothing the model has seen is computed twice.
+
+    \b
+    mimo-mlx chat --image photo.jpg
+    printf 'What is this?\nAnd its colour?\n' | mimo-mlx chat --image photo.jpg
+
+    Each message reuses the earlier turns from the cache: only new tokens are computed and an
+    image is encoded once. Piped input is one message (or command) per line. Type /help for the
+    commands (/image, /video, /reset, /save, /load, /quit). Ctrl-C stops an answer.
+    """
+    from .conversation import Conversation  # noqa: PLC0415  (fast --help)
+    from .options import pop_prompt_options  # noqa: PLC0415
+    from .terminal_chat import ChatSession  # noqa: PLC0415
+
+    model, processor = _load(model_path)
+    sampling = sampling_defaults(processor.tokenizer.generation_config, options)
+    conversation = Conversation(
+        model,
+        processor,
+        max_kv_size=max_kv_size,
+        drop_old_turns=drop_old_turns,
+        **pop_prompt_options(sampling),
+    )
+    session = ChatSession(
+        conversation,
+        hide_thinking=hide_thinking,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        images=images,
+        videos=videos,
+    )
+    sys.exit(session.run())
+
+
 def _load(model_path: str | None):
     from .loading import load  # noqa: PLC0415
 

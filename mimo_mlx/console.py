@@ -69,8 +69,9 @@ def stop_reason(
 
 def stats_line(response, reason: str) -> str:
     """The one line of statistics printed to stderr after an answer."""
+    reused = f" ({response.cached_tokens} reused)" if response.cached_tokens else ""
     return (
-        f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tok/s | "
+        f"prompt: {response.prompt_tokens} tokens{reused}, {response.prompt_tps:.1f} tok/s | "
         f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tok/s | "
         f"time to first token: {response.time_to_first_token:.2f} s | "
         f"peak memory: {response.peak_memory:.2f} GB | stopped: {reason}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -33,10 +34,19 @@ from .generation import (
 )
 from .messages import Message, with_media
 from .model import Model
-from .options import DEFAULT_MAX_TOKENS, PromptOptions, SamplingOptions
-from .processor import ImageInput, Media, ModelInputs, PreparedMedia, Processor, _as_list
+from .options import DEFAULT_MAX_TOKENS, PromptOptions, SamplingOptions, pop_prompt_options
+from .processor import ImageInput, ModelInputs, PreparedMedia, Processor, _as_list
 from .sampling import LogitsProcessor, Sampler
 from .vision_cache import VisionCache, shared_vision_cache
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A conversation's next turn, prepared: its messages, their inputs and token identities."""
+
+    messages: list[Message]
+    inputs: ModelInputs
+    identity: np.ndarray
 
 
 class Conversation:
@@ -66,7 +76,6 @@ class Conversation:
             raise MimoError(f"max_kv_size must be between 1 and the model's context, {context}")
         self.max_kv_size = max_kv_size or context
         self.drop_old_turns = drop_old_turns
-        self._codes: dict[str, int] = {}  # media key -> code in the token identities
         self.reset()
 
     def reset(self) -> None:
@@ -76,10 +85,32 @@ class Conversation:
         self._tokens = np.zeros(0, dtype=np.int64)  # identity of each cached token
         self._inputs: ModelInputs | None = None  # the last turn's
         self._opened = False
+        self.answer_start = 0  # where the last answer's tokens begin in the cache
 
     @property
     def cached_tokens(self) -> int:
         return len(self._tokens)
+
+    @property
+    def opens_thinking(self) -> bool:
+        """Whether the last turn's prompt opened <think> (its answer starts inside reasoning)."""
+        return self._opened
+
+    def save(self, path: str | Path) -> Path:
+        """Write the conversation, cache included, to one safetensors file (see
+        `conversation_file`); `Conversation.load` resumes it, in this process or another."""
+        from .conversation_file import save_conversation  # noqa: PLC0415
+
+        return save_conversation(self, path)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, model: Model, processor: Processor, **overrides
+    ) -> Conversation:
+        """A conversation saved by `save`, for the model that saved it."""
+        from .conversation_file import load_conversation  # noqa: PLC0415
+
+        return load_conversation(path, model, processor, **overrides)
 
     def ask(self, content: str | list, images=(), videos=(), **kwargs) -> GenerationResult:
         """Add a user turn and return the whole answer (reasoning apart); see `stream`."""
@@ -115,24 +146,75 @@ class Conversation:
         sampler: Sampler | None = None,
         logits_processors: Sequence[LogitsProcessor] | None = None,
         prefill_step_size: int = DEFAULT_PREFILL_STEP,
-        **sampling,
+        **options,
     ) -> Iterator[GenerationResponse]:
         """Answer a whole conversation (the OpenAI message shape; see `messages.py`), reusing the
         longest prefix this cache holds. Afterwards `messages` plus the answer are the history,
-        also when the caller stops reading early (the answer so far is kept)."""
+        also when the caller stops reading early (the answer so far is kept).
+
+        `options`: sampling options, and prompt options that override the conversation's for
+        this turn (e.g. max_pixels).
+        """
+        started = time.perf_counter()
+        turn = self.prepare(messages, **pop_prompt_options(options))
+        yield from self.stream_turn(
+            turn,
+            started=started,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=logits_processors,
+            prefill_step_size=prefill_step_size,
+            **options,
+        )
+
+    def prepare(self, messages: Sequence[Message], **prompt_options) -> Turn:
+        """A turn ready to run: the messages (fitted to max_kv_size), their inputs and the
+        identity of their tokens. Depends only on the messages and the options, not on what
+        this conversation holds, so one turn can be offered to several conversations."""
+        options = PromptOptions(**{**vars(self.prompt_options), **prompt_options})
+        messages, inputs = self._fitted(list(messages), options)
+        return Turn(messages, inputs, token_identity(inputs, self.model.config))
+
+    def shared_prefix(self, turn: Turn) -> int:
+        """How many of the turn's tokens this conversation would reuse."""
+        return self._reusable(turn.identity)
+
+    def fork(self, length: int) -> Conversation:
+        """A new conversation holding this one's first `length` cached tokens (and no history:
+        the next turn brings its own messages); this one is left as it is."""
+        other = Conversation.__new__(Conversation)
+        other.__dict__.update(self.__dict__)
+        other.reset()
+        other.cache = self.cache.copy(length)
+        other._tokens = self._tokens[: other.cache.offset].copy()
+        other.answer_start = 0
+        return other
+
+    def stream_turn(
+        self,
+        turn: Turn,
+        *,
+        started: float | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        sampler: Sampler | None = None,
+        logits_processors: Sequence[LogitsProcessor] | None = None,
+        prefill_step_size: int = DEFAULT_PREFILL_STEP,
+        **sampling,
+    ) -> Iterator[GenerationResponse]:
+        """Stream the answer to a prepared turn, continuing this conversation's cache."""
         if max_tokens < 1:
             raise MimoError(f"max_tokens must be at least 1, got {max_tokens}")
-        started = time.perf_counter()
+        started = time.perf_counter() if started is None else started
         sampler, logits_processors = _sampling(
             SamplingOptions(**sampling), sampler, logits_processors
         )
-        messages, inputs = self._fitted(list(messages))
-        identity = self._identity(inputs)
+        messages, inputs, identity = turn.messages, turn.inputs, turn.identity
         keep = self._reusable(identity)
         self.cache.trim(self.cache.offset - keep)
         self._tokens = self._tokens[:keep]
         prompt = self._suffix_prompt(inputs, identity, keep)
         self._inputs, self._opened = inputs, inputs.opens_thinking
+        self.answer_start = len(identity)
         budget = min(max_tokens, self.max_kv_size - len(identity))
         generated: list[int] = []
         mx.reset_peak_memory()
@@ -165,13 +247,12 @@ class Conversation:
 
     # ---------------------------------------------------------------- the prompt of a turn
 
-    def _prepare(self, messages: list[Message]) -> ModelInputs:
-        return self.processor.prepare_messages(messages, **vars(self.prompt_options))
-
-    def _fitted(self, messages: list[Message]) -> tuple[list[Message], ModelInputs]:
+    def _fitted(
+        self, messages: list[Message], options: PromptOptions
+    ) -> tuple[list[Message], ModelInputs]:
         """The messages and their inputs, leaving room for at least one answer token."""
         while True:
-            inputs = self._prepare(messages)
+            inputs = self.processor.prepare_messages(messages, **vars(options))
             length = inputs.input_ids.shape[1]
             if length < self.max_kv_size:
                 return messages, inputs
@@ -188,22 +269,6 @@ class Conversation:
                 )
             messages = shorter
 
-    def _identity(self, inputs: ModelInputs) -> np.ndarray:
-        """Token ids, with each image/video placeholder replaced by a code for its content."""
-        ids = inputs.input_ids[0].copy()
-        config = self.model.config
-        for token_id, kind in ((config.image_token_id, "image"), (config.video_token_id, "video")):
-            items = [m for m in inputs.media if m.kind == kind]
-            where = np.flatnonzero(ids == token_id)
-            counts = [int(np.prod(m.grid_thw)) // config.vision.merge_unit for m in items]
-            owner = np.repeat(np.arange(len(items)), counts)
-            codes = np.array([self._code(m.key) for m in items], dtype=np.int64)
-            ids[where] = codes[owner] if len(items) else ids[where]
-        return ids
-
-    def _code(self, key: str) -> int:
-        return -1 - self._codes.setdefault(key, len(self._codes))
-
     def _reusable(self, identity: np.ndarray) -> int:
         """How many cached tokens the new prompt starts with; at least one token is computed
         afresh (its logits start the answer), and never from inside an image or video."""
@@ -217,7 +282,7 @@ class Conversation:
     def _suffix_prompt(self, inputs: ModelInputs, identity: np.ndarray, keep: int):
         """The prompt from token `keep` on: the vision features of the media that start there
         (from the vision cache) and positions continuing the cache."""
-        by_code = {self._code(m.key): m for m in inputs.media}
+        by_code = {media_code(m.key): m for m in inputs.media}
         suffix = identity[keep:]
         starts = np.flatnonzero((suffix < 0) & (np.concatenate([[1], suffix[:-1]]) != suffix))
         new_media = [by_code[int(suffix[i])] for i in starts]  # one per placeholder run, in order
@@ -234,6 +299,26 @@ class Conversation:
         )
 
 
+def media_code(key: str) -> int:
+    """The identity of an image's or video's placeholder tokens: negative (token ids are not),
+    60 bits of its content key, so the same media compare equal in any conversation."""
+    return -1 - int(key[:15], 16)
+
+
+def token_identity(inputs: ModelInputs, config) -> np.ndarray:
+    """Token ids, with each image/video placeholder replaced by its media's code: two prompts
+    share a prefix exactly when they share these."""
+    ids = inputs.input_ids[0].copy()
+    for token_id, kind in ((config.image_token_id, "image"), (config.video_token_id, "video")):
+        items = [m for m in inputs.media if m.kind == kind]
+        if not items:
+            continue
+        counts = [int(np.prod(m.grid_thw)) // config.vision.merge_unit for m in items]
+        codes = np.array([media_code(m.key) for m in items], dtype=np.int64)
+        ids[ids == token_id] = np.repeat(codes, counts)
+    return ids
+
+
 def _grids(media: list[PreparedMedia]) -> np.ndarray | None:
     return np.array([m.grid_thw for m in media], dtype=np.int64) if media else None
 
@@ -246,6 +331,3 @@ def _without_oldest_exchange(messages: list[Message]) -> list[Message] | None:
     if first is None or len(turns) < 2:
         return None
     return messages[:first] + messages[turns[1] :]
-
-
-__all__ = ["Conversation", "Media"]

@@ -224,3 +224,77 @@ def test_old_turns_are_dropped_when_asked(small_context):
         assert chat.cache.offset <= limit
     users = [m["content"][-1]["text"] for m in chat.messages if m["role"] == "user"]
     assert users[-1] == "Tell me story number 4." and "Tell me story number 0." not in users
+
+
+def test_save_and_load_continue_identically(ours, images, tmp_path):
+    chat = conversation(ours, vision_cache=VisionCache())
+    chat.ask("Describe this picture.", images=[pil(images[0])], max_tokens=8)
+    chat.ask("And the colour?", max_tokens=8)
+    path = chat.save(tmp_path / "chat.safetensors")
+    again = Conversation.load(path, *ours)
+    assert again.cached_tokens == chat.cached_tokens and again.messages[-1] == chat.messages[-1]
+    expected = chat.ask("Compare.", images=[pil(images[1])], max_tokens=NEW_TOKENS)
+    resumed = again.ask("Compare.", images=[pil(images[1])], max_tokens=NEW_TOKENS)
+    assert resumed.tokens == expected.tokens
+    assert resumed.stats.cached_tokens == expected.stats.cached_tokens > 0
+
+
+def test_a_file_from_another_model_is_refused(ours, folder, tmp_path):
+    chat = conversation(ours)
+    chat.ask("Hi", max_tokens=3)
+    path = chat.save(tmp_path / "chat.safetensors")
+    other = mimo_mlx.load(write_model_folder(tmp_path / "other", seed=22))
+    with pytest.raises(MimoError, match="saved with another model"):
+        Conversation.load(path, *other)
+    same_weights_other_dtype = (mimo_mlx.load_model(folder, dtype="bfloat16"), ours[1])
+    with pytest.raises(MimoError, match="another dtype"):
+        Conversation.load(path, *same_weights_other_dtype)
+
+
+def test_a_file_of_another_format_or_no_conversation_is_refused(
+    ours, folder, tmp_path, monkeypatch
+):
+    chat = conversation(ours)
+    chat.ask("Hi", max_tokens=3)
+    monkeypatch.setattr("mimo_mlx.conversation_file.FORMAT", 99)
+    path = chat.save(tmp_path / "future.safetensors")
+    monkeypatch.undo()
+    with pytest.raises(MimoError, match="conversation format 99; this mimo-mlx .* reads format 1"):
+        Conversation.load(path, *ours)
+    with pytest.raises(MimoError, match="not a mimo-mlx conversation file"):
+        Conversation.load(next(folder.glob("*.safetensors")), *ours)
+
+
+def test_the_pool_continues_each_clients_conversation(ours, images):
+    """Two clients re-sending growing conversations: each turn 2 reuses its own turn 1, and a
+    client that starts like another forks it instead of trimming it away."""
+    from mimo_mlx.conversation_pool import ConversationPool
+
+    pool = ConversationPool(*ours, vision_cache=VisionCache(), max_pixels=MAX_PIXELS)
+    first = [{"role": "user", "content": [{"type": "image", "image": pil(images[0])},
+                                          {"type": "text", "text": "Describe."}]}]  # fmt: skip
+    other = [{"role": "user", "content": "Tell me a story."}]
+    answers, reused = {}, {}
+    for name, messages in (("a", first), ("b", other)):
+        responses = list(pool.stream(messages, max_tokens=6, temp=0.0))
+        answers[name], reused[name] = pool._entries[-1].messages, responses[-1].cached_tokens
+    # b starts like a (the default system prompt): a's cache is forked there, not trimmed.
+    assert reused["a"] == 0 and 0 < reused["b"] < pool._entries[0].cached_tokens
+    assert len(pool) == 2
+    turn2 = [*answers["a"], {"role": "user", "content": "More."}]
+    responses = list(pool.stream(turn2, max_tokens=6, temp=0.0))
+    assert responses[-1].cached_tokens > 40  # turn 1 and its image came from client a's cache
+    held = [entry.cached_tokens for entry in pool._entries]
+    branch = [{"role": "user", "content": "Tell me a poem."}]  # starts like b, then parts
+    responses = list(pool.stream(branch, max_tokens=4, temp=0.0))
+    assert responses[-1].cached_tokens > reused["b"]  # "...user\nTell me a" from b's cache
+    assert len(pool) == 3 and [e.cached_tokens for e in pool._entries[:2]] == held  # b forked
+
+
+def test_the_pool_keeps_within_its_bytes(ours):
+    from mimo_mlx.conversation_pool import ConversationPool
+
+    pool = ConversationPool(*ours, max_bytes=1)
+    for i in range(3):
+        list(pool.stream([{"role": "user", "content": f"Story {i}."}], max_tokens=3))
+        assert len(pool) == 1  # only the one in use stays

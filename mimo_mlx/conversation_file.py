@@ -1,0 +1,188 @@
+"""A conversation saved to one file and resumed later, in this process or another, identically.
+
+The file is safetensors (never pickle): every layer's keys and values, the rotary bookkeeping, the
+identity of each cached token, the preprocessed pixels of the conversation's images and videos,
+and JSON metadata (the messages, the options, the file format and the model's fingerprint). A file
+written by another model (or the same weights in another dtype) or in another format is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from importlib import metadata as package_metadata
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .errors import MimoError
+from .model import Model
+from .processor import PreparedMedia, Processor
+
+FORMAT = 1
+METADATA_KEY = "mimo_mlx.conversation"
+
+
+def model_fingerprint(model: Model) -> str:
+    """Identifies a loaded model: its config, every parameter's name, shape and dtype, and the
+    values of a few small ones (norm scales), which differ between any two sets of weights."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(
+        json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str).encode()
+    )
+    for name, array in tree_flatten(model.parameters()):
+        digest.update(f"{name}:{array.shape}:{array.dtype}".encode())
+    for array in (model.model.norm.weight, model.model.layers[-1].input_layernorm.weight):
+        digest.update(np.asarray(array.astype(mx.float32)).tobytes())
+    return digest.hexdigest()
+
+
+def save_conversation(chat, path: str | Path) -> Path:
+    """Write `chat` (a Conversation) to `path`; an existing file is replaced only as a whole."""
+    path = Path(path)
+    media, messages = _media_and_messages(chat.messages)
+    arrays: dict[str, mx.array] = {"tokens": mx.array(chat._tokens)}
+    for i, layer in enumerate(chat.cache.layers):
+        if layer.offset:
+            arrays[f"kv.{i}.keys"], arrays[f"kv.{i}.values"] = layer.state
+    for j, (_, next_positions) in enumerate(chat.cache.marks):
+        arrays[f"rope.{j}"] = mx.array(next_positions)
+    for k, item in enumerate(media):
+        arrays[f"media.{k}.pixels"] = mx.array(item.pixel_values)
+    meta = {
+        "format": FORMAT,
+        "mimo_mlx": _version(),
+        "model": model_fingerprint(chat.model),
+        "messages": messages,
+        "media": [_media_record(item) for item in media],
+        "rope_starts": [start for start, _ in chat.cache.marks],
+        "options": {
+            "prompt": dataclasses.asdict(chat.prompt_options),
+            "max_kv_size": chat.max_kv_size,
+            "drop_old_turns": chat.drop_old_turns,
+        },
+    }
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial.safetensors")
+    try:
+        mx.save_safetensors(str(temporary), arrays, metadata={METADATA_KEY: json.dumps(meta)})
+        os.replace(temporary, path)
+    except OSError as err:
+        raise MimoError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def load_conversation(path: str | Path, model: Model, processor: Processor, **overrides):
+    """The Conversation saved in `path`, for `model` (which must be the one that saved it)."""
+    from .conversation import Conversation  # noqa: PLC0415  (conversation imports this module)
+
+    path = Path(path)
+    arrays, meta = _read(path)
+    if meta.get("format") != FORMAT:
+        raise MimoError(
+            f"{path} was written by mimo-mlx {meta.get('mimo_mlx', '?')} in conversation format "
+            f"{meta.get('format')}; this mimo-mlx ({_version()}) reads format {FORMAT}"
+        )
+    if meta.get("model") != model_fingerprint(model):
+        raise MimoError(
+            f"{path} was saved with another model (or the same weights in another dtype); load "
+            "it with the model that saved it, or start a new conversation"
+        )
+    options = meta["options"]
+    settings = {"max_kv_size": options["max_kv_size"], "drop_old_turns": options["drop_old_turns"]}
+    chat = Conversation(model, processor, **settings, **options["prompt"], **overrides)
+    media = [
+        _prepared(record, arrays[f"media.{k}.pixels"]) for k, record in enumerate(meta["media"])
+    ]
+    chat.messages = _with_prepared(meta["messages"], media)
+    chat._tokens = np.asarray(arrays["tokens"], dtype=np.int64)
+    for i, layer in enumerate(chat.cache.layers):
+        if f"kv.{i}.keys" in arrays:
+            layer.state = (arrays[f"kv.{i}.keys"], arrays[f"kv.{i}.values"])
+    marks = [(s, np.asarray(arrays[f"rope.{j}"])) for j, s in enumerate(meta["rope_starts"])]
+    chat.cache.restore_marks(marks)
+    if chat.cache.offset != len(chat._tokens):
+        raise MimoError(f"{path} is damaged: its cache and its tokens disagree")
+    return chat
+
+
+def _read(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    if not path.is_file():
+        raise MimoError(f"conversation file not found: {path}")
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+        return arrays, json.loads(metadata[METADATA_KEY])
+    except KeyError:
+        raise MimoError(f"{path} is not a mimo-mlx conversation file") from None
+    except (RuntimeError, ValueError, json.JSONDecodeError) as err:
+        raise MimoError(f"{path} could not be read as a conversation ({err})") from None
+
+
+def _media_and_messages(messages: list) -> tuple[list[PreparedMedia], list]:
+    """The prepared media of the history, once each, and the messages referring to them."""
+    media: dict[str, tuple[int, PreparedMedia]] = {}
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                item = part.get(part["type"]) if part["type"] in ("image", "video") else None
+                if isinstance(item, PreparedMedia):
+                    index = media.setdefault(item.key, (len(media), item))[0]
+                    parts.append({"type": part["type"], "media": index})
+                else:
+                    parts.append(part)
+            content = parts
+        out.append({"role": message["role"], "content": content})
+    return [item for _, item in media.values()], out
+
+
+def _media_record(item: PreparedMedia) -> dict:
+    return {
+        "kind": item.kind,
+        "grid_thw": list(item.grid_thw),
+        "second_per_grid_t": item.second_per_grid_t,
+        "sizes": item.sizes,
+        "key": item.key,
+    }
+
+
+def _prepared(record: dict, pixels: mx.array) -> PreparedMedia:
+    sizes = tuple(tuple(s) for s in record["sizes"]) if record["sizes"] else None
+    item = PreparedMedia(
+        record["kind"],
+        np.asarray(pixels, dtype=np.float32),
+        tuple(record["grid_thw"]),
+        record["second_per_grid_t"],
+        sizes,
+    )
+    if item.key != record["key"]:
+        raise MimoError("the conversation file's media do not match their keys: it is damaged")
+    return item
+
+
+def _with_prepared(messages: list, media: list[PreparedMedia]) -> list:
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [
+                {"type": p["type"], p["type"]: media[p["media"]]} if "media" in p else p
+                for p in content
+            ]
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def _version() -> str:
+    try:
+        return package_metadata.version("mimo-mlx")
+    except package_metadata.PackageNotFoundError:
+        return "unknown"

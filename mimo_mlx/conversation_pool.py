@@ -1,0 +1,85 @@
+"""Many clients' conversations at once, within a byte budget: what a server keeps between requests.
+
+A client re-sends its whole conversation with every request. The pool offers the prepared turn to
+each conversation it holds and continues the one that shares the longest prefix with it, so turn 2
+reuses turn 1's tokens and images whichever client sent it. Where continuing would trim tokens
+before that conversation's last answer (two clients with the same start, a client that edited its
+history), the conversation is forked at the shared prefix instead, and kept. Conversations are dropped,
+least recently used first, once their caches pass the budget; the vision cache is shared.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+
+from .conversation import Conversation
+from .generation import GenerationResponse
+from .messages import Message
+from .model import Model
+from .options import pop_prompt_options
+from .processor import Processor
+from .vision_cache import VisionCache, shared_vision_cache
+
+DEFAULT_POOL_BYTES = 2 * 2**30  # about 14k cached tokens of MiMo-VL-7B in bfloat16
+
+
+class ConversationPool:
+    """Cached conversations of any number of clients; used by one generation thread at a time."""
+
+    def __init__(
+        self,
+        model: Model,
+        processor: Processor,
+        *,
+        max_bytes: int = DEFAULT_POOL_BYTES,
+        vision_cache: VisionCache | None = None,
+        max_kv_size: int | None = None,
+        **prompt_options,
+    ) -> None:
+        self.max_bytes = max_bytes
+        cache = vision_cache if vision_cache is not None else shared_vision_cache()
+        self._blank = Conversation(
+            model, processor, vision_cache=cache, max_kv_size=max_kv_size, **prompt_options
+        )
+        self._entries: list[Conversation] = []  # least recently used first
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(entry.cache.nbytes for entry in self._entries)
+
+    def stream(self, messages: Sequence[Message], **options) -> Iterator[GenerationResponse]:
+        """Answer `messages` (the OpenAI shape), continuing the best-matching conversation.
+        `options` as for `Conversation.stream_messages`."""
+        with self._lock:
+            turn = self._blank.prepare(messages, **pop_prompt_options(options))
+            chat = self._conversation_for(turn)
+            try:
+                yield from chat.stream_turn(turn, **options)
+            finally:
+                self._evict(keep=chat)
+
+    def _conversation_for(self, turn) -> Conversation:
+        scored = [(entry.shared_prefix(turn), entry) for entry in self._entries]
+        shared, best = max(scored, key=lambda pair: pair[0], default=(0, None))
+        if best is None or shared == 0:
+            chat = self._blank.fork(0)
+        elif shared < best.answer_start:
+            # Another conversation with the same start: best keeps what it holds for whoever
+            # comes back to it. (Parting inside best's last answer is its own client going on:
+            # the answer's text re-tokenizes differently, and the old tail is of no use.)
+            chat = best.fork(shared)
+        else:
+            chat = best
+            self._entries.remove(best)
+        self._entries.append(chat)
+        return chat
+
+    def _evict(self, keep: Conversation) -> None:
+        while self.nbytes > self.max_bytes and len(self._entries) > 1:
+            oldest = next(entry for entry in self._entries if entry is not keep)
+            self._entries.remove(oldest)
