@@ -24,6 +24,7 @@ import click
 
 from .machine import REPO, git_state, machine_info, versions
 from .report import size_plans, write_report
+from .stats import pooled
 from .synthetic import checkpoint_shapes
 from .weights import VARIANTS, Folders, prepare
 
@@ -121,6 +122,15 @@ def run_worker(spec: dict, out: Path, name: str, preload: str | None, log) -> di
 @click.option("--variants", default=",".join(VARIANTS), show_default=True)
 @click.option("--sizes", help="Vision image sizes, comma-separated (default 448,1024,1344).")
 @click.option("--runs", type=int, help="Timed runs per measurement.")
+@click.option(
+    "--rounds",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Run every measurement this many times, runtimes taking turns, and pool the runs: a "
+    "machine whose speed drifts over minutes then shows up in the spread, not as a difference "
+    "between runtimes.",
+)
 @click.option("--warmup", type=int, help="Warm-up runs before each measurement.")
 @click.option("--decode-tokens", type=int, help="Tokens decoded per generation (default 64).")
 @click.option("--image-size", type=int, help="The prompt's image for generation (default 448).")
@@ -146,6 +156,7 @@ def main(
     variants,
     sizes,
     runs,
+    rounds,
     warmup,
     decode_tokens,
     image_size,
@@ -183,12 +194,15 @@ def main(
         options=options,
         preload=_preload(openblas, cpu),
         mlx_dtype="float32" if cpu else "bfloat16",
+        rounds=rounds,
         config=json.loads(((folders.source or mlx_model) / "config.json").read_text()),
         log=log,
     )
     log(f"benchmarking at scale {scale}; results in {out}")
     results = {"vision": session.vision(runtimes, variants)}
     results["generate"] = session.generate(runtimes, variants, cpu)
+    if "mimo-mlx" in runtimes:
+        results["multiturn"] = session.multiturn(variants)
     bounds = session.kernel_bounds(quick=scale == "tiny") if kernels else {}
     report = {
         "scale": scale,
@@ -217,6 +231,7 @@ class Session:
     mlx_dtype: str
     config: dict
     log: Callable[[str], None]
+    rounds: int = 1
     skipped: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -232,9 +247,19 @@ class Session:
         preload = self.preload if runtime in MLX_RUNTIMES else None  # never into torch
         return run_worker(spec, self.out, name, preload, self.log)
 
+    def in_rounds(self, jobs: dict[str, tuple[dict, str, str]]) -> dict:
+        """Run each job (key -> (spec, worker name, runtime)) once per round, jobs taking turns
+        within a round, and pool each job's rounds."""
+        collected: dict[str, list] = {key: [] for key in jobs}
+        for number in range(1, self.rounds + 1):
+            for key, (spec, name, runtime) in jobs.items():
+                label = f"{name}-round{number}" if self.rounds > 1 else name
+                collected[key].append(self.run(spec, label, runtime))
+        return {key: pooled(results) for key, results in collected.items()}
+
     def vision(self, runtimes: list[str], variants: list[str]) -> dict:
         """The float tower of each runtime (the 4-bit folders keep the same float tower)."""
-        results = {}
+        jobs = {}
         for runtime in runtimes:
             folder = self.folders.paths.get((runtime, "float"))
             if "float" not in variants or folder is None:
@@ -247,12 +272,12 @@ class Session:
                 "sizes": size_plans(self.options),
                 "opcount": max(self.options["sizes"]) if runtime in MLX_RUNTIMES else None,
             }
-            results[runtime] = self.run(spec, f"vision-{runtime}", runtime)
-        return results
+            jobs[runtime] = (spec, f"vision-{runtime}", runtime)
+        return self.in_rounds(jobs)
 
     def generate(self, runtimes: list[str], variants: list[str], cpu: bool) -> dict:
         """Whole generations per runtime and variant, float ones only where the model fits."""
-        results = {}
+        jobs = {}
         ram = machine_info()["ram_gb"] * 1e9
         for variant in variants:
             for runtime in runtimes:
@@ -281,8 +306,38 @@ class Session:
                     "runs": self.options["gen_runs"],
                     "overhead": runtime == "mimo-mlx",
                 }
-                name = f"generate-{runtime}-{variant}"
-                results[f"{runtime}/{variant}"] = self.run(spec, name, runtime)
+                jobs[f"{runtime}/{variant}"] = (spec, f"generate-{runtime}-{variant}", runtime)
+        results = self.in_rounds(jobs)
+        for entry in results.values():  # ratios from the pooled medians, not one round's
+            if "overhead" in entry:
+                over = entry["overhead"]
+                over["step_s"] = entry["decode_step_s"]["median"]
+                over["overhead"] = over["step_s"] / over["kernels_step_s"]["median"] - 1.0
+        return results
+
+    def multiturn(self, variants: list[str]) -> dict:
+        """mimo-mlx's second turn about the same image, with and without reuse, per variant."""
+        jobs = {}
+        for variant in variants:
+            folder = self.folders.paths.get(("mimo-mlx", variant))
+            if folder is None:
+                continue
+            spec = {
+                "task": "multiturn",
+                "runtime": "mimo-mlx",
+                "folder": str(folder),
+                "dtype": self.mlx_dtype,
+                "image_size": self.options["image"],
+                "answer_tokens": self.options["decode"],
+                "warmup": self.options["gen_warmup"],
+                "runs": self.options["gen_runs"],
+            }
+            jobs[variant] = (spec, f"multiturn-mimo-mlx-{variant}", "mimo-mlx")
+        results = self.in_rounds(jobs)
+        for entry in results.values():
+            if "error" not in entry:
+                medians = [entry[k]["ttft_s"]["median"] for k in ("without_reuse", "with_reuse")]
+                entry["speedup"] = medians[0] / medians[1]
         return results
 
     def kernel_bounds(self, quick: bool) -> dict:
@@ -302,6 +357,7 @@ class Session:
             "variants": variants,
             "mlx_float_dtype": self.mlx_dtype,
             "openblas_preload": self.preload,
+            "rounds": self.rounds,
             "weights": {
                 "source": str(self.folders.source),
                 "synthetic": self.folders.synthetic,

@@ -32,3 +32,21 @@ def time_calls(call: Callable[[], None], warmup: int, runs: int) -> list[float]:
         call()
         times.append(time.perf_counter() - start)
     return times
+
+
+def pooled(rounds: list):
+    """One worker's results from several rounds, each figure summarized over every round's runs
+    (lists of per-size results are pooled item by item; anything else is the first round's).
+    A round that failed makes the whole result that failure."""
+    first = rounds[0]
+    if isinstance(first, dict):
+        failed = next((r for r in rounds if isinstance(r, dict) and "error" in r), None)
+        if failed is not None:
+            return failed
+        if {"median", "values"} <= first.keys():
+            return summarize([v for r in rounds for v in r["values"]])
+        return {key: pooled([r[key] for r in rounds]) for key in first}
+    if isinstance(first, list) and first and all(isinstance(x, dict) for x in first):
+        if all(len(r) == len(first) for r in rounds):
+            return [pooled([r[i] for r in rounds]) for i in range(len(first))]
+    return first

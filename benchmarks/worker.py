@@ -154,6 +154,17 @@ def _syncs(runtime: str, run) -> dict | None:
     return {"host_syncs": host_syncs(counts), "by_kind": dict(counts)}
 
 
+def measure_multiturn(spec: dict) -> dict:
+    """A second question about the same image, with and without the conversation's reuse."""
+    from .multiturn import measure
+
+    config = json.loads((Path(spec["folder"]) / "config.json").read_text())
+    model = runner_module("mimo-mlx").Generate(Path(spec["folder"]), spec["dtype"]).model
+    return measure(
+        model, config, spec["image_size"], spec["answer_tokens"], spec["warmup"], spec["runs"]
+    )
+
+
 def main(spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     start = time.perf_counter()
@@ -162,7 +173,11 @@ def main(spec_path: str, result_path: str) -> None:
 
         result = kernel_bounds(**spec.get("options", {}))
     else:
-        measure = measure_vision if spec["task"] == "vision" else measure_generate
+        measure = {
+            "vision": measure_vision,
+            "generate": measure_generate,
+            "multiturn": measure_multiturn,
+        }[spec["task"]]
         result = {"backend": backend(spec["runtime"], spec.get("dtype")), **measure(spec)}
     result["wall_s"] = time.perf_counter() - start
     result["ld_preload"] = os.environ.get("LD_PRELOAD", "")

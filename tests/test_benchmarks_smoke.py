@@ -78,3 +78,14 @@ def test_warns_without_the_system_openblas(monkeypatch, tmp_path):
     assert "apt-get install libopenblas0-pthread" in warning and "40x" in warning
     assert run.openblas_warning(cpu=False, openblas=None) is None
     assert run.openblas_warning(cpu=True, openblas=False) is None  # asked to go without it
+
+
+def test_rounds_pool_every_run():
+    from benchmarks.stats import pooled, summarize
+
+    first = {"ttft_s": summarize([1.0, 2.0]), "sizes": [{"seconds": summarize([5.0])}], "n": 3}
+    second = {"ttft_s": summarize([4.0]), "sizes": [{"seconds": summarize([7.0])}], "n": 3}
+    merged = pooled([first, second])
+    assert merged["ttft_s"]["values"] == [1.0, 2.0, 4.0] and merged["ttft_s"]["median"] == 2.0
+    assert merged["sizes"][0]["seconds"]["values"] == [5.0, 7.0] and merged["n"] == 3
+    assert pooled([first, {"error": "exit 1"}]) == {"error": "exit 1"}
