@@ -10,6 +10,7 @@ import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, Field, fields
+from pathlib import Path
 
 import click
 
@@ -331,6 +332,67 @@ def chat(
         videos=videos,
     )
     sys.exit(session.run())
+
+
+@main.command()
+@click.option("--image", required=True, metavar="PATH", help="The image the answer is about.")
+@click.option(
+    "--answer",
+    "answer_path",
+    required=True,
+    metavar="FILE",
+    help="The model's answer: a text file, or '-' for stdin (JSON boxes, points or GUI actions, "
+    "as MiMo-VL and Qwen2.5-VL write them, with or without the reasoning).",
+)
+@click.option(
+    "--out",
+    "out_path",
+    metavar="OUT",
+    help="Write a copy of the image with the boxes drawn on it (.png, .jpg or .webp).",
+)
+@click.option(
+    "--max-pixels",
+    default=PromptOptions.max_pixels,
+    show_default=True,
+    type=click.IntRange(1),
+    help="The limit the image was resized to when the model saw it (the model's coordinates are "
+    "pixels of that resized image): mimo-mlx's default, or what the other runtime used.",
+)
+@click.option(
+    "--min-pixels",
+    default=None,
+    type=click.IntRange(1),
+    help="The lower limit the image was resized with. [default: 3136]",
+)
+def annotate(image, answer_path, out_path, max_pixels, min_pixels):
+    """Put a grounding answer's boxes and points back on the original image.
+
+    \b
+    mimo-mlx annotate --image shot.png --answer answer.txt --out marked.png
+
+    MiMo-VL (and Qwen2.5-VL) answer in pixels of the image as the processor resized it. This
+    redoes that resize exactly, prints the boxes as JSON in pixels of your image, and draws them.
+    `generate --ground/--annotate` does the same for an answer it generates.
+    """
+    from .annotate import annotate as draw  # noqa: PLC0415  (fast --help)
+    from .annotate import check_destination  # noqa: PLC0415
+    from .grounding import parse_grounding  # noqa: PLC0415
+    from .grounding_report import geometry_of, to_json, to_original  # noqa: PLC0415
+
+    if out_path is not None:
+        check_destination(image, out_path)
+    try:
+        text = sys.stdin.read() if answer_path == "-" else Path(answer_path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise MimoError(f"cannot read the answer from {answer_path}: {err}") from None
+    found = to_original(parse_grounding(text), geometry_of(image, min_pixels, max_pixels))
+    if not (found.boxes or found.points or found.actions):
+        note = f" ({'; '.join(found.skipped)})" if found.skipped else ""
+        raise MimoError(f"no boxes or points in the answer{note}")
+    click.echo(to_json(found))
+    if out_path is not None:
+        draw(image, found.boxes, found.points, out_path, found.actions)
+        click.echo(f"wrote {out_path}", err=True)
 
 
 def _load(model_path: str | None):

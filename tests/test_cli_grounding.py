@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -162,3 +163,42 @@ def test_python_api_returns_the_same_boxes(folder, photo, monkeypatch):
         '[{"bbox_2d": [0, 0, 154, 70], "label": "car"}]', "", "", [], None, result.inputs
     ).grounding
     assert [(b.x1, b.y1, b.x2, b.y2, b.label) for b in found.boxes] == [(0, 0, 500, 250, "car")]
+
+
+EXAMPLES = Path(__file__).parent / "examples"
+
+
+def test_annotate_maps_an_answer_onto_the_image(tmp_path):
+    """`mimo-mlx annotate` on the README's example: the boxes in original pixels, and the committed
+    picture drawn exactly there (the README shows what the command does)."""
+    out = tmp_path / "marked.png"
+    args = [
+        "annotate",
+        "--image",
+        EXAMPLES / "street.png",
+        "--answer",
+        EXAMPLES / "street-answer.txt",
+    ]
+    result = CliRunner().invoke(main, [*map(str, args), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = report_of(result)
+    assert report["image"]["resized_width"] == 1092 and report["image"]["resized_height"] == 728
+    boxes = {b["label"]: b["bbox"] for b in report["boxes"]}
+    assert boxes == {
+        "red car": [139, 520, 560, 730],
+        "sun": [1010, 70, 1170, 230],
+        "tree": [760, 250, 960, 700],
+    }
+    for picture in (out, EXAMPLES / "grounding.png"):
+        drawn = np.asarray(Image.open(picture).convert("RGB"))
+        for colour, (x1, y1, x2, y2) in zip(PALETTE, boxes.values(), strict=False):
+            middle = (y1 + y2) // 2
+            assert tuple(drawn[middle, x1]) == colour and tuple(drawn[middle, x2 - 1]) == colour
+
+
+def test_annotate_refuses_an_answer_without_boxes(tmp_path):
+    answer = tmp_path / "answer.txt"
+    answer.write_text("<think>hmm</think>I cannot see it.")
+    args = ["annotate", "--image", str(EXAMPLES / "street.png"), "--answer", str(answer)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "no boxes or points in the answer" in result.output
