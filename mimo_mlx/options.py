@@ -63,7 +63,9 @@ class PromptOptions:
         "MacBook responsive; the checkpoint allows 12845056).",
         cli={"min": 1},
     )
-    fps: float = option(DEFAULT_VIDEO_FPS, "Video frames sampled per second.", cli={"min": 0})
+    fps: float = option(
+        DEFAULT_VIDEO_FPS, "Video frames sampled per second.", cli={"min": 0, "min_open": True}
+    )
     max_frames: int = option(
         DEFAULT_VIDEO_MAX_FRAMES, "Most frames sampled per video.", cli={"min": 1}
     )
