@@ -23,13 +23,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .chat import split_thinking
 from .errors import MimoError
 from .generation import (
     DEFAULT_PREFILL_STEP,
     GenerationResponse,
     GenerationResult,
     _sampling,
+    collect,
     stream_prompt,
 )
 from .messages import Message, with_media
@@ -84,7 +84,6 @@ class Conversation:
         self.cache = self.model.make_cache()
         self._tokens = np.zeros(0, dtype=np.int64)  # identity of each cached token
         self._inputs: ModelInputs | None = None  # the last turn's
-        self._opened = False
         self.answer_start = 0  # where the last answer's tokens begin in the cache
 
     @property
@@ -94,7 +93,7 @@ class Conversation:
     @property
     def opens_thinking(self) -> bool:
         """Whether the last turn's prompt opened <think> (its answer starts inside reasoning)."""
-        return self._opened
+        return self._inputs is not None and self._inputs.opens_thinking
 
     def save(self, path: str | Path) -> Path:
         """Write the conversation, cache included, to one safetensors file (see
@@ -114,14 +113,7 @@ class Conversation:
 
     def ask(self, content: str | list, images=(), videos=(), **kwargs) -> GenerationResult:
         """Add a user turn and return the whole answer (reasoning apart); see `stream`."""
-        pieces, tokens, last = [], [], None
-        for response in self.stream(content, images, videos, **kwargs):
-            pieces.append(response.text)
-            tokens.append(response.token)
-            last = response
-        text = "".join(pieces)
-        thinking, answer = split_thinking(text, prompt_opened_thinking=self._opened)
-        return GenerationResult(text, thinking, answer, tokens, last, self._inputs)
+        return collect(self.stream(content, images, videos, **kwargs)).with_inputs(self._inputs)
 
     def stream(
         self,
@@ -213,7 +205,7 @@ class Conversation:
         self.cache.trim(self.cache.offset - keep)
         self._tokens = self._tokens[:keep]
         prompt = self._suffix_prompt(inputs, identity, keep)
-        self._inputs, self._opened = inputs, inputs.opens_thinking
+        self._inputs = inputs
         self.answer_start = len(identity)
         budget = min(max_tokens, self.max_kv_size - len(identity))
         generated: list[int] = []

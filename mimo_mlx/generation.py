@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -124,6 +124,12 @@ class GenerationResult:
 
     def __str__(self) -> str:
         return self.text
+
+    def with_inputs(self, inputs: ModelInputs) -> GenerationResult:
+        """This result for a generation from `inputs`: the reasoning split from the answer (the
+        template may have opened <think> already), and the inputs kept for `grounding`."""
+        thinking, answer = split_thinking(self.text, prompt_opened_thinking=inputs.opens_thinking)
+        return replace(self, thinking=thinking, answer=answer, inputs=inputs)
 
     @property
     def grounding(self) -> ParseResult:
@@ -275,15 +281,10 @@ def generate(
         inputs = processor.prepare(prompt, images, videos, **prompt_options)
     if verbose:
         print("=" * 10)
-    pieces, tokens, last = [], [], None
-    for response in stream_generate(model, processor, prompt, inputs=inputs, **kwargs):
-        pieces.append(response.text)
-        tokens.append(response.token)
-        last = response
-        if verbose:
-            print(response.text, end="", flush=True)
-    text = "".join(pieces)
+    show = (lambda text: print(text, end="", flush=True)) if verbose else None
+    result = collect(stream_generate(model, processor, prompt, inputs=inputs, **kwargs), show)
     if verbose:
+        last = result.stats
         print()
         print("=" * 10)
         print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
@@ -291,8 +292,23 @@ def generate(
             f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec"
         )
         print(f"Peak memory: {last.peak_memory:.3f} GB")
-    thinking, answer = split_thinking(text, prompt_opened_thinking=inputs.opens_thinking)
-    return GenerationResult(text, thinking, answer, tokens, last, inputs)
+    return result.with_inputs(inputs)
+
+
+def collect(
+    responses: Iterable[GenerationResponse], on_text: Callable[[str], None] | None = None
+) -> GenerationResult:
+    """A whole answer from its stream (`on_text` sees each piece); `with_inputs` then says what
+    was asked, which splits the reasoning from the answer."""
+    pieces, tokens, last = [], [], None
+    for response in responses:
+        pieces.append(response.text)
+        tokens.append(response.token)
+        last = response
+        if on_text is not None:
+            on_text(response.text)
+    text = "".join(pieces)
+    return GenerationResult(text, "", text, tokens, last)
 
 
 def check_context(model: Model, inputs: ModelInputs) -> None:
