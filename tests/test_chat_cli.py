@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -104,6 +105,9 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: a new session on the terminal
             os.environ["TERM"] = "xterm"
+            # As a terminal's shell starts programs: a test run in the background of a
+            # non-interactive shell inherits SIGINT ignored, and Ctrl-C would do nothing.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execvp(command[0], command)
         self.screen = b""
 
