@@ -132,6 +132,8 @@ def read_config(folder: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MimoError(f"{path} is not valid JSON ({err})") from None
+    except OSError as err:
+        raise MimoError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def safetensors_files(folder: Path) -> list[Path]:

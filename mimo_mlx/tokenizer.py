@@ -41,6 +41,8 @@ def read_json_config(path: Path) -> dict[str, Any]:
         raise MimoError(
             f"{path} is not valid JSON ({err}); re-download or re-convert the model."
         ) from err
+    except OSError as err:
+        raise MimoError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def _token_content(value: Any) -> str | None:

@@ -140,3 +140,25 @@ def test_dtype_cast_on_load(pristine):
     model = load_model(pristine, dtype="float16")
     assert model.model.layers[0].mlp.up_proj.weight.dtype == mx.float16
     assert TOKENS["image_token_id"] == model.config.image_token_id
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json"])
+def test_an_unreadable_config_is_one_line(tmp_path, monkeypatch, name):
+    """Permission denied (simulated: the tests run as root, for whom chmod changes nothing)."""
+    from pathlib import Path
+
+    from test_generate import write_model_folder
+
+    import mimo_mlx
+
+    folder = write_model_folder(tmp_path / "model", seed=5)
+    original = Path.read_text
+
+    def refuse(self, *args, **kwargs):
+        if self.name == name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(MimoError, match=f"cannot read .*{name}: Permission denied"):
+        mimo_mlx.load(folder)
