@@ -157,7 +157,8 @@ class LookupOptions:
         False,
         "Prompt-lookup decoding: draft tokens by copying from the prompt and the answer so far "
         "and verify them in one forward pass. Faster when the answer repeats text it has seen "
-        "(OCR, documents, code); the output is unchanged.",
+        "(OCR, documents, code); the output stays the same (greedy: token for token; sampling: "
+        "the same distribution).",
         cli={"is_flag": True},
     )
     prompt_lookup_num_tokens: int | None = option(
