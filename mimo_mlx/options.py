@@ -143,6 +143,7 @@ class SamplingOptions:
 
 DEFAULT_LOOKUP_TOKENS = 10  # transformers' suggestion for prompt_lookup_num_tokens
 DEFAULT_LOOKUP_NGRAM = 2  # transformers' default max_matching_ngram_size
+MAX_LOOKUP_NGRAM = 16  # every n-gram up to this size is indexed for every token seen
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ class LookupOptions:
         None,
         "With --prompt-lookup: the longest run of last tokens matched against the text seen; "
         f"shorter runs are tried down to one token. [default: {DEFAULT_LOOKUP_NGRAM}]",
-        cli={"min": 1},
+        cli={"min": 1, "max": MAX_LOOKUP_NGRAM},
     )
 
     def __post_init__(self) -> None:
@@ -179,6 +180,11 @@ class LookupOptions:
             value = getattr(self, name)
             if value is not None and not (_is_int(value) and value >= 1):
                 raise MimoError(f"{name} must be an integer >= 1, got {value!r}")
+        ngram = self.max_matching_ngram_size
+        if ngram is not None and ngram > MAX_LOOKUP_NGRAM:
+            raise MimoError(
+                f"max_matching_ngram_size must be at most {MAX_LOOKUP_NGRAM}, got {ngram}"
+            )
         if not isinstance(self.prompt_lookup, bool):
             raise MimoError(f"prompt_lookup must be True or False, got {self.prompt_lookup!r}")
         if self.max_matching_ngram_size is not None and not self.enabled:

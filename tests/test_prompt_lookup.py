@@ -157,6 +157,8 @@ def test_options_are_checked():
         PromptLookup(num_tokens=0)
     with pytest.raises(MimoError, match="max_matching_ngram_size must be an integer >= 1"):
         PromptLookup(ngram_size=0)
+    with pytest.raises(MimoError, match="max_matching_ngram_size must be at most 16"):
+        PromptLookup(ngram_size=17)
 
 
 # ------------------------------------------------------------------ greedy: token for token
