@@ -123,7 +123,8 @@ class NgramIndex:
 class PromptLookup:
     """Prompt-lookup decoding for one generation: drafting, verification, backoff and counters.
 
-    drafted: draft tokens verified; accepted: those the model confirmed (yielded with from_draft);
+    drafted: draft tokens verified; accepted: those the model confirmed that were yielded (with
+    from_draft; a caller stopping at an end token inside a draft does not get the rest);
     passes: forward passes that produced tokens (the prompt's last one included), so
     tokens / passes is the tokens per pass; verifications: passes that checked a draft.
     `drafting` starts False (watching); set it before decoding to verify from the first token.
@@ -195,6 +196,7 @@ class PromptLookup:
                 pending.append((value, logprobs[0], False))
                 for item in pending:
                     yielded += 1
+                    self.accepted += item[2]
                     yield item
                     release_cache(yielded)
                 pending.clear()
@@ -223,7 +225,6 @@ class PromptLookup:
     def _verified(self, drafted: int, accepted: int, source: int) -> None:
         """Count a verification; after MISS_LIMIT that accept nothing, stop drafting."""
         self.drafted += drafted
-        self.accepted += accepted
         self.verifications += 1
         self.index.cursor = source + accepted + 1
         self.misses = self.misses + 1 if accepted == 0 else 0

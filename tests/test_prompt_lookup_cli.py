@@ -69,6 +69,30 @@ def test_conversation_with_lookup_answers_every_turn_the_same(copier, images):
     assert all(a.stats.accepted_tokens > 0 for a in answers[True])
 
 
+def test_stopping_inside_a_draft_counts_only_what_was_given(copier):
+    model, processor, prompt = copier
+    whole = list(stream_generate(model, processor, prompt, max_tokens=40, prompt_lookup=True))
+    tokens = [r.token for r in whole]
+    # A draft token followed by another from the same draft, its id not seen before in the answer.
+    at = next(
+        i
+        for i in range(len(whole) - 1)
+        if whole[i].from_draft and whole[i + 1].from_draft and tokens[i] not in tokens[:i]
+    )
+    original = processor.tokenizer.eos_token_ids
+    processor.tokenizer.eos_token_ids = frozenset({tokens[at]})
+    try:
+        responses = list(
+            stream_generate(model, processor, prompt, max_tokens=40, prompt_lookup=True)
+        )
+    finally:
+        processor.tokenizer.eos_token_ids = original
+    assert [r.token for r in responses] == tokens[: at + 1]
+    assert responses[-1].finish_reason == "stop"
+    assert responses[-1].accepted_tokens == sum(r.from_draft for r in responses)
+    assert responses[-1].accepted_tokens < whole[-1].accepted_tokens
+
+
 def test_options_are_declared_once_and_checked(copier):
     model, processor, prompt = copier
     with pytest.raises(MimoError, match="max_matching_ngram_size applies to prompt lookup"):
