@@ -33,7 +33,10 @@ MLX_RUNTIMES = ("mimo-mlx", "mlx-vlm")
 OPENBLAS = "/lib/x86_64-linux-gnu/libopenblas.so.0"
 CACHE = REPO / "benchmarks" / ".cache"
 
-DEFAULTS = dict(sizes=[448, 1024, 1344], warmup=1, runs=3, image=448, text=32, decode=64)
+# lookup: the prompt-lookup scenario's answer length; None: twice `decode`, at least 32.
+DEFAULTS = dict(
+    sizes=[448, 1024, 1344], warmup=1, runs=3, image=448, text=32, decode=64, lookup=None
+)
 # At full scale on a CPU, a 1344x1344 encode takes minutes and the 4-bit decoder's quantized matmul
 # runs single-threaded at ~2 GFLOPS (~7 s per token; see the kernel bounds): fewer repetitions, and
 # generation with the smallest image (56x56, 4 image tokens) and 4 decoded tokens. Sizes from
@@ -48,6 +51,7 @@ FULL_CPU = dict(
     image=56,
     text=8,
     decode=4,
+    lookup=0,  # prompt lookup verifies up to 11 tokens a pass: minutes per pass here
 )
 
 
@@ -63,6 +67,8 @@ def settings(scale: str, cpu: bool, overrides: dict) -> dict:
         chosen["gen_warmup"] = overrides["warmup"]
     if overrides.get("runs") is not None:
         chosen["gen_runs"], chosen["size_runs"] = overrides["runs"], {}
+    if chosen["lookup"] is None:
+        chosen["lookup"] = max(32, 2 * chosen["decode"])
     return chosen
 
 
@@ -136,6 +142,12 @@ def run_worker(spec: dict, out: Path, name: str, preload: str | None, log) -> di
 @click.option("--image-size", type=int, help="The prompt's image for generation (default 448).")
 @click.option("--text-tokens", type=int, help="Text tokens around the image (default 32).")
 @click.option(
+    "--lookup-tokens",
+    type=int,
+    help="Tokens per answer in the prompt-lookup scenario (default: twice --decode-tokens, at "
+    "least 32; 0 skips it).",
+)
+@click.option(
     "--openblas/--no-openblas",
     default=None,
     help="Preload the system OpenBLAS into MLX processes (default: on where it exists).",
@@ -161,6 +173,7 @@ def main(
     decode_tokens,
     image_size,
     text_tokens,
+    lookup_tokens,
     openblas,
     kernels,
     out,
@@ -181,7 +194,12 @@ def main(
     if prepare_only:
         return
     overrides = dict(
-        runs=runs, warmup=warmup, decode=decode_tokens, image=image_size, text=text_tokens
+        runs=runs,
+        warmup=warmup,
+        decode=decode_tokens,
+        image=image_size,
+        text=text_tokens,
+        lookup=lookup_tokens,
     )
     if sizes:
         overrides["sizes"] = [int(s) for s in sizes.split(",")]
@@ -203,6 +221,7 @@ def main(
     results["generate"] = session.generate(runtimes, variants, cpu)
     if "mimo-mlx" in runtimes:
         results["multiturn"] = session.multiturn(variants)
+        results["prompt_lookup"] = session.prompt_lookup(variants)
     bounds = session.kernel_bounds(quick=scale == "tiny") if kernels else {}
     report = {
         "scale": scale,
@@ -338,6 +357,36 @@ class Session:
             if "error" not in entry:
                 medians = [entry[k]["ttft_s"]["median"] for k in ("without_reuse", "with_reuse")]
                 entry["speedup"] = medians[0] / medians[1]
+        return results
+
+    def prompt_lookup(self, variants: list[str]) -> dict:
+        """mimo-mlx with and without prompt lookup on a copy-heavy task and plain ones
+        (benchmarks/lookup.py), per variant."""
+        jobs = {}
+        for variant in variants:
+            folder = self.folders.paths.get(("mimo-mlx", variant))
+            if folder is None:
+                continue
+            if not self.options["lookup"]:
+                reason = "--lookup-tokens 0 (the default at full scale on a CPU: minutes a pass)"
+                self.skip("mimo-mlx", variant, "prompt lookup", reason)
+                continue
+            spec = {
+                "task": "lookup",
+                "runtime": "mimo-mlx",
+                "folder": str(folder),
+                "dtype": self.mlx_dtype,
+                "image_size": self.options["image"],
+                "answer_tokens": self.options["lookup"],
+                "warmup": self.options["gen_warmup"],
+                "runs": self.options["gen_runs"],
+            }
+            jobs[variant] = (spec, f"lookup-mimo-mlx-{variant}", "mimo-mlx")
+        results = self.in_rounds(jobs)
+        for entry in results.values():  # speedups from the pooled medians, not one round's
+            for task in entry.get("tasks", {}).values():
+                medians = [task[k]["decode_tps"]["median"] for k in ("with", "without")]
+                task["speedup"] = medians[0] / medians[1]
         return results
 
     def kernel_bounds(self, quick: bool) -> dict:

@@ -165,6 +165,14 @@ def measure_multiturn(spec: dict) -> dict:
     )
 
 
+def measure_lookup(spec: dict) -> dict:
+    """Greedy decoding with and without prompt lookup, copy-heavy and plain tasks."""
+    from .lookup import measure
+
+    model = runner_module("mimo-mlx").Generate(Path(spec["folder"]), spec["dtype"]).model
+    return measure(model, spec["image_size"], spec["answer_tokens"], spec["warmup"], spec["runs"])
+
+
 def main(spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     start = time.perf_counter()
@@ -177,6 +185,7 @@ def main(spec_path: str, result_path: str) -> None:
             "vision": measure_vision,
             "generate": measure_generate,
             "multiturn": measure_multiturn,
+            "lookup": measure_lookup,
         }[spec["task"]]
         result = {"backend": backend(spec["runtime"], spec.get("dtype")), **measure(spec)}
     result["wall_s"] = time.perf_counter() - start

@@ -15,7 +15,14 @@ from pathlib import Path
 import click
 
 from .errors import MimoError
-from .options import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, PromptOptions, SamplingOptions
+from .options import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MODEL,
+    LookupOptions,
+    PromptOptions,
+    SamplingOptions,
+    pop_lookup_options,
+)
 
 # Commands that live in other modules, imported only when run: name -> (module:attribute, summary).
 LAZY_COMMANDS = {
@@ -151,7 +158,7 @@ def declared_options(*declarations: type) -> Callable:
     type=click.IntRange(1),
     help="Most tokens to generate, reasoning included (fewer if the model's context fills up).",
 )
-@declared_options(PromptOptions, SamplingOptions)
+@declared_options(PromptOptions, SamplingOptions, LookupOptions)
 def generate(
     model_path,
     images,
@@ -171,13 +178,15 @@ def generate(
     mimo-mlx generate --model ./mimo-vl-7b-rl-4bit --image a.png --image b.png -p "Compare them"
 
     The reasoning is shown dimmed before the answer (kept between <think> tags when stdout is not a
-    terminal); a line of statistics follows on stderr.
+    terminal); a line of statistics follows on stderr. --prompt-lookup makes answers that copy text
+    (OCR, documents) faster and leaves the output as it is.
     """
     from .console import StreamPrinter, stats_line, stop_reason  # noqa: PLC0415  (fast --help)
     from .generation import max_new_tokens, stream_generate  # noqa: PLC0415
     from .options import pop_prompt_options  # noqa: PLC0415
 
     prompt = _prompt_text(prompt, ground, gui)
+    lookup = pop_lookup_options(options)
     if ground is not None or annotate_path is not None:
         _check_grounding(images, videos, annotate_path)
     model, processor = _load(model_path)
@@ -194,14 +203,14 @@ def generate(
     printer = StreamPrinter(hide_thinking, inputs.opens_thinking)
     last, pieces = None, []
     for response in stream_generate(
-        model, processor, prompt, inputs=inputs, max_tokens=max_tokens, **options
+        model, processor, prompt, inputs=inputs, max_tokens=max_tokens, **options, **vars(lookup)
     ):
         printer.write(response.text)
         pieces.append(response.text)
         last = response
     printer.close()
     reason = stop_reason(last.finish_reason, max_tokens, budget < max_tokens, context)
-    click.echo(stats_line(last, reason), err=True)
+    click.echo(stats_line(last, reason, lookup.enabled), err=True)
     if ground is not None or annotate_path is not None:
         _report_grounding("".join(pieces), inputs, images[0], annotate_path)
 
@@ -296,7 +305,7 @@ def _report_grounding(text: str, inputs, image: str, annotate_path: str | None) 
     help="When the conversation would pass --max-kv-size, drop its oldest exchanges (and "
     "compute the rest again) instead of refusing the message.",
 )
-@declared_options(PromptOptions, SamplingOptions)
+@declared_options(PromptOptions, SamplingOptions, LookupOptions)
 def chat(
     model_path, images, videos, hide_thinking, max_tokens, max_kv_size, drop_old_turns, **options
 ):
@@ -314,6 +323,7 @@ def chat(
     from .options import pop_prompt_options  # noqa: PLC0415
     from .terminal_chat import ChatSession  # noqa: PLC0415
 
+    lookup = pop_lookup_options(options)
     model, processor = _load(model_path)
     sampling = sampling_defaults(processor.tokenizer.generation_config, options)
     conversation = Conversation(
@@ -327,9 +337,10 @@ def chat(
         conversation,
         hide_thinking=hide_thinking,
         max_tokens=max_tokens,
-        sampling=sampling,
+        sampling={**sampling, **vars(lookup)},
         images=images,
         videos=videos,
+        prompt_lookup=lookup.enabled,
     )
     sys.exit(session.run())
 

@@ -67,12 +67,21 @@ def stop_reason(
     return f"max tokens ({max_tokens})"
 
 
-def stats_line(response, reason: str) -> str:
-    """The one line of statistics printed to stderr after an answer."""
+def stats_line(response, reason: str, prompt_lookup: bool = False) -> str:
+    """The one line of statistics printed to stderr after an answer (with `prompt_lookup`, how
+    many drafted tokens the model accepted)."""
     reused = f" ({response.cached_tokens} reused)" if response.cached_tokens else ""
+    lookup = ""
+    if prompt_lookup:
+        drafted, accepted = response.drafted_tokens, response.accepted_tokens
+        lookup = (
+            f" | prompt lookup: {accepted} of {drafted} drafted tokens accepted"
+            if drafted
+            else " | prompt lookup: nothing drafted"
+        )
     return (
         f"prompt: {response.prompt_tokens} tokens{reused}, {response.prompt_tps:.1f} tok/s | "
-        f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tok/s | "
-        f"time to first token: {response.time_to_first_token:.2f} s | "
+        f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tok/s"
+        f"{lookup} | time to first token: {response.time_to_first_token:.2f} s | "
         f"peak memory: {response.peak_memory:.2f} GB | stopped: {reason}"
     )

@@ -34,8 +34,15 @@ from .generation import (
 )
 from .messages import Message, with_media
 from .model import Model
-from .options import DEFAULT_MAX_TOKENS, PromptOptions, SamplingOptions, pop_prompt_options
+from .options import (
+    DEFAULT_MAX_TOKENS,
+    PromptOptions,
+    SamplingOptions,
+    pop_lookup_options,
+    pop_prompt_options,
+)
 from .processor import ImageInput, ModelInputs, PreparedMedia, Processor, _as_list
+from .prompt_lookup import PromptLookup
 from .sampling import LogitsProcessor, Sampler
 from .vision_cache import VisionCache, shared_vision_cache
 
@@ -144,8 +151,9 @@ class Conversation:
         longest prefix this cache holds. Afterwards `messages` plus the answer are the history,
         also when the caller stops reading early (the answer so far is kept).
 
-        `options`: sampling options, and prompt options that override the conversation's for
-        this turn (e.g. max_pixels).
+        `options`: sampling options, prompt-lookup options (`options.LookupOptions`: drafts
+        copy from the whole conversation), and prompt options that override the conversation's
+        for this turn (e.g. max_pixels).
         """
         started = time.perf_counter()
         turn = self.prepare(messages, **pop_prompt_options(options))
@@ -197,6 +205,7 @@ class Conversation:
         if max_tokens < 1:
             raise MimoError(f"max_tokens must be at least 1, got {max_tokens}")
         started = time.perf_counter() if started is None else started
+        lookup = PromptLookup.from_options(pop_lookup_options(sampling))
         sampler, logits_processors = _sampling(
             SamplingOptions(**sampling), sampler, logits_processors
         )
@@ -222,6 +231,8 @@ class Conversation:
                 logits_processors=logits_processors,
                 prefill_step_size=prefill_step_size,
                 cached_tokens=keep,
+                lookup=lookup,
+                context=inputs.input_ids[0],
             ):
                 generated.append(response.token)
                 yield response

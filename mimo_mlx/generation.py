@@ -17,8 +17,15 @@ from .chat import split_thinking
 from .errors import MimoError
 from .grounding import ParseResult
 from .model import Model, Prompt
-from .options import DEFAULT_MAX_TOKENS, SamplingOptions, pop_prompt_options, split_options
+from .options import (
+    DEFAULT_MAX_TOKENS,
+    SamplingOptions,
+    pop_lookup_options,
+    pop_prompt_options,
+    split_options,
+)
 from .processor import ImageInput, ModelInputs, Processor
+from .prompt_lookup import PromptLookup, warn_if_no_faster
 from .sampling import LogitsProcessor, Sampler, make_logits_processors, make_sampler
 from .tokenizer import Tokenizer
 
@@ -44,47 +51,117 @@ def generate_step(
     `prefill_step_size` through the model's own call, with no logits computed for them; each decode
     step is queued before the previous token is read back.
     """
-    cache = prompt_cache if prompt_cache is not None else model.make_cache()
-    if not isinstance(prompt, Prompt):
-        prompt = model.prepare_prompt(np.asarray(prompt).reshape(1, -1), cache=cache)
-    if prompt.length == 0:
-        raise MimoError("the prompt is empty")
-    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
-    processors = list(logits_processors or ())
+    cache, prompt, sampler, processors = _begin(
+        prompt, model, prompt_cache, sampler, logits_processors
+    )
     # Every token so far, kept only for logits processors (repetition penalty) that read it.
     history = mx.array(prompt.input_ids[0]) if processors else None
 
     with generation_settings(model) as stream:
-
-        def step(**inputs) -> tuple[mx.array, mx.array]:
-            with mx.stream(stream or mx.default_stream(mx.default_device())):
-                # float32 from here on, as transformers' generate does: processors, log-probs
-                # and sampling see full-precision scores whatever the model computes in.
-                logits = model(**inputs, cache=cache)[:, -1, :].astype(mx.float32)
-                for processor in processors:
-                    logits = processor(history, logits)
-                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-                return sampler(logprobs), logprobs.squeeze(0)
-
-        start = 0
-        while prompt.length - start > 1:
-            end = min(start + prefill_step_size, prompt.length - 1)
-            with mx.stream(stream or mx.default_stream(mx.default_device())):
-                model(**prompt.chunk(start, end), cache=cache)  # logits stay unevaluated
-            mx.eval(cache.state)  # keep the graph one chunk deep
-            start = end
-        token, logprobs = step(**prompt.chunk(start))
-        mx.async_eval(token, logprobs)
+        step = _stepper(model, cache, sampler, processors, stream)
+        token, logprobs = _prefill(prompt, model, cache, step, history, prefill_step_size, stream)
         for n in range(max_tokens):
             if n + 1 < max_tokens:
                 if history is not None:
                     history = mx.concatenate([history, token])
-                next_token, next_logprobs = step(input_ids=token[:, None])
+                next_token, next_logprobs = step(history, input_ids=token[:, None])
                 mx.async_eval(next_token, next_logprobs)
-            yield token.item(), logprobs
+            yield token.item(), logprobs[0]
             release_cache(n + 1)
             if n + 1 < max_tokens:
                 token, logprobs = next_token, next_logprobs
+
+
+def lookup_generate_step(
+    prompt: Prompt | np.ndarray | mx.array,
+    model: Model,
+    *,
+    lookup: PromptLookup | None = None,
+    context: Sequence[int] | np.ndarray | None = None,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    prompt_cache: PromptCache | None = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+) -> Iterator[tuple[int, mx.array, bool]]:
+    """`generate_step` with prompt-lookup decoding (see `prompt_lookup`): yields (token id,
+    log-probabilities, from_draft) as mlx-lm's `speculative_generate_step` does. The tokens are
+    the ones `generate_step` would give: greedy, the same; sampled, the same distribution.
+
+    `lookup` (default `PromptLookup()`) drafts and keeps the counts. `context` is every token the
+    answer may copy from (default: the prompt's ids; give the whole conversation when `prompt`
+    continues a cache). Samplers must treat rows independently and logits processors must be
+    functions of (tokens, logits): a draft is verified by sampling after each of its tokens at
+    once, each row's processors seeing the tokens up to it.
+    """
+    cache, prompt, sampler, processors = _begin(
+        prompt, model, prompt_cache, sampler, logits_processors
+    )
+    lookup = lookup if lookup is not None else PromptLookup()
+    warn_if_no_faster(model)
+    placeholders = (model.config.image_token_id, model.config.video_token_id)
+    lookup.begin(prompt.input_ids[0] if context is None else np.asarray(context), placeholders)
+    history = mx.array(prompt.input_ids[0]) if processors else None
+    with generation_settings(model) as stream:
+        step = _stepper(model, cache, sampler, processors, stream)
+        token, logprobs = _prefill(prompt, model, cache, step, history, prefill_step_size, stream)
+        yield from lookup.decode(step, token, logprobs, cache, max_tokens, history)
+
+
+def _begin(prompt, model: Model, cache, sampler, processors):
+    """The cache, the prepared prompt, the sampler (default greedy) and the processors."""
+    cache = cache if cache is not None else model.make_cache()
+    if not isinstance(prompt, Prompt):
+        prompt = model.prepare_prompt(np.asarray(prompt).reshape(1, -1), cache=cache)
+    if prompt.length == 0:
+        raise MimoError("the prompt is empty")
+    if prompt.input_ids.shape[0] != 1:
+        raise MimoError(
+            f"generation decodes one sequence at a time, got {prompt.input_ids.shape[0]}"
+        )
+    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    return cache, prompt, sampler, list(processors or ())
+
+
+def _stepper(model: Model, cache: PromptCache, sampler, processors, stream):
+    """step(history, **inputs): feed tokens continuing the cache; the token sampled after each
+    (L,) and its log-probabilities (L, vocab). `history` is every token fed before them plus the
+    first of them; processors at row i also see the inputs up to i."""
+
+    def step(history: mx.array | None, **inputs) -> tuple[mx.array, mx.array]:
+        with mx.stream(stream or mx.default_stream(mx.default_device())):
+            # float32 from here on, as transformers' generate does: processors, log-probs
+            # and sampling see full-precision scores whatever the model computes in.
+            logits = model(**inputs, cache=cache)[0].astype(mx.float32)  # (L, vocab)
+            if processors:
+                ids = inputs["input_ids"]
+                rows = []
+                for i in range(logits.shape[0]):
+                    seen = history if i == 0 else mx.concatenate([history, ids[0, 1 : i + 1]])
+                    row = logits[i : i + 1]
+                    for processor in processors:
+                        row = processor(seen, row)
+                    rows.append(row)
+                logits = mx.concatenate(rows)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            return sampler(logprobs), logprobs
+
+    return step
+
+
+def _prefill(prompt: Prompt, model: Model, cache, step, history, step_size: int, stream):
+    """Prefill all prompt tokens but the last in chunks (no logits), then queue the last one's
+    step: (first token (1,), its log-probabilities (1, vocab)), being evaluated."""
+    start = 0
+    while prompt.length - start > 1:
+        end = min(start + step_size, prompt.length - 1)
+        with mx.stream(stream or mx.default_stream(mx.default_device())):
+            model(**prompt.chunk(start, end), cache=cache)  # logits stay unevaluated
+        mx.eval(cache.state)  # keep the graph one chunk deep
+        start = end
+    token, logprobs = step(history, **prompt.chunk(start))
+    mx.async_eval(token, logprobs)
+    return token, logprobs
 
 
 @dataclass(frozen=True)
@@ -94,7 +171,8 @@ class GenerationResponse:
     text is the new text (possibly empty while a character is incomplete); peak_memory is in GB;
     prompt_tps counts the prompt tokens computed (not those reused from a cache).
     finish_reason is "stop" (an end token) or "length" (max_tokens or the model's context) at the
-    last step, else None.
+    last step, else None. With prompt lookup, from_draft says the token was drafted and accepted;
+    drafted_tokens and accepted_tokens count the draft tokens verified and accepted so far.
     """
 
     text: str
@@ -109,6 +187,8 @@ class GenerationResponse:
     time_to_first_token: float
     finish_reason: str | None = None
     cached_tokens: int = 0  # prompt tokens reused from the cache, not computed again
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,14 +244,17 @@ def stream_generate(
     """Answer `prompt` about `images` and `videos`, yielding text pieces as they are decoded.
 
     `options` are the prompt options (`options.PromptOptions`: system, no_think, min_pixels,
-    max_pixels, fps, max_frames, ...) and sampling options (`options.SamplingOptions`: temp,
-    top_p, top_k, min_p, repetition_penalty, seed); a `sampler` or `logits_processors` replace the
-    sampling options. Generation stops at an end token of the tokenizer / generation config, after
-    `max_tokens`, or when the model's context is full. `inputs` (from `processor.prepare`)
-    replaces prompt, images, videos and the prompt options.
+    max_pixels, fps, max_frames, ...), sampling options (`options.SamplingOptions`: temp,
+    top_p, top_k, min_p, repetition_penalty, seed) and prompt-lookup options
+    (`options.LookupOptions`: prompt_lookup, prompt_lookup_num_tokens, max_matching_ngram_size);
+    a `sampler` or `logits_processors` replace the sampling options. Generation stops at an end
+    token of the tokenizer / generation config, after `max_tokens`, or when the model's context is
+    full. `inputs` (from `processor.prepare`) replaces prompt, images, videos and the prompt
+    options.
     """
     if max_tokens < 1:
         raise MimoError(f"max_tokens must be at least 1, got {max_tokens}")
+    lookup = PromptLookup.from_options(pop_lookup_options(options))
     prompt_options, sampling = split_options(options)
     start = time.perf_counter()
     if inputs is None:
@@ -191,6 +274,7 @@ def stream_generate(
         sampler=sampler,
         logits_processors=logits_processors,
         prefill_step_size=prefill_step_size,
+        lookup=lookup,
     )
 
 
@@ -206,23 +290,28 @@ def stream_prompt(
     logits_processors: Sequence[LogitsProcessor],
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     cached_tokens: int = 0,
+    lookup: PromptLookup | None = None,
+    context: np.ndarray | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream the answer to a prepared prompt that continues `cache` (holding `cached_tokens`
-    tokens of the whole prompt already); timings count from `started`."""
+    tokens of the whole prompt already); timings count from `started`. With a `lookup`, drafts
+    are copied from `context` (the whole prompt's ids; default: `prompt`'s)."""
     prompt_tokens = cached_tokens + prompt.length
     detokenizer = tokenizer.detokenizer()
     stop = tokenizer.eos_token_ids
-    steps = generate_step(
-        prompt,
-        model,
+    settings = dict(
         max_tokens=max_tokens,
         sampler=sampler,
         logits_processors=logits_processors,
         prompt_cache=cache,
         prefill_step_size=prefill_step_size,
     )
+    if lookup is None:
+        steps = ((t, lp, False) for t, lp in generate_step(prompt, model, **settings))
+    else:
+        steps = lookup_generate_step(prompt, model, lookup=lookup, context=context, **settings)
     first = prompt_tps = 0.0
-    for n, (token, logprobs) in enumerate(steps, start=1):
+    for n, (token, logprobs, from_draft) in enumerate(steps, start=1):
         now = time.perf_counter()
         if n == 1:
             first = now - started
@@ -236,7 +325,7 @@ def stream_prompt(
             text=text,
             token=token,
             logprobs=logprobs,
-            from_draft=False,
+            from_draft=from_draft,
             prompt_tokens=prompt_tokens,
             prompt_tps=prompt_tps,
             generation_tokens=n,
@@ -245,6 +334,8 @@ def stream_prompt(
             time_to_first_token=first,
             finish_reason=finish,
             cached_tokens=cached_tokens,
+            drafted_tokens=lookup.drafted if lookup else 0,
+            accepted_tokens=lookup.accepted if lookup else 0,
         )
         if finish:
             break
@@ -291,6 +382,11 @@ def generate(
         print(
             f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec"
         )
+        if last.drafted_tokens:
+            print(
+                f"Prompt lookup: {last.accepted_tokens} of {last.drafted_tokens} drafted tokens "
+                "accepted"
+            )
         print(f"Peak memory: {last.peak_memory:.3f} GB")
     return result.with_inputs(inputs)
 

@@ -1,7 +1,8 @@
 """Every user-facing option of a request, declared once: name, default, meaning.
 
 `PromptOptions` shape the prompt (system prompt, thinking switch, image and video sizing);
-`SamplingOptions` shape how tokens are drawn. The processor, `stream_generate`, `generate` and the
+`SamplingOptions` shape how tokens are drawn; `LookupOptions` switch on prompt-lookup decoding,
+which changes how fast tokens come, never which. The processor, `stream_generate`, `generate` and the
 command line all take their options from these declarations; the CLI builds its flags and help
 from the field metadata. No mlx import here: `mimo-mlx --help` stays fast.
 """
@@ -142,13 +143,86 @@ class SamplingOptions:
             raise MimoError(f"seed must be an integer, got {self.seed!r}")
 
 
+DEFAULT_LOOKUP_TOKENS = 10  # transformers' suggestion for prompt_lookup_num_tokens
+DEFAULT_LOOKUP_NGRAM = 2  # transformers' default max_matching_ngram_size
+MAX_LOOKUP_NGRAM = 16  # every n-gram up to this size is indexed for every token seen
+
+
+@dataclass(frozen=True)
+class LookupOptions:
+    """Prompt-lookup decoding (transformers' names): draft the next tokens by finding the last few
+    tokens earlier in the prompt or the answer and copying what followed; the model checks the
+    whole draft in one forward pass. The output is the same as without it (greedy: token for
+    token; sampling: the same distribution); copying answers (OCR, documents, quoting) come faster.
+    """
+
+    prompt_lookup: bool = option(
+        False,
+        "Prompt-lookup decoding: draft tokens by copying from the prompt and the answer so far "
+        "and verify them in one forward pass. Faster when the answer repeats text it has seen "
+        "(OCR, documents, code); the output stays the same (greedy: token for token; sampling: "
+        "the same distribution).",
+        cli={"is_flag": True},
+    )
+    prompt_lookup_num_tokens: int | None = option(
+        None,
+        f"With --prompt-lookup: most tokens drafted per forward pass (giving it also turns prompt "
+        f"lookup on, as in transformers). [default: {DEFAULT_LOOKUP_TOKENS}]",
+        cli={"min": 1},
+    )
+    max_matching_ngram_size: int | None = option(
+        None,
+        "With --prompt-lookup: the longest run of last tokens matched against the text seen; "
+        f"shorter runs are tried down to one token. [default: {DEFAULT_LOOKUP_NGRAM}]",
+        cli={"min": 1, "max": MAX_LOOKUP_NGRAM},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and value >= 1):
+                raise MimoError(f"{name} must be an integer >= 1, got {value!r}")
+        ngram = self.max_matching_ngram_size
+        if ngram is not None and ngram > MAX_LOOKUP_NGRAM:
+            raise MimoError(
+                f"max_matching_ngram_size must be at most {MAX_LOOKUP_NGRAM}, got {ngram}"
+            )
+        if not isinstance(self.prompt_lookup, bool):
+            raise MimoError(f"prompt_lookup must be True or False, got {self.prompt_lookup!r}")
+        if self.max_matching_ngram_size is not None and not self.enabled:
+            raise MimoError(
+                "max_matching_ngram_size applies to prompt lookup: also pass prompt_lookup=True "
+                "(--prompt-lookup)"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.prompt_lookup or self.prompt_lookup_num_tokens is not None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_lookup_num_tokens or DEFAULT_LOOKUP_TOKENS
+
+    @property
+    def ngram_size(self) -> int:
+        return self.max_matching_ngram_size or DEFAULT_LOOKUP_NGRAM
+
+
+def pop_lookup_options(kwargs: dict[str, Any]) -> LookupOptions:
+    """Remove the prompt-lookup options from `kwargs` and return them, checked."""
+    names = {f.name for f in fields(LookupOptions)}
+    return LookupOptions(**{name: kwargs.pop(name) for name in list(kwargs) if name in names})
+
+
 def split_options(options: dict[str, Any]) -> tuple[PromptOptions, SamplingOptions]:
-    """Keyword arguments -> (PromptOptions, SamplingOptions); an unknown name is an error."""
+    """Keyword arguments -> (PromptOptions, SamplingOptions); an unknown name is an error.
+    (Take the `LookupOptions` out first, with `pop_lookup_options`.)"""
     prompt_names = {f.name for f in fields(PromptOptions)}
     sampling_names = {f.name for f in fields(SamplingOptions)}
     unknown = sorted(options.keys() - prompt_names - sampling_names)
     if unknown:
-        known = ", ".join(sorted(prompt_names | sampling_names))
+        lookup_names = {f.name for f in fields(LookupOptions)}
+        known = ", ".join(sorted(prompt_names | sampling_names | lookup_names))
         raise TypeError(f"unknown option(s) {', '.join(unknown)}; the options are: {known}")
     prompt = PromptOptions(**{k: v for k, v in options.items() if k in prompt_names})
     sampling = SamplingOptions(**{k: v for k, v in options.items() if k in sampling_names})

@@ -41,8 +41,10 @@ class ChatSession:
         sampling: dict,
         images: tuple = (),
         videos: tuple = (),
+        prompt_lookup: bool = False,
     ) -> None:
         self.chat = chat
+        self.prompt_lookup = prompt_lookup  # for the stats line (the options are in `sampling`)
         self.hide_thinking = hide_thinking
         self.max_tokens = max_tokens
         self.sampling = sampling
@@ -120,7 +122,7 @@ class ChatSession:
             context = self.chat.max_kv_size
             capped = last.prompt_tokens + self.max_tokens > context
             reason = stop_reason(last.finish_reason, self.max_tokens, capped, context)
-            click.echo(stats_line(last, reason), err=True)
+            click.echo(stats_line(last, reason, self.prompt_lookup), err=True)
         return True
 
     def _command(self, line: str) -> bool:
