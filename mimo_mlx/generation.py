@@ -41,6 +41,7 @@ def generate_step(
     logits_processors: Sequence[LogitsProcessor] | None = None,
     prompt_cache: PromptCache | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    context: Sequence[int] | np.ndarray | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token id, log-probabilities over the vocabulary) until `max_tokens`; the caller stops
     on end tokens.
@@ -49,13 +50,14 @@ def generate_step(
     of a text prompt. A given `prompt_cache` is extended in place (a `Prompt` must have been
     prepared against it). All prompt tokens but the last are prefilled in chunks of
     `prefill_step_size` through the model's own call, with no logits computed for them; each decode
-    step is queued before the previous token is read back.
+    step is queued before the previous token is read back. `context` is the whole prompt's ids
+    when `prompt` continues a cache: logits processors (repetition penalty) see all of them, as
+    they would without the cache.
     """
     cache, prompt, sampler, processors = _begin(
         prompt, model, prompt_cache, sampler, logits_processors
     )
-    # Every token so far, kept only for logits processors (repetition penalty) that read it.
-    history = mx.array(prompt.input_ids[0]) if processors else None
+    history = _history(prompt, context, processors)
 
     with generation_settings(model) as stream:
         step = _stepper(model, cache, sampler, processors, stream)
@@ -101,11 +103,19 @@ def lookup_generate_step(
     warn_if_no_faster(model)
     placeholders = (model.config.image_token_id, model.config.video_token_id)
     lookup.begin(prompt.input_ids[0] if context is None else np.asarray(context), placeholders)
-    history = mx.array(prompt.input_ids[0]) if processors else None
+    history = _history(prompt, context, processors)
     with generation_settings(model) as stream:
         step = _stepper(model, cache, sampler, processors, stream)
         token, logprobs = _prefill(prompt, model, cache, step, history, prefill_step_size, stream)
         yield from lookup.decode(step, token, logprobs, cache, max_tokens, history)
+
+
+def _history(prompt: Prompt, context, processors) -> mx.array | None:
+    """Every token so far, kept only for logits processors (repetition penalty) that read it: the
+    whole prompt, its cached part included."""
+    if not processors:
+        return None
+    return mx.array(prompt.input_ids[0] if context is None else np.asarray(context))
 
 
 def _begin(prompt, model: Model, cache, sampler, processors):
@@ -294,8 +304,9 @@ def stream_prompt(
     context: np.ndarray | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream the answer to a prepared prompt that continues `cache` (holding `cached_tokens`
-    tokens of the whole prompt already); timings count from `started`. With a `lookup`, drafts
-    are copied from `context` (the whole prompt's ids; default: `prompt`'s)."""
+    tokens of the whole prompt already); timings count from `started`. `context` is the whole
+    prompt's ids (default: `prompt`'s): logits processors see them all, and with a `lookup` drafts
+    are copied from them."""
     prompt_tokens = cached_tokens + prompt.length
     detokenizer = tokenizer.detokenizer()
     stop = tokenizer.eos_token_ids
@@ -307,7 +318,8 @@ def stream_prompt(
         prefill_step_size=prefill_step_size,
     )
     if lookup is None:
-        steps = ((t, lp, False) for t, lp in generate_step(prompt, model, **settings))
+        run = generate_step(prompt, model, context=context, **settings)
+        steps = ((t, lp, False) for t, lp in run)
     else:
         steps = lookup_generate_step(prompt, model, lookup=lookup, context=context, **settings)
     first = prompt_tps = 0.0

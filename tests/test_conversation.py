@@ -62,7 +62,7 @@ def conversation(model_processor, **options) -> Conversation:
     return Conversation(model, processor, vision_cache=options.pop("vision_cache", None), **options)
 
 
-def hf_turn(reference, chat: Conversation, prompt_media: list) -> list[int]:
+def hf_turn(reference, chat: Conversation, prompt_media: list, **options) -> list[int]:
     """transformers' greedy answer to the prompt of `chat`'s last turn (its messages without the
     answer just given), computed from scratch.
 
@@ -108,7 +108,7 @@ def hf_turn(reference, chat: Conversation, prompt_media: list) -> list[int]:
             video_grid_thw=torch.tensor(inputs.video_grid_thw),
             second_per_grid_ts=torch.tensor(inputs.second_per_grid_ts),
         )
-    return hf_generate(hf_model, hf_inputs)
+    return hf_generate(hf_model, hf_inputs, **options)
 
 
 def pil(path) -> Image.Image:

@@ -18,6 +18,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 import mimo_mlx
 from mimo_mlx import MimoError
 from mimo_mlx.generation import generate, stream_generate
+from mimo_mlx.sampling import make_logits_processors
 
 NEW_TOKENS = 24
 MAX_PIXELS = 28 * 28 * 64
@@ -101,7 +102,8 @@ def hf_messages(prompt: str, images: int = 0, videos: int = 0):
     return [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
 
 
-def hf_generate(model, inputs: dict) -> list[int]:
+def hf_generate(model, inputs: dict, **options) -> list[int]:
+    """transformers' greedy tokens (`options` go to generate, e.g. repetition_penalty)."""
     ids = inputs["input_ids"]
     mm = torch.zeros_like(ids)
     mm[ids == TOKENS["image_token_id"]] = 1
@@ -109,7 +111,7 @@ def hf_generate(model, inputs: dict) -> list[int]:
     kwargs = {k: v for k, v in inputs.items() if k not in ("mm_token_type_ids", "attention_mask")}
     with torch.no_grad():
         out = model.generate(
-            **kwargs, mm_token_type_ids=mm, max_new_tokens=NEW_TOKENS, do_sample=False
+            **kwargs, mm_token_type_ids=mm, max_new_tokens=NEW_TOKENS, do_sample=False, **options
         )
     return out[0, ids.shape[1] :].tolist()
 
@@ -292,3 +294,28 @@ def test_greedy_with_repetition_penalty_matches_transformers(ours, reference):
     theirs = out[0, inputs.input_ids.shape[1] :].tolist()
     result = generate(model, processor, prompt, max_tokens=NEW_TOKENS, repetition_penalty=1.3)
     assert_same_tokens(result.tokens, theirs)
+
+
+def test_repetition_penalty_counts_the_cached_prompt(ours, reference):
+    """A prompt that continues a cache: the penalty still covers the cached tokens (given as the
+    context), as transformers penalizes a prompt it runs from scratch. The cache is filled with
+    the model's own greedy favourites, which an unpenalized history would simply repeat."""
+    from mimo_mlx.generation import generate_step
+
+    model, processor = ours
+    hf_model, _ = reference
+    start = processor.prepare("Tell me a story.").input_ids[0]
+    favourites = [t for t, _ in generate_step(start[None], model, max_tokens=20)]
+    suffix = processor.tokenizer.encode(" Again.")
+    whole = np.array([[*start, *favourites, *suffix]])
+    cache = model.make_cache()
+    model(whole[:, : -len(suffix)], cache=cache)  # the cached part
+    penalty = make_logits_processors(repetition_penalty=1.5)
+    prompt = model.prepare_prompt(whole[:, -len(suffix) :], cache=cache)
+    run = generate_step(
+        prompt, model, max_tokens=NEW_TOKENS, logits_processors=penalty, prompt_cache=cache,
+        context=whole[0],
+    )  # fmt: skip
+    ours_tokens = [t for t, _ in run]
+    theirs = hf_generate(hf_model, {"input_ids": torch.tensor(whole)}, repetition_penalty=1.5)
+    assert_same_tokens(ours_tokens, theirs)
