@@ -11,7 +11,11 @@ import time
 
 import mlx.core as mx
 import pytest
+from test_generate import write_model_folder
+from tiny_tokenizer import CHAT_TEMPLATE
 
+import mimo_mlx
+from mimo_mlx.conversation_pool import ConversationPool
 from mimo_mlx.errors import MimoError
 from mimo_mlx.generation import GenerationResponse
 from mimo_mlx.openai_api import APIError
@@ -243,3 +247,31 @@ def test_closing_answers_every_job_left(engine):
     assert running[-1].error.code == waiting[-1].error.code == "shutting_down"
     with pytest.raises(APIError):
         engine.submit(Job("x", [], {}, 0.0, None))
+
+
+def test_a_template_that_opens_thinking_puts_the_answer_in_reasoning(tmp_path):
+    """On the real pool: the running turn's <think> reaches the split, as `generate` does it."""
+    folder = write_model_folder(tmp_path / "model", seed=21)
+    opened = CHAT_TEMPLATE.replace(
+        "<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}"
+    )
+    (folder / "chat_template.jinja").write_text(opened)
+    model, processor = mimo_mlx.load(folder)
+    expected = mimo_mlx.generate(model, processor, "Hello", max_tokens=12, temp=0.0)
+    assert expected.inputs.opens_thinking and expected.thinking and not expected.answer
+    engine = Engine(ConversationPool(model, processor), processor.tokenizer, queue_size=1)
+    engine.start()
+
+    async def main():
+        asked = job("Hello", max_tokens=12)
+        asked.options["temp"] = 0.0
+        engine.submit(asked)
+        return await events(asked)
+
+    try:
+        found = run(main)
+    finally:
+        engine.close()
+    deltas = [e for e in found if isinstance(e, Delta)]
+    assert "".join(d.reasoning for d in deltas) == expected.thinking
+    assert "".join(d.content for d in deltas) == expected.answer == ""
