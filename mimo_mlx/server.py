@@ -36,7 +36,7 @@ from .conversation_pool import ConversationPool
 from .model import Model
 from .openai_api import APIError, ChatRequest, Limits, error_body, parse_chat_request
 from .openai_responses import chunk_body, completion_body, model_card, usage_chunk_body
-from .options import pop_prompt_options
+from .options import DEFAULT_MAX_TOKENS, pop_prompt_options
 from .processor import Processor
 from .request_media import MediaPolicy, resolve_media
 from .serving import Delta, Engine, Failed, Finished, Job, queue_timeout
@@ -59,7 +59,7 @@ class ServerSettings:
     api_key: str | None = None
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # seconds from arrival to the last token
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_tokens: int = 2048  # for requests that do not say
+    max_tokens: int = DEFAULT_MAX_TOKENS  # for requests that do not say
     sampling: dict[str, Any] = field(default_factory=dict)  # defaults for requests
     media: MediaPolicy = field(default_factory=MediaPolicy)
 
@@ -361,6 +361,13 @@ def serve_forever(engine: Engine, settings: ServerSettings, host: str, port: int
     """Run the server until interrupted (Ctrl-C or SIGTERM)."""
     import uvicorn  # noqa: PLC0415
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # uvicorn waits for open connections before it shuts the app down: end the
+            # requests first (each gets a 503 or an error event), so that wait is short.
+            engine.stop()
+            super().handle_exit(sig, frame)
+
     if not log.handlers:  # uvicorn configures its own loggers only
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
@@ -373,4 +380,4 @@ def serve_forever(engine: Engine, settings: ServerSettings, host: str, port: int
         log_level="info",
         timeout_graceful_shutdown=5,
     )
-    uvicorn.Server(config).run()
+    Server(config).run()

@@ -109,8 +109,9 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Refuse new jobs, cancel the rest, and wait for the thread to finish."""
+    def stop(self) -> None:
+        """Refuse new jobs and end the others: waiting ones at once, the running one at its next
+        token, each answered 503 (the server is shutting down). Does not wait."""
         with self._cond:
             self._closed = True
             for job in list(self._waiting):
@@ -118,6 +119,10 @@ class Engine:
             if self._running is not None:
                 self._running.cancelled = "shutdown"
             self._cond.notify_all()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """`stop`, then wait for the generation thread to finish."""
+        self.stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import signal
 import socket
 import threading
 import time
@@ -63,8 +64,12 @@ def files(photo):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    folder = long_context_folder(tmp_path_factory.mktemp("tiny-long"))
+def folder(tmp_path_factory):
+    return long_context_folder(tmp_path_factory.mktemp("tiny-long"))
+
+
+@pytest.fixture(scope="module")
+def server(folder, tmp_path_factory):
     flags = ["--queue-size", "1", "--request-timeout", str(TIME_LIMIT_S), "--max-pixels"]
     flags += [str(MAX_PIXELS), "--allow-fetch", "--allow-local-files", "--fetch-max-bytes"]
     flags += ["100KiB", "--fetch-timeout", "1", "--video-min-pixels", "3136"]
@@ -229,3 +234,16 @@ def test_a_video_of_frames_on_disk(server, tmp_path):
         max_tokens=4,
     )
     assert reply.usage.prompt_tokens > text_only.usage.prompt_tokens + 2  # the frames' tokens
+
+
+def test_ctrl_c_ends_the_requests_and_the_server_promptly(folder, tmp_path):
+    with ServerProcess(folder, tmp_path / "server.log") as own:
+        with httpx2.Client(timeout=30) as http, open_stream(own, http) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            own.process.send_signal(signal.SIGINT)
+            started = time.monotonic()
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert events[-1]["error"]["code"] == "shutting_down"  # an error event, then [DONE]
+        assert own.process.wait(10) == 130  # the command's exit status for Ctrl-C
+        assert time.monotonic() - started < 5
