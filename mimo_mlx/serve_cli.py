@@ -154,6 +154,8 @@ def serve(
     """
     import importlib.util  # noqa: PLC0415
 
+    if api_key is not None and not api_key.strip():
+        raise click.BadParameter("the key is empty", param_hint="--api-key")
     if not all(importlib.util.find_spec(name) for name in ("starlette", "uvicorn", "httpx2")):
         raise MimoError('the server needs its extra: pip install "mimo-mlx[serve]"')
     from .request_media import MediaPolicy  # noqa: PLC0415  (fast --help)
