@@ -30,6 +30,10 @@ LAZY_COMMANDS = {
         "mimo_mlx.convert.cli:convert",
         "Convert a MiMo-VL (Qwen2.5-VL architecture) checkpoint into an MLX model folder.",
     ),
+    "serve": (
+        "mimo_mlx.serve_cli:serve",
+        "Serve the model over an OpenAI-compatible HTTP API (needs mimo-mlx[serve]).",
+    ),
 }
 # What MiMo recommends where the model's generation_config.json says nothing.
 RECOMMENDED_SAMPLING = {"temp": 0.3, "top_p": 0.95, "top_k": 0}

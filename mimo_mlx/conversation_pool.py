@@ -43,6 +43,7 @@ class ConversationPool:
             model, processor, vision_cache=cache, max_kv_size=max_kv_size, **prompt_options
         )
         self._entries: list[Conversation] = []  # least recently used first
+        self._running: Conversation | None = None
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -52,15 +53,22 @@ class ConversationPool:
     def nbytes(self) -> int:
         return sum(entry.cache.nbytes for entry in self._entries)
 
+    @property
+    def opens_thinking(self) -> bool:
+        """Whether the running turn's prompt opened <think> (its answer starts inside the
+        reasoning); known once `stream` has yielded its first response."""
+        return self._running is not None and self._running.opens_thinking
+
     def stream(self, messages: Sequence[Message], **options) -> Iterator[GenerationResponse]:
         """Answer `messages` (the OpenAI shape), continuing the best-matching conversation.
         `options` as for `Conversation.stream_messages`."""
         with self._lock:
             turn = self._blank.prepare(messages, **pop_prompt_options(options))
-            chat = self._conversation_for(turn)
+            chat = self._running = self._conversation_for(turn)
             try:
                 yield from chat.stream_turn(turn, **options)
             finally:
+                self._running = None
                 self._evict(keep=chat)
 
     def _conversation_for(self, turn) -> Conversation:

@@ -1,0 +1,188 @@
+"""`mimo-mlx serve`: the command line of the HTTP server (see `server.py`).
+
+Declared apart from `cli.py` and loaded only when run, like `convert`; nothing heavy is imported
+until the command starts, so `--help` answers at once and without the server's extra installed.
+"""
+
+from __future__ import annotations
+
+import click
+
+from .cli import _load, declared_options, sampling_defaults
+from .errors import MimoError
+from .options import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, PromptOptions, SamplingOptions
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes: 2147483648, 2GiB, 512MB, 64M (K/M/G are powers of 1024)."""
+
+    name = "bytes"
+    units = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().removesuffix("b").removesuffix("i")
+        number, unit = text.rstrip("kmgt"), text[len(text.rstrip("kmgt")) :]
+        try:
+            size = int(float(number) * self.units[unit])
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size (e.g. 2GiB, 512MB, 1048576)", param, ctx)
+        if size < 1:
+            self.fail(f"{value!r} must be at least one byte", param, ctx)
+        return size
+
+
+@click.command()
+@click.option(
+    "--model",
+    "model_path",
+    default=None,
+    metavar="DIR_OR_HUB_ID",
+    help=f"A model folder or a hub id, as for generate. [default: {DEFAULT_MODEL}]",
+)
+@click.option(
+    "--model-name",
+    metavar="NAME",
+    help="The model id clients send and /v1/models lists. [default: the --model value]",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--api-key",
+    envvar="MIMO_MLX_API_KEY",
+    metavar="KEY",
+    help="Require 'Authorization: Bearer KEY' on every endpoint but /health (or set "
+    "$MIMO_MLX_API_KEY).",
+)
+@click.option(
+    "--allow-fetch",
+    is_flag=True,
+    help="Fetch http(s) image and video URLs (within --fetch-max-bytes and --fetch-timeout). "
+    "Off: only base64 data: URLs are read.",
+)
+@click.option(
+    "--allow-local-files",
+    is_flag=True,
+    help="Open local paths (and file:// URLs) that requests name, as this user can.",
+)
+@click.option("--fetch-max-bytes", type=ByteSize(), default="20MiB", show_default=True)
+@click.option(
+    "--fetch-timeout", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True
+)
+@click.option(
+    "--max-image-pixels",
+    type=click.IntRange(1),
+    default=8192 * 8192,
+    show_default=True,
+    help="Refuse images with more pixels than this before decoding them.",
+)
+@click.option(
+    "--max-tokens",
+    "-m",
+    default=DEFAULT_MAX_TOKENS,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Most tokens per answer when a request does not say (a request may ask up to the "
+    "context).",
+)
+@click.option(
+    "--cache-bytes",
+    type=ByteSize(),
+    default="2GiB",
+    show_default=True,
+    help="Memory for cached conversations (least recently used dropped first).",
+)
+@click.option(
+    "--max-kv-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Most tokens one conversation may hold. [default: the model's context]",
+)
+@click.option(
+    "--queue-size",
+    type=click.IntRange(1),
+    default=16,
+    show_default=True,
+    help="Requests that may wait while one generates; more are refused at once with 503.",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="Seconds from a request's arrival to its last token; then it ends with "
+    "finish_reason 'length' (or 503 if it never started).",
+)
+@click.option(
+    "--max-body-bytes",
+    type=ByteSize(),
+    default="64MiB",
+    show_default=True,
+    help="Largest request body (base64 images included); larger ones get 413.",
+)
+@declared_options(PromptOptions, SamplingOptions)
+def serve(
+    model_path,
+    model_name,
+    host,
+    port,
+    api_key,
+    allow_fetch,
+    allow_local_files,
+    fetch_max_bytes,
+    fetch_timeout,
+    max_image_pixels,
+    max_tokens,
+    cache_bytes,
+    max_kv_size,
+    queue_size,
+    request_timeout,
+    max_body_bytes,
+    **options,
+):
+    """Serve the model over an OpenAI-compatible HTTP API (needs mimo-mlx[serve]).
+
+    \b
+    mimo-mlx serve --model ./mimo-vl-7b-rl-4bit
+    mimo-mlx serve --model ./mimo-vl-7b-rl-4bit --api-key s3cret --port 9000
+
+    POST /v1/chat/completions (streaming or not), GET /v1/models, GET /health. It listens on
+    127.0.0.1 only, reads images only from base64 data: URLs, and needs no key unless given
+    one: --host, --allow-fetch, --allow-local-files and --api-key change that. Prompt and
+    sampling flags set the defaults that requests override.
+    """
+    import importlib.util  # noqa: PLC0415
+
+    if api_key is not None and not api_key.strip():
+        raise click.BadParameter("the key is empty", param_hint="--api-key")
+    if not all(importlib.util.find_spec(name) for name in ("starlette", "uvicorn", "httpx2")):
+        raise MimoError('the server needs its extra: pip install "mimo-mlx[serve]"')
+    from .request_media import MediaPolicy  # noqa: PLC0415  (fast --help)
+    from .server import build_server, serve_forever  # noqa: PLC0415
+
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        click.echo(
+            f"warning: listening on {host} without --api-key: anyone who can reach it can use "
+            "the model",
+            err=True,
+        )
+    model, processor = _load(model_path)
+    engine, settings = build_server(
+        model,
+        processor,
+        model_id=model_name or model_path or DEFAULT_MODEL,
+        api_key=api_key,
+        media=MediaPolicy(
+            allow_fetch, allow_local_files, fetch_max_bytes, fetch_timeout, max_image_pixels
+        ),
+        max_tokens=max_tokens,
+        cache_bytes=cache_bytes,
+        max_kv_size=max_kv_size,
+        queue_size=queue_size,
+        request_timeout=request_timeout,
+        max_body_bytes=max_body_bytes,
+        options=sampling_defaults(processor.tokenizer.generation_config, options),
+    )
+    click.echo(f"serving {settings.model_id} on http://{host}:{port}/v1", err=True)
+    serve_forever(engine, settings, host, port)

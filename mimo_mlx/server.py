@@ -1,0 +1,383 @@
+"""`mimo-mlx serve`: an OpenAI-compatible HTTP server for one model (Starlette on uvicorn).
+
+    POST /v1/chat/completions   whole, or streamed as server-sent events ending in `data: [DONE]`
+    GET  /v1/models             the served model (GET /v1/models/{id} for one)
+    GET  /health                liveness, the queue and request counts (never needs the key)
+
+Requests are checked here (`openai_api`), their images read (`request_media`), then queued for the
+one generation thread (`serving.Engine`). A chat completion answers with a status chosen after the
+first token: an error found before generation starts (a prompt past the context, an image the
+processor refuses, the time limit reached in the queue) is a proper 4xx/5xx; once streaming, a
+failure is an error event. The connection is watched throughout: a client that goes away cancels
+its request, waiting or generating. Every error is OpenAI's shape; no traceback reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from .conversation_pool import ConversationPool
+from .model import Model
+from .openai_api import APIError, ChatRequest, Limits, error_body, parse_chat_request
+from .openai_responses import chunk_body, completion_body, model_card, usage_chunk_body
+from .options import DEFAULT_MAX_TOKENS, pop_prompt_options
+from .processor import Processor
+from .request_media import MediaPolicy, resolve_media
+from .serving import Delta, Engine, Failed, Finished, Job, queue_timeout
+
+log = logging.getLogger("mimo_mlx.serve")
+
+DEFAULT_MAX_BODY_BYTES = 64 * 2**20
+DEFAULT_REQUEST_TIMEOUT = 600.0
+DEFAULT_QUEUE_SIZE = 16
+# Headers some errors carry: how to authenticate, when to come back.
+_ERROR_HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "1"}}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the HTTP side of the server enforces and defaults (the engine has the rest)."""
+
+    model_id: str
+    limits: Limits
+    api_key: str | None = None
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # seconds from arrival to the last token
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_tokens: int = DEFAULT_MAX_TOKENS  # for requests that do not say
+    sampling: dict[str, Any] = field(default_factory=dict)  # defaults for requests
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+
+
+def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
+    """The ASGI app; it starts the engine's thread on startup and stops it on shutdown."""
+    created = int(time.time())
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "model": settings.model_id, **engine.stats()})
+
+    async def models(request: Request) -> JSONResponse:
+        _authorize(request, settings.api_key)
+        return JSONResponse({"object": "list", "data": [model_card(settings.model_id, created)]})
+
+    async def model(request: Request) -> JSONResponse:
+        _authorize(request, settings.api_key)
+        name = request.path_params["name"]
+        if name not in settings.limits.model_ids:
+            raise APIError(f"the model {name!r} is not served here", 404, code="model_not_found")
+        return JSONResponse(model_card(settings.model_id, created))
+
+    async def chat_completions(request: Request) -> ChatCompletion:
+        _authorize(request, settings.api_key)
+        arrived = time.monotonic()
+        parsed = parse_chat_request(
+            await _read_json(request, settings.max_body_bytes), settings.limits
+        )
+        messages, remove_files = await resolve_media(parsed, settings.media)
+        job = Job(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            messages=messages,
+            options=_generation_options(parsed, settings),
+            deadline=arrived + settings.request_timeout,
+            loop=asyncio.get_running_loop(),
+            stop=parsed.stop,
+            top_logprobs=parsed.top_logprobs,
+            on_done=remove_files,
+        )
+        try:
+            engine.submit(job)
+        except APIError:
+            remove_files()
+            raise
+        return ChatCompletion(engine, job, parsed, settings.model_id)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        engine.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(engine.close)
+
+    return Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{name:path}", model, methods=["GET"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        ],
+        exception_handlers={
+            APIError: _api_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+        lifespan=lifespan,
+    )
+
+
+def _generation_options(request: ChatRequest, settings: ServerSettings) -> dict[str, Any]:
+    """What `ConversationPool.stream` takes: the request's options over the server's defaults."""
+    max_tokens = request.max_tokens if request.max_tokens is not None else settings.max_tokens
+    return {"max_tokens": max_tokens, **settings.sampling, **request.sampling, **request.prompt}
+
+
+def _authorize(request: Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), api_key.encode()
+    ):
+        raise APIError(
+            "missing or incorrect API key: send 'Authorization: Bearer KEY' with the key the "
+            "server was started with (--api-key)",
+            401,
+            code="invalid_api_key",
+        )
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON; 413 past `limit` bytes (checked as it arrives)."""
+    too_large = APIError(
+        f"the request body is larger than this server accepts ({limit} bytes, --max-body-bytes)",
+        413,
+        code="request_too_large",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    try:
+        return json.loads(bytes(body), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as err:
+        raise APIError(f"the request body is not valid JSON ({err})", code="invalid_json") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), error.status, headers=_ERROR_HEADERS.get(error.status))
+
+
+async def _api_error(request: Request, error: Exception) -> JSONResponse:
+    return _error_response(error)
+
+
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    status = error.status_code
+    message = {
+        404: f"no such endpoint: {request.method} {request.url.path} (the API is "
+        "POST /v1/chat/completions and GET /v1/models)",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }.get(status, str(error.detail))
+    return _error_response(APIError(message, status, code="not_found" if status == 404 else None))
+
+
+async def _internal_error(request: Request, error: Exception) -> JSONResponse:
+    log.error("internal error on %s %s", request.method, request.url.path, exc_info=error)
+    return JSONResponse(error_body("internal error; see the server log", "server_error"), 500)
+
+
+class ChatCompletion:
+    """The ASGI response of one chat completion: waits for its job's first event, then answers
+    whole or as a stream, watching the connection to cancel the job if the client goes away."""
+
+    def __init__(self, engine: Engine, job: Job, request: ChatRequest, model: str) -> None:
+        self.engine, self.job, self.request = engine, job, request
+        self.created = int(time.time())
+        self.model = model
+        self._answered = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._watch, receive, group.cancel_scope)
+            try:
+                await self._respond(send)
+            except OSError:  # the client went away while we wrote to it
+                pass
+            finally:
+                if not self._answered:
+                    self.engine.cancel(self.job)
+                group.cancel_scope.cancel()
+
+    async def _watch(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.engine.cancel(self.job)
+        scope.cancel()
+
+    async def _next(self) -> Any:
+        return await self.job.events.get()
+
+    async def _first(self) -> Any:
+        """The first event; a job still waiting when its time is up is dropped from the queue."""
+        with anyio.move_on_after(max(self.job.deadline - time.monotonic(), 0.0)):
+            return await self._next()
+        if self.engine.expire(self.job):
+            return Failed(queue_timeout())
+        return await self._next()  # it runs: the engine ends it at its next token
+
+    async def _respond(self, send: Send) -> None:
+        first = await self._first()
+        if isinstance(first, Failed):
+            await self._send_json(send, first.error.status, first.error.body())
+        elif self.request.stream:
+            await self._stream(send)
+        else:
+            await self._whole(send)
+        self._answered = True
+
+    async def _whole(self, send: Send) -> None:
+        reasoning, content, logprobs = [], [], []
+        while True:
+            event = await self._next()
+            if isinstance(event, Delta):
+                reasoning.append(event.reasoning)
+                content.append(event.content)
+                logprobs.extend(event.logprobs or ())
+            elif isinstance(event, Failed):
+                await self._send_json(send, event.error.status, event.error.body())
+                return
+            elif isinstance(event, Finished):
+                body = completion_body(
+                    self.job.id,
+                    self.created,
+                    self.model,
+                    content="".join(content),
+                    reasoning="".join(reasoning),
+                    finish_reason=event.finish_reason,
+                    usage=event.usage,
+                    timings=event.timings,
+                    logprobs=logprobs if self.request.top_logprobs is not None else None,
+                )
+                await self._send_json(send, 200, body)
+                return
+
+    async def _stream(self, send: Send) -> None:
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self._event(send, self._chunk({"role": "assistant", "content": ""}))
+        while True:
+            event = await self._next()
+            if isinstance(event, Delta):
+                delta = {"reasoning_content": event.reasoning} if event.reasoning else {}
+                if event.content:
+                    delta["content"] = event.content
+                await self._event(send, self._chunk(delta, logprobs=event.logprobs))
+            elif isinstance(event, Failed):
+                await self._event(send, event.error.body())
+                break
+            elif isinstance(event, Finished):
+                final = self._chunk({}, finish_reason=event.finish_reason, timings=event.timings)
+                await self._event(send, final)
+                if self.request.include_usage:
+                    usage = usage_chunk_body(self.job.id, self.created, self.model, event.usage)
+                    await self._event(send, usage)
+                break
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    def _chunk(self, delta: dict, **extra: Any) -> dict:
+        return chunk_body(self.job.id, self.created, self.model, delta, **extra)
+
+    @staticmethod
+    async def _event(send: Send, body: dict) -> None:
+        data = b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+
+    @staticmethod
+    async def _send_json(send: Send, status: int, body: dict) -> None:
+        headers = _ERROR_HEADERS.get(status, {})
+        response = JSONResponse(body, status, headers=headers)
+        await send(
+            {"type": "http.response.start", "status": status, "headers": response.raw_headers}
+        )
+        await send({"type": "http.response.body", "body": response.body, "more_body": False})
+
+
+def build_server(
+    model: Model,
+    processor: Processor,
+    *,
+    model_id: str,
+    api_key: str | None,
+    media: MediaPolicy,
+    max_tokens: int,
+    cache_bytes: int,
+    max_kv_size: int | None,
+    queue_size: int,
+    request_timeout: float,
+    max_body_bytes: int,
+    options: dict[str, Any],
+) -> tuple[Engine, ServerSettings]:
+    """The engine (a conversation pool over the model) and the settings for `create_app`.
+    `options`: prompt options (the pool's defaults) and sampling options (requests' defaults)."""
+    options = dict(options)
+    prompt = pop_prompt_options(options)
+    pool = ConversationPool(
+        model, processor, max_bytes=cache_bytes, max_kv_size=max_kv_size, **prompt
+    )
+    pixels = [processor.image_config.max_pixels, prompt.get("max_pixels") or 0]
+    context = max_kv_size or model.config.text.max_position_embeddings
+    limits = Limits((model_id,), context=context, max_pixels=max(pixels))
+    settings = ServerSettings(
+        model_id=model_id,
+        limits=limits,
+        api_key=api_key,
+        request_timeout=request_timeout,
+        max_body_bytes=max_body_bytes,
+        max_tokens=max_tokens,
+        sampling={k: v for k, v in options.items() if v is not None},
+        media=media,
+    )
+    return Engine(pool, processor.tokenizer, queue_size), settings
+
+
+def serve_forever(engine: Engine, settings: ServerSettings, host: str, port: int) -> None:
+    """Run the server until interrupted (Ctrl-C or SIGTERM)."""
+    import uvicorn  # noqa: PLC0415
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # uvicorn waits for open connections before it shuts the app down: end the
+            # requests first (each gets a 503 or an error event), so that wait is short.
+            engine.stop()
+            super().handle_exit(sig, frame)
+
+    if not log.handlers:  # uvicorn configures its own loggers only
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    config = uvicorn.Config(
+        create_app(engine, settings),
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )
+    Server(config).run()

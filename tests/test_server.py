@@ -1,0 +1,435 @@
+"""`mimo-mlx serve` as clients use it: the official openai client against a server subprocess.
+
+The server runs the tiny test model on 127.0.0.1 with an API key. Greedy answers are compared with
+`mimo-mlx generate` and the library's `generate` for the same request, alone and with several
+clients at once; a few hundred randomized bad requests must each get an OpenAI-style error and
+leave the server answering.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import subprocess
+import sys
+import threading
+
+import httpx2
+import numpy as np
+import openai
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from server_process import ServerProcess, data_url
+from test_generate import MAX_PIXELS, write_model_folder
+
+import mimo_mlx
+from mimo_mlx.chat import split_thinking
+from mimo_mlx.cli import main
+from mimo_mlx.serve_cli import ByteSize
+
+KEY = "test-key"
+PROMPT = "What is in this picture?"
+TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_model_folder(tmp_path_factory.mktemp("tiny-serve"), seed=21)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "photo.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(folder, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    flags = ["--api-key", KEY, "--model-name", "tiny", "--max-pixels", str(MAX_PIXELS)]
+    with ServerProcess(folder, log, *flags, "--max-body-bytes", "1MiB") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def local(folder):
+    return mimo_mlx.load(folder)
+
+
+def client(server, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, **kwargs)
+
+
+def image_question(photo, prompt=PROMPT) -> list[dict]:
+    content = [{"type": "image_url", "image_url": {"url": data_url(photo)}}]
+    return [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
+
+
+def solo(local, prompt: str, images=(), max_tokens=TOKENS) -> tuple[str, str]:
+    """(reasoning, answer) of the library's greedy `generate`, alone in this process."""
+    result = mimo_mlx.generate(
+        *local, prompt, images=list(images), max_tokens=max_tokens, temp=0.0, max_pixels=MAX_PIXELS
+    )
+    return result.thinking, result.answer
+
+
+def reasoning_of(message) -> str:
+    return (message.model_extra or {}).get("reasoning_content") or ""
+
+
+# ---------------------------------------------------------------- answers
+
+
+def test_an_answer_with_an_image_equals_mimo_mlx_generate(server, folder, photo):
+    reply = client(server).chat.completions.create(
+        model="tiny", messages=image_question(photo), max_tokens=TOKENS, temperature=0
+    )
+    args = ["generate", "--model", folder, "--image", photo, "--prompt", PROMPT]
+    args += ["--max-tokens", TOKENS, "--temp", 0, "--max-pixels", MAX_PIXELS]
+    cli = CliRunner().invoke(main, [str(a) for a in args])
+    assert cli.exit_code == 0, cli.output
+    thinking, answer = split_thinking(cli.stdout)
+    message = reply.choices[0].message
+    assert message.content == answer and reasoning_of(message) == thinking
+    assert message.content and reply.choices[0].finish_reason in ("stop", "length")
+    usage = reply.usage
+    assert usage.completion_tokens <= TOKENS and usage.total_tokens == (
+        usage.prompt_tokens + usage.completion_tokens
+    )
+    timings = reply.model_extra["timings"]
+    assert timings["predicted_n"] == usage.completion_tokens and timings["prompt_ms"] > 0
+    assert timings["prompt_n"] + timings["cache_n"] == usage.prompt_tokens
+
+
+def test_a_streamed_answer_equals_the_whole_one(server, photo, local):
+    stream = client(server).chat.completions.create(
+        model="tiny",
+        messages=image_question(photo),
+        max_tokens=TOKENS,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        logprobs=True,
+        top_logprobs=2,
+    )
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(reasoning_of(c.choices[0].delta) for c in chunks if c.choices)
+    assert (reasoning, content) == solo(local, PROMPT, [Image.open(photo)])
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1 and "timings" in finish[0].model_extra
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    logprobs = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    stopped = finish[0].choices[0].finish_reason == "stop"  # the end token has no entry
+    assert len(logprobs) == chunks[-1].usage.completion_tokens - stopped
+    assert all(
+        len(e.top_logprobs) == 2 and e.logprob <= e.top_logprobs[0].logprob + 1e-6 for e in logprobs
+    )
+
+
+def test_turn_two_reuses_turn_ones_tokens(server, photo):
+    api = client(server)
+    first_turn = image_question(photo, "Describe the colours.")
+    first = api.chat.completions.create(
+        model="tiny", messages=first_turn, max_tokens=8, temperature=0
+    )
+    history = [*first_turn, {"role": "assistant", "content": first.choices[0].message.content}]
+    second = api.chat.completions.create(
+        model="tiny",
+        messages=[*history, {"role": "user", "content": "And the shapes?"}],
+        max_tokens=8,
+        temperature=0,
+    )
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens  # the image and turn 1 were not computed again
+    assert second.model_extra["timings"]["cache_n"] == cached
+
+
+def test_concurrent_clients_get_their_solo_answers(server, local):
+    prompts = ["Tell me a story.", "Count to ten.", "Hello there", "What is this?"]
+    expected = [solo(local, p, max_tokens=16) for p in prompts]
+    got: dict[int, tuple[str, str]] = {}
+    barrier = threading.Barrier(len(prompts))
+
+    def ask(index: int) -> None:
+        api = client(server, timeout=60)
+        messages = [{"role": "user", "content": prompts[index]}]
+        barrier.wait()
+        if index % 2:
+            stream = api.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=16, temperature=0, stream=True
+            )
+            chunks = [c.choices[0].delta for c in stream if c.choices]
+            got[index] = (
+                "".join(reasoning_of(d) for d in chunks),
+                "".join(d.content or "" for d in chunks),
+            )
+        else:
+            reply = api.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=16, temperature=0
+            )
+            got[index] = (reasoning_of(reply.choices[0].message), reply.choices[0].message.content)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert [got.get(i) for i in range(len(prompts))] == expected
+
+
+def test_stop_sequences_end_the_answer(server, local):
+    _, answer = solo(local, "Tell me a story.", max_tokens=16)
+    stop = answer[3:6]
+    reply = client(server).chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        max_tokens=16,
+        temperature=0,
+        stop=[stop],
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].message.content == answer[: answer.index(stop)].strip()
+
+
+# ---------------------------------------------------------------- the API around the answers
+
+
+def test_the_api_key_guards_everything_but_health(server):
+    with pytest.raises(openai.AuthenticationError) as caught:
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert caught.value.body["code"] == "invalid_api_key"
+    anonymous = httpx2.post(server.url + "/v1/chat/completions", json={"messages": []})
+    assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"] == "Bearer"
+    assert httpx2.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_models_are_listed(server):
+    api = client(server)
+    assert [m.id for m in api.models.list()] == ["tiny"]
+    assert api.models.retrieve("tiny").owned_by == "mimo-mlx"
+    with pytest.raises(openai.NotFoundError):
+        api.models.retrieve("gpt-4o")
+
+
+def test_unknown_routes_methods_and_big_bodies(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    missing = httpx2.post(server.url + "/v1/completions", headers=auth, json={})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert httpx2.get(server.url + "/v1/chat/completions", headers=auth).status_code == 405
+    big = {"messages": [{"role": "user", "content": "x" * (2 << 20)}]}
+    too_big = httpx2.post(server.url + "/v1/chat/completions", headers=auth, json=big)
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+
+
+def test_media_the_server_was_not_allowed_to_read(server, photo):
+    for url in ("http://127.0.0.1:9/photo.png", str(photo), f"file://{photo}"):
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+        with pytest.raises(openai.BadRequestError) as caught:
+            client(server).chat.completions.create(model="tiny", messages=messages)
+        assert caught.value.body["code"] in ("fetch_disabled", "local_files_disabled")
+
+
+def test_a_prompt_past_the_context_is_a_400(server):
+    words = "hello world " * 3000
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(server).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": words}], max_tokens=4
+        )
+    assert caught.value.body["code"] == "context_length_exceeded"
+    assert "4096" in caught.value.body["message"]
+
+
+# ---------------------------------------------------------------- bad requests
+
+
+def _png(size, mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+BAD_VALUES = {
+    "temperature": ["hot", -1, 2.5, True, [], {}],
+    "top_p": [-0.5, 1.5, "x", False],
+    "top_k": [-2, 1.5, "5"],
+    "min_p": [2, -1, "x"],
+    "seed": [-1, 1.5, "s", 2**64],
+    "max_tokens": [0, -10, 10**12, 3.5, "ten", True],
+    "max_completion_tokens": [0, -1, 10**9],
+    "repetition_penalty": [0, -1, 100, "x"],
+    "stop": [5, [1, 2], ["a"] * 5, [""], {"a": 1}],
+    "stream": ["yes", 1, []],
+    "logprobs": ["true", 1],
+    "top_logprobs": [-1, 50, "3"],
+    "min_pixels": [0, -5, 10**12, "x"],
+    "max_pixels": [0, -5, 10**12, 1.5],
+    "n": [2, 0, 10],
+    "model": ["gpt-4", 5, ""],
+    "stream_options": ["x", 5, {"include_usage": True}],
+    "tools": [[{"type": "function", "function": {"name": "f"}}]],
+    "presence_penalty": [1.0, -1.5, "x"],
+    "response_format": [{"type": "json_object"}, "json"],
+    "chat_template_kwargs": ["x", 5, {"enable_thinking": "no"}],
+    "messages": [
+        None,
+        [],
+        "hi",
+        {},
+        [1],
+        [{"role": "x", "content": "y"}],
+        [{"role": "user"}],
+        [{"role": "user", "content": 5}],
+        [{"role": "user", "content": [{"type": "audio"}]}],
+        [{"role": "user", "content": [{"type": "text"}]}],
+        [{"role": "tool", "content": "x"}],
+        [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+    ],
+}
+
+
+def _bad_images(rng: random.Random) -> list[str]:
+    valid = _png((64, 64))
+    huge = _png((20000, 20000), mode="1")
+    encode = lambda data: "data:image/png;base64," + base64.b64encode(data).decode()  # noqa: E731
+    return [
+        encode(rng.randbytes(rng.randint(1, 2000))),
+        encode(valid[: rng.randint(10, len(valid) - 10)]),
+        encode(_png((10, 10))),
+        encode(_png((28, 6000))),
+        encode(huge),
+        "data:image/png;base64,%%%",
+        "data:image/png,plain",
+        "http://127.0.0.1:9/x.png",
+        "/etc/hostname",
+        "gopher://example.com/x",
+    ]
+
+
+def bad_requests(rng: random.Random, count: int):
+    """(method, path, body bytes, headers, expected status) of `count` requests, each wrong."""
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    chat = "/v1/chat/completions"
+    good = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+    images = _bad_images(rng)
+    for _ in range(count):
+        kinds = ["field", "field", "field", "image", "json", "route", "auth", "context", "big"]
+        kind = rng.choices(kinds, weights=[1] * 8 + [0.2])[0]
+        body = dict(good)
+        if kind == "field":
+            name = rng.choice(sorted(BAD_VALUES))
+            body[name] = rng.choice(BAD_VALUES[name])
+            yield "POST", chat, json.dumps(body).encode(), auth, 400
+        elif kind == "image":
+            part = {"type": "image_url", "image_url": {"url": rng.choice(images)}}
+            body["messages"] = [{"role": "user", "content": [part, {"type": "text", "text": "?"}]}]
+            yield "POST", chat, json.dumps(body).encode(), auth, 400
+        elif kind == "json":
+            text = json.dumps(body).encode()
+            yield "POST", chat, rng.choice(
+                [
+                    text[: rng.randint(0, len(text) - 1)],
+                    rng.randbytes(rng.randint(0, 300)).replace(b"{", b"").replace(b"[", b""),
+                    b"[" * 100_000,
+                    b'{"messages": NaN}',
+                    b"",
+                    b"[]",
+                    b"42",
+                    b"null",
+                ]
+            ), auth, 400
+        elif kind == "route":
+            yield rng.choice(
+                [
+                    ("GET", chat, b"", auth, 405),
+                    ("POST", "/v1/completions", text_of(good), auth, 404),
+                    ("DELETE", "/v1/models", b"", auth, 405),
+                    ("GET", "/" + "".join(rng.choices("abcxyz/.", k=12)), b"", auth, 404),
+                    ("POST", "/health", b"", auth, 405),
+                ]
+            )
+        elif kind == "auth":
+            header = rng.choice(
+                [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic eA=="}]
+            )
+            yield "POST", chat, text_of(good), header, 401
+        elif kind == "context":
+            body["messages"] = [{"role": "user", "content": "hello world " * 3000}]
+            yield "POST", chat, json.dumps(body).encode(), auth, 400
+        else:  # past --max-body-bytes
+            body["messages"] = [{"role": "user", "content": "x" * (1 << 20)}]
+            yield "POST", chat, json.dumps(body).encode(), auth, 413
+
+
+def text_of(body: dict) -> bytes:
+    return json.dumps(body).encode()
+
+
+def test_hundreds_of_bad_requests_then_a_good_one(server, local):
+    rng = random.Random(1234)
+    with httpx2.Client(base_url=server.url, timeout=30) as http:
+        for method, path, body, headers, status in bad_requests(rng, 300):
+            response = http.request(method, path, content=body, headers=headers)
+            assert response.status_code == status, (path, body[:200], response.text)
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"]
+            assert "Traceback" not in response.text
+    assert server.process.poll() is None
+    assert server.health()["requests"]["failed"] == 0  # no internal error among them
+    reply = client(server).chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Count to ten."}],
+        max_tokens=16,
+        temperature=0,
+    )
+    message = reply.choices[0].message
+    assert (reasoning_of(message), message.content) == solo(local, "Count to ten.", max_tokens=16)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_serve_without_its_extra_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "starlette", None)  # None in sys.modules: not installed
+    result = CliRunner().invoke(main, ["serve", "--model", "anything"])
+    assert result.exit_code == 1
+    assert (
+        result.output.strip() == 'error: the server needs its extra: pip install "mimo-mlx[serve]"'
+    )
+
+
+def test_serve_help_imports_neither_mlx_nor_the_server():
+    script = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from mimo_mlx.cli import main\n"
+        "result = CliRunner().invoke(main, ['serve', '--help'])\n"
+        "assert result.exit_code == 0 and '--api-key' in result.output, result.output\n"
+        "print(sorted(m for m in ('mlx.core', 'starlette', 'uvicorn') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "text, size", [("2GiB", 2 << 30), ("512MB", 512 << 20), ("64k", 64 << 10), ("1000", 1000)]
+)
+def test_sizes_on_the_command_line(text, size):
+    assert ByteSize().convert(text, None, None) == size
+
+
+def test_a_size_that_is_not_one_is_a_usage_error():
+    result = CliRunner().invoke(main, ["serve", "--cache-bytes", "lots"])
+    assert result.exit_code == 2 and "is not a size" in result.output

@@ -1,0 +1,349 @@
+"""The server's request checking, answer streaming and media reading, without a server."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import random
+import threading
+import time
+
+import anyio
+import pytest
+from PIL import Image
+
+from mimo_mlx.answer_stream import AnswerStream
+from mimo_mlx.chat import split_thinking
+from mimo_mlx.openai_api import APIError, Limits, parse_chat_request
+from mimo_mlx.request_media import MediaPolicy, decode_image, fetch, resolve_media
+
+LIMITS = Limits(("tiny",), context=4096, max_pixels=50176)
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def parse(**body):
+    return parse_chat_request({"messages": HELLO, **body}, LIMITS)
+
+
+def refused(body) -> APIError:
+    with pytest.raises(APIError) as caught:
+        parse_chat_request(body, LIMITS)
+    assert caught.value.status == 400 and caught.value.body()["error"]["message"]
+    return caught.value
+
+
+def png_data_url(size=(64, 48), mode="RGB") -> str:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+# ---------------------------------------------------------------- requests
+
+
+def test_a_plain_request_takes_the_server_defaults():
+    request = parse()
+    assert request.messages == [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]
+    assert request.max_tokens is None and request.sampling == {} and request.prompt == {}
+    assert not request.stream and request.top_logprobs is None and request.stop == ()
+
+
+def test_unknown_fields_are_ignored_and_known_ones_mapped():
+    request = parse(
+        model="tiny",
+        user="someone",
+        metadata={"a": 1},
+        temperature=0,
+        top_p=0.5,
+        top_k=-1,
+        min_p=0.1,
+        seed=7,
+        repetition_penalty=1.1,
+        max_tokens=10,
+        max_completion_tokens=12,
+        stop="END",
+        stream=True,
+        stream_options={"include_usage": True},
+        logprobs=True,
+        top_logprobs=3,
+        min_pixels=3136,
+        max_pixels=50176,
+        chat_template_kwargs={"enable_thinking": False},
+        n=1,
+        tool_choice="none",
+        response_format={"type": "text"},
+    )
+    assert request.sampling == {
+        "temp": 0.0,
+        "top_p": 0.5,
+        "top_k": 0,  # vLLM's -1: disabled
+        "min_p": 0.1,
+        "seed": 7,
+        "repetition_penalty": 1.1,
+    }
+    assert request.max_tokens == 12  # max_completion_tokens wins, as in OpenAI's API
+    assert request.stop == ("END",) and request.stream and request.include_usage
+    assert request.top_logprobs == 3
+    assert request.prompt == {"min_pixels": 3136, "max_pixels": 50176, "no_think": True}
+
+
+def test_media_parts_in_every_accepted_shape():
+    content = [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}},
+        {"type": "image_url", "image_url": "https://example.com/a.png"},
+        {"type": "image", "image": "/tmp/a.png"},
+        {"type": "video_url", "video_url": {"url": "/tmp/clip.mp4"}},
+        {"type": "video", "video": "/tmp/frames"},
+        {"type": "text", "text": "Compare"},
+    ]
+    request = parse_chat_request(
+        {
+            "messages": [
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": content},
+            ]
+        },
+        LIMITS,
+    )
+    assert request.messages[0]["role"] == "system"
+    assert [(m.kind, m.param) for m in request.media] == [
+        ("image", "messages[1].content[0].image_url.url"),
+        ("image", "messages[1].content[1].image_url"),
+        ("image", "messages[1].content[2].image"),
+        ("video", "messages[1].content[3].video_url.url"),
+        ("video", "messages[1].content[4].video"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": "hi"}, "messages"),
+        ({"messages": []}, "messages"),
+        ({}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "audio"}]}]},
+            "messages[0].content[0].type",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]},
+            "messages[0].content[0].text",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": [{"type": "image", "image": "a.png"}]}]},
+            "messages[0].content",
+        ),
+        ({"messages": HELLO, "model": "gpt-4o"}, "model"),
+        ({"messages": HELLO, "model": 3}, "model"),
+        ({"messages": HELLO, "temperature": "hot"}, "temperature"),
+        ({"messages": HELLO, "temperature": 2.5}, "temperature"),
+        ({"messages": HELLO, "temperature": True}, "temperature"),
+        ({"messages": HELLO, "top_p": -0.1}, "top_p"),
+        ({"messages": HELLO, "top_k": 1.5}, "top_k"),
+        ({"messages": HELLO, "min_p": 3}, "min_p"),
+        ({"messages": HELLO, "repetition_penalty": 0}, "repetition_penalty"),
+        ({"messages": HELLO, "seed": -1}, "seed"),
+        ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
+        ({"messages": HELLO, "max_tokens": 10**9}, "max_tokens"),
+        ({"messages": HELLO, "max_tokens": 10.0}, "max_tokens"),
+        ({"messages": HELLO, "max_completion_tokens": -5}, "max_completion_tokens"),
+        ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": HELLO, "stop": [""]}, "stop"),
+        ({"messages": HELLO, "stop": 4}, "stop"),
+        ({"messages": HELLO, "stream": "yes"}, "stream"),
+        ({"messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"messages": HELLO, "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": HELLO, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"messages": HELLO, "max_pixels": 10**9}, "max_pixels"),
+        ({"messages": HELLO, "min_pixels": 0}, "min_pixels"),
+        ({"messages": HELLO, "min_pixels": 5000, "max_pixels": 4000}, "min_pixels"),
+        ({"messages": HELLO, "n": 2}, "n"),
+        ({"messages": HELLO, "presence_penalty": 0.5}, "presence_penalty"),
+        ({"messages": HELLO, "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": HELLO, "response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": HELLO, "chat_template_kwargs": []}, "chat_template_kwargs"),
+    ],
+)
+def test_each_mistake_is_a_400_that_names_the_field(body, param):
+    assert refused(body).param == param
+
+
+def test_the_body_must_be_an_object():
+    for body in ([], "x", 3, None):
+        assert refused(body).param is None
+
+
+# ---------------------------------------------------------------- the answer, streamed
+
+
+def test_streamed_deltas_join_to_split_thinking_of_the_text_before_the_stop():
+    atoms = [
+        "<think>",
+        "</think>",
+        " ",
+        "\n",
+        "\n\n",
+        "a",
+        "b c",
+        "STOP",
+        "ST",
+        "OP",
+        "<th",
+        "ink>",
+    ]
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 12)))
+        stops = rng.choice([(), ("STOP",), ("b c", "STOP"), ("</think>",)])
+        opened = rng.random() < 0.3
+        found = [text.find(s) for s in stops if s in text]
+        expected = split_thinking(text[: min(found)] if found else text, opened)
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 6))))
+        answer = AnswerStream(stops, opens_thinking=opened)
+        deltas = [
+            answer.feed(text[a:b]) for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)
+        ]
+        deltas.append(answer.finish())
+        got = tuple("".join(parts) for parts in zip(*deltas, strict=True))
+        assert got == expected, (text, stops, opened)
+        assert answer.stopped == bool(found)
+
+
+def test_a_stop_sequence_split_across_pieces_is_never_shown():
+    answer = AnswerStream(["<END>"])
+    shown = [answer.feed(piece)[1] for piece in ["Hello <E", "N", "D> more"]]
+    assert "".join(shown) == "Hello" and answer.stopped
+    assert answer.feed("ignored") == ("", "") and answer.finish() == ("", "")
+
+
+def test_reasoning_goes_apart_and_blocks_are_joined():
+    answer = AnswerStream()
+    out = [
+        answer.feed(p)
+        for p in ["<think>\nfirst", "</think>\n\nA", "nswer <think>second</think> end"]
+    ]
+    out.append(answer.finish())
+    reasoning, content = ("".join(parts) for parts in zip(*out, strict=True))
+    assert reasoning == "first\n\nsecond" and content == "Answer  end"
+
+
+# ---------------------------------------------------------------- media
+
+
+def resolve(url: str, kind="image", **policy):
+    request = parse_chat_request(
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": f"{kind}_url", f"{kind}_url": {"url": url}}]}
+            ]
+        },
+        LIMITS,
+    )
+    return anyio.run(resolve_media, request, MediaPolicy(**policy))
+
+
+def test_a_data_url_becomes_an_rgb_image():
+    messages, cleanup = resolve(png_data_url(mode="RGBA"))
+    image = messages[0]["content"][0]["image"]
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (64, 48)
+    cleanup()
+
+
+@pytest.mark.parametrize(
+    "url, code_or_words",
+    [
+        ("data:image/png;base64,!!!!", "not valid base64"),
+        ("data:image/png,abc", "must be base64"),
+        ("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "invalid_image"),
+        (png_data_url(size=(10, 10)), "at least 28 pixels"),
+        ("https://example.com/a.png", "fetch_disabled"),
+        ("/etc/hostname", "local_files_disabled"),
+        ("file:///etc/hostname", "local_files_disabled"),
+        ("ftp://example.com/a.png", "unsupported URL scheme"),
+    ],
+)
+def test_bad_or_forbidden_images_are_400s(url, code_or_words):
+    with pytest.raises(APIError) as caught:
+        resolve(url)
+    error = caught.value
+    assert error.status == 400 and error.param == "messages[0].content[0].image_url.url"
+    assert code_or_words == error.code or code_or_words in error.message
+
+
+def test_too_many_pixels_are_refused_before_decoding():
+    big = Image.new("1", (20000, 20000))  # 400 MP, a few kB as PNG
+    buffer = io.BytesIO()
+    big.save(buffer, format="PNG")
+    with pytest.raises(APIError) as caught:
+        decode_image(buffer.getvalue(), max_pixels=64 * 10**6, param="p")
+    assert caught.value.code == "image_too_large"  # past PIL's own bomb limit
+    small = base64.b64decode(png_data_url(size=(64, 48)).partition(",")[2])
+    with pytest.raises(APIError, match="--max-image-pixels"):
+        decode_image(small, max_pixels=64 * 48 - 1, param="p")  # past the server's
+
+
+def test_local_files_only_when_allowed(tmp_path):
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), "red").save(path)
+    messages, _ = resolve(str(path), allow_local_files=True)
+    assert messages[0]["content"][0]["image"].size == (40, 30)
+    with pytest.raises(APIError, match="no such image"):
+        resolve(str(tmp_path / "missing.png"), allow_local_files=True)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    messages, _ = resolve(f"file://{frames}", kind="video", allow_local_files=True)
+    assert messages[0]["content"][0]["video"] == frames
+
+
+def test_a_data_url_video_is_a_temporary_file_removed_afterwards():
+    url = "data:video/mp4;base64," + base64.b64encode(b"\x00" * 100).decode()
+    messages, cleanup = resolve(url, kind="video")
+    path = messages[0]["content"][0]["video"]
+    assert path.suffix == ".mp4" and path.read_bytes() == b"\x00" * 100
+    cleanup()
+    assert not path.exists()
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        if self.path == "/slow":
+            time.sleep(3)
+        body = b"x" * 5000 if self.path == "/big" else b"small"
+        self.send_response(404 if self.path == "/missing" else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except OSError:  # the server hung up on a body too large to fetch
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def files():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "path, code", [("/big", "media_too_large"), ("/slow", "fetch_timeout"), ("/missing", None)]
+)
+def test_fetching_is_bounded_in_size_and_time(files, path, code):
+    policy = MediaPolicy(allow_fetch=True, fetch_max_bytes=1000, fetch_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(APIError) as caught:
+        anyio.run(fetch, files + path, policy, "url")
+    assert caught.value.code == code and caught.value.status == 400
+    assert time.monotonic() - started < 2.5
+    assert anyio.run(fetch, files + "/small", policy, "url") == b"small"

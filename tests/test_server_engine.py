@@ -1,0 +1,277 @@
+"""The server's generation thread on a stand-in pool: order, cancellation, time limits, errors.
+
+The stand-in yields one response per decode step (a few milliseconds each) and records how many
+it produced and whether it was closed, so "stops within one decode step" can be counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import mlx.core as mx
+import pytest
+from test_generate import write_model_folder
+from tiny_tokenizer import CHAT_TEMPLATE
+
+import mimo_mlx
+from mimo_mlx.conversation_pool import ConversationPool
+from mimo_mlx.errors import MimoError
+from mimo_mlx.generation import GenerationResponse
+from mimo_mlx.openai_api import APIError
+from mimo_mlx.serving import Delta, Engine, Failed, Finished, Job, Started
+
+STEP_S = 0.005
+EOS = 0
+
+
+class Tokenizer:
+    eos_token_ids = frozenset({EOS})
+
+    def decode(self, ids):
+        return "".join(f"<{i}>" for i in ids)
+
+
+class Pool:
+    """Answers "w1 w2 ..." to any prompt; messages[0]['content'] may ask for a failure."""
+
+    opens_thinking = False
+    nbytes = 0
+
+    def __init__(self) -> None:
+        self.produced: dict[str, int] = {}
+        self.closed: set[str] = set()
+        self.order: list[str] = []
+
+    def __len__(self) -> int:
+        return 0
+
+    def stream(self, messages, max_tokens, **options):
+        name = messages[0]["content"]
+        self.order.append(name)
+        if name == "too long":
+            raise MimoError("the conversation is 5000 tokens but at most 4096 fit (--max-kv-size)")
+        if name == "bug":
+            raise RuntimeError("a bug")
+        self.produced[name] = 0
+        try:
+            for n in range(1, max_tokens + 1):
+                time.sleep(STEP_S)
+                self.produced[name] = n
+                yield _response(f" w{n}", n, 10, "length" if n == max_tokens else None)
+        finally:
+            self.closed.add(name)
+
+
+def _response(text, n, prompt, finish):
+    return GenerationResponse(
+        text=text,
+        token=n,
+        logprobs=mx.zeros(4),
+        from_draft=False,
+        prompt_tokens=prompt,
+        prompt_tps=100.0,
+        generation_tokens=n,
+        generation_tps=50.0,
+        peak_memory=0.5,
+        time_to_first_token=0.1,
+        finish_reason=finish,
+        cached_tokens=4,
+    )
+
+
+@pytest.fixture
+def engine():
+    engine = Engine(Pool(), Tokenizer(), queue_size=2)
+    engine.start()
+    yield engine
+    engine.close()
+
+
+def job(name, max_tokens=5, timeout=30.0, **kwargs) -> Job:
+    return Job(
+        id=name,
+        messages=[{"role": "user", "content": name}],
+        options={"max_tokens": max_tokens},
+        deadline=time.monotonic() + timeout,
+        loop=asyncio.get_running_loop(),
+        **kwargs,
+    )
+
+
+async def events(job: Job) -> list:
+    found = []
+    while not found or not isinstance(found[-1], Finished | Failed):
+        found.append(await asyncio.wait_for(job.events.get(), 10))
+    return found
+
+
+def run(coroutine):
+    return asyncio.run(coroutine())
+
+
+def test_a_job_streams_started_deltas_and_finished(engine):
+    async def main():
+        first = job("a", max_tokens=3, stop=("w3",))
+        engine.submit(first)
+        return await events(first)
+
+    found = run(main)
+    assert isinstance(found[0], Started) and found[0].prompt_tokens == 10
+    assert "".join(e.content for e in found if isinstance(e, Delta)) == "w1 w2"
+    finished = found[-1]
+    assert finished.finish_reason == "stop"  # the stop sequence, not max_tokens
+    assert finished.usage["prompt_tokens_details"] == {"cached_tokens": 4}
+    assert finished.timings["prompt_n"] == 6 and finished.timings["cache_n"] == 4
+    assert engine.stats()["requests"]["completed"] == 1 and engine.peak_memory == 0.5
+
+
+def test_jobs_run_one_at_a_time_in_order_of_arrival(engine):
+    async def main():
+        jobs = [job(name, max_tokens=4) for name in "abc"]
+        engine.submit(jobs[0])
+        started = await jobs[0].events.get()  # a left the queue: room for two
+        engine.submit(jobs[1])
+        engine.submit(jobs[2])
+        return [[started, *await events(jobs[0])]] + [await events(each) for each in jobs[1:]]
+
+    results = run(main)
+    assert engine.pool.order == ["a", "b", "c"]
+    assert all(found[-1].finish_reason == "length" for found in results)
+
+
+def test_a_full_queue_refuses_at_once(engine):
+    async def main():
+        running = job("running", max_tokens=1000)
+        engine.submit(running)
+        await running.events.get()  # Started: it left the queue
+        engine.submit(job("w1"))
+        engine.submit(job("w2"))
+        started = time.monotonic()
+        with pytest.raises(APIError) as caught:
+            engine.submit(job("w3"))
+        assert time.monotonic() - started < 0.1
+        engine.cancel(running)
+        return caught.value
+
+    error = run(main)
+    assert error.status == 503 and error.code == "server_overloaded"
+    assert engine.stats()["requests"]["rejected"] == 1
+
+
+def test_cancelling_stops_generation_within_one_step(engine):
+    async def main():
+        running = job("long", max_tokens=10_000)
+        engine.submit(running)
+        await running.events.get()
+        await asyncio.sleep(20 * STEP_S)
+        at_cancel = engine.pool.produced["long"]
+        engine.cancel(running)
+        for _ in range(200):
+            if "long" in engine.pool.closed:
+                break
+            await asyncio.sleep(STEP_S)
+        return at_cancel
+
+    at_cancel = run(main)
+    assert "long" in engine.pool.closed  # the generator was closed: the pool keeps the answer
+    assert engine.pool.produced["long"] <= at_cancel + 1
+    assert engine.stats()["requests"]["cancelled"] == 1
+
+
+def test_a_waiting_job_that_is_cancelled_or_expires_never_runs(engine):
+    async def main():
+        running = job("running", max_tokens=1000)
+        engine.submit(running)
+        await running.events.get()
+        gone, late = job("gone"), job("late")
+        engine.submit(gone)
+        engine.submit(late)
+        engine.cancel(gone)
+        assert engine.expire(late) and not engine.expire(running)
+        engine.cancel(running)
+        done = job("next", max_tokens=2)
+        engine.submit(done)
+        return await events(done)
+
+    found = run(main)
+    assert found[-1].finish_reason == "length"
+    assert engine.pool.order == ["running", "next"]
+    counts = engine.stats()["requests"]
+    assert counts["cancelled"] == 2 and counts["timed_out"] == 1
+
+
+def test_the_time_limit_ends_generation_with_length(engine):
+    async def main():
+        limited = job("limited", max_tokens=100_000, timeout=0.3)
+        engine.submit(limited)
+        return await events(limited)
+
+    started = time.monotonic()
+    found = run(main)
+    assert time.monotonic() - started < 2
+    assert found[-1].finish_reason == "length" and found[-1].usage["completion_tokens"] < 1000
+    assert engine.stats()["requests"]["timed_out"] == 1
+
+
+def test_errors_are_answered_and_the_thread_goes_on(engine):
+    async def main():
+        found = []
+        for each in (job("too long"), job("bug"), job("fine", max_tokens=2)):
+            engine.submit(each)
+            found.append(await events(each))
+        return found
+
+    too_long, bug, fine = run(main)
+    assert too_long[-1].error.status == 400
+    assert too_long[-1].error.code == "context_length_exceeded"
+    assert (
+        "5000 tokens" in too_long[-1].error.message and "/reset" not in too_long[-1].error.message
+    )
+    assert bug[-1].error.status == 500 and "a bug" not in bug[-1].error.message
+    assert fine[-1].finish_reason == "length"
+    counts = engine.stats()["requests"]
+    assert counts["invalid"] == 1 and counts["failed"] == 1 and counts["completed"] == 1
+
+
+def test_closing_answers_every_job_left(engine):
+    async def main():
+        running, waiting = job("running", max_tokens=100_000), job("waiting")
+        engine.submit(running)
+        engine.submit(waiting)
+        await running.events.get()
+        await asyncio.get_running_loop().run_in_executor(None, engine.close)
+        return await events(running), await events(waiting)
+
+    running, waiting = run(main)
+    assert running[-1].error.code == waiting[-1].error.code == "shutting_down"
+    with pytest.raises(APIError):
+        engine.submit(Job("x", [], {}, 0.0, None))
+
+
+def test_a_template_that_opens_thinking_puts_the_answer_in_reasoning(tmp_path):
+    """On the real pool: the running turn's <think> reaches the split, as `generate` does it."""
+    folder = write_model_folder(tmp_path / "model", seed=21)
+    opened = CHAT_TEMPLATE.replace(
+        "<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}"
+    )
+    (folder / "chat_template.jinja").write_text(opened)
+    model, processor = mimo_mlx.load(folder)
+    expected = mimo_mlx.generate(model, processor, "Hello", max_tokens=12, temp=0.0)
+    assert expected.inputs.opens_thinking and expected.thinking and not expected.answer
+    engine = Engine(ConversationPool(model, processor), processor.tokenizer, queue_size=1)
+    engine.start()
+
+    async def main():
+        asked = job("Hello", max_tokens=12)
+        asked.options["temp"] = 0.0
+        engine.submit(asked)
+        return await events(asked)
+
+    try:
+        found = run(main)
+    finally:
+        engine.close()
+    deltas = [e for e in found if isinstance(e, Delta)]
+    assert "".join(d.reasoning for d in deltas) == expected.thinking
+    assert "".join(d.content for d in deltas) == expected.answer == ""
