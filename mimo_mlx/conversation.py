@@ -23,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .errors import MimoError
+from .errors import ContextFull, MimoError
 from .generation import (
     DEFAULT_PREFILL_STEP,
     GenerationResponse,
@@ -266,9 +266,11 @@ class Conversation:
                     if not self.drop_old_turns
                     else "the last message alone does not fit: shorten it or send smaller media"
                 )
-                raise MimoError(
+                raise ContextFull(
                     f"the conversation is {length} tokens but at most {self.max_kv_size} fit "
-                    f"(--max-kv-size, or the model's context); {advice}"
+                    f"(--max-kv-size, or the model's context); {advice}",
+                    tokens=length,
+                    limit=self.max_kv_size,
                 )
             messages = shorter
 

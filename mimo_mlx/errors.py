@@ -3,3 +3,11 @@
 
 class MimoError(Exception):
     """A problem the user can fix; the message says what to do. The CLI prints it without a traceback."""
+
+
+class ContextFull(MimoError):
+    """A prompt that does not fit the context: `tokens` of it, `limit` at most."""
+
+    def __init__(self, message: str, tokens: int, limit: int) -> None:
+        super().__init__(message)
+        self.tokens, self.limit = tokens, limit

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 import time
 from collections import Counter, deque
@@ -25,7 +24,7 @@ import mlx.core as mx
 
 from .answer_stream import AnswerStream
 from .conversation_pool import ConversationPool
-from .errors import MimoError
+from .errors import ContextFull, MimoError
 from .generation import GenerationResponse
 from .openai_api import APIError
 from .openai_responses import logprob_entry, timings_body, usage_body
@@ -36,7 +35,6 @@ log = logging.getLogger("mimo_mlx.serve")
 # What /health counts: answered, client gone, out of time, refused by the library (a 400),
 # internal errors (a 500), refused because the queue was full (a 503).
 OUTCOMES = ("completed", "cancelled", "timed_out", "invalid", "failed", "rejected")
-_CONTEXT_FULL = re.compile(r"^the conversation is (\d+) tokens but at most (\d+) fit")
 
 
 @dataclass(frozen=True)
@@ -329,11 +327,9 @@ def queue_timeout() -> APIError:
 
 def client_error(err: MimoError) -> APIError:
     """A library error caused by the request, as a 400; a prompt past the context says so."""
-    full = _CONTEXT_FULL.match(str(err))
-    if full:
-        tokens, limit = full.groups()
+    if isinstance(err, ContextFull):
         return APIError(
-            f"the prompt is {tokens} tokens, but at most {limit} fit in this server's context "
+            f"the prompt is {err.tokens} tokens, but at most {err.limit} fit in this server's context "
             "(the model's, or --max-kv-size); send a shorter conversation, or fewer or smaller "
             "images (max_pixels)",
             param="messages",

@@ -16,7 +16,7 @@ from tiny_tokenizer import CHAT_TEMPLATE
 
 import mimo_mlx
 from mimo_mlx.conversation_pool import ConversationPool
-from mimo_mlx.errors import MimoError
+from mimo_mlx.errors import ContextFull
 from mimo_mlx.generation import GenerationResponse
 from mimo_mlx.openai_api import APIError
 from mimo_mlx.serving import Delta, Engine, Failed, Finished, Job, Started
@@ -50,7 +50,7 @@ class Pool:
         name = messages[0]["content"]
         self.order.append(name)
         if name == "too long":
-            raise MimoError("the conversation is 5000 tokens but at most 4096 fit (--max-kv-size)")
+            raise ContextFull("the conversation is 5000 tokens ... /reset", tokens=5000, limit=4096)
         if name == "bug":
             raise RuntimeError("a bug")
         self.produced[name] = 0
