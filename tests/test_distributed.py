@@ -9,9 +9,136 @@ from __future__ import annotations
 import threading
 import time
 
+import mlx.core as mx
+import numpy as np
 import pytest
+from distributed_folders import FakeGroup, write_quantized_folder, write_split_folder
+from mlx.nn.layers.distributed import shard_inplace
+from mlx.utils import tree_flatten
 
+from mimo_mlx import MimoError, load_model
+from mimo_mlx import shard_loading as shard_loading_module
 from mimo_mlx.distributed import Watchdog, launched
+from mimo_mlx.shard_loading import load_sharded_model, read_slices, stored_tensors
+from mimo_mlx.sharding import param_axis, part_ranges, split_modules
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("split")
+    return {
+        # transformers' other key names (model.language_model.*, model.visual.*)
+        "float32": (write_split_folder(root / "float32", key_layout="language_model"), (2,)),
+        # the published dtype and config layout
+        "bfloat16": (
+            write_split_folder(root / "bfloat16", seed=5, dtype="bfloat16", config_layout="root"),
+            (2,),
+        ),
+        "three-way": (write_split_folder(root / "three-way", ranks=3, seed=6), (3,)),
+        "4-bit": (write_quantized_folder(root / "4-bit", group_size=32), (2,)),
+    }
+
+
+def reference_part(folder, rank: int, size: int) -> dict[str, mx.array]:
+    """The whole model loaded in one process, then cut by MLX's own `shard_inplace`."""
+    model = load_model(folder)
+    group = FakeGroup(rank, size).mx_group
+    for path, split in split_modules(model).items():
+        module = model
+        for part in path.split("."):
+            module = module[int(part)] if isinstance(module, list) else getattr(module, part)
+        shard_inplace(module, split.kind, segments=split.segments, group=group)
+    return dict(tree_flatten(model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["float32", "bfloat16", "three-way", "4-bit"])
+def test_each_rank_holds_exactly_mlx_s_slices(folders, name):
+    folder, sizes = folders[name]
+    for size in sizes:
+        for rank in range(size):
+            ours = dict(
+                tree_flatten(load_sharded_model(folder, FakeGroup(rank, size)).parameters())
+            )
+            theirs = reference_part(folder, rank, size)
+            assert ours.keys() == theirs.keys()
+            for key, value in theirs.items():
+                assert ours[key].dtype == value.dtype, key
+                assert ours[key].shape == value.shape, key
+                assert mx.array_equal(ours[key], value).item(), f"{key} (rank {rank} of {size})"
+
+
+def test_split_layers_are_read_slice_by_slice(folders, monkeypatch):
+    """Rank 1 of 2 reads every whole tensor once and half of each split one: never a whole split
+    tensor, and no byte twice."""
+    folder, _ = folders["4-bit"]
+    read = []
+    original = shard_loading_module._open
+
+    class Counting:
+        def __init__(self, file):
+            self.handle = original(file)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def seek(self, offset):
+            return self.handle.seek(offset)
+
+        def readinto(self, buffer):
+            count = self.handle.readinto(buffer)
+            read.append(count)
+            return count
+
+    monkeypatch.setattr(shard_loading_module, "_open", Counting)
+    model = load_sharded_model(folder, FakeGroup(1, 2))
+    stored = stored_tensors(folder, model.config)
+    plan = split_modules(model)
+    whole = split = 0
+    for key, tensor in stored.items():
+        module, param = key.rsplit(".", 1)
+        nbytes = int(np.prod(tensor.shape)) * tensor.itemsize
+        if module in plan and param_axis(plan[module], param) is not None:
+            split += nbytes
+        else:
+            whole += nbytes
+    assert split > 0 and sum(read) == whole + split // 2
+
+
+def test_slices_along_a_later_axis_with_segments(tmp_path):
+    values = np.arange(6 * 12, dtype=np.float32).reshape(6, 12)
+    file = tmp_path / "t.safetensors"
+    mx.save_safetensors(str(file), {"t": mx.array(values)})
+    tensor = shard_loading_module.read_header(file)["t"]
+    ranges = part_ranges(12, rank=1, size=2, segments=3)  # [(2, 4), (6, 8), (10, 12)]
+    assert ranges == [(2, 4), (6, 8), (10, 12)]
+    expected = np.concatenate([values[:, a:b] for a, b in ranges], axis=1)
+    assert np.array_equal(np.array(read_slices(tensor, -1, ranges)), expected)
+    assert np.array_equal(np.array(read_slices(tensor, 0, [(4, 6)])), values[4:6])
+
+
+def test_head_counts_that_do_not_divide_are_refused_before_any_weight(folders, tmp_path):
+    folder, _ = folders["float32"]
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())  # no weights
+    with pytest.raises(MimoError) as caught:
+        load_sharded_model(tmp_path, FakeGroup(0, 3))
+    message = str(caught.value)
+    assert "cannot be split across 3 ranks" in message
+    assert "the decoder's attention heads: 4" in message and "key/value heads: 2" in message
+    assert "group sizes that fit this model: 2" in message
+
+
+def test_quantization_groups_split_across_ranks_are_refused(tmp_path):
+    """4-bit in groups of 64: o_proj's 64 inputs split in two leave 32, half a group per rank."""
+    folder = write_quantized_folder(tmp_path / "g64", group_size=64)
+    with pytest.raises(MimoError) as caught:
+        load_sharded_model(folder, FakeGroup(0, 2))
+    message = str(caught.value)
+    assert "model.layers.*.self_attn.o_proj: 64 inputs in quantization groups of 64" in message
+    assert "visual.blocks.*.attn.proj: 64 inputs in quantization groups of 64" in message
+    assert "a smaller --q-group-size" in message
 
 
 def test_watchdog_fires_without_progress_and_only_when_armed():
