@@ -13,12 +13,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from distributed_folders import FakeGroup, write_quantized_folder, write_split_folder
+from distributed_worker import generation_prompts
 from mlx.nn.layers.distributed import shard_inplace
 from mlx.utils import tree_flatten
 
 from mimo_mlx import MimoError, load_model
 from mimo_mlx import shard_loading as shard_loading_module
 from mimo_mlx.distributed import Watchdog, launched
+from mimo_mlx.lockstep import Request, decode_request, encode_request
 from mimo_mlx.shard_loading import load_sharded_model, read_slices, stored_tensors
 from mimo_mlx.sharding import param_axis, part_ranges, split_modules
 
@@ -174,6 +176,19 @@ def test_watchdog_ends_a_wait_that_never_returns():
             assert fired.wait(5)
     finally:
         dog.stop()
+
+
+def test_requests_round_trip(folders):
+    config = load_model(folders["float32"][0]).config
+    inputs = generation_prompts(config)["image_and_video"]
+    request = Request(inputs, 7, {"temp": 0.3, "seed": 4}, 16)
+    back = decode_request(encode_request(request))
+    assert (back.max_tokens, back.sampling, back.prefill_step_size) == (7, request.sampling, 16)
+    for name in ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos"):
+        assert np.array_equal(getattr(back.inputs, name), getattr(inputs, name))
+    assert back.inputs.second_per_grid_ts == [0.5] and back.inputs.image_grid_thw.ndim == 2
+    text = decode_request(encode_request(Request(generation_prompts(config)["text"], 1, {})))
+    assert text.inputs.pixel_values is None and text.inputs.video_grid_thw is None
 
 
 @pytest.mark.parametrize(
