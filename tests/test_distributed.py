@@ -12,6 +12,7 @@ import time
 import mlx.core as mx
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from distributed_folders import FakeGroup, write_quantized_folder, write_split_folder
 from distributed_worker import generation_prompts
 from mlx.nn.layers.distributed import shard_inplace
@@ -19,6 +20,7 @@ from mlx.utils import tree_flatten
 
 from mimo_mlx import MimoError, load_model
 from mimo_mlx import shard_loading as shard_loading_module
+from mimo_mlx.cli import main
 from mimo_mlx.distributed import Watchdog, launched
 from mimo_mlx.lockstep import Request, decode_request, encode_request
 from mimo_mlx.shard_loading import load_sharded_model, read_slices, stored_tensors
@@ -212,3 +214,12 @@ def test_launched_by_a_launcher(monkeypatch, tmp_path, env, expected):
     for name, value in env.items():
         monkeypatch.setenv(name, paths.get(value, value))
     assert launched() is expected
+
+
+def test_chat_is_refused_under_a_launcher(monkeypatch, tmp_path):
+    (tmp_path / "hosts.json").write_text('[["127.0.0.1:5000"], ["127.0.0.1:5001"]]')
+    monkeypatch.setenv("MLX_RANK", "0")
+    monkeypatch.setenv("MLX_HOSTFILE", str(tmp_path / "hosts.json"))
+    result = CliRunner().invoke(main, ["chat", "--model", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "under mlx.launch (or mpirun) use `mimo-mlx generate`" in result.output

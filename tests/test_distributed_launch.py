@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 from distributed_folders import write_quantized_folder, write_split_folder
 from distributed_worker import generation_prompts, logits, parity_prompts
+from PIL import Image
 
 from mimo_mlx import load
 from mimo_mlx.generation import stream_generate
@@ -129,6 +131,54 @@ def test_ranks_compute_what_one_process_computes(folders, tmp_path, name, ranks)
     for prompt, inputs in generation_prompts(model.config).items():
         steps = stream_generate(model, processor, "", inputs=inputs, max_tokens=TOKENS, temp=0.0)
         assert tokens[prompt] == [step.token for step in steps], prompt
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("photo") / "photo.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_generate_under_mlx_launch_prints_rank_0_s_answer_once(folders, photo):
+    args = ["generate", "--model", str(folders["float32"]), "--image", str(photo)]
+    args += ["--prompt", "What is this?", "--max-tokens", "12", "--temp", "0"]
+    alone = subprocess.run(
+        [sys.executable, "-m", "mimo_mlx", *args], capture_output=True, text=True, timeout=LIMIT_S
+    )
+    assert alone.returncode == 0, alone.stderr
+    stdout, stderr = launch(2, sys.executable, "-m", "mimo_mlx", *args)
+    assert stdout == alone.stdout and stdout.strip()
+    stats = [line for line in stderr.splitlines() if line.startswith("prompt: ")]
+    assert len(stats) == 1 and "Traceback" not in stderr and "error" not in stderr
+
+
+def test_a_refused_image_on_rank_0_releases_the_other_ranks(folders, tmp_path):
+    """Only rank 0 reads the images: its one-line error ends the run, and the other ranks, told
+    there is nothing to do, end quietly (no timeout, no lost-connection message)."""
+    started = time.monotonic()
+    args = ["generate", "--model", str(folders["float32"]), "--image", str(tmp_path / "no.png")]
+    _, stderr = launch(2, sys.executable, "-m", "mimo_mlx", *args, "-p", "Hi", "--max-tokens", "4")
+    assert time.monotonic() - started < 60
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "not found" in errors[0], stderr
+    assert "Traceback" not in stderr
+
+
+def test_a_head_count_the_group_cannot_split_is_refused(folders):
+    """4 query heads and 2 key/value heads across 3 ranks: refused before loading, no hang."""
+    started = time.monotonic()
+    args = ["generate", "--model", str(folders["float32"]), "-p", "Hi", "--max-tokens", "4"]
+    _, stderr = launch(3, sys.executable, "-m", "mimo_mlx", *args)
+    assert time.monotonic() - started < 60
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    refused = [e for e in errors if "cannot be split across 3 ranks" in e]
+    assert refused and "group sizes that fit this model: 2" in refused[0], stderr
+    assert all(re.match(r"error: rank \d of 3: this model cannot be split", e) for e in refused)
+    # A rank that refused first makes mlx.launch stop the others; they may say that instead.
+    assert all(e in refused or "stopped by SIGTERM" in e for e in errors), errors
+    assert "Traceback" not in stderr
 
 
 def ended_with_one_line(stderr: str, timeout: int) -> str:
