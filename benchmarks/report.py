@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from .chart import chart
+from .ranks import ranks_markdown
 from .synthetic import checkpoint_shapes
 
 GB = 1e9
@@ -190,6 +191,7 @@ def markdown(report: dict) -> str:
         _generation,
         _overhead,
         _multiturn,
+        _ranks,
         _ops,
         _syncs,
         _bounds,
@@ -364,6 +366,10 @@ def _multiturn(report: dict) -> list[str]:
         "|---|---|---|---|---|",
         *rows,
     ]
+
+
+def _ranks(report: dict) -> list[str]:
+    return ranks_markdown(report["results"].get("ranks", {}))
 
 
 def _ops(report: dict) -> list[str]:
