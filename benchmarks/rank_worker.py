@@ -5,10 +5,10 @@ Each rank loads its part of the folder (weight bytes: in split layers and whole)
 
 1. a generation through `Leader` / `follow`, as `mimo-mlx generate` runs it: rank 0's time to
    first token and decode rate; every rank's `mx.get_peak_memory` over it (weights included);
-2. the vision tower two ways, each rank timing the same passes between barriers: split across
-   the ranks (as generation runs it), and whole on rank 0 with the features handed to the others
-   by one all_sum (rank 0 loads the whole tower for this after step 1, so step 1's peak is the
-   split model's).
+2. the vision tower two ways, taking turns, each rank timing the same passes between barriers:
+   split across the ranks (as generation runs it), and whole on rank 0 with the features handed
+   to the others by one all_sum (rank 0 loads the whole tower for this after step 1, so step 1's
+   peak is the split model's).
 
 Task "vision" runs only step 2, on random weights at a benchmark scale (no folder). With "pin",
 each rank runs on one core of its own, as if it had a host to itself.
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
@@ -34,7 +35,14 @@ from mimo_mlx.lockstep import Leader, follow
 from mimo_mlx.model import Model
 from mimo_mlx.processor import ModelInputs
 from mimo_mlx.shard_loading import load_sharded_model
-from mimo_mlx.sharding import ShardedModel, shard_model, weight_bytes
+from mimo_mlx.sharding import (
+    ShardedModel,
+    module_at,
+    replace_module,
+    shard_model,
+    split_modules,
+    weight_bytes,
+)
 
 from .inputs import image_inputs, prompt_ids
 from .multiturn import chat_processor
@@ -77,27 +85,29 @@ def measure_generation(model, processor, group: Group, inputs: ModelInputs, spec
     }
 
 
-def timed(group: Group, call, warmup: int, runs: int) -> dict:
-    """Seconds of `call` on this rank, every rank starting each run together."""
-    times = []
+def timed(group: Group, calls: dict, warmup: int, runs: int) -> dict:
+    """Seconds of each of `calls` on this rank, every rank starting each call together; the calls
+    take turns, so a machine whose load drifts weighs on all of them alike."""
+    times = {name: [] for name in calls}
     for n in range(warmup + runs):
-        group.barrier("between vision runs")
-        start = time.perf_counter()
-        call()
-        if n >= warmup:
-            times.append(time.perf_counter() - start)
-    return summarize(times)
+        for name, call in calls.items():
+            group.barrier("between vision runs")
+            start = time.perf_counter()
+            call()
+            if n >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: summarize(values) for name, values in times.items()}
 
 
 def measure_vision(model, group: Group, spec: dict, whole_model) -> dict:
     """The tower split across the group vs whole on rank 0 (`whole_model()` builds it there)."""
     pixels, grid = image_inputs(spec["image_size"])
-    warmup, runs = spec["warmup"], spec["runs"]
-    with group.errors():
-        split = timed(group, lambda: mx.eval(model.encode_vision(pixels, grid)), warmup, runs)
     whole = whole_model() if group.rank == 0 else None
     rows = int(np.prod(grid, axis=1).sum()) // model.config.vision.merge_unit
     shape = (rows, model.config.vision.out_hidden_size)
+
+    def split() -> None:
+        mx.eval(model.encode_vision(pixels, grid))
 
     def on_rank_0() -> None:
         if whole is not None:
@@ -107,31 +117,68 @@ def measure_vision(model, group: Group, spec: dict, whole_model) -> dict:
         mx.eval(mx.distributed.all_sum(features, group=group.mx_group))
 
     with group.errors():
-        rank0 = timed(group, on_rank_0, warmup, runs)
+        found = timed(
+            group, {"split": split, "rank0_broadcast": on_rank_0}, spec["warmup"], spec["runs"]
+        )
     return {
         "patches": int(pixels.shape[0]),
-        "split": split,
-        "rank0_broadcast": rank0,
+        **found,
         "split_tower_bytes": _nbytes(model.visual),
         "rank0_tower_bytes": _nbytes(whole.visual) if whole is not None else 0,
     }
 
 
 def vision_only(group: Group, spec: dict) -> dict:
-    """The vision comparison alone, on random weights at a benchmark scale (nothing on disk)."""
+    """The vision comparison alone, on random weights at a benchmark scale (nothing on disk).
+
+    A group of one also times rank 0's share of a tower split `share` ways, its layers as plain
+    Linears with nothing to sum with: one rank's compute, with no other process to wait for
+    (which on a host with too few free cores is most of what a split pass measures)."""
     config = ModelConfig.from_hf(scaled_config(spec["scale"]))
     dtype = DTYPES[spec["dtype"]]
 
-    def build(split: bool) -> Model:
+    def build(kind: str, share: int = 1) -> Model:
+        """The tower "whole", "split" across the group, or rank 0's "share" of `share` ranks."""
         mx.random.seed(0)  # the same whole weights on every rank, each keeping its slices
-        model = ShardedModel(config, group) if split else Model(config)
-        if split:
+        model = ShardedModel(config, group) if kind == "split" else Model(config)
+        if kind == "split":
             shard_model(model, group.mx_group)
+        if kind == "share":
+            shard_model(model, _Alone(share))
+            for path in split_modules(model):  # the same slices, with nothing to sum with
+                layer = module_at(model, path)
+                plain = nn.Linear(1, 1, bias="bias" in layer)
+                plain.update(layer.parameters())
+                replace_module(model, path, plain)
         model.visual.update(tree_map(lambda a: a.astype(dtype), model.visual.parameters()))
         mx.eval(model.visual.parameters())
         return model
 
-    return {"vision": measure_vision(build(True), group, spec, lambda: build(False))}
+    found = {"vision": measure_vision(build("split"), group, spec, lambda: build("whole"))}
+    share = spec.get("share")
+    if group.size == 1 and share:
+        pixels, grid = image_inputs(spec["image_size"])
+        whole, part = build("whole"), build("share", share)
+        calls = {
+            "whole": lambda: mx.eval(whole.encode_vision(pixels, grid)),
+            f"share_of_{share}": lambda: mx.eval(part.encode_vision(pixels, grid)),
+        }
+        found["compute"] = timed(group, calls, spec["warmup"], spec["runs"])
+        found["compute"]["share_tower_bytes"] = _nbytes(part.visual)
+    return found
+
+
+class _Alone:
+    """Rank 0 of a group of `size` in which no other rank exists: enough to cut the slices."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+
+    def rank(self) -> int:
+        return 0
+
+    def size(self) -> int:
+        return self._size
 
 
 def _nbytes(module) -> int:

@@ -239,7 +239,8 @@ def measure_vision_only(
 ) -> dict:
     """The vision tower split vs whole on rank 0, on random weights at `scale` (no folders);
     with `pin`, one core per rank and single-threaded BLAS, as if each rank had its own host."""
-    spec = {"task": "vision", "scale": scale, "dtype": dtype, "pin": pin}
+    share = max(ranks)
+    spec = {"task": "vision", "scale": scale, "dtype": dtype, "pin": pin, "share": share}
     spec.update(image_size=options["image"], warmup=options["gen_warmup"], runs=options["gen_runs"])
     threads = 1 if pin else None
     runs = {
@@ -250,10 +251,27 @@ def measure_vision_only(
         return {"runs": runs}
     config = scaled_config(scale)
     itemsize = 4 if dtype == "float32" else 2
+    summary = {n: compare_vision(found, config, itemsize) for n, found in runs.items()}
+    if "1" in runs and share > 1:
+        summary["compute"] = compare_compute(runs["1"][0], share, config, itemsize)
+    return {"settings": spec, "runs": runs, "summary": summary}
+
+
+def compare_compute(found: dict, share: int, config: dict, itemsize: int) -> dict:
+    """From one process: the whole tower vs one rank's share of `share` ranks (no sums), and the
+    link speed at which the split tower's extra bytes cost what its smaller share saves."""
+    whole_s = found["compute"]["whole"]["median"]
+    share_s = found["compute"][f"share_of_{share}"]["median"]
+    traffic = vision_traffic(config, found["vision"]["patches"], share, itemsize)
+    extra = traffic["split_bytes"] - traffic["rank0_broadcast_bytes"]
     return {
-        "settings": spec,
-        "runs": runs,
-        "summary": {n: compare_vision(found, config, itemsize) for n, found in runs.items()},
+        "ranks": share,
+        "whole_s": whole_s,
+        "share_s": share_s,
+        **traffic,
+        "break_even_bytes_per_s": extra / (whole_s - share_s) if whole_s > share_s else None,
+        "share_tower_bytes": found["compute"]["share_tower_bytes"],
+        "whole_tower_bytes": found["vision"]["split_tower_bytes"],  # a group of one: all of it
     }
 
 

@@ -124,10 +124,10 @@ def shard_model(model: Model, group: mx.distributed.Group) -> dict[str, Split]:
     check_shardable(model, size)
     plan = split_modules(model)
     for path, split in plan.items():
-        _replace(
+        replace_module(
             model,
             path,
-            shard_linear(_module(model, path), split.kind, segments=split.segments, group=group),
+            shard_linear(module_at(model, path), split.kind, segments=split.segments, group=group),
         )
     for layer in model.model.layers:
         layer.self_attn.num_heads //= size
@@ -162,7 +162,7 @@ def _head_problems(config: ModelConfig, size: int) -> list[str]:
 def _layer_problems(model: Model, size: int) -> list[str]:
     problems = {}  # one line per kind of layer: `model.layers.*.mlp.down_proj`, not 36
     for path, split in split_modules(model).items():
-        module = _module(model, path)
+        module = module_at(model, path)
         out_dims, in_dims = _dims(module)
         kind = re.sub(r"\.\d+\.", ".*.", path)
         if split.kind == ALL_TO_SHARDED and out_dims % (size * split.segments):
@@ -204,16 +204,18 @@ def _refusal(size: int, problems: list[str], fitting: list[int]) -> str:
     )
 
 
-def _module(model: nn.Module, path: str) -> nn.Module:
+def module_at(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at a dotted path (list items by index: `visual.merger.mlp.0`)."""
     node = model
     for part in path.split("."):
         node = node[int(part)] if isinstance(node, list) else getattr(node, part)
     return node
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` at a dotted path in place of what is there."""
     parent_path, _, name = path.rpartition(".")
-    parent = _module(model, parent_path)
+    parent = module_at(model, parent_path)
     if isinstance(parent, list):
         parent[int(name)] = new
     else:

@@ -24,7 +24,7 @@ from mimo_mlx.cli import main
 from mimo_mlx.distributed import Watchdog, launched
 from mimo_mlx.lockstep import Request, decode_request, encode_request
 from mimo_mlx.shard_loading import load_sharded_model, read_slices, stored_tensors
-from mimo_mlx.sharding import param_axis, part_ranges, split_modules
+from mimo_mlx.sharding import module_at, param_axis, part_ranges, split_modules
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +48,7 @@ def reference_part(folder, rank: int, size: int) -> dict[str, mx.array]:
     model = load_model(folder)
     group = FakeGroup(rank, size).mx_group
     for path, split in split_modules(model).items():
-        module = model
-        for part in path.split("."):
-            module = module[int(part)] if isinstance(module, list) else getattr(module, part)
-        shard_inplace(module, split.kind, segments=split.segments, group=group)
+        shard_inplace(module_at(model, path), split.kind, segments=split.segments, group=group)
     return dict(tree_flatten(model.parameters()))
 
 
