@@ -149,7 +149,8 @@ class Leader:
     """Rank 0's side: prepares each request, sends it to every rank, and streams the answer.
 
     Use as a context manager (or call `close`) so the other ranks learn when there is no more.
-    A stream must be read to its end; closing it early stops the answer on every rank first.
+    One stream runs at a time (another thread's call waits for it). Read a stream to its end or
+    close it; closing it early stops the answer on every rank first.
     """
 
     def __init__(self, model: Model, processor: Processor, group: Group) -> None:
@@ -194,13 +195,20 @@ class Leader:
         self._stop.set()
 
     def close(self) -> None:
-        """Tell the other ranks there are no more requests (their `follow` returns)."""
-        with self._lock:
+        """Tell the other ranks there are no more requests (their `follow` returns).
+
+        Does nothing while a stream is open or after one failed: the other ranks are inside its
+        collectives then, and this rank's exit ends them instead."""
+        if not self._lock.acquire(blocking=False):  # a stream left open by a reader's error
+            return
+        try:
             if self._closed or self._busy:
-                return  # mid-request the others wait in a collective: leaving ends them instead
+                return
             self._closed = True
             with self.group.waiting("to tell the other ranks to stop"), self.group.errors():
                 send_request(self.group, None)
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> Leader:
         return self

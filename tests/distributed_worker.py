@@ -8,6 +8,8 @@ the spec's `out` folder, each rank writes `rank{N}.json` when it finishes cleanl
   generation of the generation prompts through `Leader` / `follow`.
 - "die" / "stall": a generation in which rank `victim` kills (SIGKILL) or stops (SIGSTOP) itself
   after `after` tokens, as a crashed process or a vanished host would.
+- "stop": rank 0 closes one answer early and stops another with `request_stop`, then answers a
+  third prompt (see `stop_early`).
 
 The prompts are built here from the model's config (no torch import: ranks start fast), and the
 tests build the same ones for the single-process reference.
@@ -126,6 +128,8 @@ def generate(model, processor, group, spec) -> dict[str, list[int]] | None:
     from mimo_mlx.lockstep import Leader, follow, receive_request, run_request
 
     prompts = generation_prompts(model.config)
+    if spec["task"] == "stop" and group.rank == 0:
+        return stop_early(model, processor, group, prompts)
     if spec["task"] != "parity":
         prompts = {"text": prompts["text"]}
     if group.rank == 0:
@@ -139,7 +143,7 @@ def generate(model, processor, group, spec) -> dict[str, list[int]] | None:
                 ]
                 for name, inputs in prompts.items()
             }
-    if spec["task"] == "parity" or group.rank != spec["victim"]:
+    if spec["task"] in ("parity", "stop") or group.rank != spec["victim"]:
         follow(model, processor, group)
         return None
     request = receive_request(group)
@@ -149,6 +153,27 @@ def generate(model, processor, group, spec) -> dict[str, list[int]] | None:
             (Path(spec["out"]) / f"victim{group.rank}.pid").write_text(str(os.getpid()))
             os.kill(os.getpid(), number)
     return None
+
+
+def stop_early(model, processor, group, prompts) -> dict[str, list[int]]:
+    """Rank 0 closes one stream after 3 tokens, asks another to stop after 3, then answers a
+    third prompt in full: what it got, to show every rank stayed in step."""
+    from mimo_mlx.lockstep import Leader
+
+    found = {}
+    with Leader(model, processor, group) as leader:
+        stream = leader.stream_generate(inputs=prompts["text"], max_tokens=50, temp=0.0)
+        found["closed"] = [next(stream).token for _ in range(3)]
+        stream.close()
+        found["stopped"] = []
+        for response in leader.stream_generate(inputs=prompts["text"], max_tokens=50, temp=0.0):
+            found["stopped"].append(response.token)
+            if len(found["stopped"]) == 3:
+                leader.request_stop()
+        found["finish_reason"] = [response.finish_reason]
+        steps = leader.stream_generate(inputs=prompts["two_images"], max_tokens=16, temp=0.0)
+        found["after"] = [response.token for response in steps]
+    return found
 
 
 if __name__ == "__main__":

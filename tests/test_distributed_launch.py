@@ -133,6 +133,26 @@ def test_ranks_compute_what_one_process_computes(folders, tmp_path, name, ranks)
         assert tokens[prompt] == [step.token for step in steps], prompt
 
 
+def test_an_answer_ended_early_ends_on_every_rank(folders, tmp_path):
+    """Rank 0 closes a stream after 3 tokens and stops another with request_stop(): every rank
+    ends that answer at the same step, so the next request still matches one process exactly."""
+    spec = write_spec(tmp_path, folders["float32"], task="stop", max_tokens=TOKENS)
+    _, stderr = launch(2, sys.executable, str(WORKER), str(spec))
+    out = spec.with_name("out")
+    assert (out / "rank1.json").is_file() and (out / "rank0.json").is_file(), stderr[-3000:]
+    found = json.loads((out / "rank0.json").read_text())["tokens"]
+    model, processor = load(folders["float32"])
+    prompts = generation_prompts(model.config)
+    text = [s.token for s in stream_generate(model, processor, "", inputs=prompts["text"],
+                                            max_tokens=50, temp=0.0)]  # fmt: skip
+    assert found["closed"] == text[:3] and found["stopped"][:3] == text[:3]
+    assert len(found["stopped"]) <= 5 and found["finish_reason"] == ["stop"]
+    assert found["stopped"][-1] in processor.tokenizer.eos_token_ids
+    steps = stream_generate(model, processor, "", inputs=prompts["two_images"], max_tokens=16,
+                            temp=0.0)  # fmt: skip
+    assert found["after"] == [s.token for s in steps]
+
+
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory):
     path = tmp_path_factory.mktemp("photo") / "photo.png"
