@@ -108,10 +108,9 @@ def load_sharded_model(
     raw = read_config(folder)
     config = ModelConfig.from_hf(raw)
     check_heads(config, group.size)
-    stored = stored_tensors(folder, config)
+    stored, layout = stored_tensors(folder, raw, config)
     model = ShardedModel(config, group)
     quantize_like(model, stored, raw.get("quantization"))
-    layout = detect_layout(stored.keys(), raw)
     check_weights(model, {k: _Shaped(_mlx_shape(k, t, layout)) for k, t in stored.items()}, folder)
     plan = shard_model(model, group.mx_group)
     target = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -134,18 +133,23 @@ def load_sharded_model(
     return model
 
 
-def stored_tensors(folder: Path, config: ModelConfig) -> dict[str, StoredTensor]:
-    """Every tensor the model uses, under this package's names, from the files' headers only."""
+def stored_tensors(
+    folder: Path, raw: dict, config: ModelConfig
+) -> tuple[dict[str, StoredTensor], str]:
+    """Every tensor the model uses, under this package's names, and the folder's layout
+    (`weights.detect_layout`, from the names as stored), from the files' headers only."""
+    headers = [read_header(file) for file in safetensors_files(folder)]
+    layout = detect_layout([key for header in headers for key in header], raw)
     tensors: dict[str, StoredTensor] = {}
-    for file in safetensors_files(folder):
-        for key, tensor in read_header(file).items():
+    for header, file in zip(headers, safetensors_files(folder), strict=True):
+        for key, tensor in header.items():
             name = canonical_key(key)
             if is_ignored(key) or (config.text.tie_word_embeddings and name.startswith("lm_head.")):
                 continue
             if name in tensors:
                 raise MimoError(f"{file.name} repeats {name}, found in another shard")
             tensors[name] = tensor
-    return tensors
+    return tensors, layout
 
 
 def read_header(file: Path) -> dict[str, StoredTensor]:

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from convert_helpers import make_source
 from distributed_folders import FakeGroup, write_quantized_folder, write_split_folder
 from distributed_worker import generation_prompts
 from mlx.nn.layers.distributed import shard_inplace
@@ -43,6 +44,19 @@ def folders(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="module")
+def mlx_vlm_folder(tmp_path_factory):
+    """An mlx-community style folder (mlx-vlm's own converter, 4-bit decoder in groups of 32):
+    other names, and the patch embedding as an MLX Conv3d."""
+    convert = pytest.importorskip("mlx_vlm.convert").convert
+    root = tmp_path_factory.mktemp("mlx-vlm")
+    source = make_source(root / "source", seed=8, config_layout="root")
+    convert(
+        hf_path=str(source), mlx_path=str(root / "4-bit"), quantize=True, q_bits=4, q_group_size=32
+    )
+    return root / "4-bit", (2,)
+
+
 def reference_part(folder, rank: int, size: int) -> dict[str, mx.array]:
     """The whole model loaded in one process, then cut by MLX's own `shard_inplace`."""
     model = load_model(folder)
@@ -52,9 +66,11 @@ def reference_part(folder, rank: int, size: int) -> dict[str, mx.array]:
     return dict(tree_flatten(model.parameters()))
 
 
-@pytest.mark.parametrize("name", ["float32", "bfloat16", "three-way", "4-bit"])
-def test_each_rank_holds_exactly_mlx_s_slices(folders, name):
-    folder, sizes = folders[name]
+@pytest.mark.parametrize("name", ["float32", "bfloat16", "three-way", "4-bit", "mlx-vlm"])
+def test_each_rank_holds_exactly_mlx_s_slices(folders, name, request):
+    folder, sizes = (
+        request.getfixturevalue("mlx_vlm_folder") if name == "mlx-vlm" else folders[name]
+    )
     for size in sizes:
         for rank in range(size):
             ours = dict(
@@ -95,7 +111,7 @@ def test_split_layers_are_read_slice_by_slice(folders, monkeypatch):
 
     monkeypatch.setattr(shard_loading_module, "_open", Counting)
     model = load_sharded_model(folder, FakeGroup(1, 2))
-    stored = stored_tensors(folder, model.config)
+    stored, _ = stored_tensors(folder, {}, model.config)
     plan = split_modules(model)
     whole = split = 0
     for key, tensor in stored.items():
