@@ -101,9 +101,9 @@ def receive_request(group: Group) -> Request | None:
 
 
 def _broadcast(group: Group, values: np.ndarray) -> np.ndarray:
-    """Rank 0's `values` on every rank (the others pass zeros of the same shape and dtype)."""
-    mine = mx.array(values) if group.rank == 0 else mx.zeros(values.shape, mx.array(values).dtype)
-    total = mx.distributed.all_sum(mine, group=group.mx_group, stream=mx.cpu)
+    """Rank 0's `values` on every rank: the others pass zeros of the same shape and dtype, so the
+    sum is rank 0's bytes exactly."""
+    total = mx.distributed.all_sum(mx.array(values), group=group.mx_group, stream=mx.cpu)
     return np.array(total)
 
 

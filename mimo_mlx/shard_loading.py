@@ -138,10 +138,11 @@ def stored_tensors(
 ) -> tuple[dict[str, StoredTensor], str]:
     """Every tensor the model uses, under this package's names, and the folder's layout
     (`weights.detect_layout`, from the names as stored), from the files' headers only."""
-    headers = [read_header(file) for file in safetensors_files(folder)]
+    files = safetensors_files(folder)
+    headers = [read_header(file) for file in files]
     layout = detect_layout([key for header in headers for key in header], raw)
     tensors: dict[str, StoredTensor] = {}
-    for header, file in zip(headers, safetensors_files(folder), strict=True):
+    for header, file in zip(headers, files, strict=True):
         for key, tensor in header.items():
             name = canonical_key(key)
             if is_ignored(key) or (config.text.tie_word_embeddings and name.startswith("lm_head.")):
