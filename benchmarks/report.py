@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from .chart import chart
+from .ranks import ranks_markdown
 from .synthetic import checkpoint_shapes
 
 GB = 1e9
@@ -193,6 +194,7 @@ def markdown(report: dict) -> str:
         _overhead,
         _multiturn,
         _lookup,
+        _ranks,
         _ops,
         _syncs,
         _bounds,
@@ -433,6 +435,10 @@ def _lookup(report: dict) -> list[str]:
         "|---|---|---|---|---|---|---|",
         *rows,
     ]
+
+
+def _ranks(report: dict) -> list[str]:
+    return ranks_markdown(report["results"].get("ranks", {}))
 
 
 def _ops(report: dict) -> list[str]:

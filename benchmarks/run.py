@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from .machine import REPO, git_state, machine_info, versions
+from .ranks import measure as measure_ranks
 from .report import size_plans, write_report
 from .stats import pooled
 from .synthetic import checkpoint_shapes
@@ -154,6 +155,13 @@ def run_worker(spec: dict, out: Path, name: str, preload: str | None, log) -> di
 )
 @click.option("--kernels/--no-kernels", default=True, help="Measure the kernel bounds.")
 @click.option(
+    "--ranks",
+    default="1,2",
+    show_default=True,
+    help="mimo-mlx split across this many ranks (mlx.launch, ring on 127.0.0.1), for per-rank "
+    "peak memory and the vision tower split or on rank 0; empty to skip.",
+)
+@click.option(
     "--out",
     type=click.Path(path_type=Path),
     help="Output folder (default benchmarks/results/SCALE-TIME).",
@@ -176,6 +184,7 @@ def main(
     lookup_tokens,
     openblas,
     kernels,
+    ranks,
     out,
     cache,
     prepare_only,
@@ -222,6 +231,7 @@ def main(
     if "mimo-mlx" in runtimes:
         results["multiturn"] = session.multiturn(variants)
         results["prompt_lookup"] = session.prompt_lookup(variants)
+        results["ranks"] = session.ranks(variants, [int(n) for n in ranks.split(",") if n])
     bounds = session.kernel_bounds(quick=scale == "tiny") if kernels else {}
     report = {
         "scale": scale,
@@ -388,6 +398,19 @@ class Session:
                 medians = [task[k]["decode_tps"]["median"] for k in ("with", "without")]
                 task["speedup"] = medians[0] / medians[1]
         return results
+
+    def ranks(self, variants: list[str], counts: list[int]) -> dict:
+        """mimo-mlx's folders split across each number of ranks (`ranks.py`)."""
+        folders = {
+            v: self.folders.paths[("mimo-mlx", v)]
+            for v in variants
+            if ("mimo-mlx", v) in self.folders.paths
+        }
+        if not counts or not folders:
+            return {}
+        return measure_ranks(
+            folders, counts, self.options, self.out, self.preload, self.mlx_dtype, self.log
+        )
 
     def kernel_bounds(self, quick: bool) -> dict:
         """MLX's kernels as shipped, and (Linux CPU) with the system OpenBLAS preloaded."""

@@ -6,6 +6,7 @@ imported until a command runs, so `--help` answers at once.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import click
 
 from .errors import MimoError
 from .options import (
+    DEFAULT_GROUP_TIMEOUT,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
     LookupOptions,
@@ -162,6 +164,15 @@ def declared_options(*declarations: type) -> Callable:
     type=click.IntRange(1),
     help="Most tokens to generate, reasoning included (fewer if the model's context fills up).",
 )
+@click.option(
+    "--group-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_GROUP_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help="Under mlx.launch: how long a rank waits on the others with no progress (a prefill chunk "
+    "or a token) before every rank stops with an error, e.g. when a host went to sleep.",
+)
 @declared_options(PromptOptions, SamplingOptions, LookupOptions)
 def generate(
     model_path,
@@ -173,6 +184,7 @@ def generate(
     annotate_path,
     hide_thinking,
     max_tokens,
+    group_timeout,
     **options,
 ):
     """Answer a prompt about images or videos, streaming the answer to stdout.
@@ -180,20 +192,32 @@ def generate(
     \b
     mimo-mlx generate --image photo.jpg --prompt "What is in this picture?"
     mimo-mlx generate --model ./mimo-vl-7b-rl-4bit --image a.png --image b.png -p "Compare them"
+    mlx.launch --hostfile hosts.json -- mimo-mlx generate --model ./mimo-vl-4bit -p "Hello"
 
     The reasoning is shown dimmed before the answer (kept between <think> tags when stdout is not a
     terminal); a line of statistics follows on stderr. --prompt-lookup makes answers that copy text
-    (OCR, documents) faster and leaves the output as it is.
+    (OCR, documents) faster and leaves the output as it is. Under mlx.launch the model is split
+    across the ranks (each reads only its part of --model, which every host needs); rank 0 reads
+    the images and prints, the others only compute.
     """
     from .console import StreamPrinter, stats_line, stop_reason  # noqa: PLC0415  (fast --help)
-    from .generation import max_new_tokens, stream_generate  # noqa: PLC0415
+    from .generation import max_new_tokens  # noqa: PLC0415
     from .options import pop_prompt_options  # noqa: PLC0415
 
+    group = _start_group(group_timeout)
+    if group is not None and group.rank > 0:
+        return _follow(model_path, group)
     prompt = _prompt_text(prompt, ground, gui)
     lookup = pop_lookup_options(options)
     if ground is not None or annotate_path is not None:
         _check_grounding(images, videos, annotate_path)
-    model, processor = _load(model_path)
+    model, processor = _load(model_path, group)
+    answer = _answerer(model, processor, group)  # from here on, an error releases the other ranks
+    if group is not None and lookup.enabled:
+        raise MimoError(
+            "--prompt-lookup is not available under mlx.launch yet (the ranks would have to draft "
+            "and verify in step); run without it"
+        )
     options = sampling_defaults(processor.tokenizer.generation_config, options)
     inputs = processor.prepare(prompt, images, videos, **pop_prompt_options(options))
     context = model.config.text.max_position_embeddings
@@ -206,9 +230,7 @@ def generate(
         )
     printer = StreamPrinter(hide_thinking, inputs.opens_thinking)
     last, pieces = None, []
-    for response in stream_generate(
-        model, processor, prompt, inputs=inputs, max_tokens=max_tokens, **options, **vars(lookup)
-    ):
+    for response in answer(prompt, inputs=inputs, max_tokens=max_tokens, **options, **vars(lookup)):
         printer.write(response.text)
         pieces.append(response.text)
         last = response
@@ -217,6 +239,37 @@ def generate(
     click.echo(stats_line(last, reason, lookup.enabled), err=True)
     if ground is not None or annotate_path is not None:
         _report_grounding("".join(pieces), inputs, images[0], annotate_path)
+
+
+def _answerer(model, processor, group) -> Callable:
+    """`stream_generate(prompt, ...)` in this process, or across the group with rank 0 leading.
+
+    The Leader is closed when the command ends, also after an error (a refused image): that
+    releases the other ranks."""
+    if group is None:
+        from .generation import stream_generate  # noqa: PLC0415
+
+        return functools.partial(stream_generate, model, processor)
+    from .lockstep import Leader  # noqa: PLC0415
+
+    leader = Leader(model, processor, group)
+    click.get_current_context().call_on_close(leader.close)
+    return leader.stream_generate
+
+
+def _start_group(timeout: float):
+    """The group mlx.launch (or mpirun) started this process in; None when run on its own."""
+    from .distributed import launched, start_group  # noqa: PLC0415
+
+    return start_group(timeout) if launched() else None
+
+
+def _follow(model_path: str | None, group) -> None:
+    """Ranks other than 0: load this rank's part, then compute what rank 0 asks, silently."""
+    from .lockstep import follow  # noqa: PLC0415
+
+    model, processor = _load(model_path, group)
+    follow(model, processor, group)
 
 
 def _prompt_text(prompt: str | None, ground: str | None, gui: bool) -> str:
@@ -324,9 +377,15 @@ def chat(
     commands (/image, /video, /reset, /save, /load, /quit). Ctrl-C stops an answer.
     """
     from .conversation import Conversation  # noqa: PLC0415  (fast --help)
+    from .distributed import launched  # noqa: PLC0415
     from .options import pop_prompt_options  # noqa: PLC0415
     from .terminal_chat import ChatSession  # noqa: PLC0415
 
+    if launched():
+        raise MimoError(
+            "chat runs in one process; under mlx.launch (or mpirun) use `mimo-mlx generate`, "
+            "which splits the model across the ranks"
+        )
     lookup = pop_lookup_options(options)
     model, processor = _load(model_path)
     sampling = sampling_defaults(processor.tokenizer.generation_config, options)
@@ -410,7 +469,12 @@ def annotate(image, answer_path, out_path, max_pixels, min_pixels):
         click.echo(f"wrote {out_path}", err=True)
 
 
-def _load(model_path: str | None):
+def _load(model_path: str | None, group=None):
+    if group is not None:
+        from .shard_loading import load_sharded  # noqa: PLC0415
+
+        with group.labelled():
+            return load_sharded(model_path or DEFAULT_MODEL, group)
     from .loading import load  # noqa: PLC0415
 
     def announce(repo_id, target):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -181,9 +181,10 @@ def read_safetensors(folder: Path) -> dict[str, mx.array]:
     return weights
 
 
-def quantize_like(model: Model, weights: dict[str, mx.array], quantization: dict | None) -> None:
-    """Turn into quantized layers exactly the modules whose weights come quantized (have `.scales`)."""
-    quantized = {key[: -len(".scales")] for key in weights if key.endswith(".scales")}
+def quantize_like(model: Model, names: Iterable[str], quantization: dict | None) -> None:
+    """Turn into quantized layers exactly the modules whose weights come quantized (have `.scales`
+    among the weight `names`, e.g. a dict of arrays or of a file header's entries)."""
+    quantized = {key[: -len(".scales")] for key in names if key.endswith(".scales")}
     if not quantized:
         return
     if not isinstance(quantization, dict) or "bits" not in quantization:

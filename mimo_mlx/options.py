@@ -34,6 +34,10 @@ DEFAULT_VIDEO_MAX_PIXELS = 256 * 28 * 28
 768 * 28 * 28, three times the tokens for every second of video."""
 DEFAULT_MODEL = "XiaomiMiMo/MiMo-VL-7B-RL-2508"
 DEFAULT_MAX_TOKENS = 2048  # MiMo reasons before it answers; short limits cut the answer off
+DEFAULT_GROUP_TIMEOUT = 300.0
+"""Seconds a rank of a group (mlx.launch) waits on the others without progress before every rank
+stops. Progress is each prefill chunk and each token, so the longest single wait is one prompt's
+vision tower or one prefill chunk: minutes for a long video on a slow Mac, which this allows."""
 
 
 def option(default: Any, help: str, *, cli: dict | None = None) -> Any:

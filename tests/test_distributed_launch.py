@@ -1,0 +1,268 @@
+"""The model split across 2 and 3 processes on 127.0.0.1 with MLX's ring backend, as a user runs it.
+
+Each test starts `mlx.launch --backend ring -n N ...` (or the ranks by hand, to control one of them)
+as a subprocess with a timeout, and compares what rank 0 computed with this process's single-model
+results: float32 logits within 1e-4, greedy tokens identical. Then what a user must never see: a
+hang or a traceback when a rank dies or stops answering, or a head count the group cannot split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distributed_folders import write_quantized_folder, write_split_folder
+from distributed_worker import generation_prompts, logits, parity_prompts
+from PIL import Image
+
+from mimo_mlx import load
+from mimo_mlx.generation import stream_generate
+
+LAUNCHER = Path(sys.executable).with_name("mlx.launch")
+WORKER = Path(__file__).with_name("distributed_worker.py")
+TOLERANCE = 1e-4
+TOKENS = 16
+LIMIT_S = 120  # no run here takes more than a few seconds; a hang fails instead of blocking CI
+
+pytestmark = pytest.mark.skipif(
+    not LAUNCHER.is_file(), reason=f"mlx.launch is not installed beside {sys.executable}"
+)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launch")
+    return {
+        "float32": write_split_folder(root / "float32"),
+        "three-way": write_split_folder(root / "three-way", ranks=3, seed=6),
+        "4-bit": write_quantized_folder(root / "4-bit", group_size=32),
+    }
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive ports free on 127.0.0.1 (other test runs share it)."""
+    for _ in range(100):
+        base = random.randrange(20000, 60000 - count)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free ports on 127.0.0.1")
+
+
+def finish(process: subprocess.Popen, limit: float = LIMIT_S) -> tuple[str, str]:
+    """Wait for `process` (and its session), killing it all if it outlives `limit`."""
+    try:
+        return process.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise AssertionError(f"still running after {limit} s: {process.args}") from None
+
+
+def launch(ranks: int, *command: str) -> tuple[str, str]:
+    """`mlx.launch --backend ring -n ranks` on 127.0.0.1; (stdout, stderr) of every rank.
+
+    mlx.launch exits 0 whatever its ranks did, so callers check what the ranks wrote."""
+    port = str(free_ports(ranks))
+    args = [str(LAUNCHER), "--backend", "ring", "-n", str(ranks), "--starting-port", port]
+    process = subprocess.Popen(
+        [*args, "--", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    return finish(process)
+
+
+def write_spec(tmp_path: Path, folder: Path, **spec) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"folder": str(folder), "out": str(out), **spec}))
+    return path
+
+
+def start_by_hand(ranks: int, spec: Path) -> list[subprocess.Popen]:
+    """The ranks as mlx.launch starts them (MLX_RANK, a ring hostfile), without its supervision."""
+    port = free_ports(ranks)
+    hosts = spec.with_name("hosts.json")
+    hosts.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(ranks)]))
+    return [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(spec)],
+            env={**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for rank in range(ranks)
+    ]
+
+
+@pytest.mark.parametrize("name, ranks", [("float32", 2), ("three-way", 3), ("4-bit", 2)])
+def test_ranks_compute_what_one_process_computes(folders, tmp_path, name, ranks):
+    spec = write_spec(tmp_path, folders[name], task="parity", max_tokens=TOKENS)
+    _, stderr = launch(ranks, sys.executable, str(WORKER), str(spec))
+    out = spec.with_name("out")
+    for rank in range(ranks):
+        assert (out / f"rank{rank}.json").is_file(), stderr[-3000:]
+    model, processor = load(folders[name])
+    found = np.load(out / "logits.npz")
+    for prompt, (ids, vision) in parity_prompts(model.config).items():
+        diff = np.abs(found[prompt] - logits(model, ids, vision)).max()
+        assert diff < TOLERANCE, f"{prompt}: max abs logit difference {diff:.2e}"
+    tokens = json.loads((out / "rank0.json").read_text())["tokens"]
+    for prompt, inputs in generation_prompts(model.config).items():
+        steps = stream_generate(model, processor, "", inputs=inputs, max_tokens=TOKENS, temp=0.0)
+        assert tokens[prompt] == [step.token for step in steps], prompt
+
+
+def test_an_answer_ended_early_ends_on_every_rank(folders, tmp_path):
+    """Rank 0 closes a stream after 3 tokens and stops another with request_stop(): every rank
+    ends that answer at the same step, so the next request still matches one process exactly."""
+    spec = write_spec(tmp_path, folders["float32"], task="stop", max_tokens=TOKENS)
+    _, stderr = launch(2, sys.executable, str(WORKER), str(spec))
+    out = spec.with_name("out")
+    assert (out / "rank1.json").is_file() and (out / "rank0.json").is_file(), stderr[-3000:]
+    found = json.loads((out / "rank0.json").read_text())["tokens"]
+    model, processor = load(folders["float32"])
+    prompts = generation_prompts(model.config)
+    text = [s.token for s in stream_generate(model, processor, "", inputs=prompts["text"],
+                                            max_tokens=50, temp=0.0)]  # fmt: skip
+    assert found["closed"] == text[:3] and found["stopped"][:3] == text[:3]
+    assert len(found["stopped"]) <= 5 and found["finish_reason"] == ["stop"]
+    assert found["stopped"][-1] in processor.tokenizer.eos_token_ids
+    steps = stream_generate(model, processor, "", inputs=prompts["two_images"], max_tokens=16,
+                            temp=0.0)  # fmt: skip
+    assert found["after"] == [s.token for s in steps]
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("photo") / "photo.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_generate_under_mlx_launch_prints_rank_0_s_answer_once(folders, photo):
+    args = ["generate", "--model", str(folders["float32"]), "--image", str(photo)]
+    args += ["--prompt", "What is this?", "--max-tokens", "12", "--temp", "0"]
+    alone = subprocess.run(
+        [sys.executable, "-m", "mimo_mlx", *args], capture_output=True, text=True, timeout=LIMIT_S
+    )
+    assert alone.returncode == 0, alone.stderr
+    stdout, stderr = launch(2, sys.executable, "-m", "mimo_mlx", *args)
+    assert stdout == alone.stdout and stdout.strip()
+    stats = [line for line in stderr.splitlines() if line.startswith("prompt: ")]
+    assert len(stats) == 1 and "Traceback" not in stderr and "error" not in stderr
+
+
+def test_a_refused_image_on_rank_0_releases_the_other_ranks(folders, tmp_path):
+    """Only rank 0 reads the images: its one-line error ends the run, and the other ranks, told
+    there is nothing to do, end quietly (no timeout, no lost-connection message)."""
+    started = time.monotonic()
+    args = ["generate", "--model", str(folders["float32"]), "--image", str(tmp_path / "no.png")]
+    _, stderr = launch(2, sys.executable, "-m", "mimo_mlx", *args, "-p", "Hi", "--max-tokens", "4")
+    assert time.monotonic() - started < 60
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "not found" in errors[0], stderr
+    assert "Traceback" not in stderr
+
+
+def test_a_head_count_the_group_cannot_split_is_refused(folders):
+    """4 query heads and 2 key/value heads across 3 ranks: refused before loading, no hang."""
+    started = time.monotonic()
+    args = ["generate", "--model", str(folders["float32"]), "-p", "Hi", "--max-tokens", "4"]
+    _, stderr = launch(3, sys.executable, "-m", "mimo_mlx", *args)
+    assert time.monotonic() - started < 60
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    refused = [e for e in errors if "cannot be split across 3 ranks" in e]
+    assert refused and "group sizes that fit this model: 2" in refused[0], stderr
+    assert all(re.match(r"error: rank \d of 3: this model cannot be split", e) for e in refused)
+    # A rank that refused first makes mlx.launch stop the others; they may say that instead.
+    assert all(e in refused or "stopped by SIGTERM" in e for e in errors), errors
+    assert "Traceback" not in stderr
+
+
+def ended_with_one_line(stderr: str, timeout: int) -> str:
+    """Rank 0's one error line: the lost connection, the launcher's SIGTERM, or (when MLX's ring
+    backend declares the peer lost but leaves a queued collective waiting, about one run in
+    six here) the watchdog after `timeout` s."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error: rank 0 of 2")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    kinds = ("lost the connection to another rank", "stopped by SIGTERM", f"waited {timeout} s")
+    assert any(kind in errors[0] for kind in kinds), errors[0]
+    return errors[0]
+
+
+def test_a_rank_that_dies_mid_generation_ends_every_rank(folders, tmp_path):
+    """Rank 1 is killed (SIGKILL) after 3 tokens; rank 0, in the middle of a collective, ends
+    with one line that says so, within the group timeout."""
+    timeout = 10
+    spec = write_spec(
+        tmp_path, folders["float32"], task="die", victim=1, after=3, max_tokens=200,
+        timeout=timeout,
+    )  # fmt: skip
+    leader, victim = start_by_hand(2, spec)
+    started = time.monotonic()
+    _, stderr = finish(leader)
+    finish(victim)
+    assert victim.returncode == -signal.SIGKILL
+    assert leader.returncode == 1 and time.monotonic() - started < timeout + 30
+    assert "stopped by SIGTERM" not in ended_with_one_line(stderr, timeout)  # no launcher here
+
+
+def test_a_rank_that_dies_under_mlx_launch_ends_every_rank(folders, tmp_path):
+    timeout = 10
+    spec = write_spec(
+        tmp_path, folders["float32"], task="die", victim=1, after=3, max_tokens=200,
+        timeout=timeout,
+    )  # fmt: skip
+    started = time.monotonic()
+    _, stderr = launch(2, sys.executable, str(WORKER), str(spec))
+    assert time.monotonic() - started < timeout + 30
+    ended_with_one_line(stderr, timeout)
+    assert not (spec.with_name("out") / "rank0.json").exists()
+
+
+def test_a_rank_that_stops_answering_trips_the_watchdog(folders, tmp_path):
+    """Rank 1 stops (SIGSTOP) after 3 tokens: its sockets stay open, as when a host sleeps or
+    drops off the network, so rank 0's collective would wait forever. The watchdog ends rank 0
+    after the group timeout with one line."""
+    timeout = 8
+    spec = write_spec(
+        tmp_path, folders["float32"], task="stall", victim=1, after=3, max_tokens=200,
+        timeout=timeout,
+    )  # fmt: skip
+    leader, victim = start_by_hand(2, spec)
+    try:
+        _, stderr = finish(leader)
+        stalled_at = spec.with_name("out") / "victim1.pid"
+        assert stalled_at.is_file(), stderr
+        waited = time.time() - stalled_at.stat().st_mtime
+    finally:
+        victim.kill()  # stopped, not dead: SIGKILL still ends it
+        finish(victim)
+    assert leader.returncode == 1
+    assert timeout <= waited < timeout + 30, waited
+    message = stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: rank 0 of 2: waited {timeout} s while generating")
+    assert "Traceback" not in stderr
