@@ -230,7 +230,10 @@ def generate(
         )
     printer = StreamPrinter(hide_thinking, inputs.opens_thinking)
     last, pieces = None, []
-    for response in answer(prompt, inputs=inputs, max_tokens=max_tokens, **options, **vars(lookup)):
+    lookup_options = vars(lookup) if group is None else {}  # refused above when asked for
+    for response in answer(
+        prompt, inputs=inputs, max_tokens=max_tokens, **options, **lookup_options
+    ):
         printer.write(response.text)
         pieces.append(response.text)
         last = response

@@ -186,6 +186,17 @@ def test_a_refused_image_on_rank_0_releases_the_other_ranks(folders, tmp_path):
     assert "Traceback" not in stderr
 
 
+def test_prompt_lookup_under_mlx_launch_is_refused_in_one_line(folders):
+    """Not built for several ranks yet: said so once, and the other ranks end quietly."""
+    started = time.monotonic()
+    args = ["generate", "--model", str(folders["float32"]), "-p", "Hi", "--prompt-lookup"]
+    _, stderr = launch(2, sys.executable, "-m", "mimo_mlx", *args, "--max-tokens", "4")
+    assert time.monotonic() - started < 60
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "--prompt-lookup is not available under mlx.launch" in errors[0]
+    assert "Traceback" not in stderr
+
+
 def test_a_head_count_the_group_cannot_split_is_refused(folders):
     """4 query heads and 2 key/value heads across 3 ranks: refused before loading, no hang."""
     started = time.monotonic()

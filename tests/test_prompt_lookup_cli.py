@@ -109,7 +109,7 @@ def test_options_are_declared_once_and_checked(copier):
 @pytest.fixture
 def patched_cli(copier, monkeypatch):
     model, processor, prompt = copier
-    monkeypatch.setattr(cli, "_load", lambda path: (model, processor))
+    monkeypatch.setattr(cli, "_load", lambda path, group=None: (model, processor))
     return prompt
 
 
