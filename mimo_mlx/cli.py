@@ -260,11 +260,12 @@ def _answerer(model, processor, group) -> Callable:
     return leader.stream_generate
 
 
-def _start_group(timeout: float):
-    """The group mlx.launch (or mpirun) started this process in; None when run on its own."""
+def _start_group(timeout: float, handle_signals: bool = True):
+    """The group mlx.launch (or mpirun) started this process in; None when run on its own.
+    A server's rank 0 passes `handle_signals=False`: its event loop handles Ctrl-C and SIGTERM."""
     from .distributed import launched, start_group  # noqa: PLC0415
 
-    return start_group(timeout) if launched() else None
+    return start_group(timeout, handle_signals=handle_signals) if launched() else None
 
 
 def _follow(model_path: str | None, group) -> None:

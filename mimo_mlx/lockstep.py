@@ -13,14 +13,19 @@ the ranks cannot drift apart (random sampling included) and no step waits on the
 
 One request runs at a time, each with a fresh cache on every rank. `Leader.request_stop` (from
 any thread) ends the answer in progress on every rank within two tokens.
+
+Between requests rank 0 sends a heartbeat every `HEARTBEAT_S`: MLX's ring backend spins a core
+while a collective waits, so the other ranks wait for the next request asleep, between heartbeats,
+rather than inside one collective (a server may idle for hours). The heartbeats also tell them
+rank 0 is still there: without one for the group timeout, they stop.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,16 +33,18 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .distributed import Group
+from .distributed import Group, report_and_exit
 from .errors import MimoError
 from .generation import DEFAULT_PREFILL_STEP, GenerationResponse, check_context, stream_generate
 from .model import Model
-from .options import DEFAULT_MAX_TOKENS, split_options
+from .options import DEFAULT_MAX_TOKENS, pop_prompt_options, split_options
 from .processor import ImageInput, ModelInputs, Processor
 from .sampling import Sampler, make_sampler
 
 _ARRAYS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-_CLOSE, _GENERATE = 0, 1
+# Not 0: a collective MLX's ring backend gives up on (its peer gone) reads as zeros.
+_LOST, _CLOSE, _GENERATE, _HEARTBEAT = 0, 1, 2, 3
+HEARTBEAT_S = 0.05  # the most a request waits for the other ranks to look up
 
 
 @dataclass(frozen=True)
@@ -92,11 +99,27 @@ def send_request(group: Group, request: Request | None) -> None:
         _broadcast(group, np.frombuffer(payload, np.uint8))
 
 
+def send_heartbeat(group: Group) -> None:
+    """Rank 0, between requests: "still here, nothing yet"."""
+    _broadcast(group, np.array([_HEARTBEAT, 0], np.int64))
+
+
 def receive_request(group: Group) -> Request | None:
-    """Other ranks: the next request from rank 0, or None when it has no more."""
-    kind, size = _broadcast(group, np.zeros(2, np.int64)).tolist()
+    """Other ranks: the next request from rank 0, or None when it has no more. Heartbeats count
+    as progress; between them this rank sleeps."""
+    while True:
+        kind, size = _broadcast(group, np.zeros(2, np.int64)).tolist()
+        if kind != _HEARTBEAT:
+            break
+        group.progress()
+        time.sleep(HEARTBEAT_S)  # as rank 0 does: the next one finds both ranks ready
     if kind == _CLOSE:
         return None
+    if kind == _LOST:
+        raise MimoError(
+            f"{group.label}: lost the connection to rank 0: it stopped or its host went away, so "
+            "every rank stops. An earlier message from rank 0, if any, says why."
+        )
     return decode_request(_broadcast(group, np.zeros(size, np.uint8)).tobytes())
 
 
@@ -161,6 +184,9 @@ class Leader:
         self._stop = threading.Event()
         self._busy = False  # a request is in flight: the other ranks are inside its collectives
         self._closed = False
+        self._closing = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self._heartbeat.start()
 
     def stream_generate(
         self,
@@ -205,10 +231,27 @@ class Leader:
             if self._closed or self._busy:
                 return
             self._closed = True
+            self._closing.set()
             with self.group.waiting("to tell the other ranks to stop"), self.group.errors():
                 send_request(self.group, None)
         finally:
             self._lock.release()
+
+    def _beat(self) -> None:
+        """Heartbeats while no request runs (after a failed one the others are mid-collective:
+        none then). A rank lost now ends this one, with one line, as it would mid-request."""
+        while not self._closing.wait(HEARTBEAT_S):
+            if not self._lock.acquire(blocking=False):
+                continue  # a request is starting or running
+            try:
+                if self._closed or self._busy:
+                    continue
+                with self.group.waiting("between requests"), self.group.errors():
+                    send_heartbeat(self.group)
+            except MimoError as err:
+                report_and_exit(str(err))
+            finally:
+                self._lock.release()
 
     def __enter__(self) -> Leader:
         return self
@@ -238,21 +281,15 @@ class Leader:
             self._busy = False  # not reached after an error: the others may be mid-collective
 
 
-def follow(model: Model, processor: Processor, group: Group, idle_timeout: bool = True) -> int:
+def follow(model: Model, processor: Processor, group: Group) -> int:
     """The other ranks' side: run each request rank 0 sends until it closes; returns how many.
-
-    With `idle_timeout`, waiting for the next request counts against the group's timeout (right
-    for one command; a server whose rank 0 may idle for hours passes False).
-    """
+    Rank 0's heartbeats keep the group timeout from running out between requests."""
     if group.rank == 0:
         raise MimoError("rank 0 leads (Leader); follow() is for the other ranks")
     never = threading.Event()
     served = 0
     while True:
-        waiting = (
-            group.waiting("for rank 0's next request") if idle_timeout else contextlib.nullcontext()
-        )
-        with waiting, group.errors():
+        with group.waiting("for rank 0's next request"), group.errors():
             request = receive_request(group)
         if request is None:
             return served
@@ -260,3 +297,23 @@ def follow(model: Model, processor: Processor, group: Group, idle_timeout: bool 
             for _ in run_request(model, processor, group, request, never):
                 group.progress()
         served += 1
+
+
+class LeaderPool:
+    """What the server's engine asks of a conversation pool, over a Leader: `mimo-mlx serve`
+    under mlx.launch. Each request runs across the ranks from a fresh cache (reusing earlier
+    requests' tokens is not split across ranks: `cached_tokens` is 0)."""
+
+    def __init__(self, leader: Leader, **prompt_options) -> None:
+        self.leader, self.prompt_options = leader, prompt_options
+        self.opens_thinking = False  # of the running request's prompt
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return 0
+
+    def stream(self, messages: Sequence[dict], **options) -> Iterator[GenerationResponse]:
+        prompt = {**self.prompt_options, **pop_prompt_options(options)}
+        inputs = self.leader.processor.prepare_messages(messages, **prompt)
+        self.opens_thinking = inputs.opens_thinking
+        yield from self.leader.stream_generate(inputs=inputs, **options)

@@ -6,11 +6,20 @@ until the command starts, so `--help` answers at once and without the server's e
 
 from __future__ import annotations
 
+import signal
+
 import click
 
-from .cli import _load, declared_options, sampling_defaults
+from .cli import _follow, _load, _start_group, declared_options, sampling_defaults
 from .errors import MimoError
-from .options import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, PromptOptions, SamplingOptions
+from .options import (
+    DEFAULT_GROUP_TIMEOUT,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MODEL,
+    PromptOptions,
+    SamplingOptions,
+    pop_prompt_options,
+)
 
 
 class ByteSize(click.ParamType):
@@ -121,6 +130,15 @@ class ByteSize(click.ParamType):
     show_default=True,
     help="Largest request body (base64 images included); larger ones get 413.",
 )
+@click.option(
+    "--group-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_GROUP_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help="Under mlx.launch: how long a rank waits on the others with no progress (a prefill chunk "
+    "or a token) before every rank stops with an error.",
+)
 @declared_options(PromptOptions, SamplingOptions)
 def serve(
     model_path,
@@ -139,6 +157,7 @@ def serve(
     queue_size,
     request_timeout,
     max_body_bytes,
+    group_timeout,
     **options,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (needs mimo-mlx[serve]).
@@ -146,11 +165,14 @@ def serve(
     \b
     mimo-mlx serve --model ./mimo-vl-7b-rl-4bit
     mimo-mlx serve --model ./mimo-vl-7b-rl-4bit --api-key s3cret --port 9000
+    mlx.launch --hostfile hosts.json -- mimo-mlx serve --model ./mimo-vl-7b-rl-4bit
 
     POST /v1/chat/completions (streaming or not), GET /v1/models, GET /health. It listens on
     127.0.0.1 only, reads images only from base64 data: URLs, and needs no key unless given
     one: --host, --allow-fetch, --allow-local-files and --api-key change that. Prompt and
-    sampling flags set the defaults that requests override.
+    sampling flags set the defaults that requests override. Under mlx.launch the model is split
+    across the ranks and rank 0 serves (each request from a fresh cache: reuse across requests is
+    not split across ranks).
     """
     import importlib.util  # noqa: PLC0415
 
@@ -158,16 +180,34 @@ def serve(
         raise click.BadParameter("the key is empty", param_hint="--api-key")
     if not all(importlib.util.find_spec(name) for name in ("starlette", "uvicorn", "httpx2")):
         raise MimoError('the server needs its extra: pip install "mimo-mlx[serve]"')
+    from .distributed import launch_rank, launched  # noqa: PLC0415
     from .request_media import MediaPolicy  # noqa: PLC0415  (fast --help)
     from .server import build_server, serve_forever  # noqa: PLC0415
 
+    if launched() and max_kv_size is not None:  # every rank runs this command: all stop here
+        raise MimoError(
+            "--max-kv-size is not available under mlx.launch yet (each request runs from a fresh "
+            "cache there, up to the model's context); run without it"
+        )
+    group = _start_group(group_timeout, handle_signals=launch_rank() != 0)
+    if group is not None and group.rank > 0:
+        # Ctrl-C reaches every rank: rank 0 finishes its requests, then releases this one.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return _follow(model_path, group)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         click.echo(
             f"warning: listening on {host} without --api-key: anyone who can reach it can use "
             "the model",
             err=True,
         )
-    model, processor = _load(model_path)
+    model, processor = _load(model_path, group)
+    pool = None
+    if group is not None:  # rank 0 serves; every request runs across the ranks
+        from .lockstep import Leader, LeaderPool  # noqa: PLC0415
+
+        leader = Leader(model, processor, group)
+        click.get_current_context().call_on_close(leader.close)
+        pool = LeaderPool(leader, **pop_prompt_options(dict(options)))
     engine, settings = build_server(
         model,
         processor,
@@ -183,6 +223,7 @@ def serve(
         request_timeout=request_timeout,
         max_body_bytes=max_body_bytes,
         options=sampling_defaults(processor.tokenizer.generation_config, options),
+        pool=pool,
     )
     click.echo(f"serving {settings.model_id} on http://{host}:{port}/v1", err=True)
     serve_forever(engine, settings, host, port)

@@ -333,14 +333,17 @@ def build_server(
     request_timeout: float,
     max_body_bytes: int,
     options: dict[str, Any],
+    pool: Any = None,
 ) -> tuple[Engine, ServerSettings]:
     """The engine (a conversation pool over the model) and the settings for `create_app`.
-    `options`: prompt options (the pool's defaults) and sampling options (requests' defaults)."""
+    `options`: prompt options (the pool's defaults) and sampling options (requests' defaults).
+    `pool` replaces the conversation pool (under mlx.launch: `lockstep.LeaderPool`)."""
     options = dict(options)
     prompt = pop_prompt_options(options)
-    pool = ConversationPool(
-        model, processor, max_bytes=cache_bytes, max_kv_size=max_kv_size, **prompt
-    )
+    if pool is None:
+        pool = ConversationPool(
+            model, processor, max_bytes=cache_bytes, max_kv_size=max_kv_size, **prompt
+        )
     pixels = [processor.image_config.max_pixels, prompt.get("max_pixels") or 0]
     context = max_kv_size or model.config.text.max_position_embeddings
     limits = Limits((model_id,), context=context, max_pixels=max(pixels))

@@ -25,7 +25,7 @@ from distributed_folders import write_quantized_folder, write_split_folder
 from distributed_worker import generation_prompts, logits, parity_prompts
 from PIL import Image
 
-from mimo_mlx import load
+from mimo_mlx import generate, load
 from mimo_mlx.generation import stream_generate
 
 LAUNCHER = Path(sys.executable).with_name("mlx.launch")
@@ -277,3 +277,122 @@ def test_a_rank_that_stops_answering_trips_the_watchdog(folders, tmp_path):
     message = stderr.strip().splitlines()[-1]
     assert message.startswith(f"error: rank 0 of 2: waited {timeout} s while generating")
     assert "Traceback" not in stderr
+
+
+def test_serve_under_mlx_launch_answers_as_one_process_and_stops_on_ctrl_c(folders, photo):
+    """`mimo-mlx serve` across 2 ranks, driven by the openai client: the same greedy answer as
+    the library in one process, streamed or not, also after the ranks idled on heartbeats.
+    Ctrl-C (SIGINT to the launcher's process group, as a terminal sends it) ends every rank
+    without an error."""
+    import openai  # noqa: PLC0415  (the test extra installs it)
+    from server_process import data_url, free_port  # noqa: PLC0415
+
+    port = free_port()
+    args = [str(LAUNCHER), "--backend", "ring", "-n", "2", "--starting-port", str(free_ports(2))]
+    command = [sys.executable, "-m", "mimo_mlx", "serve", "--model", str(folders["float32"])]
+    process = subprocess.Popen(
+        [*args, "--", *command, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=3)
+        models = client.with_options(timeout=LIMIT_S).models.list()  # retried while it loads
+        name = models.data[0].id
+        content = [{"type": "image_url", "image_url": {"url": data_url(photo)}}]
+        messages = [{"role": "user", "content": [*content, {"type": "text", "text": "What?"}]}]
+        reply = client.chat.completions.create(
+            model=name, messages=messages, max_tokens=12, temperature=0
+        )
+        time.sleep(1.0)  # idle: about 20 heartbeats
+        stream = client.chat.completions.create(
+            model=name, messages=messages, max_tokens=12, temperature=0, stream=True
+        )
+        streamed = "".join(
+            chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices
+        )
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = finish(process)
+    model, processor = load(folders["float32"])
+    alone = generate(model, processor, "What?", images=[photo], max_tokens=12, temp=0.0)
+    assert reply.choices[0].message.content == alone.answer == streamed and alone.answer
+    assert reply.usage.prompt_tokens_details.cached_tokens == 0
+    # mlx.launch itself dies of the KeyboardInterrupt with a traceback of its own (MLX's
+    # launcher, whatever it runs); every rank must still end, none with an error or traceback.
+    frames = [line for line in stderr.splitlines() if line.strip().startswith('File "')]
+    assert all("mlx.launch" in f or "_distributed_utils" in f for f in frames), stderr[-3000:]
+    assert "error" not in stderr, stderr[-3000:]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)  # a rank is still running
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError("a rank outlived Ctrl-C by a minute")
+
+
+def test_serve_refuses_what_it_cannot_split_yet(folders):
+    _, stderr = launch(
+        2, sys.executable, "-m", "mimo_mlx", "serve", "--model", str(folders["float32"]),
+        "--max-kv-size", "512",
+    )  # fmt: skip
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert errors and all("--max-kv-size is not available under mlx.launch" in e for e in errors)
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_rank_lost_while_the_server_idles_ends_the_other(folders, tmp_path, victim):
+    """Ranks started by hand (no launcher to stop the rest): one is killed between requests.
+    The survivor ends with one line: the follower at once (the heartbeat it waits for fails),
+    rank 0 when its heartbeat fails or, where MLX's ring backend leaves it waiting, from the
+    watchdog."""
+    from server_process import free_port  # noqa: PLC0415
+
+    timeout, port, ring = 8, free_port(), free_ports(2)
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{ring + r}"] for r in range(2)]))
+    command = [sys.executable, "-m", "mimo_mlx", "serve", "--model", str(folders["float32"])]
+    command += ["--port", str(port), "--group-timeout", str(timeout)]
+    ranks = [
+        subprocess.Popen(
+            command,
+            env={**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + LIMIT_S
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        time.sleep(0.5)  # a few heartbeats
+        ranks[victim].kill()
+        started = time.monotonic()
+        _, stderr = finish(ranks[1 - victim], limit=timeout + 30)
+    finally:
+        for process in ranks:
+            process.kill()
+            process.communicate()
+    assert time.monotonic() - started < timeout + 30
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    expected = (
+        ["lost the connection to rank 0"]
+        if victim == 0
+        else [f"waited {timeout} s between requests", "lost the connection to another rank"]
+    )
+    assert len(errors) == 1 and any(e in errors[0] for e in expected), stderr[-3000:]
+    assert ranks[1 - victim].returncode == 1 and "Traceback" not in stderr
