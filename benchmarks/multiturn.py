@@ -6,6 +6,12 @@ image, turn 1 and its answer, the new question) goes through `stream_generate` f
 runtime that keeps nothing between calls does. Both see the same tokens, as the chat template
 renders them; the synthetic folders carry a byte-level tokenizer whose special tokens are put at
 the ids of the model's config, with Qwen's ChatML template.
+
+Turn 1's answer is kept to printable ASCII tokens, so its text reads back as the same tokens, as
+a real model's answer mostly does. Random weights otherwise pick ids that decode to text of many
+more tokens (`<unused_i>` names, broken UTF-8): the re-rendered history would then diverge a few
+tokens into the answer and turn 2 would prefill the rest of it, several hundred tokens that a real
+conversation never has.
 """
 
 from __future__ import annotations
@@ -70,11 +76,23 @@ def picture(size: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
+def printable_only(processor: Processor, vocab_size: int):
+    """A logits processor that allows only the ids of printable ASCII characters, one token
+    each in the byte-level vocabulary: text that encodes back to the same ids."""
+    ids = [processor.tokenizer.encode(chr(byte)) for byte in range(ord("!"), ord("~") + 1)]
+    assert all(len(i) == 1 for i in ids), "printable ASCII is one token per character"
+    allowed = np.zeros(vocab_size, dtype=bool)
+    allowed[[i for (i,) in ids]] = True
+    mask = mx.array(np.where(allowed, 0.0, -np.inf).astype(np.float32))
+    return lambda tokens, logits: logits + mask
+
+
 def second_turn(model, processor, image, answer_tokens: int, reuse: bool) -> dict:
     """Turn 2's time to first token and tokens computed, with or without the conversation."""
     options = dict(max_tokens=answer_tokens, temp=0.0)
     chat = Conversation(model, processor, vision_cache=VisionCache(), max_pixels=DEFAULT_MAX_PIXELS)
-    chat.ask(QUESTIONS[0], images=[image], **options)
+    ascii_answer = [printable_only(processor, model.config.text.vocab_size)]
+    chat.ask(QUESTIONS[0], images=[image], logits_processors=ascii_answer, **options)
     mx.eval(chat.cache.state)
     turn = [*chat.messages, {"role": "user", "content": QUESTIONS[1]}]
     started = time.perf_counter()

@@ -102,7 +102,7 @@ def targets(report: dict) -> list[dict]:
     """
     res, found = report["results"], []
     gen = res["generate"]
-    for variant in report["settings"]["variants"]:
+    for variant in report["settings"]["variants"] if gen else ():
         ours, theirs = gen.get(f"mimo-mlx/{variant}"), gen.get(f"mlx-vlm/{variant}")
         _compare(
             found,
@@ -127,7 +127,7 @@ def targets(report: dict) -> list[dict]:
             }
         )
     vision = res["vision"]
-    for size in sorted(report["settings"]["sizes"]):
+    for size in sorted(report["settings"]["sizes"]) if vision else ():
         ours, theirs = _vision_row(vision.get("mimo-mlx"), size), _vision_row(
             vision.get("mlx-vlm"), size
         )
@@ -589,6 +589,7 @@ def write_report(report: dict, out: Path) -> list[Path]:
     paths = [out / "results.json", out / "results.md"]
     paths[0].write_text(json.dumps(report, indent=2) + "\n")
     paths[1].write_text(markdown(report))
-    if chart(report, out / "results.png"):
+    drawn = report["results"]["vision"] or report["results"]["generate"]
+    if drawn and chart(report, out / "results.png"):
         paths.append(out / "results.png")
     return paths

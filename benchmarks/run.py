@@ -31,6 +31,7 @@ from .weights import VARIANTS, Folders, prepare
 
 RUNTIMES = ("mimo-mlx", "mlx-vlm", "torch")
 MLX_RUNTIMES = ("mimo-mlx", "mlx-vlm")
+SCENARIOS = ("vision", "generate", "multiturn", "lookup", "ranks")
 OPENBLAS = "/lib/x86_64-linux-gnu/libopenblas.so.0"
 CACHE = REPO / "benchmarks" / ".cache"
 
@@ -125,6 +126,12 @@ def run_worker(spec: dict, out: Path, name: str, preload: str | None, log) -> di
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="A folder made by `mimo-mlx convert`: mimo-mlx runs it for its variant.",
 )
+@click.option(
+    "--scenarios",
+    default=",".join(SCENARIOS),
+    show_default=True,
+    help="Which measurements to run (the kernel bounds have --kernels/--no-kernels).",
+)
 @click.option("--runtimes", default=",".join(RUNTIMES), show_default=True)
 @click.option("--variants", default=",".join(VARIANTS), show_default=True)
 @click.option("--sizes", help="Vision image sizes, comma-separated (default 448,1024,1344).")
@@ -172,6 +179,7 @@ def main(
     scale,
     model,
     mlx_model,
+    scenarios,
     runtimes,
     variants,
     sizes,
@@ -190,6 +198,12 @@ def main(
     prepare_only,
 ) -> None:
     """Benchmark mimo-mlx against mlx-vlm and transformers on the same weights and inputs."""
+    scenarios = [s for s in scenarios.split(",") if s]
+    if unknown := sorted(set(scenarios) - set(SCENARIOS)):
+        raise click.BadParameter(
+            f"unknown {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}",
+            param_hint="--scenarios",
+        )
     runtimes = [r for r in runtimes.split(",") if r]
     variants = [v for v in variants.split(",") if v]
     log = lambda message: click.echo(message, err=True)  # noqa: E731
@@ -226,12 +240,16 @@ def main(
         log=log,
     )
     log(f"benchmarking at scale {scale}; results in {out}")
-    results = {"vision": session.vision(runtimes, variants)}
-    results["generate"] = session.generate(runtimes, variants, cpu)
+    wanted = set(scenarios)
+    results = {"vision": session.vision(runtimes, variants) if "vision" in wanted else {}}
+    results["generate"] = session.generate(runtimes, variants, cpu) if "generate" in wanted else {}
     if "mimo-mlx" in runtimes:
-        results["multiturn"] = session.multiturn(variants)
-        results["prompt_lookup"] = session.prompt_lookup(variants)
-        results["ranks"] = session.ranks(variants, [int(n) for n in ranks.split(",") if n])
+        if "multiturn" in wanted:
+            results["multiturn"] = session.multiturn(variants)
+        if "lookup" in wanted:
+            results["prompt_lookup"] = session.prompt_lookup(variants)
+        if "ranks" in wanted:
+            results["ranks"] = session.ranks(variants, [int(n) for n in ranks.split(",") if n])
     bounds = session.kernel_bounds(quick=scale == "tiny") if kernels else {}
     report = {
         "scale": scale,
@@ -240,7 +258,7 @@ def main(
         "git": git_state(),
         "machine": machine_info(),
         "versions": versions(),
-        "settings": session.settings(runtimes, variants),
+        "settings": {**session.settings(runtimes, variants), "scenarios": scenarios},
         "results": results,
         "kernel_bounds": bounds,
         "skipped": session.skipped,

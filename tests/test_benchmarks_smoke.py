@@ -89,3 +89,47 @@ def test_rounds_pool_every_run():
     assert merged["ttft_s"]["values"] == [1.0, 2.0, 4.0] and merged["ttft_s"]["median"] == 2.0
     assert merged["sizes"][0]["seconds"]["values"] == [5.0, 7.0] and merged["n"] == 3
     assert pooled([first, {"error": "exit 1"}]) == {"error": "exit 1"}
+
+
+def test_multiturn_second_turn_computes_only_the_new_turn(results):
+    """With reuse, turn 2 computes only what turn 1 never fed the model: the answer's last token
+    (sampled, not yet computed) and the new turn."""
+    from benchmarks.multiturn import QUESTIONS, chat_processor
+
+    report = json.loads((results / "results.json").read_text())
+    config = report["settings"]["config"]
+    new_turn = f"<|im_end|>\n<|im_start|>user\n{QUESTIONS[1]}<|im_end|>\n<|im_start|>assistant\n"
+    expected = 1 + len(chat_processor(config).tokenizer.encode(new_turn))
+    for variant in ("float", "4bit"):
+        entry = report["results"]["multiturn"][variant]
+        assert entry["with_reuse"]["prefilled_tokens"] == expected, entry
+        without = entry["without_reuse"]
+        assert without["prefilled_tokens"] == without["prompt_tokens"] > 4 * expected
+
+
+def test_scenarios_run_alone(tmp_path):
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "benchmarks.run", "--scale", "tiny", "--scenarios", "multiturn",
+        "--runtimes", "mimo-mlx", "--variants", "float", "--runs", "1", "--warmup", "0",
+        "--decode-tokens", "4", "--no-kernels", "--no-openblas", "--cache", str(tmp_path / "c"),
+        "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["results"]["vision"] == {} and report["results"]["generate"] == {}
+    assert set(report["results"]) == {"vision", "generate", "multiturn"}
+    assert report["results"]["multiturn"]["float"]["speedup"] > 0
+    text = (out / "results.md").read_text()
+    assert "## Multi-turn" in text and "## Vision tower" not in text
+    assert "## Generation" not in text and not (out / "results.png").exists()
+
+
+def test_unknown_scenario_is_refused():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--scenarios", "vision,speed"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "unknown speed" in done.stderr
+    assert "Traceback" not in done.stderr
