@@ -128,8 +128,9 @@ def targets(report: dict) -> list[dict]:
         )
     vision = res["vision"]
     for size in sorted(report["settings"]["sizes"]) if vision else ():
-        ours, theirs = _vision_row(vision.get("mimo-mlx"), size), _vision_row(
-            vision.get("mlx-vlm"), size
+        ours, theirs = (
+            _vision_row(vision.get("mimo-mlx"), size),
+            _vision_row(vision.get("mlx-vlm"), size),
         )
         _compare(
             found,
