@@ -416,7 +416,7 @@ def _lookup(report: dict) -> list[str]:
                 drafts = f"{e['accepted']} / {e['drafted']}" if mode == "with" else ""
                 rows.append(
                     f"| {variant} | {name} | {mode} | {e['tokens_per_pass']:.2f} | {drafts} | "
-                    f"{_fmt(e['decode_tps']['median'], 1)} | {speedup} |"
+                    f"{_fmt(e['decode_tps']['median'])} | {speedup} |"
                 )
     if not rows:
         return []
