@@ -273,7 +273,10 @@ def test_a_rank_that_stops_answering_trips_the_watchdog(folders, tmp_path):
         victim.kill()  # stopped, not dead: SIGKILL still ends it
         finish(victim)
     assert leader.returncode == 1
-    assert timeout <= waited < timeout + 30, waited
+    # Rank 0's clock starts at its last collective, a moment before the victim records its
+    # stop (and file times are coarse), so it may end a fraction of a second before
+    # `timeout` has passed since the file was written.
+    assert timeout - 1 <= waited < timeout + 30, waited
     message = stderr.strip().splitlines()[-1]
     assert message.startswith(f"error: rank 0 of 2: waited {timeout} s while generating")
     assert "Traceback" not in stderr
