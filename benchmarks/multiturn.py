@@ -54,11 +54,12 @@ CHATML = (
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+EOS = "<|im_end|>"
 QUESTIONS = ("Describe this picture in detail.", "What colour is the largest object in it?")
 
 
-def chat_processor(config: dict) -> Processor:
-    """Byte-level tokens, the specials at the config's ids, ChatML: real text for the scenario."""
+def byte_level_tokenizer(config: dict) -> tokenizers.Tokenizer:
+    """Byte-level tokens (no merges) with Qwen's special tokens at the config's ids."""
     first_special = config["image_token_id"] - SPECIAL_OFFSETS["<|image_pad|>"]
     vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
     vocab.update({f"<unused_{i}>": i for i in range(len(vocab), first_special)})
@@ -67,7 +68,12 @@ def chat_processor(config: dict) -> Processor:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_OFFSETS])
-    tokenizer = Tokenizer(backend, config={"eos_token": "<|im_end|>"})
+    return backend
+
+
+def chat_processor(config: dict) -> Processor:
+    """Byte-level tokens, the specials at the config's ids, ChatML: real text for the scenario."""
+    tokenizer = Tokenizer(byte_level_tokenizer(config), config={"eos_token": EOS})
     return Processor(tokenizer, CHATML, ImageProcessorConfig())
 
 

@@ -30,12 +30,10 @@ from pathlib import Path
 import click
 import httpx2
 import numpy as np
-import tokenizers
 from PIL import Image
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from .machine import REPO, git_state, machine_info, versions
-from .multiturn import CHATML, SPECIAL_OFFSETS
+from .multiturn import CHATML, EOS, byte_level_tokenizer
 from .run import CACHE, OPENBLAS, openblas_warning
 from .stats import summarize
 from .weights import prepare
@@ -62,16 +60,8 @@ def chat_folder(source: Path, folder: Path) -> Path:
             link.unlink(missing_ok=True)
             link.symlink_to(item.resolve())
     config = json.loads((source / "config.json").read_text())
-    first_special = config["image_token_id"] - SPECIAL_OFFSETS["<|image_pad|>"]
-    vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    vocab.update({f"<unused_{i}>": i for i in range(len(vocab), first_special)})
-    vocab.update({t: first_special + o for t, o in SPECIAL_OFFSETS.items()})
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_OFFSETS])
-    backend.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    byte_level_tokenizer(config).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
     (folder / "chat_template.jinja").write_text(CHATML)
     return folder
 

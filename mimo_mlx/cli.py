@@ -322,14 +322,18 @@ def _report_grounding(text: str, inputs, image: str, annotate_path: str | None) 
         click.echo(f"wrote {annotate_path}", err=True)
 
 
-@main.command()
-@click.option(
+# --model for the commands that take it as generate does (chat, serve).
+model_as_for_generate = click.option(
     "--model",
     "model_path",
     default=None,
     metavar="DIR_OR_HUB_ID",
     help=f"A model folder or a hub id, as for generate. [default: {DEFAULT_MODEL}]",
 )
+
+
+@main.command()
+@model_as_for_generate
 @click.option(
     "--image",
     "images",

@@ -10,7 +10,14 @@ import signal
 
 import click
 
-from .cli import _follow, _load, _start_group, declared_options, sampling_defaults
+from .cli import (
+    _follow,
+    _load,
+    _start_group,
+    declared_options,
+    model_as_for_generate,
+    sampling_defaults,
+)
 from .errors import MimoError
 from .options import (
     DEFAULT_GROUP_TIMEOUT,
@@ -43,13 +50,7 @@ class ByteSize(click.ParamType):
 
 
 @click.command()
-@click.option(
-    "--model",
-    "model_path",
-    default=None,
-    metavar="DIR_OR_HUB_ID",
-    help=f"A model folder or a hub id, as for generate. [default: {DEFAULT_MODEL}]",
-)
+@model_as_for_generate
 @click.option(
     "--model-name",
     metavar="NAME",
