@@ -23,8 +23,9 @@ class KVCache:
         if self.keys is None or end > self.keys.shape[2]:
             grow = ((length + self.step - 1) // self.step) * self.step
             shape = (*keys.shape[:2], grow, keys.shape[3])
-            new_k, new_v = mx.zeros(shape, keys.dtype), mx.zeros(
-                (*shape[:3], values.shape[3]), values.dtype
+            new_k, new_v = (
+                mx.zeros(shape, keys.dtype),
+                mx.zeros((*shape[:3], values.shape[3]), values.dtype),
             )
             if self.keys is None:
                 self.keys, self.values = new_k, new_v

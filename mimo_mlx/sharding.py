@@ -144,9 +144,9 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     for key, value in tree_flatten(model.parameters()):
         module, name = key.rsplit(".", 1)
         split = plan.get(module)
-        counts[
-            "whole" if split is None or param_axis(split, name) is None else "split"
-        ] += value.nbytes
+        counts["whole" if split is None or param_axis(split, name) is None else "split"] += (
+            value.nbytes
+        )
     return counts
 
 
