@@ -111,6 +111,28 @@ def declared_options(*declarations: type) -> Callable:
     return decorate
 
 
+# --model for the commands that take it as generate does (chat, serve).
+model_as_for_generate = click.option(
+    "--model",
+    "model_path",
+    default=None,
+    metavar="DIR_OR_HUB_ID",
+    help=f"A model folder or a hub id, as for generate. [default: {DEFAULT_MODEL}]",
+)
+
+
+# --group-timeout for the commands that run under mlx.launch (generate, serve).
+group_timeout_option = click.option(
+    "--group-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_GROUP_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help="Under mlx.launch: how long a rank waits on the others with no progress (a prefill chunk "
+    "or a token) before every rank stops with an error, e.g. when a host went to sleep.",
+)
+
+
 @main.command()
 @click.option(
     "--model",
@@ -164,15 +186,7 @@ def declared_options(*declarations: type) -> Callable:
     type=click.IntRange(1),
     help="Most tokens to generate, reasoning included (fewer if the model's context fills up).",
 )
-@click.option(
-    "--group-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=DEFAULT_GROUP_TIMEOUT,
-    show_default=True,
-    metavar="SECONDS",
-    help="Under mlx.launch: how long a rank waits on the others with no progress (a prefill chunk "
-    "or a token) before every rank stops with an error, e.g. when a host went to sleep.",
-)
+@group_timeout_option
 @declared_options(PromptOptions, SamplingOptions, LookupOptions)
 def generate(
     model_path,
@@ -320,16 +334,6 @@ def _report_grounding(text: str, inputs, image: str, annotate_path: str | None) 
 
         annotate(image, found.boxes, found.points, annotate_path, found.actions)
         click.echo(f"wrote {annotate_path}", err=True)
-
-
-# --model for the commands that take it as generate does (chat, serve).
-model_as_for_generate = click.option(
-    "--model",
-    "model_path",
-    default=None,
-    metavar="DIR_OR_HUB_ID",
-    help=f"A model folder or a hub id, as for generate. [default: {DEFAULT_MODEL}]",
-)
 
 
 @main.command()

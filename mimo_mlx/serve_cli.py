@@ -15,12 +15,12 @@ from .cli import (
     _load,
     _start_group,
     declared_options,
+    group_timeout_option,
     model_as_for_generate,
     sampling_defaults,
 )
 from .errors import MimoError
 from .options import (
-    DEFAULT_GROUP_TIMEOUT,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
     PromptOptions,
@@ -131,15 +131,7 @@ class ByteSize(click.ParamType):
     show_default=True,
     help="Largest request body (base64 images included); larger ones get 413.",
 )
-@click.option(
-    "--group-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=DEFAULT_GROUP_TIMEOUT,
-    show_default=True,
-    metavar="SECONDS",
-    help="Under mlx.launch: how long a rank waits on the others with no progress (a prefill chunk "
-    "or a token) before every rank stops with an error.",
-)
+@group_timeout_option
 @declared_options(PromptOptions, SamplingOptions)
 def serve(
     model_path,
