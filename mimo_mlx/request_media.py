@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +146,22 @@ async def _local(ref: MediaRef, policy: MediaPolicy) -> Image.Image | Path:
     return await anyio.to_thread.run_sync(decode_image, path, policy.max_image_pixels, ref.param)
 
 
+async def read_at_most(
+    headers: Mapping[str, str], chunks: AsyncIterator[bytes], too_large: Exception, limit: int
+) -> bytes:
+    """An HTTP body of at most `limit` bytes; `too_large` is raised as soon as the declared
+    Content-Length or the bytes received so far pass it (a client that lies is cut off)."""
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    data = bytearray()
+    async for chunk in chunks:
+        data += chunk
+        if len(data) > limit:
+            raise too_large
+    return bytes(data)
+
+
 async def fetch(url: str, policy: MediaPolicy, param: str) -> bytes:
     """The body of a GET of `url`, within the policy's size and time limits."""
     import httpx2  # noqa: PLC0415  (only servers that fetch need it)
@@ -167,15 +183,9 @@ async def fetch(url: str, policy: MediaPolicy, param: str) -> bytes:
                             f"'{param}': fetching {url} answered HTTP {response.status_code}",
                             param=param,
                         )
-                    declared = response.headers.get("content-length", "")
-                    if declared.isdigit() and int(declared) > limit:
-                        raise too_large
-                    data = bytearray()
-                    async for chunk in response.aiter_bytes():
-                        data += chunk
-                        if len(data) > limit:
-                            raise too_large
-                    return bytes(data)
+                    return await read_at_most(
+                        response.headers, response.aiter_bytes(), too_large, limit
+                    )
     except TimeoutError:
         raise APIError(
             f"'{param}': fetching {url} took longer than {policy.fetch_timeout:g} s "

@@ -38,7 +38,7 @@ from .openai_api import APIError, ChatRequest, Limits, error_body, parse_chat_re
 from .openai_responses import chunk_body, completion_body, model_card, usage_chunk_body
 from .options import DEFAULT_MAX_TOKENS, pop_prompt_options
 from .processor import Processor
-from .request_media import MediaPolicy, resolve_media
+from .request_media import MediaPolicy, read_at_most, resolve_media
 from .serving import Delta, Engine, Failed, Finished, Job, queue_timeout
 
 log = logging.getLogger("mimo_mlx.serve")
@@ -158,16 +158,9 @@ async def _read_json(request: Request, limit: int) -> Any:
         413,
         code="request_too_large",
     )
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    body = await read_at_most(request.headers, request.stream(), too_large, limit)
     try:
-        return json.loads(bytes(body), parse_constant=_no_constant)
+        return json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError) as err:
         raise APIError(f"the request body is not valid JSON ({err})", code="invalid_json") from None
 
