@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import socket
@@ -25,6 +24,7 @@ from distributed_folders import write_quantized_folder, write_split_folder
 from distributed_worker import generation_prompts, logits, parity_prompts
 from PIL import Image
 
+from benchmarks.ranks import free_port_block
 from mimo_mlx import generate, load
 from mimo_mlx.generation import stream_generate
 
@@ -49,20 +49,6 @@ def folders(tmp_path_factory):
     }
 
 
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive ports free on 127.0.0.1 (other test runs share it)."""
-    for _ in range(100):
-        base = random.randrange(20000, 60000 - count)
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free ports on 127.0.0.1")
-
-
 def finish(process: subprocess.Popen, limit: float = LIMIT_S) -> tuple[str, str]:
     """Wait for `process` (and its session), killing it all if it outlives `limit`."""
     try:
@@ -77,7 +63,7 @@ def launch(ranks: int, *command: str) -> tuple[str, str]:
     """`mlx.launch --backend ring -n ranks` on 127.0.0.1; (stdout, stderr) of every rank.
 
     mlx.launch exits 0 whatever its ranks did, so callers check what the ranks wrote."""
-    port = str(free_ports(ranks))
+    port = str(free_port_block(ranks))
     args = [str(LAUNCHER), "--backend", "ring", "-n", str(ranks), "--starting-port", port]
     process = subprocess.Popen(
         [*args, "--", *command],
@@ -99,7 +85,7 @@ def write_spec(tmp_path: Path, folder: Path, **spec) -> Path:
 
 def start_by_hand(ranks: int, spec: Path) -> list[subprocess.Popen]:
     """The ranks as mlx.launch starts them (MLX_RANK, a ring hostfile), without its supervision."""
-    port = free_ports(ranks)
+    port = free_port_block(ranks)
     hosts = spec.with_name("hosts.json")
     hosts.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(ranks)]))
     return [
@@ -290,8 +276,8 @@ def test_serve_under_mlx_launch_answers_as_one_process_and_stops_on_ctrl_c(folde
     import openai  # noqa: PLC0415  (the test extra installs it)
     from server_process import data_url, free_port  # noqa: PLC0415
 
-    port = free_port()
-    args = [str(LAUNCHER), "--backend", "ring", "-n", "2", "--starting-port", str(free_ports(2))]
+    port, ring = free_port(), str(free_port_block(2))
+    args = [str(LAUNCHER), "--backend", "ring", "-n", "2", "--starting-port", ring]
     command = [sys.executable, "-m", "mimo_mlx", "serve", "--model", str(folders["float32"])]
     process = subprocess.Popen(
         [*args, "--", *command, "--port", str(port)],
@@ -359,7 +345,7 @@ def test_a_rank_lost_while_the_server_idles_ends_the_other(folders, tmp_path, vi
     watchdog."""
     from server_process import free_port  # noqa: PLC0415
 
-    timeout, port, ring = 8, free_port(), free_ports(2)
+    timeout, port, ring = 8, free_port(), free_port_block(2)
     hosts = tmp_path / "hosts.json"
     hosts.write_text(json.dumps([[f"127.0.0.1:{ring + r}"] for r in range(2)]))
     command = [sys.executable, "-m", "mimo_mlx", "serve", "--model", str(folders["float32"])]
