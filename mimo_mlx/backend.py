@@ -1,11 +1,14 @@
-"""What one backend needs, decided outside the layers: attention memory and generation settings.
+"""What one backend needs, decided outside the layers: attention memory, the rotary kernel and
+generation settings.
 
-The layers build lazy graphs and never evaluate. Two backends differ in ways that matter:
+The layers build lazy graphs and never evaluate. Backends differ in ways that matter:
 
 - Attention. Metal and CUDA (cuDNN, half precision) run `mx.fast.scaled_dot_product_attention` as a
   fused kernel that never holds the (queries x keys) score matrix. The CPU, and float32 on CUDA,
   build the full scores; one 1344x1344 image in full attention would take 5.4 GB of them. There the
   vision tower is run in evaluated pieces (`vision_schedule`); elsewhere it is one lazy graph.
+- Rotary embedding. Metal and CUDA run `mx.fast.rope` as one kernel; the CPU has none, so there the
+  decoder builds its cos/sin table once per forward pass rather than once per layer (`rope_kernel`).
 - Apple silicon. Generation pins the weights in memory (wired limit), runs on its own stream and
   returns freed buffers to the system every few hundred tokens, as mlx-lm does. Elsewhere these
   are no-ops.
@@ -42,6 +45,13 @@ def device_kind() -> str:
     if mx.default_device() == mx.cpu:
         return "cpu"
     return "metal" if mx.metal.is_available() else "cuda"
+
+
+def rope_kernel(kind: str) -> bool:
+    """Whether `mx.fast.rope` is one kernel here. Metal and CUDA have one; on the CPU it falls back
+    to ~20 small ops that recompute the angles on every call, so the decoder computes them once
+    per forward pass instead (on a small-scale decode step: 426 ops instead of 573)."""
+    return kind in ("metal", "cuda")
 
 
 def fused_attention(kind: str, dtype: mx.Dtype, head_dim: int, queries: int) -> bool:

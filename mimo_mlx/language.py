@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .backend import device_kind, rope_kernel
 from .cache import KVCache
 from .config import TextConfig
 from .vision import rotate_half
@@ -30,16 +31,27 @@ class MRoPE:
         axes = np.concatenate([np.full(n, i % 3) for i, n in enumerate(config.mrope_section)])
         self.axis_of_freq = mx.array(axes)  # (D/2,)
 
-    def __call__(self, positions: mx.array | int, dtype: mx.Dtype) -> Rotation:
-        """positions (3, B, L), or the start of text-only runs: (B,) per row or one int for all
-        -> a function rotating (B, H, L, D)."""
+    def __call__(
+        self, positions: mx.array | int, dtype: mx.Dtype, length: int, kernel: bool
+    ) -> Rotation:
+        """positions (3, B, L), or the start of text-only runs of `length` tokens: (B,) per row or
+        one int for all -> a function rotating (B, H, L, D).
+
+        Text positions are equal on all three axes, so M-RoPE is plain RoPE there: with `kernel`
+        (a backend with a rope kernel, see `backend.rope_kernel`) each rotation is one fused
+        call; otherwise the angles are computed once here and shared by every layer.
+        """
         if isinstance(positions, int) or positions.ndim == 1:
-            # Text positions are equal on all three axes, so M-RoPE is plain RoPE: one fused kernel.
-            return lambda x: mx.fast.rope(
-                x, self.dim, traditional=False, base=self.theta, scale=1.0, offset=positions
-            )
-        per_freq = positions[self.axis_of_freq]  # (D/2, B, L)
-        freqs = per_freq.transpose(1, 2, 0).astype(mx.float32) * self.inv_freq  # (B, L, D/2)
+            if kernel:
+                return lambda x: mx.fast.rope(
+                    x, self.dim, traditional=False, base=self.theta, scale=1.0, offset=positions
+                )
+            starts = mx.array([positions]) if isinstance(positions, int) else positions
+            text = starts[:, None].astype(mx.float32) + mx.arange(length, dtype=mx.float32)
+            freqs = text[..., None] * self.inv_freq  # (B, L, D/2)
+        else:
+            per_freq = positions[self.axis_of_freq]  # (D/2, B, L)
+            freqs = per_freq.transpose(1, 2, 0).astype(mx.float32) * self.inv_freq  # (B, L, D/2)
         angles = mx.concatenate([freqs, freqs], axis=-1)[:, None]  # (B, 1, L, D), float32
         cos, sin = mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
         return lambda x: x * cos + rotate_half(x) * sin
@@ -108,7 +120,8 @@ class TextModel(nn.Module):
 
         positions may also be (B,) or an int: each row is text continuing from that position.
         """
-        rotate = self._rope(positions, embeds.dtype)
+        kernel = rope_kernel(device_kind())
+        rotate = self._rope(positions, embeds.dtype, embeds.shape[1], kernel)
         # Causal over the new tokens; MLX aligns the causal mask to the end of a longer cached key list.
         mask = "causal" if embeds.shape[1] > 1 else None
         cache = cache or [None] * len(self.layers)

@@ -124,3 +124,39 @@ def test_no_apple_silicon_settings_elsewhere(loaded, monkeypatch):
     monkeypatch.setattr(backend, "CACHE_RELEASE_INTERVAL", 2)
     generate_tokens(loaded, 6)
     assert wired.calls == streams.calls == cleared.calls == []
+
+
+def test_rope_kernel_only_where_mlx_has_one():
+    assert backend.rope_kernel("metal") and backend.rope_kernel("cuda")
+    assert not backend.rope_kernel("cpu")
+
+
+@pytest.mark.parametrize("starts", [0, 37, np.array([3, 40])])
+@pytest.mark.parametrize("length", [1, 5])
+def test_text_rotation_without_the_kernel_equals_the_kernel(loaded, starts, length):
+    """The CPU's once-per-pass table rotates exactly as `mx.fast.rope` (what Metal and CUDA run)."""
+    model, _ = loaded
+    rope, config = model.model._rope, model.config.text
+    offsets = starts if isinstance(starts, int) else mx.array(starts.astype(np.int32))
+    x = mx.random.normal(
+        (2, config.num_attention_heads, length, config.head_dim), key=mx.random.key(1)
+    )
+    fused = rope(offsets, mx.float32, length, kernel=True)(x)
+    table = rope(offsets, mx.float32, length, kernel=False)(x)
+    np.testing.assert_allclose(np.array(table), np.array(fused), atol=1e-5)
+
+
+def test_decoding_with_the_rope_kernel_gives_the_same_logits(loaded, monkeypatch):
+    """The Metal/CUDA rotary path through the whole model: prefill and decode logits equal the CPU
+    path's (which the transformers parity tests check)."""
+    model, _ = loaded
+    ids = np.array([[5, 9, 14, 3, 7, 21, 8]])
+
+    def logits(kernel: bool) -> np.ndarray:
+        monkeypatch.setattr("mimo_mlx.language.rope_kernel", lambda kind: kernel)
+        cache = model.make_cache()
+        rows = [model(ids[:, :5], cache=cache)[0, -1]]
+        rows += [model(ids[:, i : i + 1], cache=cache)[0, -1] for i in (5, 6)]
+        return np.array(mx.stack(rows))
+
+    np.testing.assert_allclose(logits(True), logits(False), atol=1e-4)
