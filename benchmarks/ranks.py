@@ -113,10 +113,13 @@ def summarize_ranks(runs: dict[str, list[dict]], config: dict, itemsize: int) ->
         memory = []
         for rank in ranks:
             peak = rank["generate"]["peak_memory_bytes"]
+            weights = rank["weight_bytes"]["split"] + rank["weight_bytes"]["whole"]
             memory.append(
                 {
                     "rank": rank["rank"],
-                    "weight_bytes": rank["weight_bytes"]["split"] + rank["weight_bytes"]["whole"],
+                    "weight_bytes": weights,
+                    # Activations, KV cache and buffers: what the rank holds above its weights.
+                    "above_weights_bytes": peak - weights,
                     "expected_bytes": expected,
                     "peak_memory_bytes": peak,
                     "peak_over_expected": peak / expected,
@@ -180,9 +183,10 @@ def ranks_markdown(results: dict) -> list[str]:
         "",
         "## Several ranks (mlx.launch, ring on 127.0.0.1; one generation with an image)",
         "",
-        "| variant | ranks | rank | weights MB | bound MB (split / N + whole) | peak MB | peak / bound "
-        f"| within +{100 * MEMORY_SLACK:.0f}% | TTFT s | decode tok/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | ranks | rank | weights MB | bound MB (split / N + whole) | peak MB "
+        f"| peak - weights MB | peak / bound | within +{100 * MEMORY_SLACK:.0f}% | TTFT s "
+        "| decode tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     vision = []
     for variant, entry in results.items():
@@ -191,12 +195,12 @@ def ranks_markdown(results: dict) -> list[str]:
             failed = next(
                 (r[0] for r in runs.values() if "error" in r[0]), {"error": "no 1-rank run"}
             )
-            lines.append(f"| {variant} | failed: {failed['error']} | | | | | | | | |")
+            lines.append(f"| {variant} | failed: {failed['error']} | | | | | | | | | |")
             continue
         for n in runs:
             if n in summary["refused"]:
                 lines.append(
-                    f"| {variant} | {n} | refused: {summary['refused'][n]} | | | | | | | |"
+                    f"| {variant} | {n} | refused: {summary['refused'][n]} | | | | | | | | |"
                 )
                 continue
             run = summary["runs"][n]
@@ -207,6 +211,7 @@ def ranks_markdown(results: dict) -> list[str]:
                 lines.append(
                     f"| {variant} | {n} | {check['rank']} | {check['weight_bytes'] / MB:.1f} | "
                     f"{check['expected_bytes'] / MB:.1f} | {check['peak_memory_bytes'] / MB:.1f} | "
+                    f"{(check['peak_memory_bytes'] - check['weight_bytes']) / MB:.1f} | "
                     f"{check['peak_over_expected']:.2f} | {'yes' if check['within_slack'] else 'no'} | "
                     f"{'' if ttft is None else f'{ttft:.3g}'} | {'' if tps is None else f'{tps:.3g}'} |"
                 )
@@ -221,7 +226,8 @@ def ranks_markdown(results: dict) -> list[str]:
         "",
         "Weights: this rank's parameters (split layers' slices and whole tensors); bound: 1/N of "
         "the split weights plus the whole ones, as measured on 1 rank; peak: `mx.get_peak_memory` "
-        "over the generation (weights, activations, KV cache).",
+        "over the generation (weights, activations, KV cache); peak - weights: what the rank holds "
+        "above its own weights.",
         "",
         "Vision tower, one image, slowest rank's median seconds: split across the ranks, or whole "
         "on rank 0 and its features sent to the others. MB each rank sends per pass (split / "
