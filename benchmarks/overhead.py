@@ -2,8 +2,8 @@
 
 `kernel_step_seconds` runs a straight-line function over the model's own weight arrays: per layer
 rms_norm, the q/k/v/o/gate/up/down matmuls (`mx.addmm` / `mx.quantized_matmul`, what nn.Linear and
-nn.QuantizedLinear call), the rotation (`mx.fast.rope` where the backend has a rope kernel, else one
-cos/sin per step, as the model does), a KV write into a preallocated buffer, sdpa; then the
+nn.QuantizedLinear call), the decoder's own rotation (`mx.fast.rope` where the backend has a rope
+kernel, else one cos/sin per step), a KV write into a preallocated buffer, sdpa; then the
 final norm, the head and an argmax. No modules, cache objects, sampler or detokenizer. Steps are
 pipelined as in `generate_step` (the next step is queued before the token is read), so the
 difference is the Python and graph-building cost above the kernels.
@@ -17,7 +17,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mimo_mlx.backend import device_kind, rope_kernel
-from mimo_mlx.vision import rotate_half
 
 
 def linear(x: mx.array, layer: nn.Module) -> mx.array:
@@ -67,21 +66,10 @@ def make_step(model, length: int):
     head = getattr(model, "lm_head", None)
 
     kernel = rope_kernel(device_kind())
-    inv_freq = 1.0 / text.rope_theta ** (mx.arange(0, dim, 2, dtype=mx.float32) / dim)
-
-    def rotation(offset: int):
-        """The model's choice: the rope kernel, or (no kernel: the CPU) one cos/sin per step."""
-        if kernel:
-            return lambda x: mx.fast.rope(
-                x, dim, traditional=False, base=text.rope_theta, scale=1.0, offset=offset
-            )
-        angles = mx.concatenate([offset * inv_freq] * 2)
-        cos, sin = mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
-        return lambda x: x * cos + rotate_half(x) * sin
 
     def step(token: mx.array, offset: int) -> mx.array:
         x = embed(token, decoder.embed_tokens)[None]  # (1, 1, C)
-        rotate = rotation(offset)
+        rotate = decoder._rope(offset, dtype, 1, kernel)  # the model's rotation for one token
         for i, layer in enumerate(decoder.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = mx.fast.rms_norm(x, layer.input_layernorm.weight, text.rms_norm_eps)

@@ -113,13 +113,10 @@ def summarize_ranks(runs: dict[str, list[dict]], config: dict, itemsize: int) ->
         memory = []
         for rank in ranks:
             peak = rank["generate"]["peak_memory_bytes"]
-            weights = rank["weight_bytes"]["split"] + rank["weight_bytes"]["whole"]
             memory.append(
                 {
                     "rank": rank["rank"],
-                    "weight_bytes": weights,
-                    # Activations, KV cache and buffers: what the rank holds above its weights.
-                    "above_weights_bytes": peak - weights,
+                    "weight_bytes": rank["weight_bytes"]["split"] + rank["weight_bytes"]["whole"],
                     "expected_bytes": expected,
                     "peak_memory_bytes": peak,
                     "peak_over_expected": peak / expected,
