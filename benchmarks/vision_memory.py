@@ -39,7 +39,13 @@ def measure(size: int) -> dict:
     pixels = mx.random.normal((side * side, config.patch_dim)).astype(dtype)
     mx.eval(pixels)
     schedule = vision_schedule(
-        device_kind(), dtype, config.head_dim, side * side, side * side, config.intermediate_size
+        device_kind(),
+        dtype,
+        config.head_dim,
+        side * side,
+        side * side,
+        config.hidden_size,
+        config.intermediate_size,
     )
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -53,7 +59,7 @@ def measure(size: int) -> dict:
         "dtype": str(dtype),
         "schedule": {
             "one_graph": schedule.one_graph,
-            "evaluate_blocks": schedule.evaluate_blocks,
+            "rows": schedule.rows,
             "score_budget": schedule.score_budget,
         },
         "vision_weight_bytes": weights,

@@ -6,7 +6,8 @@ The layers build lazy graphs and never evaluate. Backends differ in ways that ma
 - Attention. Metal and CUDA (cuDNN, half precision) run `mx.fast.scaled_dot_product_attention` as a
   fused kernel that never holds the (queries x keys) score matrix. The CPU, and float32 on CUDA,
   build the full scores; one 1344x1344 image in full attention would take 5.4 GB of them. There the
-  vision tower is run in evaluated pieces (`vision_schedule`); elsewhere it is one lazy graph.
+  vision tower runs in evaluated pieces that each stay within a small budget (`vision_schedule`);
+  elsewhere it is one lazy graph.
 - Rotary embedding. Metal and CUDA run `mx.fast.rope` as one kernel; the CPU has none, so there the
   decoder builds its cos/sin table once per forward pass rather than once per layer (`rope_kernel`).
 - Apple silicon. Generation pins the weights in memory (wired limit), runs on its own stream and
@@ -28,14 +29,11 @@ from mlx.utils import tree_reduce
 # Head dims of Metal's fused prefill kernel (query length > 8) that MLX routes to it; 192 and 256
 # exist but MLX prefers its unfused path for them.
 METAL_FUSED_HEAD_DIMS = (64, 72, 80, 96, 128)
-# One evaluated piece of attention keeps its score matrix under this many bytes.
-SCORE_BUDGET_BYTES = 64 * 2**20
-# On backends that materialize scores, the tower is evaluated half-block by half-block when one
-# layer's MLP activations (patches x intermediate width x 2, float32) pass this many bytes: in one
-# lazy graph MLX keeps consecutive layers' temporaries alive together. Measured on the CPU (small
-# scale): evaluating costs 3-5% of encode time and saves 20-35% of peak memory; MiMo-VL's 1344x1344
-# (255 MB of activations) is evaluated in pieces, 1024x1024 (151 MB) and smaller stay one graph.
-BLOCK_ACTIVATION_BUDGET = 192 * 2**20
+# Where the tower runs in evaluated pieces, each piece's temporaries stay within this many of the
+# pass's hidden states (patches x width). Measured on the CPU at small scale, above the pixels: a
+# 448x448 image holds 25 MB instead of 105 MB as one lazy graph, 1344x1344 227 MB instead of
+# 713 MB, each encode within a few percent of its one-graph time.
+PIECE_HIDDEN_STATES = 2
 # Apple silicon: return freed buffers to the system every this many generated tokens.
 CACHE_RELEASE_INTERVAL = 256
 
@@ -74,14 +72,14 @@ class VisionSchedule:
     """How the vision tower runs on this backend.
 
     one_graph: the whole pass is one lazy graph (no host sync inside the tower).
-    Otherwise attention runs in query chunks whose scores stay under `score_budget` bytes, each
-    evaluated before the next is built, and with `evaluate_blocks` every half-block is evaluated
-    before the next.
+    Otherwise every half-block runs in pieces, each evaluated before the next is built: the
+    per-token work (norms, projections, rotary embedding, MLP) `rows` tokens at a time, attention
+    in query chunks whose scores stay under `score_budget` bytes.
     """
 
     one_graph: bool
-    score_budget: int = SCORE_BUDGET_BYTES
-    evaluate_blocks: bool = False
+    rows: int = 0
+    score_budget: int = 0
 
     def query_chunk(self, heads: int, segments: int, size: int, itemsize: int) -> int | None:
         """Queries per evaluated piece of an attention group of `segments` self-attention
@@ -99,15 +97,23 @@ def vision_schedule(
     head_dim: int,
     patches: int,
     longest_frame: int,
-    intermediate_size: int = 3456,
+    hidden_size: int,
+    intermediate_size: int,
 ) -> VisionSchedule:
     """The schedule for a vision pass over `patches` patches whose longest frame has
-    `longest_frame` patches (the largest full-attention segment), in a tower whose MLP is
-    `intermediate_size` wide."""
+    `longest_frame` patches (the largest full-attention segment), in a tower `hidden_size` wide
+    whose MLP is `intermediate_size` wide.
+
+    Where attention is not fused, each piece's temporaries stay within PIECE_HIDDEN_STATES hidden
+    states: rows such that the MLP's gate, up and product fit, and as many scores. Both budgets
+    grow with the pass, so a piece is a fixed share of it: 5 row pieces for MiMo-VL's
+    widths, and full-attention chunks of 2 x head_dim queries.
+    """
     if fused_attention(kind, dtype, head_dim, longest_frame):
         return VisionSchedule(one_graph=True)
-    activations = patches * intermediate_size * 2 * 4
-    return VisionSchedule(one_graph=False, evaluate_blocks=activations > BLOCK_ACTIVATION_BUDGET)
+    budget = PIECE_HIDDEN_STATES * patches * hidden_size * dtype.size
+    pieces = -(-patches // max(1, budget // (3 * intermediate_size * dtype.size)))
+    return VisionSchedule(one_graph=False, rows=-(-patches // pieces), score_budget=budget)
 
 
 @contextlib.contextmanager

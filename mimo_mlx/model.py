@@ -183,7 +183,8 @@ class Model(nn.Module):
         ]
         if not parts:
             raise MimoError("the prompt has image/video placeholders but no pixels were given")
-        pixels = mx.concatenate([mx.array(px) for px, _ in parts])
+        arrays = [mx.array(px) for px, _ in parts]
+        pixels = arrays[0] if len(arrays) == 1 else mx.concatenate(arrays)  # one part: no copy
         grids = np.concatenate([np.asarray(g).reshape(-1, 3) for _, g in parts])
         cfg = self.config.vision
         frames = grids[:, 1] * grids[:, 2]
@@ -193,6 +194,7 @@ class Model(nn.Module):
             cfg.head_dim,
             patches=int(np.sum(frames * grids[:, 0])),
             longest_frame=int(frames.max()),
+            hidden_size=cfg.hidden_size,
             intermediate_size=cfg.intermediate_size,
         )
         return encode(self.visual, pixels, grids, schedule)

@@ -228,24 +228,52 @@ def encode(
 ) -> mx.array:
     """The tower's pass under `schedule`: one lazy graph, or pieces evaluated one after another.
 
-    The evaluated path repeats VisionBlock's two residual lines so it can evaluate between them
-    and between chunks of attention queries; the math is the same.
+    The evaluated path repeats VisionBlock's two residual lines piece by piece (rows of tokens for
+    the per-token work, query chunks for attention); the math is the same.
     """
     if schedule.one_graph:
         return tower(pixel_values, grid_thw)
     layout = tower.layout(grid_thw)
     x = tower.embed(pixel_values, layout)
+    mx.eval(x)
     for i, block in enumerate(tower.blocks):
-        q, k, v = block.attn.heads(block.norm1(x), layout.cos, layout.sin)
-        x = x + block.attn.proj(
-            _evaluated_attention(q, k, v, tower.plan(i, layout), block, schedule)
-        )
-        if schedule.evaluate_blocks:
-            mx.eval(x)
-        x = x + block.mlp(block.norm2(x))
-        if schedule.evaluate_blocks:
-            mx.eval(x)
+        x = _attention_half(x, block, layout, tower.plan(i, layout), schedule)
+        x = _mlp_half(x, block, schedule.rows)
     return tower.merge(x, layout)
+
+
+def _attention_half(x, block: VisionBlock, layout: Layout, plan: AttentionPlan, schedule):
+    """x + attention(norm1(x)), evaluated; its queries, keys and values die on return."""
+
+    def heads(r: slice) -> tuple[mx.array, ...]:
+        return block.attn.heads(block.norm1(x[r]), layout.cos[r], layout.sin[r])
+
+    q, k, v = _in_rows(heads, layout.patches, schedule.rows, axis=1)
+    attended = _evaluated_attention(q, k, v, plan, block, schedule)
+    return _in_rows(lambda r: x[r] + block.attn.proj(attended[r]), layout.patches, schedule.rows)
+
+
+def _mlp_half(x, block: VisionBlock, rows: int) -> mx.array:
+    """x + mlp(norm2(x)), evaluated."""
+    return _in_rows(lambda r: x[r] + block.mlp(block.norm2(x[r])), x.shape[0], rows)
+
+
+def _in_rows(piece, n: int, rows: int, axis: int = 0):
+    """`piece(slice)` over `n` token rows, `rows` at a time, each piece evaluated before the next
+    is built; the pieces (an array or a tuple of arrays, tokens along `axis`) joined, evaluated."""
+    pieces = []
+    for start in range(0, n, rows):
+        pieces.append(piece(slice(start, start + rows)))
+        mx.eval(pieces[-1])
+    if len(pieces) == 1:
+        return pieces[0]
+    if isinstance(pieces[0], tuple):
+        joined = tuple(mx.concatenate(parts, axis=axis) for parts in zip(*pieces, strict=True))
+    else:
+        joined = mx.concatenate(pieces, axis=axis)
+    del pieces
+    mx.eval(joined)
+    return joined
 
 
 def _evaluated_attention(q, k, v, plan: AttentionPlan, block: VisionBlock, schedule) -> mx.array:
@@ -255,9 +283,7 @@ def _evaluated_attention(q, k, v, plan: AttentionPlan, block: VisionBlock, sched
         chunk = schedule.query_chunk(heads, group.count, group.size, itemsize)
         group_pieces = []
         for piece in group_attention(q, k, v, group, block.attn.scale, chunk):
-            if (
-                chunk is not None
-            ):  # in one lazy graph MLX would schedule every chunk's scores at once
+            if chunk is not None:  # in one lazy graph MLX would schedule every chunk's scores
                 mx.eval(piece)
             group_pieces.append(piece)
         pieces.append(group_pieces)

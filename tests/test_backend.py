@@ -34,13 +34,28 @@ def test_fused_attention_follows_mlx_routing(kind, dtype, head_dim, queries, fus
 
 
 def test_vision_schedule_per_backend():
-    big, photo = 9216, 4096  # a 1344x1344 image; the default image limit
+    big = 9216  # a 1344x1344 image, through MiMo-VL's tower
     for kind, dtype in (("metal", mx.bfloat16), ("metal", mx.float16), ("cuda", mx.bfloat16)):
-        assert vision_schedule(kind, dtype, 80, big, big) == VisionSchedule(one_graph=True)
-    for kind, dtype in (("cpu", mx.float32), ("cuda", mx.float32)):
-        assert vision_schedule(kind, dtype, 80, big, big).evaluate_blocks
-        assert not vision_schedule(kind, dtype, 80, photo, photo).evaluate_blocks
-        assert not vision_schedule(kind, dtype, 80, photo, photo).one_graph
+        schedule = vision_schedule(kind, dtype, 80, big, big, 1280, 3456)
+        assert schedule == VisionSchedule(one_graph=True)
+    for kind, dtype in (("cpu", mx.float32), ("cpu", mx.bfloat16), ("cuda", mx.float32)):
+        assert not vision_schedule(kind, dtype, 80, big, big, 1280, 3456).one_graph
+
+
+@pytest.mark.parametrize("patches", [16, 1024, 9216, 30000])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_pieces_stay_within_two_hidden_states(patches, dtype):
+    """Where scores are materialized, one piece of per-token work (the MLP's gate, up and their
+    product, `rows` tokens each) and one chunk of a frame's full-attention scores each fit in two
+    hidden states of the pass; the row pieces are as even as the count allows."""
+    hidden, intermediate, heads, size = 1280, 3456, 16, dtype.size
+    schedule = vision_schedule("cpu", dtype, 80, patches, patches, hidden, intermediate)
+    two_states = 2 * patches * hidden * size
+    assert 3 * schedule.rows * intermediate * size <= two_states
+    pieces = -(-patches // schedule.rows)
+    assert pieces * schedule.rows - patches < pieces
+    chunk = schedule.query_chunk(heads, 1, patches, size) or patches
+    assert chunk * heads * patches * size <= two_states
 
 
 def test_query_chunks_keep_scores_under_the_budget():
@@ -74,7 +89,7 @@ def test_half_precision_gpu_vision_pass_is_one_lazy_graph(loaded, monkeypatch):
     """Under the schedule Metal and CUDA get in half precision, preparing a prompt with a
     1344x1344 image builds the whole vision pass without a single host sync."""
     model, _ = loaded
-    schedule = vision_schedule("metal", mx.bfloat16, 80, 9216, 9216)
+    schedule = vision_schedule("metal", mx.bfloat16, 80, 9216, 9216, 1280, 3456)
     monkeypatch.setattr("mimo_mlx.model.vision_schedule", lambda *args, **kwargs: schedule)
     evals, items = Spy(monkeypatch, "eval"), []
     monkeypatch.setattr(mx.array, "item", lambda self: items.append(1))
@@ -87,12 +102,14 @@ def test_half_precision_gpu_vision_pass_is_one_lazy_graph(loaded, monkeypatch):
 
 
 def test_cpu_vision_pass_is_evaluated_in_pieces(loaded, monkeypatch):
+    """On the CPU even a 448x448 image runs in evaluated pieces: rows of per-token work in every
+    half-block, query chunks in full attention."""
     model, _ = loaded
     evals = Spy(monkeypatch, "eval")
-    grid = np.array([[1, 96, 96]])
-    ids = np.array([[5, *[model.config.image_token_id] * 2304, 6]])
-    model.prepare_prompt(ids, pixel_values=np.zeros((9216, 1176), np.float32), image_grid_thw=grid)
-    assert len(evals.calls) > 2 * model.config.vision.depth  # half-blocks and query chunks
+    grid = np.array([[1, 32, 32]])
+    ids = np.array([[5, *[model.config.image_token_id] * 256, 6]])
+    model.prepare_prompt(ids, pixel_values=np.zeros((1024, 1176), np.float32), image_grid_thw=grid)
+    assert len(evals.calls) > 4 * 2 * model.config.vision.depth
 
 
 def generate_tokens(loaded, count: int) -> list[int]:

@@ -106,13 +106,13 @@ def test_batch_of_two_sequences(model, reference):
     "schedule",
     [
         VisionSchedule(one_graph=True),
-        VisionSchedule(one_graph=False, score_budget=2 * 4 * 64 * 7, evaluate_blocks=True),
+        VisionSchedule(one_graph=False, rows=13, score_budget=2 * 4 * 64 * 7),
     ],
     ids=["one-graph", "evaluated-pieces"],
 )
 def test_vision_tower_many_images_and_frames(model, reference, schedule):
     """The tower alone, with images and video frames of different sizes in one call, as one lazy
-    graph and as evaluated pieces (query chunks of 7, every half-block): the same result."""
+    graph and as evaluated pieces (13 rows of per-token work, query chunks of 7): the same result."""
     rng = np.random.default_rng(6)
     grids = np.array([AWKWARD, [4, 8, 8], BELOW_MIN_PIXELS, [1, 16, 16], [1, 18, 10]])
     px = pixels(grids, rng)
