@@ -8,6 +8,7 @@ bfloat16 on a GPU. The bound it checks: peak <= the tower's weights + 1.5 GB.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -57,11 +58,7 @@ def measure(size: int) -> dict:
         "patches": side * side,
         "device": device_kind(),
         "dtype": str(dtype),
-        "schedule": {
-            "one_graph": schedule.one_graph,
-            "rows": schedule.rows,
-            "score_budget": schedule.score_budget,
-        },
+        "schedule": dataclasses.asdict(schedule),
         "vision_weight_bytes": weights,
         "peak_bytes": peak,
         "above_weights_bytes": peak - weights,

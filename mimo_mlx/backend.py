@@ -112,7 +112,8 @@ def vision_schedule(
     if fused_attention(kind, dtype, head_dim, longest_frame):
         return VisionSchedule(one_graph=True)
     budget = PIECE_HIDDEN_STATES * patches * hidden_size * dtype.size
-    pieces = -(-patches // max(1, budget // (3 * intermediate_size * dtype.size)))
+    most_rows = max(1, budget // (3 * intermediate_size * dtype.size))  # gate, up, their product
+    pieces = -(-patches // most_rows)
     return VisionSchedule(one_graph=False, rows=-(-patches // pieces), score_budget=budget)
 
 

@@ -248,9 +248,9 @@ def _attention_half(x, block: VisionBlock, layout: Layout, plan: AttentionPlan, 
     def heads(r: slice) -> tuple[mx.array, ...]:
         return block.attn.heads(block.norm1(x[r]), layout.cos[r], layout.sin[r])
 
-    q, k, v = _in_rows(heads, layout.patches, schedule.rows, axis=1)
+    q, k, v = _in_rows(heads, x.shape[0], schedule.rows, axis=1)
     attended = _evaluated_attention(q, k, v, plan, block, schedule)
-    return _in_rows(lambda r: x[r] + block.attn.proj(attended[r]), layout.patches, schedule.rows)
+    return _in_rows(lambda r: x[r] + block.attn.proj(attended[r]), x.shape[0], schedule.rows)
 
 
 def _mlp_half(x, block: VisionBlock, rows: int) -> mx.array:
@@ -271,7 +271,6 @@ def _in_rows(piece, n: int, rows: int, axis: int = 0):
         joined = tuple(mx.concatenate(parts, axis=axis) for parts in zip(*pieces, strict=True))
     else:
         joined = mx.concatenate(pieces, axis=axis)
-    del pieces
     mx.eval(joined)
     return joined
 
