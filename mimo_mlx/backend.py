@@ -29,11 +29,14 @@ from mlx.utils import tree_reduce
 # Head dims of Metal's fused prefill kernel (query length > 8) that MLX routes to it; 192 and 256
 # exist but MLX prefers its unfused path for them.
 METAL_FUSED_HEAD_DIMS = (64, 72, 80, 96, 128)
-# Where the tower runs in evaluated pieces, each piece's temporaries stay within this many of the
-# pass's hidden states (patches x width). Measured on the CPU at small scale, above the pixels: a
-# 448x448 image holds 25 MB instead of 105 MB as one lazy graph, 1344x1344 227 MB instead of
-# 713 MB, each encode within a few percent of its one-graph time.
-PIECE_HIDDEN_STATES = 2
+# Where the tower runs in evaluated pieces, budgets in hidden states of the pass (patches x width).
+# A query chunk's attention scores stay within SCORE_HIDDEN_STATES. A piece of per-token work (the
+# MLP's gate, up and their product for `rows` tokens) stays within ROW_HIDDEN_STATES: the queries,
+# keys and values the attention half holds for every token anyway, so it adds nothing to a
+# block's peak. Measured on the CPU at small scale, above the weights: a 448x448 image holds
+# 27 MB instead of 105 MB as one lazy graph, 1344x1344 227 MB instead of 713 MB.
+SCORE_HIDDEN_STATES = 2
+ROW_HIDDEN_STATES = 3
 # Apple silicon: return freed buffers to the system every this many generated tokens.
 CACHE_RELEASE_INTERVAL = 256
 
@@ -104,17 +107,18 @@ def vision_schedule(
     `longest_frame` patches (the largest full-attention segment), in a tower `hidden_size` wide
     whose MLP is `intermediate_size` wide.
 
-    Where attention is not fused, each piece's temporaries stay within PIECE_HIDDEN_STATES hidden
-    states: rows such that the MLP's gate, up and product fit, and as many scores. Both budgets
-    grow with the pass, so a piece is a fixed share of it: 5 row pieces for MiMo-VL's
-    widths, and full-attention chunks of 2 x head_dim queries.
+    Where attention is not fused, the pass runs in pieces within the budgets above: rows such
+    that the MLP's temporaries fit in ROW_HIDDEN_STATES, query chunks whose scores fit in
+    SCORE_HIDDEN_STATES. Both budgets grow with the pass, so a piece is a fixed share of it: 3 row
+    pieces for MiMo-VL's widths, and full-attention chunks of 2 x head_dim queries.
     """
     if fused_attention(kind, dtype, head_dim, longest_frame):
         return VisionSchedule(one_graph=True)
-    budget = PIECE_HIDDEN_STATES * patches * hidden_size * dtype.size
-    most_rows = max(1, budget // (3 * intermediate_size * dtype.size))  # gate, up, their product
-    pieces = -(-patches // most_rows)
-    return VisionSchedule(one_graph=False, rows=-(-patches // pieces), score_budget=budget)
+    state = patches * hidden_size * dtype.size
+    per_row = 3 * intermediate_size * dtype.size  # gate, up, their product
+    pieces = -(-patches // max(1, ROW_HIDDEN_STATES * state // per_row))
+    rows = -(-patches // pieces)
+    return VisionSchedule(one_graph=False, rows=rows, score_budget=SCORE_HIDDEN_STATES * state)
 
 
 @contextlib.contextmanager
