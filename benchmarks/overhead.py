@@ -2,11 +2,11 @@
 
 `kernel_step_seconds` runs a straight-line function over the model's own weight arrays: per layer
 rms_norm, the q/k/v/o/gate/up/down matmuls (`mx.addmm` / `mx.quantized_matmul`, what nn.Linear and
-nn.QuantizedLinear call), the decoder's own rotation (`mx.fast.rope` where the backend has a rope
-kernel, else one cos/sin per step), a KV write into a preallocated buffer, sdpa; then the
-final norm, the head and an argmax. No modules, cache objects, sampler or detokenizer. Steps are
-pipelined as in `generate_step` (the next step is queued before the token is read), so the
-difference is the Python and graph-building cost above the kernels.
+nn.QuantizedLinear call), the model's fused SwiGLU, the decoder's own rotation (`mx.fast.rope`
+where the backend has a rope kernel, else one cos/sin per step), a KV write into a preallocated
+buffer, sdpa; then the final norm, the head and an argmax. No modules, cache objects, sampler or
+detokenizer. Steps are pipelined as in `generate_step` (the next step is queued before the token
+is read), so the difference is the Python and graph-building cost above the kernels.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
+from mimo_mlx.activations import swiglu
 from mimo_mlx.backend import device_kind, rope_kernel
 
 
@@ -84,7 +85,7 @@ def make_step(model, length: int):
             )
             x = x + linear(o.transpose(0, 2, 1, 3).reshape(1, 1, -1), attn.o_proj)
             h = mx.fast.rms_norm(x, layer.post_attention_layernorm.weight, text.rms_norm_eps)
-            gated = nn.silu(linear(h, mlp.gate_proj)) * linear(h, mlp.up_proj)
+            gated = swiglu(linear(h, mlp.gate_proj), linear(h, mlp.up_proj))
             x = x + linear(gated, mlp.down_proj)
         x = mx.fast.rms_norm(x, decoder.norm.weight, text.rms_norm_eps)
         logits = linear(x[:, -1], head) if head is not None else decoder.embed_tokens.as_linear(x)

@@ -37,4 +37,4 @@ def test_swiglu_returns_half_precision_within_one_rounding(dtype):
     exact = _reference(np.array(gate.astype(mx.float32)), np.array(up.astype(mx.float32)))
     want = np.array(mx.array(exact.astype(np.float32)).astype(dtype).astype(mx.float32))
     got = np.array(out.astype(mx.float32))
-    np.testing.assert_allclose(got, want, rtol=2 ** -7 if dtype == mx.bfloat16 else 2**-10)
+    np.testing.assert_allclose(got, want, rtol=2**-7 if dtype == mx.bfloat16 else 2**-10)
