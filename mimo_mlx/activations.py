@@ -13,7 +13,7 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
 
     The sigmoid is written as 1 / (1 + exp(-gate)): the same value as `mx.sigmoid` to a float32
     ulp, and on the CPU a third cheaper (MLX's sigmoid costs one and a half exps there; in a
-    small-scale 448x448 vision pass, silu alone was a quarter of the time). exp(-gate)
+    small-scale 448x448 vision pass, silu alone was a fifth of the time). exp(-gate)
     overflowing to inf gives the right limit, 0.
     """
     g = gate.astype(mx.float32)
