@@ -295,16 +295,24 @@ def _prompt_options(body: dict, limits: Limits) -> dict[str, Any]:
 
 
 def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
-    """Check a decoded chat-completions body; APIError (400) names the first problem."""
+    """Check a decoded chat-completions body; APIError names the first problem (400; 404 for a
+    model this server does not run)."""
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _wrong_type("model", "a string", model)
+    if model == "":
+        raise APIError(
+            f"'model' is empty; this server runs {limits.model_ids[0]!r}",
+            param="model",
+            code="invalid_value",
+        )
     if model is not None and model not in limits.model_ids:
         raise APIError(
             f"the model {model!r} is not served here; this server runs {limits.model_ids[0]!r} "
             "(GET /v1/models lists it)",
+            404,  # as OpenAI answers a model it does not have
             param="model",
             code="model_not_found",
         )

@@ -221,6 +221,9 @@ def test_models_are_listed(server):
     assert api.models.retrieve("tiny").owned_by == "mimo-mlx"
     with pytest.raises(openai.NotFoundError):
         api.models.retrieve("gpt-4o")
+    with pytest.raises(openai.NotFoundError) as caught:
+        api.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+    assert caught.value.body["code"] == "model_not_found"
 
 
 def test_unknown_routes_methods_and_big_bodies(server):
@@ -329,8 +332,9 @@ def bad_requests(rng: random.Random, count: int):
         body = dict(good)
         if kind == "field":
             name = rng.choice(sorted(BAD_VALUES))
-            body[name] = rng.choice(BAD_VALUES[name])
-            yield "POST", chat, json.dumps(body).encode(), auth, 400
+            body[name] = value = rng.choice(BAD_VALUES[name])
+            unknown_model = name == "model" and isinstance(value, str) and value
+            yield "POST", chat, json.dumps(body).encode(), auth, 404 if unknown_model else 400
         elif kind == "image":
             part = {"type": "image_url", "image_url": {"url": rng.choice(images)}}
             body["messages"] = [{"role": "user", "content": [part, {"type": "text", "text": "?"}]}]

@@ -140,8 +140,8 @@ def test_media_parts_in_every_accepted_shape():
             {"messages": [{"role": "assistant", "content": [{"type": "image", "image": "a.png"}]}]},
             "messages[0].content",
         ),
-        ({"messages": HELLO, "model": "gpt-4o"}, "model"),
         ({"messages": HELLO, "model": 3}, "model"),
+        ({"messages": HELLO, "model": ""}, "model"),
         ({"messages": HELLO, "temperature": "hot"}, "temperature"),
         ({"messages": HELLO, "temperature": 2.5}, "temperature"),
         ({"messages": HELLO, "temperature": True}, "temperature"),
@@ -173,6 +173,14 @@ def test_media_parts_in_every_accepted_shape():
 )
 def test_each_mistake_is_a_400_that_names_the_field(body, param):
     assert refused(body).param == param
+
+
+def test_a_model_not_served_here_is_a_404_as_openai_answers_it():
+    with pytest.raises(APIError) as caught:
+        parse(model="gpt-4o")
+    error = caught.value.body()["error"]
+    assert caught.value.status == 404 and error["code"] == "model_not_found"
+    assert error["param"] == "model" and "'tiny'" in error["message"]
 
 
 def test_the_body_must_be_an_object():
