@@ -26,7 +26,7 @@ from .options import (
 )
 from .processor import ImageInput, ModelInputs, Processor
 from .prompt_lookup import PromptLookup, warn_if_no_faster
-from .sampling import LogitsProcessor, Sampler, make_logits_processors, make_sampler
+from .sampling import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler
 from .tokenizer import Tokenizer
 
 DEFAULT_PREFILL_STEP = 512
@@ -52,7 +52,8 @@ def generate_step(
     `prefill_step_size` through the model's own call, with no logits computed for them; each decode
     step is queued before the previous token is read back. `context` is the whole prompt's ids
     when `prompt` continues a cache: logits processors (repetition penalty) see all of them, as
-    they would without the cache.
+    they would without the cache. The log-probabilities are lazy arrays: with the greedy sampler
+    (the default, or `make_sampler(0)`) they are computed only if read.
     """
     cache, prompt, sampler, processors = _begin(
         prompt, model, prompt_cache, sampler, logits_processors
@@ -67,7 +68,6 @@ def generate_step(
                 if history is not None:
                     history = mx.concatenate([history, token])
                 next_token, next_logprobs = step(history, input_ids=token[:, None])
-                mx.async_eval(next_token, next_logprobs)
             yield token.item(), logprobs[0]
             release_cache(n + 1)
             if n + 1 < max_tokens:
@@ -129,49 +129,61 @@ def _begin(prompt, model: Model, cache, sampler, processors):
         raise MimoError(
             f"generation decodes one sequence at a time, got {prompt.input_ids.shape[0]}"
         )
-    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    sampler = sampler or greedy
     return cache, prompt, sampler, list(processors or ())
 
 
 def _stepper(model: Model, cache: PromptCache, sampler, processors, stream):
-    """step(history, **inputs): feed tokens continuing the cache; the token sampled after each
-    (L,) and its log-probabilities (L, vocab). `history` is every token fed before them plus the
-    first of them; processors at row i also see the inputs up to i."""
+    """step(history, logits_to_keep=0, **inputs): feed L tokens continuing the cache and queue the
+    pass; the token sampled after each of the last R (all L when logits_to_keep is 0) and their
+    log-probabilities (R, vocab). `history` is every token fed up to the first of those R;
+    processors at row i also see the inputs up to it.
 
-    def step(history: mx.array | None, **inputs) -> tuple[mx.array, mx.array]:
+    The pass and the tokens are queued whatever the sampler reads (a sampler may ignore the
+    scores: on ranks other than 0 it does); with the greedy sampler the log-probabilities stay
+    lazy, computed only if read."""
+
+    def step(history: mx.array | None, logits_to_keep: int = 0, **inputs):
         with mx.stream(stream or mx.default_stream(mx.default_device())):
             # float32 from here on, as transformers' generate does: processors, log-probs
             # and sampling see full-precision scores whatever the model computes in.
-            logits = model(**inputs, cache=cache)[0].astype(mx.float32)  # (L, vocab)
+            logits = model(**inputs, cache=cache, logits_to_keep=logits_to_keep)[0]
+            logits = logits.astype(mx.float32)  # (R, vocab)
             if processors:
                 ids = inputs["input_ids"]
+                first = ids.shape[1] - logits.shape[0]  # the input of row 0
                 rows = []
                 for i in range(logits.shape[0]):
-                    seen = history if i == 0 else mx.concatenate([history, ids[0, 1 : i + 1]])
+                    seen = history
+                    if i > 0:
+                        seen = mx.concatenate([history, ids[0, first + 1 : first + i + 1]])
                     row = logits[i : i + 1]
                     for processor in processors:
                         row = processor(seen, row)
                     rows.append(row)
                 logits = mx.concatenate(rows)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            return sampler(logprobs), logprobs
+            # Greedy reads the logits (the same argmax, transformers' own choice): the vocabulary's
+            # log-sum-exp then runs only if the caller reads the log-probabilities.
+            token = greedy(logits) if sampler is greedy else sampler(logprobs)
+        mx.async_eval(token, logits)
+        return token, logprobs
 
     return step
 
 
 def _prefill(prompt: Prompt, model: Model, cache, step, history, step_size: int, stream):
-    """Prefill all prompt tokens but the last in chunks (no logits), then queue the last one's
-    step: (first token (1,), its log-probabilities (1, vocab)), being evaluated."""
+    """Prefill the prompt in chunks of `step_size` (no logits), the last chunk through `step` with
+    the last token's logits only: (first token (1,), its log-probabilities (1, vocab)), queued.
+    The last token rides with its chunk rather than a pass of its own: one pass over the weights
+    fewer before the first token."""
     start = 0
-    while prompt.length - start > 1:
-        end = min(start + step_size, prompt.length - 1)
+    while prompt.length - start > step_size:
         with mx.stream(stream or mx.default_stream(mx.default_device())):
-            model(**prompt.chunk(start, end), cache=cache)  # logits stay unevaluated
+            model(**prompt.chunk(start, start + step_size), cache=cache)  # logits unevaluated
         mx.eval(cache.state)  # keep the graph one chunk deep
-        start = end
-    token, logprobs = step(history, **prompt.chunk(start))
-    mx.async_eval(token, logprobs)
-    return token, logprobs
+        start += step_size
+    return step(history, logits_to_keep=1, **prompt.chunk(start))
 
 
 @dataclass(frozen=True)

@@ -138,8 +138,10 @@ def shared_sampler(
 
     def sample(logprobs: mx.array) -> mx.array:
         if group.rank != 0:
-            shape = (logprobs.shape[0],)
-            return mx.distributed.all_sum(mx.zeros(shape, mx.uint32), group=group.mx_group)
+            # After this rank's share of the pass, as on rank 0: every rank's collectives in
+            # the same order.
+            zeros = mx.depends(mx.zeros((logprobs.shape[0],), mx.uint32), logprobs)
+            return mx.distributed.all_sum(zeros, group=group.mx_group)
         token = sampler(logprobs).astype(mx.uint32)
         if stop.is_set():
             token = mx.full(token.shape, stop_token, mx.uint32)

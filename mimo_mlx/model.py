@@ -88,12 +88,14 @@ class Model(nn.Module):
         *,
         positions: np.ndarray | None = None,
         vision_features: mx.array | None = None,
+        logits_to_keep: int = 0,
     ) -> mx.array:
         """Logits (B, L, vocab) of tokens (B, L) appended to `cache` (None: a fresh sequence).
 
         positions: (3, B, L) M-RoPE positions from `prepare_prompt`; None means text continuing
         the cache, which needs no host data (decode steps can be pipelined).
         vision_features: rows for the image/video placeholder tokens among `input_ids`, in order.
+        logits_to_keep: as in transformers, logits for the last this many tokens only (0: all).
         The cache's rotary offsets are updated here and nowhere else.
         """
         ids = input_ids if isinstance(input_ids, mx.array) else mx.array(input_ids)
@@ -111,7 +113,7 @@ class Model(nn.Module):
             same = bool(np.all(starts == starts[0]))
             rope = int(starts[0]) if same else mx.array(starts.astype(np.int32))
         hidden = self.model(embeds, rope, None if cache is None else cache.layers)
-        return self.logits(hidden)
+        return self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
 
     def prepare_prompt(
         self,

@@ -41,8 +41,9 @@ MISS_LIMIT = 2  # verifications in a row that accept nothing before drafting sto
 HIT_LIMIT = 2  # host-side lookups in a row that would have been right before it resumes
 
 Step = Callable[..., tuple[mx.array, mx.array]]
-"""step(history, input_ids=(1, L)) -> (token sampled after each input (L,), log-probs (L, vocab)).
-`history` holds every token fed so far and the first of `input_ids` (None without processors)."""
+"""step(history, input_ids=(1, L)) -> (token sampled after each input (L,), log-probs (L, vocab)),
+queued for evaluation. `history` holds every token fed so far and the first of `input_ids` (None
+without processors)."""
 
 
 def accepted_count(draft: list[int], sampled: list[int]) -> int:
@@ -185,8 +186,7 @@ class PromptLookup:
                     if history is not None:
                         history = mx.concatenate([history, token.astype(history.dtype)])
                     inputs = mx.array([[value, *draft]]) if draft else token[:, None]
-                    queued = step(history, input_ids=inputs)
-                    mx.async_eval(*queued)
+                    queued = step(history, input_ids=inputs)  # being evaluated
                     self.passes += 1
                 if not verify:
                     value = token.item()

@@ -25,6 +25,12 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 _NEG_INF = float("-inf")
 
 
+def greedy(logits: mx.array) -> mx.array:
+    """The most likely token of each row: the argmax, which logits and log-probabilities share,
+    so generation gives it the logits and normalizes only when the log-probabilities are read."""
+    return mx.argmax(logits, axis=-1)
+
+
 def apply_temperature(logits: mx.array, temperature: float) -> mx.array:
     """Divide by the temperature (a division, like transformers, so results match bit for bit)."""
     return logits / temperature
@@ -108,7 +114,7 @@ def make_sampler(
     if not (isinstance(min_tokens_to_keep, int) and min_tokens_to_keep >= 1):
         raise MimoError(f"min_tokens_to_keep must be an integer >= 1, got {min_tokens_to_keep!r}")
     if temp == 0:
-        return lambda logits: mx.argmax(logits, axis=-1)
+        return greedy
     # The warps are deterministic: compile them into one graph; the random draw stays outside.
     warp = mx.compile(make_warper(temp, top_p, min_p, min_tokens_to_keep, top_k))
     return lambda logits: mx.random.categorical(warp(logits), axis=-1)

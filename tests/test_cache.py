@@ -58,6 +58,19 @@ def test_chunked_prefill_equals_full_forward(model, size):
     assert close(np.concatenate(outputs, axis=1), full)
 
 
+@pytest.mark.parametrize("keep", [1, 5])
+def test_logits_to_keep_gives_the_last_rows(model, keep):
+    """Only the last `keep` tokens get logits; the cache still takes every token."""
+    ids, vision = image_prompt(np.random.default_rng(6), tail=5)
+    full = np.array(mlx_logits(model, ids, **vision))
+    cache = model.make_cache()
+    prompt = model.prepare_prompt(ids, **vision, cache=cache)
+    last = model(**prompt.chunk(), cache=cache, logits_to_keep=keep)
+    assert last.shape == (1, keep, full.shape[-1])
+    assert close(last, full[:, -keep:])
+    assert cache.offset == ids.shape[1]
+
+
 def test_cache_grows_past_its_step(model):
     ids = build_ids([("text", 300)], np.random.default_rng(2))
     full = np.array(model(ids))
@@ -124,9 +137,7 @@ def test_trim_bookkeeping_matches_positions():
             [0, 1, 2, 3, 3, 4, 4, 5],  # height
             [0, 1, 2, 3, 4, 3, 4, 5],  # width
         ]
-    )[
-        :, None
-    ]  # (3, 1, 8)
+    )[:, None]  # (3, 1, 8)
     cache = PromptCache(num_layers=1)
     cache.record_positions(positions)
     cache.layers[0].offset = 8  # as if the tokens went through the layers

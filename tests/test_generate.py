@@ -236,6 +236,84 @@ def test_stops_at_an_end_token(ours, reference):
     assert responses[-1].generation_tokens == len(responses)
 
 
+def test_log_probabilities_match_transformers_when_read_late(ours, reference, images):
+    """Greedy steps leave their log-probabilities lazy; read after the whole answer (the cache
+    has moved on since), they equal transformers' log-softmax of its scores at every step."""
+    model, processor = ours
+    hf_model, hf_processor = reference
+    prompt = "What is in this picture?"
+    text = hf_processor.apply_chat_template(
+        hf_messages(prompt, images=1), add_generation_prompt=True, tokenize=False
+    )
+    hf_inputs = hf_processor(text=[text], images=[Image.open(images[0])], return_tensors="pt")
+    ids = hf_inputs["input_ids"]
+    kwargs = {
+        k: v for k, v in hf_inputs.items() if k not in ("mm_token_type_ids", "attention_mask")
+    }
+    with torch.no_grad():
+        out = hf_model.generate(
+            **kwargs,
+            mm_token_type_ids=(ids == TOKENS["image_token_id"]).long(),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    theirs = [torch.log_softmax(step[0].float(), dim=-1).numpy() for step in out.logits]
+    responses = list(
+        stream_generate(
+            model, processor, prompt, images[:1], max_tokens=NEW_TOKENS, max_pixels=MAX_PIXELS
+        )
+    )
+    assert [r.token for r in responses] == out.sequences[0, ids.shape[1] :].tolist()
+    for step, (response, expected) in enumerate(zip(responses, theirs, strict=True)):
+        np.testing.assert_allclose(np.array(response.logprobs), expected, atol=1e-4, err_msg=step)
+
+
+def test_greedy_decode_queues_the_token_and_the_logits(ours, monkeypatch):
+    """Each greedy step queues its token and the pass's logits, not the log-probabilities: the
+    vocabulary's log-sum-exp waits until someone reads them (the test above reads them)."""
+    model, processor = ours
+    queued = []
+    original = mx.async_eval
+
+    def spy(*arrays):
+        queued.append(arrays)
+        return original(*arrays)
+
+    monkeypatch.setattr(mx, "async_eval", spy)
+    result = generate(model, processor, "Tell me a story.", max_tokens=6)
+    assert len(result.tokens) == 6 and len(queued) == 6
+    for token, logits in queued:
+        assert token.shape == (1,) and logits.shape == (1, model.config.text.vocab_size)
+        assert token.item() == np.argmax(np.array(logits))
+        assert abs(mx.logsumexp(logits).item()) > 0.1  # raw scores, not normalized ones
+
+
+@pytest.mark.parametrize("step_size", [512, 7])
+def test_the_first_token_takes_one_pass_per_prefill_chunk(ours, monkeypatch, step_size):
+    """The prompt's last token rides with the last chunk (its logits alone): ceil(L / step)
+    passes before the first token, not one more for the last token."""
+    from mimo_mlx.generation import generate_step
+
+    model, processor = ours
+    ids = processor.prepare("Tell me a story about the sea.").input_ids
+    passes = []
+    original = type(model).__call__
+
+    def counting(self, *args, **kwargs):
+        passes.append(kwargs.get("logits_to_keep", 0))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "__call__", counting)
+    steps = generate_step(ids, model, max_tokens=1, prefill_step_size=step_size)
+    first = next(steps)[0]
+    chunks = -(-ids.shape[1] // step_size)
+    assert passes == [0] * (chunks - 1) + [1]
+    monkeypatch.undo()
+    assert first == int(np.argmax(np.array(model(ids))[0, -1]))
+
+
 def test_length_limit_and_stats(ours):
     model, processor = ours
     responses = list(stream_generate(model, processor, "Hi", max_tokens=7))

@@ -341,18 +341,24 @@ def bad_requests(rng: random.Random, count: int):
             yield "POST", chat, json.dumps(body).encode(), auth, 400
         elif kind == "json":
             text = json.dumps(body).encode()
-            yield "POST", chat, rng.choice(
-                [
-                    text[: rng.randint(0, len(text) - 1)],
-                    rng.randbytes(rng.randint(0, 300)).replace(b"{", b"").replace(b"[", b""),
-                    b"[" * 100_000,
-                    b'{"messages": NaN}',
-                    b"",
-                    b"[]",
-                    b"42",
-                    b"null",
-                ]
-            ), auth, 400
+            yield (
+                "POST",
+                chat,
+                rng.choice(
+                    [
+                        text[: rng.randint(0, len(text) - 1)],
+                        rng.randbytes(rng.randint(0, 300)).replace(b"{", b"").replace(b"[", b""),
+                        b"[" * 100_000,
+                        b'{"messages": NaN}',
+                        b"",
+                        b"[]",
+                        b"42",
+                        b"null",
+                    ]
+                ),
+                auth,
+                400,
+            )
         elif kind == "route":
             yield rng.choice(
                 [
