@@ -48,9 +48,9 @@ def generate_step(
 
     `prompt` is a `Prompt` from `model.prepare_prompt` (images, video, positions), or the token ids
     of a text prompt. A given `prompt_cache` is extended in place (a `Prompt` must have been
-    prepared against it). All prompt tokens but the last are prefilled in chunks of
-    `prefill_step_size` through the model's own call, with no logits computed for them; each decode
-    step is queued before the previous token is read back. `context` is the whole prompt's ids
+    prepared against it). The prompt is prefilled in chunks of `prefill_step_size` through the
+    model's own call, with logits for its last token only; each decode step is queued before the
+    previous token is read back. `context` is the whole prompt's ids
     when `prompt` continues a cache: logits processors (repetition penalty) see all of them, as
     they would without the cache. The log-probabilities are lazy arrays: with the greedy sampler
     (the default, or `make_sampler(0)`) they are computed only if read.
