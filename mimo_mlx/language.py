@@ -36,7 +36,7 @@ class MRoPE:
         self, positions: mx.array | int, dtype: mx.Dtype, length: int, kernel: bool
     ) -> Rotation:
         """positions (3, B, L), or the start of text-only runs of `length` tokens: (B,) per row or
-        one int for all -> a function rotating (B, H, L, D).
+        one int for all -> a function rotating (B, H, L', D): the last L' <= L of those tokens.
 
         Text positions are equal on all three axes, so M-RoPE is plain RoPE there: with `kernel`
         (a backend with a rope kernel, see `backend.rope_kernel`) each rotation is one fused
@@ -45,7 +45,12 @@ class MRoPE:
         if isinstance(positions, int) or positions.ndim == 1:
             if kernel:
                 return lambda x: mx.fast.rope(
-                    x, self.dim, traditional=False, base=self.theta, scale=1.0, offset=positions
+                    x,
+                    self.dim,
+                    traditional=False,
+                    base=self.theta,
+                    scale=1.0,
+                    offset=positions + (length - x.shape[2]),
                 )
             starts = mx.array([positions]) if isinstance(positions, int) else positions
             text = starts[:, None].astype(mx.float32) + mx.arange(length, dtype=mx.float32)
@@ -55,7 +60,14 @@ class MRoPE:
             freqs = per_freq.transpose(1, 2, 0).astype(mx.float32) * self.inv_freq  # (B, L, D/2)
         angles = mx.concatenate([freqs, freqs], axis=-1)[:, None]  # (B, 1, L, D), float32
         cos, sin = mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
-        return lambda x: x * cos + rotate_half(x) * sin
+
+        def rotate(x: mx.array) -> mx.array:
+            if x.shape[2] < length:
+                last = slice(length - x.shape[2], None)
+                return x * cos[:, :, last] + rotate_half(x) * sin[:, :, last]
+            return x * cos + rotate_half(x) * sin
+
+        return rotate
 
 
 class Attention(nn.Module):
@@ -70,16 +82,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, kv_dim, bias=True)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
-    def __call__(self, x, rotate: Rotation, mask, cache: KVCache | None) -> mx.array:
+    def __call__(self, x, rotate: Rotation, mask, cache: KVCache | None, keep: int = 0):
+        """Keys and values of every token of x; queries and outputs for the last `keep` (0: all)."""
         batch, length, _ = x.shape
-        q = self.q_proj(x).reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
+        queries = x[:, -keep:] if keep else x
+        q = self.q_proj(queries).reshape(batch, queries.shape[1], self.num_heads, -1)
+        q = q.transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
         q, k = rotate(q), rotate(k)  # (B, H, L, D)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
+        # A causal mask aligns to the end of the keys: right for a last few queries too.
+        mask = mask if q.shape[2] > 1 else None
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, q.shape[2], -1))
 
 
 class MLP(nn.Module):
@@ -101,8 +118,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, x, rotate: Rotation, mask, cache: KVCache | None) -> mx.array:
-        x = x + self.self_attn(self.input_layernorm(x), rotate, mask, cache)
+    def __call__(self, x, rotate: Rotation, mask, cache: KVCache | None, keep: int = 0):
+        """The next hidden states of every token of x, or of its last `keep` (0: all) while
+        every token still goes into the cache."""
+        h = self.input_layernorm(x)
+        x = x[:, -keep:] if keep else x
+        x = x + self.self_attn(h, rotate, mask, cache, keep)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -115,9 +136,15 @@ class TextModel(nn.Module):
         self._rope = MRoPE(config)
 
     def __call__(
-        self, embeds: mx.array, positions: mx.array | int, cache: list[KVCache] | None = None
+        self,
+        embeds: mx.array,
+        positions: mx.array | int,
+        cache: list[KVCache] | None = None,
+        keep: int = 0,
     ) -> mx.array:
-        """embeds (B, L, C) at positions (3, B, L) -> final hidden states (B, L, C).
+        """embeds (B, L, C) at positions (3, B, L) -> final hidden states (B, L, C), or of the
+        last `keep` tokens only (B, keep, C): the last layer then computes just the keys and
+        values of the others, which is all the cache needs of them.
 
         positions may also be (B,) or an int: each row is text continuing from that position.
         """
@@ -127,6 +154,7 @@ class TextModel(nn.Module):
         mask = "causal" if embeds.shape[1] > 1 else None
         cache = cache or [None] * len(self.layers)
         x = embeds
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x = layer(x, rotate, mask, layer_cache)
+        last = len(self.layers) - 1
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
+            x = layer(x, rotate, mask, layer_cache, keep if i == last else 0)
         return self.norm(x)

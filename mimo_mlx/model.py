@@ -112,8 +112,8 @@ class Model(nn.Module):
             # Rows continuing at one position take a plain offset (the faster rope kernel).
             same = bool(np.all(starts == starts[0]))
             rope = int(starts[0]) if same else mx.array(starts.astype(np.int32))
-        hidden = self.model(embeds, rope, None if cache is None else cache.layers)
-        return self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        hidden = self.model(embeds, rope, None if cache is None else cache.layers, logits_to_keep)
+        return self.logits(hidden)
 
     def prepare_prompt(
         self,

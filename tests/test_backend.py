@@ -161,9 +161,13 @@ def test_text_rotation_without_the_kernel_equals_the_kernel(loaded, starts, leng
     x = mx.random.normal(
         (2, config.num_attention_heads, length, config.head_dim), key=mx.random.key(1)
     )
-    fused = rope(offsets, mx.float32, length, kernel=True)(x)
-    table = rope(offsets, mx.float32, length, kernel=False)(x)
-    np.testing.assert_allclose(np.array(table), np.array(fused), atol=1e-5)
+    fused = rope(offsets, mx.float32, length, kernel=True)
+    table = rope(offsets, mx.float32, length, kernel=False)
+    np.testing.assert_allclose(np.array(table(x)), np.array(fused(x)), atol=1e-5)
+    # The last rows alone (the queries of a pass that keeps only its last token's logits).
+    last = x[:, :, -1:]
+    np.testing.assert_allclose(np.array(fused(last)), np.array(fused(x)[:, :, -1:]), atol=1e-5)
+    np.testing.assert_allclose(np.array(table(last)), np.array(table(x)[:, :, -1:]), atol=1e-5)
 
 
 def test_decoding_with_the_rope_kernel_gives_the_same_logits(loaded, monkeypatch):
@@ -177,6 +181,7 @@ def test_decoding_with_the_rope_kernel_gives_the_same_logits(loaded, monkeypatch
         cache = model.make_cache()
         rows = [model(ids[:, :5], cache=cache)[0, -1]]
         rows += [model(ids[:, i : i + 1], cache=cache)[0, -1] for i in (5, 6)]
+        rows.append(model(ids, logits_to_keep=1)[0, -1])  # the last layer's queries: one row
         return np.array(mx.stack(rows))
 
     np.testing.assert_allclose(logits(True), logits(False), atol=1e-4)

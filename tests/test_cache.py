@@ -60,15 +60,18 @@ def test_chunked_prefill_equals_full_forward(model, size):
 
 @pytest.mark.parametrize("keep", [1, 5])
 def test_logits_to_keep_gives_the_last_rows(model, keep):
-    """Only the last `keep` tokens get logits; the cache still takes every token."""
+    """Only the last `keep` tokens get logits; the cache still takes every token whole (the
+    next step's logits equal a full forward pass)."""
     ids, vision = image_prompt(np.random.default_rng(6), tail=5)
     full = np.array(mlx_logits(model, ids, **vision))
+    length = ids.shape[1] - 1
     cache = model.make_cache()
-    prompt = model.prepare_prompt(ids, **vision, cache=cache)
+    prompt = model.prepare_prompt(ids[:, :length], **vision, cache=cache)
     last = model(**prompt.chunk(), cache=cache, logits_to_keep=keep)
     assert last.shape == (1, keep, full.shape[-1])
-    assert close(last, full[:, -keep:])
-    assert cache.offset == ids.shape[1]
+    assert close(last, full[:, length - keep : length])
+    assert cache.offset == length
+    assert close(model(mx.array(ids[:, length:]), cache=cache)[:, 0], full[:, -1])
 
 
 def test_cache_grows_past_its_step(model):
