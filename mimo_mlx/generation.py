@@ -165,7 +165,7 @@ def _stepper(model: Model, cache: PromptCache, sampler, processors, stream):
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             # Greedy reads the logits (the same argmax, transformers' own choice): the vocabulary's
             # log-sum-exp then runs only if the caller reads the log-probabilities.
-            token = greedy(logits) if sampler is greedy else sampler(logprobs)
+            token = sampler(logits if sampler is greedy else logprobs)
         mx.async_eval(token, logits)
         return token, logprobs
 

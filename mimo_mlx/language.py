@@ -44,14 +44,15 @@ class MRoPE:
         """
         if isinstance(positions, int) or positions.ndim == 1:
             if kernel:
-                return lambda x: mx.fast.rope(
-                    x,
-                    self.dim,
-                    traditional=False,
-                    base=self.theta,
-                    scale=1.0,
-                    offset=positions + (length - x.shape[2]),
-                )
+
+                def rotate_kernel(x: mx.array) -> mx.array:
+                    skip = length - x.shape[2]  # rows before x's (0 unless only the last are kept)
+                    offset = positions + skip if skip else positions
+                    return mx.fast.rope(
+                        x, self.dim, traditional=False, base=self.theta, scale=1.0, offset=offset
+                    )
+
+                return rotate_kernel
             starts = mx.array([positions]) if isinstance(positions, int) else positions
             text = starts[:, None].astype(mx.float32) + mx.arange(length, dtype=mx.float32)
             freqs = text[..., None] * self.inv_freq  # (B, L, D/2)
@@ -93,8 +94,6 @@ class Attention(nn.Module):
         q, k = rotate(q), rotate(k)  # (B, H, L, D)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        # A causal mask aligns to the end of the keys: right for a last few queries too.
-        mask = mask if q.shape[2] > 1 else None
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, q.shape[2], -1))
 
@@ -150,7 +149,8 @@ class TextModel(nn.Module):
         """
         kernel = rope_kernel(device_kind())
         rotate = self._rope(positions, embeds.dtype, embeds.shape[1], kernel)
-        # Causal over the new tokens; MLX aligns the causal mask to the end of a longer cached key list.
+        # Causal over the new tokens; MLX aligns the causal mask to the end of a longer cached key
+        # list (and of the keys when the last layer keeps only the last queries).
         mask = "causal" if embeds.shape[1] > 1 else None
         cache = cache or [None] * len(self.layers)
         x = embeds
