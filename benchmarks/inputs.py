@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from mimo_mlx.processing import ImageProcessorConfig, preprocess_images
+from mimo_mlx.inputs.images import ImageProcessorConfig, preprocess_images
 
 MAX_PIXELS = 2048 * 2048  # well above 1344^2: the benchmark sizes are never shrunk
 

@@ -26,9 +26,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mimo_mlx.generation import generate_step, lookup_generate_step
-from mimo_mlx.model import Model
-from mimo_mlx.prompt_lookup import PromptLookup
+from mimo_mlx.generation.lookup import PromptLookup
+from mimo_mlx.generation.loop import generate_step, lookup_generate_step
+from mimo_mlx.model.mimo_vl import Model
 
 from .inputs import image_inputs
 from .stats import summarize

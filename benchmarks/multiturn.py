@@ -24,13 +24,13 @@ import tokenizers
 from PIL import Image
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
-from mimo_mlx.conversation import Conversation
-from mimo_mlx.generation import stream_generate
+from mimo_mlx.conversation.conversation import Conversation
+from mimo_mlx.conversation.vision_cache import VisionCache
+from mimo_mlx.generation.loop import stream_generate
+from mimo_mlx.inputs.images import ImageProcessorConfig
+from mimo_mlx.inputs.processor import Processor
+from mimo_mlx.inputs.tokenizer import Tokenizer
 from mimo_mlx.options import DEFAULT_MAX_PIXELS
-from mimo_mlx.processing import ImageProcessorConfig
-from mimo_mlx.processor import Processor
-from mimo_mlx.tokenizer import Tokenizer
-from mimo_mlx.vision_cache import VisionCache
 
 from .stats import summarize
 

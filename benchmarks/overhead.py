@@ -16,8 +16,8 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
-from mimo_mlx.activations import swiglu
-from mimo_mlx.backend import device_kind, rope_kernel
+from mimo_mlx.model.activations import swiglu
+from mimo_mlx.model.backend import device_kind, rope_kernel
 
 
 def linear(x: mx.array, layer: nn.Module) -> mx.array:

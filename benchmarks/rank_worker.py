@@ -27,15 +27,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from mimo_mlx.config import ModelConfig
-from mimo_mlx.distributed import Group, Watchdog, launched, start_group
-from mimo_mlx.errors import MimoError
-from mimo_mlx.loading import DTYPES, load_model
-from mimo_mlx.lockstep import Leader, follow
-from mimo_mlx.model import Model
-from mimo_mlx.processor import ModelInputs
-from mimo_mlx.shard_loading import load_sharded_model
-from mimo_mlx.sharding import (
+from mimo_mlx.distributed.group import Group, Watchdog, launched, start_group
+from mimo_mlx.distributed.loading import load_sharded_model
+from mimo_mlx.distributed.lockstep import Leader, follow
+from mimo_mlx.distributed.sharding import (
     ShardedModel,
     module_at,
     replace_module,
@@ -43,6 +38,11 @@ from mimo_mlx.sharding import (
     split_modules,
     weight_bytes,
 )
+from mimo_mlx.errors import MimoError
+from mimo_mlx.inputs.processor import ModelInputs
+from mimo_mlx.loading import DTYPES, load_model
+from mimo_mlx.model.config import ModelConfig
+from mimo_mlx.model.mimo_vl import Model
 
 from .inputs import image_inputs, prompt_ids
 from .multiturn import chat_processor

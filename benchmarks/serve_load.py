@@ -9,7 +9,7 @@ completions (an image and a question each; streamed, greedy, a fixed token budge
 number in flight at once, and reports requests/s, generated tokens/s, p50/p95 time to first token
 and latency, the errors (there must be none: the command fails otherwise) and the server's peak
 memory. Writes results.json and results.md like the harness. The server generates one request at
-a time (see mimo_mlx/serving.py): concurrency shows as queueing in TTFT, not as batching.
+a time (see mimo_mlx/serve/engine.py): concurrency shows as queueing in TTFT, not as batching.
 """
 
 from __future__ import annotations

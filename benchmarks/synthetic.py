@@ -23,10 +23,10 @@ import numpy as np
 from mlx.utils import tree_flatten
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from mimo_mlx.config import ModelConfig
 from mimo_mlx.convert.plan import OutputTensor
 from mimo_mlx.convert.writer import ShardedWriter
-from mimo_mlx.model import Model
+from mimo_mlx.model.config import ModelConfig
+from mimo_mlx.model.mimo_vl import Model
 
 # MiMo-VL-7B-RL's config.json (the published layout: decoder keys at the root).
 MIMO_VL_7B_CONFIG = {

@@ -19,9 +19,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mimo_mlx.backend import device_kind, vision_schedule
-from mimo_mlx.config import VisionConfig
-from mimo_mlx.vision import VisionModel, encode
+from mimo_mlx.model.backend import device_kind, vision_schedule
+from mimo_mlx.model.config import VisionConfig
+from mimo_mlx.model.vision import VisionModel, encode
 
 from .machine import machine_info, versions
 

@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 import click
 
-from mimo_mlx.weights import to_mlx_layout
+from mimo_mlx.model.weights import to_mlx_layout
 
 from . import hub, output
 from .plan import Options, TensorPlan, build_plan, make_options, quantization_config

@@ -13,11 +13,11 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mimo_mlx.config import ModelConfig
 from mimo_mlx.errors import MimoError
 from mimo_mlx.loading import check_weights
-from mimo_mlx.model import Model
-from mimo_mlx.weights import canonical_key, is_ignored, to_mlx_layout
+from mimo_mlx.model.config import ModelConfig
+from mimo_mlx.model.mimo_vl import Model
+from mimo_mlx.model.weights import canonical_key, is_ignored, to_mlx_layout
 
 from .reader import SourceTensor
 

@@ -7,10 +7,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from mimo_mlx.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from mimo_mlx.errors import MimoError
 from mimo_mlx.loading import read_config, safetensors_files
-from mimo_mlx.weights import detect_layout
+from mimo_mlx.model.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from mimo_mlx.model.weights import detect_layout
 
 from .plan import FLOAT_DTYPES
 from .reader import SourceTensor, read_headers

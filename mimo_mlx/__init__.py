@@ -5,6 +5,19 @@ result = mimo_mlx.generate(model, processor, "What is in this picture?", images=
 print(result.answer)
 
 Names are imported on first use, so `import mimo_mlx` (and the CLI's --help) stays light.
+
+The package is one folder per subsystem, each importing only those below it (each folder's
+`__init__` says which; tests/test_layout.py checks it):
+
+    errors, options        what every layer shares: the user's errors, every request option
+    model                  the network, its cache, config, checkpoint layouts, backend policy
+    inputs                 tokenizer, chat template, image and video preprocessing, Processor
+    convert, loading       checkpoint -> MLX folder; a folder or hub id -> (model, processor)
+    grounding              boxes and points back on the user's image
+    generation             generate_step -> stream_generate -> generate, sampling, prompt lookup
+    conversation           multi-turn reuse, saved conversations, the server's pool
+    distributed, serve     several processes as one model; the OpenAI-compatible server
+    cli                    the command line
 """
 
 from __future__ import annotations
@@ -14,25 +27,27 @@ from typing import TYPE_CHECKING, Any
 
 # Public name -> module that defines it.
 _EXPORTS = {
-    "GenerationResponse": "generation",
-    "GenerationResult": "generation",
+    "Conversation": "conversation.conversation",
+    "GenerationResponse": "generation.loop",
+    "GenerationResult": "generation.loop",
     "MimoError": "errors",
-    "Model": "model",
-    "ModelConfig": "config",
-    "ModelInputs": "processor",
-    "Processor": "processor",
-    "Prompt": "model",
+    "Model": "model.mimo_vl",
+    "ModelConfig": "model.config",
+    "ModelInputs": "inputs.processor",
+    "Processor": "inputs.processor",
+    "Prompt": "model.mimo_vl",
     "PromptOptions": "options",
     "SamplingOptions": "options",
-    "generate": "generation",
-    "generate_step": "generation",
+    "generate": "generation.loop",
+    "generate_step": "generation.loop",
     "load": "loading",
     "load_model": "loading",
-    "make_logits_processors": "sampling",
-    "make_sampler": "sampling",
-    "stream_generate": "generation",
+    "make_logits_processors": "generation.sampling",
+    "make_sampler": "generation.sampling",
+    "stream_generate": "generation.loop",
 }
 __all__ = [
+    "Conversation",
     "GenerationResponse",
     "GenerationResult",
     "MimoError",
@@ -53,20 +68,21 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .config import ModelConfig
+    from .conversation.conversation import Conversation
     from .errors import MimoError
-    from .generation import (
+    from .generation.loop import (
         GenerationResponse,
         GenerationResult,
         generate,
         generate_step,
         stream_generate,
     )
+    from .generation.sampling import make_logits_processors, make_sampler
+    from .inputs.processor import ModelInputs, Processor
     from .loading import load, load_model
-    from .model import Model, Prompt
+    from .model.config import ModelConfig
+    from .model.mimo_vl import Model, Prompt
     from .options import PromptOptions, SamplingOptions
-    from .processor import ModelInputs, Processor
-    from .sampling import make_logits_processors, make_sampler
 
 
 def __getattr__(name: str) -> Any:

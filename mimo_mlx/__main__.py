@@ -1,5 +1,5 @@
 """`python -m mimo_mlx` is the `mimo-mlx` command."""
 
-from .cli import main
+from .cli.main import main
 
 main()

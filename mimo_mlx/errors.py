@@ -1,4 +1,7 @@
-"""The one exception type for mistakes a user can make (bad files, bad input, bad options)."""
+"""The one exception type for mistakes a user can make (bad files, bad input, bad options).
+
+May import: nothing of the package.
+"""
 
 
 class MimoError(Exception):

@@ -1,4 +1,7 @@
-"""Load a model folder: HF safetensors, an mlx-vlm conversion, or a `mimo-mlx convert` output."""
+"""Load a model folder: HF safetensors, an mlx-vlm conversion, or a `mimo-mlx convert` output.
+
+May import: errors, options, model, inputs, convert.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +16,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
 from .errors import MimoError
-from .model import Model
+from .inputs.processor import Processor
+from .model.config import ModelConfig
+from .model.mimo_vl import Model
+from .model.weights import canonical_key, detect_layout, sanitize
 from .options import DEFAULT_MODEL
-from .processor import Processor
-from .weights import canonical_key, detect_layout, sanitize
 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 

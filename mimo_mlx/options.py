@@ -5,6 +5,8 @@
 which changes how fast tokens come, never which. The processor, `stream_generate`, `generate` and the
 command line all take their options from these declarations; the CLI builds its flags and help
 from the field metadata. No mlx import here: `mimo-mlx --help` stays fast.
+
+May import: errors.
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ from threading import Event
 import mlx.core as mx
 import numpy as np
 
-from mimo_mlx.config import ModelConfig
 from mimo_mlx.errors import MimoError
-from mimo_mlx.processor import ModelInputs
+from mimo_mlx.inputs.processor import ModelInputs
+from mimo_mlx.model.config import ModelConfig
 
 AWKWARD, BELOW_MIN_PIXELS = (1, 10, 18), (1, 4, 6)
 
@@ -100,8 +100,8 @@ def logits(model, ids: np.ndarray, vision: dict) -> np.ndarray:
 
 
 def main(spec_path: str) -> None:
-    from mimo_mlx.distributed import start_group
-    from mimo_mlx.shard_loading import load_sharded
+    from mimo_mlx.distributed.group import start_group
+    from mimo_mlx.distributed.loading import load_sharded
 
     mx.set_default_device(mx.cpu)
     spec = json.loads(Path(spec_path).read_text())
@@ -125,7 +125,7 @@ def main(spec_path: str) -> None:
 
 def generate(model, processor, group, spec) -> dict[str, list[int]] | None:
     """Greedy answers to the generation prompts (rank 0), or following them (the others)."""
-    from mimo_mlx.lockstep import Leader, follow, receive_request, run_request
+    from mimo_mlx.distributed.lockstep import Leader, follow, receive_request, run_request
 
     prompts = generation_prompts(model.config)
     if spec["task"] == "stop" and group.rank == 0:
@@ -158,7 +158,7 @@ def generate(model, processor, group, spec) -> dict[str, list[int]] | None:
 def stop_early(model, processor, group, prompts) -> dict[str, list[int]]:
     """Rank 0 closes one stream after 3 tokens, asks another to stop after 3, then answers a
     third prompt in full: what it got, to show every rank stayed in step."""
-    from mimo_mlx.lockstep import Leader
+    from mimo_mlx.distributed.lockstep import Leader
 
     found = {}
     with Leader(model, processor, group) as leader:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mimo_mlx.activations import swiglu
+from mimo_mlx.model.activations import swiglu
 
 
 def _reference(gate: np.ndarray, up: np.ndarray) -> np.ndarray:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mimo_mlx.annotate import PALETTE, Style, annotate, colours_for
 from mimo_mlx.errors import MimoError
-from mimo_mlx.grounding import Action, Box, Point, parse_grounding
-from mimo_mlx.grounding_report import geometry_of, to_original
+from mimo_mlx.grounding.draw import PALETTE, Style, annotate, colours_for
+from mimo_mlx.grounding.parse import Action, Box, Point, parse_grounding
+from mimo_mlx.grounding.report import geometry_of, to_original
 
 GREY = (128, 128, 128)
 

@@ -9,8 +9,8 @@ import pytest
 from test_generate import write_model_folder
 
 import mimo_mlx
-from mimo_mlx import backend
-from mimo_mlx.backend import VisionSchedule, fused_attention, vision_schedule
+from mimo_mlx.model import backend
+from mimo_mlx.model.backend import VisionSchedule, fused_attention, vision_schedule
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,7 @@ def test_half_precision_gpu_vision_pass_is_one_lazy_graph(loaded, monkeypatch):
     1344x1344 image builds the whole vision pass without a single host sync."""
     model, _ = loaded
     schedule = vision_schedule("metal", mx.bfloat16, 80, 9216, 9216, 1280, 3456)
-    monkeypatch.setattr("mimo_mlx.model.vision_schedule", lambda *args, **kwargs: schedule)
+    monkeypatch.setattr("mimo_mlx.model.mimo_vl.vision_schedule", lambda *args, **kwargs: schedule)
     evals, items = Spy(monkeypatch, "eval"), []
     monkeypatch.setattr(mx.array, "item", lambda self: items.append(1))
     grid = np.array([[1, 96, 96]])
@@ -177,7 +177,7 @@ def test_decoding_with_the_rope_kernel_gives_the_same_logits(loaded, monkeypatch
     ids = np.array([[5, 9, 14, 3, 7, 21, 8]])
 
     def logits(kernel: bool) -> np.ndarray:
-        monkeypatch.setattr("mimo_mlx.language.rope_kernel", lambda kind: kernel)
+        monkeypatch.setattr("mimo_mlx.model.language.rope_kernel", lambda kind: kernel)
         cache = model.make_cache()
         rows = [model(ids[:, :5], cache=cache)[0, -1]]
         rows += [model(ids[:, i : i + 1], cache=cache)[0, -1] for i in (5, 6)]

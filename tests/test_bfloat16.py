@@ -30,7 +30,7 @@ from tiny_models import (
 )
 
 from mimo_mlx import load_model
-from mimo_mlx.generation import generate_step
+from mimo_mlx.generation.loop import generate_step
 
 BOUND = 0.04  # of the largest |logit|
 MEAN_BOUND = 0.005

@@ -132,7 +132,7 @@ def test_trim_returns_to_any_point(model, keep):
 
 def test_trim_bookkeeping_matches_positions():
     """The next text position after a trim, worked out by hand for a b <vs> [2x2 image] <ve>."""
-    from mimo_mlx.cache import PromptCache
+    from mimo_mlx.model.cache import PromptCache
 
     positions = np.array(
         [

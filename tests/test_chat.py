@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from tiny_tokenizer import CHAT_TEMPLATE, build_tiny_tokenizer
 
-from mimo_mlx.chat import (
+from mimo_mlx.errors import MimoError
+from mimo_mlx.inputs.template import (
     ThinkingSplitter,
     build_messages,
     build_prompt,
@@ -17,8 +18,7 @@ from mimo_mlx.chat import (
     render_chat,
     split_thinking,
 )
-from mimo_mlx.errors import MimoError
-from mimo_mlx.tokenizer import Tokenizer
+from mimo_mlx.inputs.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

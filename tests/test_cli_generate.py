@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 from test_generate import write_model_folder
 
-from mimo_mlx.cli import main
+from mimo_mlx.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def test_stats_line_says_why_generation_ended(folder):
     [(False, "<think>a</think>b\n<think>c</think>d\n"), (True, "bd\n")],
 )
 def test_every_think_block_is_reasoning_when_piped(capsys, hide, expected):
-    from mimo_mlx.console import StreamPrinter
+    from mimo_mlx.cli.console import StreamPrinter
 
     printer = StreamPrinter(hide_thinking=hide, opened=False)
     for piece in "<think>a</think>\n\nb<think>c</think>d":
@@ -237,10 +237,10 @@ def test_help_does_not_import_mlx():
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from mimo_mlx.cli import main\n"
+        "from mimo_mlx.cli.main import main\n"
         "for args in (['--help'], ['generate', '--help']):\n"
         "    assert CliRunner().invoke(main, args).exit_code == 0\n"
-        "print(sorted(m for m in ('mlx', 'mlx.core', 'mimo_mlx.model') if m in sys.modules))\n"
+        "print(sorted(m for m in ('mlx', 'mlx.core', 'mimo_mlx.model.mimo_vl') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

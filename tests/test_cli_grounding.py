@@ -13,10 +13,10 @@ from PIL import Image
 from test_generate import write_model_folder
 
 import mimo_mlx
-from mimo_mlx import generation
-from mimo_mlx.annotate import PALETTE
-from mimo_mlx.cli import main
-from mimo_mlx.processing import smart_resize
+from mimo_mlx.cli.main import main
+from mimo_mlx.generation import loop as generation
+from mimo_mlx.grounding.draw import PALETTE
+from mimo_mlx.inputs.images import smart_resize
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ from test_generate import (
 )
 
 import mimo_mlx
-from mimo_mlx.conversation import Conversation
+from mimo_mlx.conversation.conversation import Conversation
+from mimo_mlx.conversation.vision_cache import VisionCache
 from mimo_mlx.errors import MimoError
-from mimo_mlx.vision_cache import VisionCache
 
 VIDEO_LIMITS = dict(video_min_pixels=28 * 28 * 4, video_max_pixels=28 * 28 * 16)
 
@@ -256,7 +256,7 @@ def test_a_file_of_another_format_or_no_conversation_is_refused(
 ):
     chat = conversation(ours)
     chat.ask("Hi", max_tokens=3)
-    monkeypatch.setattr("mimo_mlx.conversation_file.FORMAT", 99)
+    monkeypatch.setattr("mimo_mlx.conversation.file.FORMAT", 99)
     path = chat.save(tmp_path / "future.safetensors")
     monkeypatch.undo()
     with pytest.raises(MimoError, match="conversation format 99; this mimo-mlx .* reads format 1"):
@@ -268,7 +268,7 @@ def test_a_file_of_another_format_or_no_conversation_is_refused(
 def test_the_pool_continues_each_clients_conversation(ours, images):
     """Two clients re-sending growing conversations: each turn 2 reuses its own turn 1, and a
     client that starts like another forks it instead of trimming it away."""
-    from mimo_mlx.conversation_pool import ConversationPool
+    from mimo_mlx.conversation.pool import ConversationPool
 
     pool = ConversationPool(*ours, vision_cache=VisionCache(), max_pixels=MAX_PIXELS)
     first = [{"role": "user", "content": [{"type": "image", "image": pil(images[0])},
@@ -292,7 +292,7 @@ def test_the_pool_continues_each_clients_conversation(ours, images):
 
 
 def test_the_pool_keeps_within_its_bytes(ours):
-    from mimo_mlx.conversation_pool import ConversationPool
+    from mimo_mlx.conversation.pool import ConversationPool
 
     pool = ConversationPool(*ours, max_bytes=1)
     for i in range(3):

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from convert_helpers import make_source
 from safetensors import safe_open
 
-from mimo_mlx.cli import main
+from mimo_mlx.cli.main import main
 from mimo_mlx.convert import convert
 
 

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from convert_helpers import edit_tensors, leftovers, make_source, split_shards
 
-from mimo_mlx.cli import main
+from mimo_mlx.cli.main import main
 from mimo_mlx.convert import convert, pipeline
 
 
@@ -179,7 +179,7 @@ def test_failure_midway_leaves_nothing(folder, tmp_path, monkeypatch):
 def test_error_through_a_real_process(folder, tmp_path):
     (folder / "model-00002-of-00002.safetensors").write_bytes(b"\x10\x00\x00\x00")
     out = tmp_path / "out"
-    command = "from mimo_mlx.cli import main; main()"
+    command = "from mimo_mlx.cli.main import main; main()"
     args = ["convert", "--hf-path", str(folder), "--mlx-path", str(out)]
     done = subprocess.run([sys.executable, "-c", command, *args], capture_output=True, text=True)
     assert done.returncode == 1

@@ -23,7 +23,7 @@ from convert_helpers import leftovers, make_source, stored
 from huggingface_hub import constants
 from huggingface_hub.utils import filter_repo_objects
 
-from mimo_mlx.cli import main
+from mimo_mlx.cli.main import main
 from mimo_mlx.convert import convert, hub
 
 REPO = "tiny-org/mimo-tiny"
@@ -77,7 +77,7 @@ def offline(cache, monkeypatch):
 def test_repo_id_through_a_real_process(cache, checkpoints, tmp_path):
     env = dict(os.environ, HF_HOME=str(cache.parent), HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
     out = tmp_path / "out"
-    command = [sys.executable, "-c", "from mimo_mlx.cli import main; main()", "convert"]
+    command = [sys.executable, "-c", "from mimo_mlx.cli.main import main; main()", "convert"]
     args = ["--hf-path", REPO, "--mlx-path", str(out)]
     done = subprocess.run([*command, *args], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -16,7 +16,7 @@ from convert_helpers import LOGIT_BOUNDS, logits, make_source, relative_rms, sam
 
 from mimo_mlx import MimoError, load_model
 from mimo_mlx.convert import convert
-from mimo_mlx.weights import MLX_VLM, detect_layout
+from mimo_mlx.model.weights import MLX_VLM, detect_layout
 
 mlx_vlm_convert = pytest.importorskip("mlx_vlm.convert").convert
 

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from convert_helpers import leftovers, make_slow_source, make_source
 
-from mimo_mlx.cli import main
+from mimo_mlx.cli.main import main
 from mimo_mlx.convert import convert, output, pipeline
 
 

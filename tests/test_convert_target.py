@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from convert_helpers import leftovers, make_source, split_shards
 
-from mimo_mlx.cli import main
+from mimo_mlx.cli.main import main
 from mimo_mlx.convert import convert
 
 

@@ -20,12 +20,12 @@ from mlx.nn.layers.distributed import shard_inplace
 from mlx.utils import tree_flatten
 
 from mimo_mlx import MimoError, load_model
-from mimo_mlx import shard_loading as shard_loading_module
-from mimo_mlx.cli import main
-from mimo_mlx.distributed import Watchdog, launched
-from mimo_mlx.lockstep import Request, decode_request, encode_request
-from mimo_mlx.shard_loading import load_sharded_model, read_slices, stored_tensors
-from mimo_mlx.sharding import module_at, param_axis, part_ranges, split_modules
+from mimo_mlx.cli.main import main
+from mimo_mlx.distributed import loading as shard_loading_module
+from mimo_mlx.distributed.group import Watchdog, launched
+from mimo_mlx.distributed.loading import load_sharded_model, read_slices, stored_tensors
+from mimo_mlx.distributed.lockstep import Request, decode_request, encode_request
+from mimo_mlx.distributed.sharding import module_at, param_axis, part_ranges, split_modules
 
 
 @pytest.fixture(scope="module")

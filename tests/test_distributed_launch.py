@@ -26,7 +26,7 @@ from PIL import Image
 
 from benchmarks.ranks import free_port_block
 from mimo_mlx import generate, load
-from mimo_mlx.generation import stream_generate
+from mimo_mlx.generation.loop import stream_generate
 
 LAUNCHER = Path(sys.executable).with_name("mlx.launch")
 WORKER = Path(__file__).with_name("distributed_worker.py")

@@ -17,8 +17,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 import mimo_mlx
 from mimo_mlx import MimoError
-from mimo_mlx.generation import generate, stream_generate
-from mimo_mlx.sampling import make_logits_processors
+from mimo_mlx.generation.loop import generate, stream_generate
+from mimo_mlx.generation.sampling import make_logits_processors
 
 NEW_TOKENS = 24
 MAX_PIXELS = 28 * 28 * 64
@@ -294,7 +294,7 @@ def test_greedy_decode_queues_the_token_and_the_logits(ours, monkeypatch):
 def test_the_first_token_takes_one_pass_per_prefill_chunk(ours, monkeypatch, step_size):
     """The prompt's last token rides with the last chunk (its logits alone): ceil(L / step)
     passes before the first token, not one more for the last token."""
-    from mimo_mlx.generation import generate_step
+    from mimo_mlx.generation.loop import generate_step
 
     model, processor = ours
     ids = processor.prepare("Tell me a story about the sea.").input_ids
@@ -344,13 +344,13 @@ def test_prompt_longer_than_the_context(ours, monkeypatch):
 def test_generation_never_reruns_the_vision_tower(ours, images, monkeypatch):
     model, processor = ours
     calls = []
-    original = mimo_mlx.model.encode
+    original = mimo_mlx.model.mimo_vl.encode
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(mimo_mlx.model, "encode", counting)
+    monkeypatch.setattr(mimo_mlx.model.mimo_vl, "encode", counting)
     generate(model, processor, "Describe it.", images[:1], max_tokens=10)
     assert len(calls) == 1
     mx.clear_cache()
@@ -378,7 +378,7 @@ def test_repetition_penalty_counts_the_cached_prompt(ours, reference):
     """A prompt that continues a cache: the penalty still covers the cached tokens (given as the
     context), as transformers penalizes a prompt it runs from scratch. The cache is filled with
     the model's own greedy favourites, which an unpenalized history would simply repeat."""
-    from mimo_mlx.generation import generate_step
+    from mimo_mlx.generation.loop import generate_step
 
     model, processor = ours
     hf_model, _ = reference

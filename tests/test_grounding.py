@@ -13,15 +13,15 @@ import pytest
 from PIL import Image
 
 from mimo_mlx.errors import MimoError
-from mimo_mlx.grounding import Action, Box, ImageGeometry, ParseResult, Point, parse_grounding
-from mimo_mlx.grounding_report import (
+from mimo_mlx.grounding.parse import Action, Box, ImageGeometry, ParseResult, Point, parse_grounding
+from mimo_mlx.grounding.report import (
     geometry_of,
     grounding_prompt,
     to_json,
     to_original,
     to_resized,
 )
-from mimo_mlx.processing import (
+from mimo_mlx.inputs.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
     ImageProcessorConfig,
@@ -336,7 +336,7 @@ import sys, types
 package = types.ModuleType("mimo_mlx")
 package.__path__ = [{str(package)!r}]
 sys.modules["mimo_mlx"] = package
-import mimo_mlx.grounding, mimo_mlx.grounding_report, mimo_mlx.annotate
+import mimo_mlx.grounding.parse, mimo_mlx.grounding.report, mimo_mlx.grounding.draw
 loaded = sorted(m for m in sys.modules if m == "mlx" or m.startswith("mlx."))
 print(",".join(loaded))
 """

@@ -13,7 +13,7 @@ from tiny_models import TOKENS, build_ids, pixels, save_checkpoint, tiny_hf_mode
 
 from mimo_mlx import MimoError, load_model
 from mimo_mlx.loading import read_safetensors
-from mimo_mlx.weights import HF, MLX_VLM, sanitize
+from mimo_mlx.model.weights import HF, MLX_VLM, sanitize
 
 
 @pytest.fixture(scope="module")

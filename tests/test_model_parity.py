@@ -9,8 +9,8 @@ import torch
 from tiny_models import build_ids, hf_logits, mlx_logits, pixels, save_checkpoint, tiny_hf_model
 
 from mimo_mlx import load_model
-from mimo_mlx.backend import VisionSchedule
-from mimo_mlx.vision import encode
+from mimo_mlx.model.backend import VisionSchedule
+from mimo_mlx.model.vision import encode
 
 TOLERANCE = 1e-4
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mimo_mlx.errors import MimoError
-from mimo_mlx.mrope import VisionTokens, rope_index
+from mimo_mlx.model.mrope import VisionTokens, rope_index
 
 IMG, VID, VS, VE = 90, 91, 92, 93
 TOKENS = VisionTokens(

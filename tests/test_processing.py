@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from mimo_mlx.errors import MimoError
-from mimo_mlx.processing import (
+from mimo_mlx.inputs.images import (
     CHECKPOINT_MAX_PIXELS,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
@@ -28,7 +28,7 @@ from mimo_mlx.processing import (
     preprocess_images,
     smart_resize,
 )
-from mimo_mlx.video import (
+from mimo_mlx.inputs.video import (
     DEFAULT_VIDEO_MAX_PIXELS,
     DEFAULT_VIDEO_MIN_PIXELS,
     load_video,
@@ -247,7 +247,7 @@ def test_bad_images_raise_mimo_error(tmp_path, name, make, message):
 
 def test_runtime_imports_stay_light():
     code = (
-        "import sys, mimo_mlx.processing, mimo_mlx.video; "
+        "import sys, mimo_mlx.inputs.images, mimo_mlx.inputs.video; "
         "print(sorted({'torch', 'transformers', 'cv2', 'av'} & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -343,7 +343,7 @@ def test_video_file_sampling(video_file, monkeypatch, decoder):
 @pytest.mark.parametrize("reported", [0, 40])
 def test_video_file_with_wrong_frame_count(video_file, monkeypatch, reported):
     # Containers may not store a frame count (0) or over-report it: both recover the true 30.
-    import mimo_mlx.video as video
+    import mimo_mlx.inputs.video as video
 
     monkeypatch.setattr(video, "_probe", lambda path, decoder: (reported, 10.0))
     pixels, sample_fps = load_video(video_file, fps=2.0)
@@ -380,7 +380,7 @@ def test_a_folder_given_as_an_image_says_it_is_a_folder(tmp_path):
 
 
 def test_a_string_is_one_image_not_letters(tmp_path, model_dir):
-    from mimo_mlx.processor import _as_list
+    from mimo_mlx.inputs.processor import _as_list
 
     path = tmp_path / "photo.png"
     random_image(60, 80).save(path)
@@ -408,7 +408,7 @@ def test_images_beyond_pils_bomb_limit_load_without_a_warning(tmp_path, monkeypa
 def test_images_beyond_our_limit_are_refused_with_our_message(tmp_path, monkeypatch):
     path = tmp_path / "huge.png"
     random_image(60, 60).save(path)
-    monkeypatch.setattr("mimo_mlx.processing.MAX_IMAGE_PIXELS", 3000)
+    monkeypatch.setattr("mimo_mlx.inputs.images.MAX_IMAGE_PIXELS", 3000)
     with pytest.raises(MimoError, match="60x60 pixels .* above the 0 MP mimo-mlx decodes"):
         load_image(path)
 
@@ -445,7 +445,7 @@ def test_decoder_noise_stays_off_the_terminal(tmp_path, video_file):
     broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 4000)
     code = (
         "import sys\n"
-        "from mimo_mlx.video import load_video\n"
+        "from mimo_mlx.inputs.video import load_video\n"
         "from mimo_mlx.errors import MimoError\n"
         "try:\n    load_video(sys.argv[1])\n"
         "except MimoError as err:\n    print(err)\n"

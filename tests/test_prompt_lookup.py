@@ -24,9 +24,9 @@ from tiny_models import TOKENS, save_checkpoint, tiny_hf_model
 
 from benchmarks.lookup import chain, follow_chain, text_limit
 from mimo_mlx import MimoError, load_model
-from mimo_mlx.generation import generate_step, lookup_generate_step
-from mimo_mlx.prompt_lookup import MISS_LIMIT, NgramIndex, PromptLookup, accepted_count
-from mimo_mlx.sampling import (
+from mimo_mlx.generation.lookup import MISS_LIMIT, NgramIndex, PromptLookup, accepted_count
+from mimo_mlx.generation.loop import generate_step, lookup_generate_step
+from mimo_mlx.generation.sampling import (
     apply_repetition_penalty,
     make_logits_processors,
     make_sampler,

@@ -15,10 +15,11 @@ from test_generate import MAX_PIXELS, sample_images, write_model_folder
 
 import mimo_mlx
 from benchmarks.lookup import chain, follow_chain
-from mimo_mlx import MimoError, cli
-from mimo_mlx.conversation import Conversation
-from mimo_mlx.generation import generate, stream_generate
-from mimo_mlx.vision_cache import VisionCache
+from mimo_mlx import MimoError
+from mimo_mlx.cli import main as cli
+from mimo_mlx.conversation.conversation import Conversation
+from mimo_mlx.conversation.vision_cache import VisionCache
+from mimo_mlx.generation.loop import generate, stream_generate
 
 STATS = re.compile(r"prompt lookup: (\d+) of (\d+) drafted tokens accepted")
 

@@ -16,7 +16,7 @@ class Forbid:
             raise ImportError("the runtime imported " + name)
 
 sys.meta_path.insert(0, Forbid())
-import mimo_mlx, mimo_mlx.cli, mimo_mlx.convert
+import mimo_mlx, mimo_mlx.cli.main, mimo_mlx.convert
 model, processor = mimo_mlx.load(sys.argv[1])
 print(len(mimo_mlx.generate(model, processor, "Hi", max_tokens=3).tokens))
 """

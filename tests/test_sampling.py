@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mimo_mlx.errors import MimoError
-from mimo_mlx.sampling import (
+from mimo_mlx.generation.sampling import (
     apply_repetition_penalty,
     make_logits_processors,
     make_sampler,

@@ -26,9 +26,9 @@ from server_process import ServerProcess, data_url
 from test_generate import MAX_PIXELS, write_model_folder
 
 import mimo_mlx
-from mimo_mlx.chat import split_thinking
-from mimo_mlx.cli import main
-from mimo_mlx.serve_cli import ByteSize
+from mimo_mlx.cli.main import main
+from mimo_mlx.cli.serve import ByteSize
+from mimo_mlx.inputs.template import split_thinking
 
 KEY = "test-key"
 PROMPT = "What is in this picture?"
@@ -423,7 +423,7 @@ def test_serve_help_imports_neither_mlx_nor_the_server():
     script = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from mimo_mlx.cli import main\n"
+        "from mimo_mlx.cli.main import main\n"
         "result = CliRunner().invoke(main, ['serve', '--help'])\n"
         "assert result.exit_code == 0 and '--api-key' in result.output, result.output\n"
         "print(sorted(m for m in ('mlx.core', 'starlette', 'uvicorn') if m in sys.modules))\n"

@@ -13,10 +13,10 @@ import anyio
 import pytest
 from PIL import Image
 
-from mimo_mlx.answer_stream import AnswerStream
-from mimo_mlx.chat import split_thinking
-from mimo_mlx.openai_api import APIError, Limits, parse_chat_request
-from mimo_mlx.request_media import MediaPolicy, decode_image, fetch, resolve_media
+from mimo_mlx.generation.answer_stream import AnswerStream
+from mimo_mlx.inputs.template import split_thinking
+from mimo_mlx.serve.media import MediaPolicy, decode_image, fetch, resolve_media
+from mimo_mlx.serve.requests import APIError, Limits, parse_chat_request
 
 LIMITS = Limits(("tiny",), context=4096, max_pixels=50176)
 HELLO = [{"role": "user", "content": "Hello"}]

@@ -15,11 +15,11 @@ from test_generate import write_model_folder
 from tiny_tokenizer import CHAT_TEMPLATE
 
 import mimo_mlx
-from mimo_mlx.conversation_pool import ConversationPool
+from mimo_mlx.conversation.pool import ConversationPool
 from mimo_mlx.errors import ContextFull
-from mimo_mlx.generation import GenerationResponse
-from mimo_mlx.openai_api import APIError
-from mimo_mlx.serving import Delta, Engine, Failed, Finished, Job, Started
+from mimo_mlx.generation.loop import GenerationResponse
+from mimo_mlx.serve.engine import Delta, Engine, Failed, Finished, Job, Started
+from mimo_mlx.serve.requests import APIError
 
 STEP_S = 0.005
 EOS = 0

@@ -8,7 +8,7 @@ import pytest
 from tiny_tokenizer import SPECIAL_TOKEN_IDS, TINY_TOTAL_VOCAB, build_tiny_tokenizer
 
 from mimo_mlx.errors import MimoError
-from mimo_mlx.tokenizer import Tokenizer
+from mimo_mlx.inputs.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello world",

@@ -9,10 +9,10 @@ import torch
 from tiny_models import VISION
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
-from mimo_mlx.backend import vision_schedule
-from mimo_mlx.config import VisionConfig
-from mimo_mlx.vision import VisionModel, assemble, encode, group_attention, segment_attention
-from mimo_mlx.windows import plan_attention, rotary_positions, window_order
+from mimo_mlx.model.backend import vision_schedule
+from mimo_mlx.model.config import VisionConfig
+from mimo_mlx.model.vision import VisionModel, assemble, encode, group_attention, segment_attention
+from mimo_mlx.model.windows import plan_attention, rotary_positions, window_order
 
 GRIDS = [
     [[1, 10, 18]],  # edges cut windows on both sides

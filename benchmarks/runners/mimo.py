@@ -8,10 +8,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mimo_mlx.generation import generate_step
+from mimo_mlx.generation.loop import generate_step
+from mimo_mlx.generation.sampling import make_sampler
 from mimo_mlx.loading import load_model
-from mimo_mlx.model import Model
-from mimo_mlx.sampling import make_sampler
+from mimo_mlx.model.mimo_vl import Model
 
 from . import mlx_common
 from .base import MemoryReading

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
+from ..conversation.conversation import Conversation
+from ..errors import MimoError
 from .console import StreamPrinter, stats_line, stop_reason
-from .conversation import Conversation
-from .errors import MimoError
 
 HELP = """\
 Type a message and press Enter. Commands:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .chat import ThinkingSplitter
+from ..inputs.template import ThinkingSplitter
 
 
 class StreamPrinter:
@@ -68,7 +68,7 @@ def stop_reason(
 
 
 def stats_line(response, reason: str, prompt_lookup: bool = False) -> str:
-    """The one line of statistics printed to stderr after an answer (with `prompt_lookup`, how
+    """The one line of statistics printed to stderr after an answer (with prompt lookup, how
     many drafted tokens the model accepted)."""
     reused = f" ({response.cached_tokens} reused)" if response.cached_tokens else ""
     lookup = ""

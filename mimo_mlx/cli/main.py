@@ -15,8 +15,8 @@ from pathlib import Path
 
 import click
 
-from .errors import MimoError
-from .options import (
+from ..errors import MimoError
+from ..options import (
     DEFAULT_GROUP_TIMEOUT,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
@@ -33,7 +33,7 @@ LAZY_COMMANDS = {
         "Convert a MiMo-VL (Qwen2.5-VL architecture) checkpoint into an MLX model folder.",
     ),
     "serve": (
-        "mimo_mlx.serve_cli:serve",
+        "mimo_mlx.cli.serve:serve",
         "Serve the model over an OpenAI-compatible HTTP API (needs mimo-mlx[serve]).",
     ),
 }
@@ -214,9 +214,9 @@ def generate(
     across the ranks (each reads only its part of --model, which every host needs); rank 0 reads
     the images and prints, the others only compute.
     """
+    from ..generation.loop import max_new_tokens  # noqa: PLC0415
+    from ..options import pop_prompt_options  # noqa: PLC0415
     from .console import StreamPrinter, stats_line, stop_reason  # noqa: PLC0415  (fast --help)
-    from .generation import max_new_tokens  # noqa: PLC0415
-    from .options import pop_prompt_options  # noqa: PLC0415
 
     group = _start_group(group_timeout)
     if group is not None and group.rank > 0:
@@ -264,10 +264,10 @@ def _answerer(model, processor, group) -> Callable:
     The Leader is closed when the command ends, also after an error (a refused image): that
     releases the other ranks."""
     if group is None:
-        from .generation import stream_generate  # noqa: PLC0415
+        from ..generation.loop import stream_generate  # noqa: PLC0415
 
         return functools.partial(stream_generate, model, processor)
-    from .lockstep import Leader  # noqa: PLC0415
+    from ..distributed.lockstep import Leader  # noqa: PLC0415
 
     leader = Leader(model, processor, group)
     click.get_current_context().call_on_close(leader.close)
@@ -277,14 +277,14 @@ def _answerer(model, processor, group) -> Callable:
 def _start_group(timeout: float, handle_signals: bool = True):
     """The group mlx.launch (or mpirun) started this process in; None when run on its own.
     A server's rank 0 passes `handle_signals=False`: its event loop handles Ctrl-C and SIGTERM."""
-    from .distributed import launched, start_group  # noqa: PLC0415
+    from ..distributed.group import launched, start_group  # noqa: PLC0415
 
     return start_group(timeout, handle_signals=handle_signals) if launched() else None
 
 
 def _follow(model_path: str | None, group) -> None:
     """Ranks other than 0: load this rank's part, then compute what rank 0 asks, silently."""
-    from .lockstep import follow  # noqa: PLC0415
+    from ..distributed.lockstep import follow  # noqa: PLC0415
 
     model, processor = _load(model_path, group)
     follow(model, processor, group)
@@ -295,7 +295,7 @@ def _prompt_text(prompt: str | None, ground: str | None, gui: bool) -> str:
     if ground is not None:
         if prompt is not None:
             raise click.UsageError("--ground writes the prompt itself; give --prompt or --ground")
-        from .grounding_report import grounding_prompt  # noqa: PLC0415
+        from ..grounding.report import grounding_prompt  # noqa: PLC0415
 
         return grounding_prompt(ground, gui=gui)
     if gui:
@@ -314,14 +314,14 @@ def _check_grounding(images, videos, annotate_path) -> None:
             "they are on"
         )
     if annotate_path is not None:
-        from .annotate import check_destination  # noqa: PLC0415
+        from ..grounding.draw import check_destination  # noqa: PLC0415
 
         check_destination(images[0], annotate_path)
 
 
 def _report_grounding(text: str, inputs, image: str, annotate_path: str | None) -> None:
     """The answer's boxes as JSON on stdout (pixels of the user's image); the drawing if asked."""
-    from .grounding_report import ground, to_json  # noqa: PLC0415
+    from ..grounding.report import ground, to_json  # noqa: PLC0415
 
     found = ground(text, inputs)
     if not (found.boxes or found.points or found.actions):
@@ -330,7 +330,7 @@ def _report_grounding(text: str, inputs, image: str, annotate_path: str | None) 
         return
     click.echo(to_json(found))
     if annotate_path is not None:
-        from .annotate import annotate  # noqa: PLC0415
+        from ..grounding.draw import annotate  # noqa: PLC0415
 
         annotate(image, found.boxes, found.points, annotate_path, found.actions)
         click.echo(f"wrote {annotate_path}", err=True)
@@ -388,10 +388,10 @@ def chat(
     image is encoded once. Piped input is one message (or command) per line. Type /help for the
     commands (/image, /video, /reset, /save, /load, /quit). Ctrl-C stops an answer.
     """
-    from .conversation import Conversation  # noqa: PLC0415  (fast --help)
-    from .distributed import launched  # noqa: PLC0415
-    from .options import pop_prompt_options  # noqa: PLC0415
-    from .terminal_chat import ChatSession  # noqa: PLC0415
+    from ..conversation.conversation import Conversation  # noqa: PLC0415  (fast --help)
+    from ..distributed.group import launched  # noqa: PLC0415
+    from ..options import pop_prompt_options  # noqa: PLC0415
+    from .chat import ChatSession  # noqa: PLC0415
 
     if launched():
         raise MimoError(
@@ -460,10 +460,10 @@ def annotate(image, answer_path, out_path, max_pixels, min_pixels):
     redoes that resize exactly, prints the boxes as JSON in pixels of your image, and draws them.
     `generate --ground/--annotate` does the same for an answer it generates.
     """
-    from .annotate import annotate as draw  # noqa: PLC0415  (fast --help)
-    from .annotate import check_destination  # noqa: PLC0415
-    from .grounding import parse_grounding  # noqa: PLC0415
-    from .grounding_report import geometry_of, to_json, to_original  # noqa: PLC0415
+    from ..grounding.draw import annotate as draw  # noqa: PLC0415  (fast --help)
+    from ..grounding.draw import check_destination  # noqa: PLC0415
+    from ..grounding.parse import parse_grounding  # noqa: PLC0415
+    from ..grounding.report import geometry_of, to_json, to_original  # noqa: PLC0415
 
     if out_path is not None:
         check_destination(image, out_path)
@@ -483,11 +483,11 @@ def annotate(image, answer_path, out_path, max_pixels, min_pixels):
 
 def _load(model_path: str | None, group=None):
     if group is not None:
-        from .shard_loading import load_sharded  # noqa: PLC0415
+        from ..distributed.loading import load_sharded  # noqa: PLC0415
 
         with group.labelled():
             return load_sharded(model_path or DEFAULT_MODEL, group)
-    from .loading import load  # noqa: PLC0415
+    from ..loading import load  # noqa: PLC0415
 
     def announce(repo_id, target):
         click.echo(

@@ -1,4 +1,4 @@
-"""`mimo-mlx serve`: the command line of the HTTP server (see `server.py`).
+"""`mimo-mlx serve`: the command line of the HTTP server (see `serve/app.py`).
 
 Declared apart from `cli.py` and loaded only when run, like `convert`; nothing heavy is imported
 until the command starts, so `--help` answers at once and without the server's extra installed.
@@ -10,7 +10,15 @@ import signal
 
 import click
 
-from .cli import (
+from ..errors import MimoError
+from ..options import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MODEL,
+    PromptOptions,
+    SamplingOptions,
+    pop_prompt_options,
+)
+from .main import (
     _follow,
     _load,
     _start_group,
@@ -18,14 +26,6 @@ from .cli import (
     group_timeout_option,
     model_as_for_generate,
     sampling_defaults,
-)
-from .errors import MimoError
-from .options import (
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_MODEL,
-    PromptOptions,
-    SamplingOptions,
-    pop_prompt_options,
 )
 
 
@@ -173,9 +173,9 @@ def serve(
         raise click.BadParameter("the key is empty", param_hint="--api-key")
     if not all(importlib.util.find_spec(name) for name in ("starlette", "uvicorn", "httpx2")):
         raise MimoError('the server needs its extra: pip install "mimo-mlx[serve]"')
-    from .distributed import launch_rank, launched  # noqa: PLC0415
-    from .request_media import MediaPolicy  # noqa: PLC0415  (fast --help)
-    from .server import build_server, serve_forever  # noqa: PLC0415
+    from ..distributed.group import launch_rank, launched  # noqa: PLC0415
+    from ..serve.app import build_server, serve_forever  # noqa: PLC0415
+    from ..serve.media import MediaPolicy  # noqa: PLC0415  (fast --help)
 
     if launched() and max_kv_size is not None:  # every rank runs this command: all stop here
         raise MimoError(
@@ -196,7 +196,7 @@ def serve(
     model, processor = _load(model_path, group)
     pool = None
     if group is not None:  # rank 0 serves; every request runs across the ranks
-        from .lockstep import Leader, LeaderPool  # noqa: PLC0415
+        from ..distributed.lockstep import Leader, LeaderPool  # noqa: PLC0415
 
         leader = Leader(model, processor, group)
         click.get_current_context().call_on_close(leader.close)

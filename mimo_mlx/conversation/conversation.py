@@ -23,8 +23,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .errors import ContextFull, MimoError
-from .generation import (
+from ..errors import ContextFull, MimoError
+from ..generation.lookup import PromptLookup
+from ..generation.loop import (
     DEFAULT_PREFILL_STEP,
     GenerationResponse,
     GenerationResult,
@@ -32,18 +33,17 @@ from .generation import (
     collect,
     stream_prompt,
 )
-from .messages import Message, with_media
-from .model import Model
-from .options import (
+from ..generation.sampling import LogitsProcessor, Sampler
+from ..inputs.messages import Message, with_media
+from ..inputs.processor import ImageInput, ModelInputs, PreparedMedia, Processor, _as_list
+from ..model.mimo_vl import Model
+from ..options import (
     DEFAULT_MAX_TOKENS,
     PromptOptions,
     SamplingOptions,
     pop_lookup_options,
     pop_prompt_options,
 )
-from .processor import ImageInput, ModelInputs, PreparedMedia, Processor, _as_list
-from .prompt_lookup import PromptLookup
-from .sampling import LogitsProcessor, Sampler
 from .vision_cache import VisionCache, shared_vision_cache
 
 
@@ -105,7 +105,7 @@ class Conversation:
     def save(self, path: str | Path) -> Path:
         """Write the conversation, cache included, to one safetensors file (see
         `conversation_file`); `Conversation.load` resumes it, in this process or another."""
-        from .conversation_file import save_conversation  # noqa: PLC0415
+        from .file import save_conversation  # noqa: PLC0415
 
         return save_conversation(self, path)
 
@@ -114,7 +114,7 @@ class Conversation:
         cls, path: str | Path, model: Model, processor: Processor, **overrides
     ) -> Conversation:
         """A conversation saved by `save`, for the model that saved it."""
-        from .conversation_file import load_conversation  # noqa: PLC0415
+        from .file import load_conversation  # noqa: PLC0415
 
         return load_conversation(path, model, processor, **overrides)
 

@@ -20,9 +20,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .errors import MimoError
-from .model import Model
-from .processor import PreparedMedia, Processor
+from ..errors import MimoError
+from ..inputs.processor import PreparedMedia, Processor
+from ..model.mimo_vl import Model
 
 FORMAT = 1
 METADATA_KEY = "mimo_mlx.conversation"

@@ -13,12 +13,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 
+from ..generation.loop import GenerationResponse
+from ..inputs.messages import Message
+from ..inputs.processor import Processor
+from ..model.mimo_vl import Model
+from ..options import pop_prompt_options
 from .conversation import Conversation
-from .generation import GenerationResponse
-from .messages import Message
-from .model import Model
-from .options import pop_prompt_options
-from .processor import Processor
 from .vision_cache import VisionCache, shared_vision_cache
 
 DEFAULT_POOL_BYTES = 2 * 2**30  # about 14k cached tokens of MiMo-VL-7B in bfloat16

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from .model import Model
-from .processor import PreparedMedia
+from ..inputs.processor import PreparedMedia
+from ..model.mimo_vl import Model
 
 DEFAULT_VISION_CACHE_BYTES = 512 * 2**20  # ~32 photos at the default size in bfloat16
 

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import MimoError
-from .options import DEFAULT_GROUP_TIMEOUT
+from ..errors import MimoError
+from ..options import DEFAULT_GROUP_TIMEOUT
 
 # Set by the launchers for a process that is one rank of several: mlx.launch (ring, JACCL, NCCL
 # set MLX_RANK) and mpirun (Open MPI, MPICH).

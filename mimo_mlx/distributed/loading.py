@@ -23,10 +23,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
-from .distributed import Group
-from .errors import MimoError
-from .loading import (
+from ..errors import MimoError
+from ..inputs.processor import Processor
+from ..loading import (
     DTYPES,
     check_weights,
     default_dtype,
@@ -35,9 +34,10 @@ from .loading import (
     resolve_model,
     safetensors_files,
 )
-from .processor import Processor
+from ..model.config import ModelConfig
+from ..model.weights import canonical_key, detect_layout, is_ignored, to_mlx_layout
+from .group import Group
 from .sharding import ShardedModel, check_heads, param_axis, part_ranges, shard_model
-from .weights import canonical_key, detect_layout, is_ignored, to_mlx_layout
 
 # safetensors dtype -> numpy dtype its bytes are read as (bfloat16 travels as uint16 bits).
 STORED_DTYPES = {

@@ -33,13 +33,18 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .distributed import Group, report_and_exit
-from .errors import MimoError
-from .generation import DEFAULT_PREFILL_STEP, GenerationResponse, check_context, stream_generate
-from .model import Model
-from .options import DEFAULT_MAX_TOKENS, pop_prompt_options, split_options
-from .processor import ImageInput, ModelInputs, Processor
-from .sampling import Sampler, make_sampler
+from ..errors import MimoError
+from ..generation.loop import (
+    DEFAULT_PREFILL_STEP,
+    GenerationResponse,
+    check_context,
+    stream_generate,
+)
+from ..generation.sampling import Sampler, make_sampler
+from ..inputs.processor import ImageInput, ModelInputs, Processor
+from ..model.mimo_vl import Model
+from ..options import DEFAULT_MAX_TOKENS, pop_prompt_options, split_options
+from .group import Group, report_and_exit
 
 _ARRAYS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 # Not 0: a collective MLX's ring backend gives up on (its peer gone) reads as zeros.

@@ -21,9 +21,9 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
-from .errors import MimoError
-from .model import Model
+from ..errors import MimoError
+from ..model.config import ModelConfig
+from ..model.mimo_vl import Model
 
 ALL_TO_SHARDED, SHARDED_TO_ALL = "all-to-sharded", "sharded-to-all"
 LARGEST_SUGGESTED = 16  # group sizes listed as alternatives in a refusal

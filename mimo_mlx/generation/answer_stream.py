@@ -1,7 +1,7 @@
 """A streamed answer as an API returns it: stop sequences applied, reasoning and answer apart.
 
 Text pieces go in as they are decoded; (reasoning, content) deltas come out. Joined, the deltas
-equal `chat.split_thinking` of the whole text (cut before the first stop sequence), so a streamed
+equal `inputs.template.split_thinking` of the whole text (cut before the first stop sequence), so a streamed
 answer and a whole one read the same: think tags never appear, each think block is stripped and
 blocks are joined by a blank line, the answer is stripped. To get there without waiting for the
 end, text that could still be the start of a stop sequence or of a tag is held back, and so is
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .chat import ThinkingSplitter
+from ..inputs.template import ThinkingSplitter
 
 
 def _partial(text: str, stop: str) -> int:

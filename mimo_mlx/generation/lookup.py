@@ -33,9 +33,9 @@ from collections.abc import Callable, Iterable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
-from .backend import device_kind, release_cache
-from .cache import PromptCache
-from .options import LookupOptions
+from ..model.backend import device_kind, release_cache
+from ..model.cache import PromptCache
+from ..options import LookupOptions
 
 MISS_LIMIT = 2  # verifications in a row that accept nothing before drafting stops
 HIT_LIMIT = 2  # host-side lookups in a row that would have been right before it resumes

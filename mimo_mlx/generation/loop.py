@@ -11,23 +11,23 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .backend import generation_settings, release_cache
-from .cache import PromptCache
-from .chat import split_thinking
-from .errors import MimoError
-from .grounding import ParseResult
-from .model import Model, Prompt
-from .options import (
+from ..errors import MimoError
+from ..grounding.parse import ParseResult
+from ..inputs.processor import ImageInput, ModelInputs, Processor
+from ..inputs.template import split_thinking
+from ..inputs.tokenizer import Tokenizer
+from ..model.backend import generation_settings, release_cache
+from ..model.cache import PromptCache
+from ..model.mimo_vl import Model, Prompt
+from ..options import (
     DEFAULT_MAX_TOKENS,
     SamplingOptions,
     pop_lookup_options,
     pop_prompt_options,
     split_options,
 )
-from .processor import ImageInput, ModelInputs, Processor
-from .prompt_lookup import PromptLookup, warn_if_no_faster
+from .lookup import PromptLookup, warn_if_no_faster
 from .sampling import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler
-from .tokenizer import Tokenizer
 
 DEFAULT_PREFILL_STEP = 512
 
@@ -86,7 +86,7 @@ def lookup_generate_step(
     prompt_cache: PromptCache | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
 ) -> Iterator[tuple[int, mx.array, bool]]:
-    """`generate_step` with prompt-lookup decoding (see `prompt_lookup`): yields (token id,
+    """`generate_step` with prompt-lookup decoding (see `generation.lookup`): yields (token id,
     log-probabilities, from_draft) as mlx-lm's `speculative_generate_step` does. The tokens are
     the ones `generate_step` would give: greedy, the same; sampled, the same distribution.
 
@@ -237,7 +237,7 @@ class GenerationResult:
     def grounding(self) -> ParseResult:
         """The answer's boxes, points and GUI actions in pixels of the user's image (a prompt with
         one image; see `grounding_report.ground`). `.boxes`, `.points`, `.actions`, `.skipped`."""
-        from .grounding_report import ground  # noqa: PLC0415  (only when asked)
+        from ..grounding.report import ground  # noqa: PLC0415  (only when asked)
 
         return ground(self.text, self.inputs)
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from .errors import MimoError
-from .options import SamplingOptions
+from ..errors import MimoError
+from ..options import SamplingOptions
 
 Sampler = Callable[[mx.array], mx.array]
 """(B, vocab) float logits -> (B,) token ids."""

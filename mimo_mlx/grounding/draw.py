@@ -16,9 +16,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, features
 
-from .errors import MimoError
-from .grounding import Action, Box, Point
-from .processing import load_image, to_rgb
+from ..errors import MimoError
+from ..inputs.images import load_image, to_rgb
+from .parse import Action, Box, Point
 
 RGB = tuple[int, int, int]
 

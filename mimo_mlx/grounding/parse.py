@@ -9,7 +9,7 @@ MiMo-VL follows Qwen2.5-VL: after its reasoning it answers a grounding request w
 or, as a GUI agent, ``{"action": "drag", "start_point": [x, y], "end_point": [x, y]}``, always in
 absolute pixels of the image *as the processor resized it* (Qwen2-VL's 0-1000 grid is gone).
 ``parse_grounding`` reads those, plus Qwen's ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` text, and
-never raises. ``grounding_report`` puts the coordinates back on the user's image and reports them.
+never raises. ``grounding.report`` puts the coordinates back on the user's image and reports them.
 No mlx here: this module runs anywhere.
 """
 

@@ -17,9 +17,8 @@ from typing import Any
 
 from PIL import Image
 
-from .errors import MimoError
-from .grounding import Action, Box, ImageGeometry, ParseResult, Point, parse_grounding
-from .processing import (
+from ..errors import MimoError
+from ..inputs.images import (
     DEFAULT_CONFIG,
     DEFAULT_MAX_PIXELS,
     ImageProcessorConfig,
@@ -28,6 +27,7 @@ from .processing import (
     pixel_range,
     smart_resize,
 )
+from .parse import Action, Box, ImageGeometry, ParseResult, Point, parse_grounding
 
 
 def ground(answer: str, inputs: Any) -> ParseResult:

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import MimoError
-from .options import DEFAULT_MAX_PIXELS
+from ..errors import MimoError
+from ..options import DEFAULT_MAX_PIXELS
 
 DEFAULT_MIN_PIXELS = 3136
 """The checkpoint's min_pixels (56 x 56 = 4 patches of 28 x 28)."""

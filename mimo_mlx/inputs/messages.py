@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
-from .chat import NO_THINK, Message, user_text
-from .errors import MimoError
+from ..errors import MimoError
+from .template import NO_THINK, Message, user_text
 
 ROLES = ("system", "user", "assistant")
 

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .chat import check_media_rendered, expand_vision_tokens, load_chat_template, render_chat
-from .errors import MimoError
+from ..errors import MimoError
+from ..options import PromptOptions
+from .images import ImageProcessorConfig, load_image, load_processor_config, preprocess_images
 from .messages import Media, split_messages
-from .options import PromptOptions
-from .processing import ImageProcessorConfig, load_image, load_processor_config, preprocess_images
+from .template import check_media_rendered, expand_vision_tokens, load_chat_template, render_chat
 from .tokenizer import Tokenizer
 from .video import load_video, preprocess_video
 

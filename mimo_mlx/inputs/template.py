@@ -20,7 +20,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import MimoError
+from ..errors import MimoError
 from .tokenizer import Tokenizer, read_json_config
 
 IMAGE_TOKEN = "<|image_pad|>"

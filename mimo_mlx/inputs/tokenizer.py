@@ -14,7 +14,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as _Backend
 
-from .errors import MimoError
+from ..errors import MimoError
 
 # Named special-token slots (transformers' SPECIAL_TOKENS_ATTRIBUTES); chat templates read them.
 _NAMED_SPECIAL_TOKENS = (

@@ -2,7 +2,7 @@
 
 Frames are sampled uniformly at ``fps`` (2 by default) from a video file, or taken as-is from a
 folder of images that were already sampled at ``fps``. Every frame is resized to one
-``smart_resize`` size and normalized exactly like an image (``processing.py``); frames are grouped
+``smart_resize`` size and normalized exactly like an image (``images.py``); frames are grouped
 in pairs (temporal patch 2), the last frame repeated when the count is odd.
 
 Decoding uses PyAV (``pip install av``) when installed, else OpenCV (``pip install opencv-python``).
@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import MimoError
-from .options import (
+from ..errors import MimoError
+from ..options import (
     DEFAULT_VIDEO_FPS,
     DEFAULT_VIDEO_MAX_FRAMES,
     DEFAULT_VIDEO_MAX_PIXELS,
     DEFAULT_VIDEO_MIN_PIXELS,
 )
-from .processing import (
+from .images import (
     DEFAULT_CONFIG,
     ImageProcessorConfig,
     check_image_size,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import MimoError
+from ..errors import MimoError
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
 SUPPORTED_ACTIVATIONS = ("silu",)

@@ -22,10 +22,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..errors import MimoError
 from .backend import device_kind, vision_schedule
 from .cache import PromptCache
 from .config import ModelConfig
-from .errors import MimoError
 from .language import TextModel
 from .mrope import VisionTokens, rope_index
 from .vision import VisionModel, encode

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MimoError
+from ..errors import MimoError
 
 
 @dataclass(frozen=True)

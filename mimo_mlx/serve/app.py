@@ -4,7 +4,7 @@
     GET  /v1/models             the served model (GET /v1/models/{id} for one)
     GET  /health                liveness, the queue and request counts (never needs the key)
 
-Requests are checked here (`openai_api`), their images read (`request_media`), then queued for the
+Requests are checked here (`requests`), their images read (`media`), then queued for the
 one generation thread (`serving.Engine`). A chat completion answers with a status chosen after the
 first token: an error found before generation starts (a prompt past the context, an image the
 processor refuses, the time limit reached in the queue) is a proper 4xx/5xx; once streaming, a
@@ -32,14 +32,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .conversation_pool import ConversationPool
-from .model import Model
-from .openai_api import APIError, ChatRequest, Limits, error_body, parse_chat_request
-from .openai_responses import chunk_body, completion_body, model_card, usage_chunk_body
-from .options import DEFAULT_MAX_TOKENS, pop_prompt_options
-from .processor import Processor
-from .request_media import MediaPolicy, read_at_most, resolve_media
-from .serving import Delta, Engine, Failed, Finished, Job, queue_timeout
+from ..conversation.pool import ConversationPool
+from ..inputs.processor import Processor
+from ..model.mimo_vl import Model
+from ..options import DEFAULT_MAX_TOKENS, pop_prompt_options
+from .engine import Delta, Engine, Failed, Finished, Job, queue_timeout
+from .media import MediaPolicy, read_at_most, resolve_media
+from .requests import APIError, ChatRequest, Limits, error_body, parse_chat_request
+from .responses import chunk_body, completion_body, model_card, usage_chunk_body
 
 log = logging.getLogger("mimo_mlx.serve")
 

@@ -22,13 +22,13 @@ from typing import Any
 
 import mlx.core as mx
 
-from .answer_stream import AnswerStream
-from .conversation_pool import ConversationPool
-from .errors import ContextFull, MimoError
-from .generation import GenerationResponse
-from .openai_api import APIError
-from .openai_responses import logprob_entry, timings_body, usage_body
-from .tokenizer import Tokenizer
+from ..conversation.pool import ConversationPool
+from ..errors import ContextFull, MimoError
+from ..generation.answer_stream import AnswerStream
+from ..generation.loop import GenerationResponse
+from ..inputs.tokenizer import Tokenizer
+from .requests import APIError
+from .responses import logprob_entry, timings_body, usage_body
 
 log = logging.getLogger("mimo_mlx.serve")
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import anyio
 from PIL import Image, ImageOps
 
-from .errors import MimoError
-from .openai_api import APIError, ChatRequest, MediaRef
-from .processing import check_image_size, to_rgb
+from ..errors import MimoError
+from ..inputs.images import check_image_size, to_rgb
+from .requests import APIError, ChatRequest, MediaRef
 
 DEFAULT_FETCH_MAX_BYTES = 20 * 2**20
 DEFAULT_FETCH_TIMEOUT = 10.0

@@ -1,5 +1,5 @@
 """OpenAI's chat-completions requests, checked and turned into what the library takes, and its
-error objects (`openai_responses` builds the answers). No HTTP and no MLX here.
+error objects (`responses` builds the answers). No HTTP and no MLX here.
 
 Unknown fields are ignored, as OpenAI does; a known field of the wrong type or out of range is an
 error that names it (`param`). OpenAI options this server cannot honour (tools, n > 1, presence and
