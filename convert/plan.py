@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mimo_mlx.errors import MimoError
-from mimo_mlx.loading import check_weights
+from mimo_mlx.model.checkpoint import check_weights
 from mimo_mlx.model.config import ModelConfig
 from mimo_mlx.model.mimo_vl import Model
 from mimo_mlx.model.weights import canonical_key, is_ignored, to_mlx_layout

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mimo_mlx.errors import MimoError
-from mimo_mlx.loading import read_config, safetensors_files
+from mimo_mlx.model.checkpoint import read_config, safetensors_files
 from mimo_mlx.model.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from mimo_mlx.model.weights import detect_layout
 

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 from tiny_models import TOKENS, build_ids, pixels, save_checkpoint, tiny_hf_model
 
 from mimo_mlx import MimoError, load_model
-from mimo_mlx.loading import read_safetensors
+from mimo_mlx.model.checkpoint import read_safetensors
 from mimo_mlx.model.weights import HF, MLX_VLM, sanitize
 
 

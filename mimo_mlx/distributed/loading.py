@@ -25,15 +25,8 @@ from mlx.utils import tree_flatten
 
 from ..errors import MimoError
 from ..inputs.processor import Processor
-from ..loading import (
-    DTYPES,
-    check_weights,
-    default_dtype,
-    quantize_like,
-    read_config,
-    resolve_model,
-    safetensors_files,
-)
+from ..loading import DTYPES, default_dtype, resolve_model
+from ..model.checkpoint import check_weights, quantize_like, read_config, safetensors_files
 from ..model.config import ModelConfig
 from ..model.weights import canonical_key, detect_layout, is_ignored, to_mlx_layout
 from .group import Group
