@@ -15,6 +15,7 @@ content key, never by their placeholder ids, and encoded items come from a share
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from ..options import (
     pop_lookup_options,
     pop_prompt_options,
 )
+from .file import SavedConversation, load_conversation, save_conversation
 from .vision_cache import VisionCache, shared_vision_cache
 
 
@@ -104,19 +106,31 @@ class Conversation:
 
     def save(self, path: str | Path) -> Path:
         """Write the conversation, cache included, to one safetensors file (see
-        `conversation_file`); `Conversation.load` resumes it, in this process or another."""
-        from .file import save_conversation  # noqa: PLC0415
-
-        return save_conversation(self, path)
+        `conversation.file`); `Conversation.load` resumes it, in this process or another."""
+        options = {
+            "prompt": dataclasses.asdict(self.prompt_options),
+            "max_kv_size": self.max_kv_size,
+            "drop_old_turns": self.drop_old_turns,
+        }
+        saved = SavedConversation(self.messages, self._tokens, self.cache, options)
+        return save_conversation(saved, self.model, path)
 
     @classmethod
     def load(
         cls, path: str | Path, model: Model, processor: Processor, **overrides
     ) -> Conversation:
-        """A conversation saved by `save`, for the model that saved it."""
-        from .file import load_conversation  # noqa: PLC0415
-
-        return load_conversation(path, model, processor, **overrides)
+        """A conversation saved by `save`, for the model that saved it; `overrides` replace the
+        saved settings (keyword arguments of `Conversation`)."""
+        saved = load_conversation(path, model)
+        settings = {
+            "max_kv_size": saved.options["max_kv_size"],
+            "drop_old_turns": saved.options["drop_old_turns"],
+            **saved.options["prompt"],
+            **overrides,
+        }
+        chat = cls(model, processor, **settings)
+        chat.messages, chat._tokens, chat.cache = saved.messages, saved.tokens, saved.cache
+        return chat
 
     def ask(self, content: str | list, images=(), videos=(), **kwargs) -> GenerationResult:
         """Add a user turn and return the whole answer (reasoning apart); see `stream`."""

@@ -21,7 +21,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..errors import MimoError
-from ..inputs.processor import PreparedMedia, Processor
+from ..inputs.processor import PreparedMedia
+from ..model.cache import PromptCache
 from ..model.mimo_vl import Model
 
 FORMAT = 1
@@ -42,30 +43,36 @@ def model_fingerprint(model: Model) -> str:
     return digest.hexdigest()
 
 
-def save_conversation(chat, path: str | Path) -> Path:
-    """Write `chat` (a Conversation) to `path`; an existing file is replaced only as a whole."""
+@dataclasses.dataclass
+class SavedConversation:
+    """What a conversation file holds, apart from the model it belongs to."""
+
+    messages: list  # chat messages, media as PreparedMedia
+    tokens: np.ndarray  # identity of each cached token
+    cache: PromptCache
+    options: dict[str, Any]  # Conversation's settings: prompt options, max_kv_size, drop_old_turns
+
+
+def save_conversation(saved: SavedConversation, model: Model, path: str | Path) -> Path:
+    """Write `saved` (for `model`) to `path`; an existing file is replaced only as a whole."""
     path = Path(path)
-    media, messages = _media_and_messages(chat.messages)
-    arrays: dict[str, mx.array] = {"tokens": mx.array(chat._tokens)}
-    for i, layer in enumerate(chat.cache.layers):
+    media, messages = _media_and_messages(saved.messages)
+    arrays: dict[str, mx.array] = {"tokens": mx.array(saved.tokens)}
+    for i, layer in enumerate(saved.cache.layers):
         if layer.offset:
             arrays[f"kv.{i}.keys"], arrays[f"kv.{i}.values"] = layer.state
-    for j, (_, next_positions) in enumerate(chat.cache.marks):
+    for j, (_, next_positions) in enumerate(saved.cache.marks):
         arrays[f"rope.{j}"] = mx.array(next_positions)
     for k, item in enumerate(media):
         arrays[f"media.{k}.pixels"] = mx.array(item.pixel_values)
     meta = {
         "format": FORMAT,
         "mimo_mlx": _version(),
-        "model": model_fingerprint(chat.model),
+        "model": model_fingerprint(model),
         "messages": messages,
         "media": [_media_record(item) for item in media],
-        "rope_starts": [start for start, _ in chat.cache.marks],
-        "options": {
-            "prompt": dataclasses.asdict(chat.prompt_options),
-            "max_kv_size": chat.max_kv_size,
-            "drop_old_turns": chat.drop_old_turns,
-        },
+        "rope_starts": [start for start, _ in saved.cache.marks],
+        "options": saved.options,
     }
     temporary = path.with_name(f".{path.name}.{os.getpid()}.partial.safetensors")
     try:
@@ -78,10 +85,8 @@ def save_conversation(chat, path: str | Path) -> Path:
     return path
 
 
-def load_conversation(path: str | Path, model: Model, processor: Processor, **overrides):
-    """The Conversation saved in `path`, for `model` (which must be the one that saved it)."""
-    from .conversation import Conversation  # noqa: PLC0415  (conversation imports this module)
-
+def load_conversation(path: str | Path, model: Model) -> SavedConversation:
+    """The conversation saved in `path`, for `model` (which must be the one that saved it)."""
     path = Path(path)
     arrays, meta = _read(path)
     if meta.get("format") != FORMAT:
@@ -94,22 +99,21 @@ def load_conversation(path: str | Path, model: Model, processor: Processor, **ov
             f"{path} was saved with another model (or the same weights in another dtype); load "
             "it with the model that saved it, or start a new conversation"
         )
-    options = meta["options"]
-    settings = {"max_kv_size": options["max_kv_size"], "drop_old_turns": options["drop_old_turns"]}
-    chat = Conversation(model, processor, **settings, **options["prompt"], **overrides)
     media = [
         _prepared(record, arrays[f"media.{k}.pixels"]) for k, record in enumerate(meta["media"])
     ]
-    chat.messages = _with_prepared(meta["messages"], media)
-    chat._tokens = np.asarray(arrays["tokens"], dtype=np.int64)
-    for i, layer in enumerate(chat.cache.layers):
+    tokens = np.asarray(arrays["tokens"], dtype=np.int64)
+    cache = model.make_cache()
+    for i, layer in enumerate(cache.layers):
         if f"kv.{i}.keys" in arrays:
             layer.state = (arrays[f"kv.{i}.keys"], arrays[f"kv.{i}.values"])
     marks = [(s, np.asarray(arrays[f"rope.{j}"])) for j, s in enumerate(meta["rope_starts"])]
-    chat.cache.restore_marks(marks)
-    if chat.cache.offset != len(chat._tokens):
+    cache.restore_marks(marks)
+    if cache.offset != len(tokens):
         raise MimoError(f"{path} is damaged: its cache and its tokens disagree")
-    return chat
+    return SavedConversation(
+        _with_prepared(meta["messages"], media), tokens, cache, meta["options"]
+    )
 
 
 def _read(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
