@@ -26,11 +26,11 @@ from pathlib import Path
 import click
 
 from .machine import REPO
+from .report.sections.ranks import ranks_markdown
+from .settings import DEFAULTS, MEMORY_SLACK, openblas_preload
 from .synthetic import scaled_config
 
 LAUNCHER = Path(sys.executable).with_name("mlx.launch")
-MEMORY_SLACK = 0.15
-MB = 1e6
 RUN_LIMIT_S = 3600
 
 
@@ -172,71 +172,6 @@ def measure(
     return results
 
 
-def ranks_markdown(results: dict) -> list[str]:
-    """The scenario's tables: per-rank memory against the bound, and the vision tower two ways."""
-    if not results:
-        return []
-    lines = [
-        "",
-        "## Several ranks (mlx.launch, ring on 127.0.0.1; one generation with an image)",
-        "",
-        "| variant | ranks | rank | weights MB | bound MB (split / N + whole) | peak MB "
-        f"| peak - weights MB | peak / bound | within +{100 * MEMORY_SLACK:.0f}% | TTFT s "
-        "| decode tok/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    vision = []
-    for variant, entry in results.items():
-        summary, runs = entry["summary"], entry["runs"]
-        if not summary:
-            failed = next(
-                (r[0] for r in runs.values() if "error" in r[0]), {"error": "no 1-rank run"}
-            )
-            lines.append(f"| {variant} | failed: {failed['error']} | | | | | | | | | |")
-            continue
-        for n in runs:
-            if n in summary["refused"]:
-                lines.append(
-                    f"| {variant} | {n} | refused: {summary['refused'][n]} | | | | | | | | |"
-                )
-                continue
-            run = summary["runs"][n]
-            for check, rank in zip(run["memory"], runs[n], strict=True):
-                timing = rank["generate"] if rank["rank"] == 0 else {}
-                ttft = timing.get("ttft_s", {}).get("median")
-                tps = timing.get("decode_tps", {}).get("median")
-                lines.append(
-                    f"| {variant} | {n} | {check['rank']} | {check['weight_bytes'] / MB:.1f} | "
-                    f"{check['expected_bytes'] / MB:.1f} | {check['peak_memory_bytes'] / MB:.1f} | "
-                    f"{(check['peak_memory_bytes'] - check['weight_bytes']) / MB:.1f} | "
-                    f"{check['peak_over_expected']:.2f} | {'yes' if check['within_slack'] else 'no'} | "
-                    f"{'' if ttft is None else f'{ttft:.3g}'} | {'' if tps is None else f'{tps:.3g}'} |"
-                )
-            v = run["vision"]
-            even = v["break_even_bytes_per_s"]
-            vision.append(
-                f"| {variant} | {n} | {v['split_s']:.3g} | {v['rank0_broadcast_s']:.3g} | "
-                f"{v['split_bytes'] / MB:.1f} / {v['rank0_broadcast_bytes'] / MB:.1f} | "
-                f"{'-' if even is None else f'{even / 1e9:.2f} GB/s'} |"
-            )
-    lines += [
-        "",
-        "Weights: this rank's parameters (split layers' slices and whole tensors); bound: 1/N of "
-        "the split weights plus the whole ones, as measured on 1 rank; peak: `mx.get_peak_memory` "
-        "over the generation (weights, activations, KV cache); peak - weights: what the rank holds "
-        "above its own weights.",
-        "",
-        "Vision tower, one image, slowest rank's median seconds: split across the ranks, or whole "
-        "on rank 0 and its features sent to the others. MB each rank sends per pass (split / "
-        "broadcast); break-even: on a link slower than this the whole tower on rank 0 is faster.",
-        "",
-        "| variant | ranks | split s | rank 0 + broadcast s | MB sent per pass | break-even link |",
-        "|---|---|---|---|---|---|",
-        *vision,
-    ]
-    return lines
-
-
 def measure_vision_only(
     scale: str, ranks: list[int], options: dict, out: Path, preload, dtype, pin: bool, log
 ) -> dict:
@@ -297,14 +232,13 @@ def main(scale, ranks, variants, runs, warmup, image_size, vision_only, pin, out
     """The several-ranks scenario alone, on synthetic weights at SCALE."""
     import mlx.core as mx
 
-    from .run import DEFAULTS, _preload
     from .weights import prepare
 
     log = lambda message: click.echo(message, err=True)  # noqa: E731
     counts = [int(n) for n in ranks.split(",")]
     options = {**DEFAULTS, "image": image_size, "gen_warmup": warmup, "gen_runs": runs}
     cpu = mx.default_device() == mx.cpu
-    preload, dtype = _preload(None, cpu), "float32" if cpu else "bfloat16"
+    preload, dtype = openblas_preload(None, cpu), "float32" if cpu else "bfloat16"
     out.mkdir(parents=True, exist_ok=True)
     if vision_only:
         found = measure_vision_only(scale, counts, options, out, preload, dtype, pin, log)

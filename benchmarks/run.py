@@ -10,7 +10,6 @@ results.md and results.png to the output folder.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -24,61 +23,20 @@ import click
 
 from .machine import REPO, git_state, machine_info, versions
 from .ranks import measure as measure_ranks
-from .report import size_plans, write_report
+from .report import write_report
+from .settings import (
+    CACHE,
+    MLX_RUNTIMES,
+    RUNTIMES,
+    SCENARIOS,
+    model_fits,
+    openblas_preload,
+    openblas_warning,
+    settings,
+    size_plans,
+)
 from .stats import pooled
-from .synthetic import checkpoint_shapes
 from .weights import VARIANTS, Folders, prepare
-
-RUNTIMES = ("mimo-mlx", "mlx-vlm", "torch")
-MLX_RUNTIMES = ("mimo-mlx", "mlx-vlm")
-SCENARIOS = ("vision", "generate", "multiturn", "lookup", "ranks")
-OPENBLAS = "/lib/x86_64-linux-gnu/libopenblas.so.0"
-CACHE = REPO / "benchmarks" / ".cache"
-
-# lookup: the prompt-lookup scenario's answer length; None: twice `decode`, at least 32.
-DEFAULTS = dict(
-    sizes=[448, 1024, 1344], warmup=1, runs=3, image=448, text=32, decode=64, lookup=None
-)
-# At full scale on a CPU, a 1344x1344 encode takes minutes and the 4-bit decoder's quantized matmul
-# runs single-threaded at ~2 GFLOPS (~7 s per token; see the kernel bounds): fewer repetitions, and
-# generation with the smallest image (56x56, 4 image tokens) and 4 decoded tokens. Sizes from
-# `large_warmup_from` on get no warm-up of their own (smaller sizes measured first in the same
-# process warmed every kernel up); `size_runs` sets runs per size. On a GPU the defaults apply.
-FULL_CPU = dict(
-    runs=2,
-    size_runs={1024: 1},
-    large_warmup_from=1024,
-    gen_warmup=0,
-    gen_runs=1,
-    image=56,
-    text=8,
-    decode=4,
-    lookup=0,  # prompt lookup verifies up to 11 tokens a pass: minutes per pass here
-)
-
-
-def settings(scale: str, cpu: bool, overrides: dict) -> dict:
-    """The repetitions and prompt for `scale` on this backend, command-line overrides last."""
-    chosen = {**DEFAULTS, "large_warmup_from": None, "size_runs": {}}
-    if scale == "full" and cpu:
-        chosen.update(FULL_CPU)
-    chosen.update({k: v for k, v in overrides.items() if v is not None})
-    chosen.setdefault("gen_warmup", chosen["warmup"])
-    chosen.setdefault("gen_runs", chosen["runs"])
-    if overrides.get("warmup") is not None:
-        chosen["gen_warmup"] = overrides["warmup"]
-    if overrides.get("runs") is not None:
-        chosen["gen_runs"], chosen["size_runs"] = overrides["runs"], {}
-    if chosen["lookup"] is None:
-        chosen["lookup"] = max(32, 2 * chosen["decode"])
-    return chosen
-
-
-def model_fits(config: dict, ram_bytes: int, bytes_per_param: int) -> tuple[bool, float]:
-    """Whether the whole model in this dtype fits in 80% of RAM (with room for activations)."""
-    params = sum(math.prod(s) for s in checkpoint_shapes(config).values())
-    need = params * bytes_per_param
-    return need < 0.8 * ram_bytes, need / 1e9
 
 
 def run_worker(spec: dict, out: Path, name: str, preload: str | None, log) -> dict:
@@ -233,7 +191,7 @@ def main(
         out=out,
         folders=folders,
         options=options,
-        preload=_preload(openblas, cpu),
+        preload=openblas_preload(openblas, cpu),
         mlx_dtype="float32" if cpu else "bfloat16",
         rounds=rounds,
         config=json.loads(((folders.source or mlx_model) / "config.json").read_text()),
@@ -455,29 +413,6 @@ class Session:
             },
             "config": self.config,
         }
-
-
-def openblas_warning(cpu: bool, openblas: bool | None) -> str | None:
-    """On a Linux CPU without the system OpenBLAS, what that costs and how to install it."""
-    if (
-        not (cpu and sys.platform.startswith("linux"))
-        or openblas is False
-        or Path(OPENBLAS).is_file()
-    ):
-        return None
-    return (
-        f"warning: the system OpenBLAS ({OPENBLAS}) is missing, so MLX uses its bundled reference "
-        "BLAS, about 40x slower at float32 matmul: CPU timings will say little. Install it with "
-        "`sudo apt-get install libopenblas0-pthread` (Debian/Ubuntu) and run again."
-    )
-
-
-def _preload(openblas: bool | None, cpu: bool) -> str | None:
-    """The OpenBLAS to preload into MLX processes: only on a Linux CPU, only if it exists."""
-    available = cpu and sys.platform.startswith("linux") and Path(OPENBLAS).is_file()
-    if openblas and not available:
-        raise click.UsageError(f"--openblas needs {OPENBLAS} on a Linux CPU")
-    return OPENBLAS if (openblas is None or openblas) and available else None
 
 
 def _torch_cpu() -> bool:

@@ -34,7 +34,7 @@ from PIL import Image
 
 from .machine import REPO, git_state, machine_info, versions
 from .multiturn import CHATML, EOS, byte_level_tokenizer
-from .run import CACHE, OPENBLAS, openblas_warning
+from .settings import CACHE, OPENBLAS, openblas_warning
 from .stats import summarize
 from .weights import prepare
 

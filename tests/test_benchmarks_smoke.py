@@ -70,14 +70,14 @@ def test_markdown_and_chart_are_written(results):
 
 
 def test_warns_without_the_system_openblas(monkeypatch, tmp_path):
-    from benchmarks import run
+    from benchmarks import settings
 
-    monkeypatch.setattr(run, "OPENBLAS", str(tmp_path / "missing.so"))
-    monkeypatch.setattr(run.sys, "platform", "linux")
-    warning = run.openblas_warning(cpu=True, openblas=None)
+    monkeypatch.setattr(settings, "OPENBLAS", str(tmp_path / "missing.so"))
+    monkeypatch.setattr(settings.sys, "platform", "linux")
+    warning = settings.openblas_warning(cpu=True, openblas=None)
     assert "apt-get install libopenblas0-pthread" in warning and "40x" in warning
-    assert run.openblas_warning(cpu=False, openblas=None) is None
-    assert run.openblas_warning(cpu=True, openblas=False) is None  # asked to go without it
+    assert settings.openblas_warning(cpu=False, openblas=None) is None
+    assert settings.openblas_warning(cpu=True, openblas=False) is None  # asked to go without it
 
 
 def test_rounds_pool_every_run():

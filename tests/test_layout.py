@@ -20,14 +20,15 @@ PACKAGE = ROOT / "mimo_mlx"
 CONVERT = ROOT / "convert"  # installed as mimo_mlx.convert
 
 
-def _modules() -> dict[str, Path]:
-    """Dotted name under mimo_mlx (e.g. "model.cache", "errors", "convert.plan") -> file."""
+def _modules(package: Path = PACKAGE) -> dict[str, Path]:
+    """Dotted name under the package (e.g. "model.cache", "errors", "convert.plan") -> file."""
     found = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(PACKAGE).with_suffix("").parts
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package).with_suffix("").parts
         found[".".join(p for p in parts if p != "__init__") or "__init__"] = path
-    for path in CONVERT.glob("*.py"):
-        found["convert" if path.stem == "__init__" else f"convert.{path.stem}"] = path
+    if package == PACKAGE:
+        for path in CONVERT.glob("*.py"):
+            found["convert" if path.stem == "__init__" else f"convert.{path.stem}"] = path
     return found
 
 
@@ -37,8 +38,9 @@ def _package_of(name: str, path: Path) -> list[str]:
     return parts if path.name == "__init__.py" else parts[:-1]
 
 
-def _imports(name: str, path: Path) -> set[str]:
-    """Modules of mimo_mlx that `name` imports, anywhere in the file, as dotted names."""
+def _imports(name: str, path: Path, modules: dict[str, Path] | None = None) -> set[str]:
+    """Modules of the package that `name` imports, anywhere in the file, as dotted names."""
+    modules = MODULES if modules is None else modules
     targets = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
@@ -56,7 +58,7 @@ def _imports(name: str, path: Path) -> set[str]:
             for alias in node.names:
                 if alias.name.startswith("mimo_mlx."):
                     targets.add(alias.name.removeprefix("mimo_mlx."))
-    return {t for t in targets if t in MODULES and t != name}
+    return {t for t in targets if t in modules and t != name}
 
 
 def _room(module: str) -> str:
@@ -132,6 +134,15 @@ def test_rooms_declare_no_cycle():
 def test_no_module_imports_itself_round_a_loop():
     cycle = _cycle(IMPORTS)
     assert cycle is None, "modules import each other: " + " -> ".join(cycle)
+
+
+def test_benchmarks_import_no_loop():
+    """The harness's modules too: run, ranks and the report used to import each other."""
+    modules = _modules(ROOT / "benchmarks")
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    assert "report.sections.ranks" in graph["ranks"]  # the reader sees relative imports here
+    cycle = _cycle(graph)
+    assert cycle is None, "benchmark modules import each other: " + " -> ".join(cycle)
 
 
 def test_the_map_sees_the_imports():

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 from tiny_models import save_checkpoint, tiny_hf_model
 
-from benchmarks import report
 from benchmarks.lookup import TASKS, measure
+from benchmarks.report.sections import lookup as lookup_section
+from benchmarks.report.targets import lookup_targets
 from mimo_mlx import load_model
 
 
@@ -33,11 +34,11 @@ def test_each_task_with_and_without_lookup(measured):
 
 def test_report_section_and_targets(measured):
     results = {"float": measured, "4bit": {"error": "exit 1"}}
-    lines = report._lookup({"results": {"prompt_lookup": results}})
+    lines = lookup_section.section({"results": {"prompt_lookup": results}})
     text = "\n".join(lines)
     assert "## Prompt lookup" in text and "not MiMo-VL's acceptance rates" in text
     assert "| float | copy | with |" in text and "| 4bit | failed: exit 1 |" in text
-    found = {t["target"]: t for t in report.lookup_targets(results)}
+    found = {t["target"]: t for t in lookup_targets(results)}
     assert found["prompt lookup: the same greedy tokens on every task (float)"]["met"]
     copy = found["prompt lookup, copy task: tok/s >= 1.5x without (float)"]
     assert copy["measured"] == f"{measured['tasks']['copy']['speedup']:.2f}x"

@@ -1,0 +1,47 @@
+"""Generation: time to first token, prefill and decode rates, peak memory."""
+
+from __future__ import annotations
+
+from ..format import GB, fmt
+
+
+def section(report: dict) -> list[str]:
+    res = report["results"]["generate"]
+    if not res:
+        return []
+    lines = [
+        "",
+        "## Generation (one image in the prompt, greedy, fixed token count)",
+        "",
+        "| runtime | variant | device / dtype | prompt tokens | TTFT s | prefill tok/s "
+        "| decode tok/s | peak GB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    tokens = {}
+    for key, entry in res.items():
+        runtime, variant = key.split("/")
+        if "error" in entry:
+            lines.append(f"| {runtime} | {variant} | failed: {entry['error']} | | | | | |")
+            continue
+        b = entry["backend"]
+        tokens[key] = entry["tokens"]
+        lines.append(
+            f"| {runtime} | {variant} | {b['device']} / {b['dtype']} | {entry['prompt_tokens']} | "
+            f"{fmt(entry['ttft_s']['median'])} | {fmt(entry['prefill_tps']['median'])} | "
+            f"{fmt(entry['decode_tps']['median'])} ({100 * entry['decode_tps']['spread']:.0f}%) | "
+            f"{entry['peak_memory_bytes'] / GB:.2f} |"
+        )
+    if tokens:
+        entry = next(e for e in res.values() if "error" not in e)
+        same = ", ".join(
+            f"{k} {'yes' if t == tokens.get('mimo-mlx/' + k.split('/')[1]) else 'no'}"
+            for k, t in tokens.items()
+        )
+        lines += [
+            "",
+            f"Image {entry['image_size']}x{entry['image_size']}, {entry['decode_tokens']} "
+            "decoded tokens; TTFT includes vision encoding and prefill, prefill tok/s = prompt "
+            "tokens / TTFT, decode tok/s = (tokens - 1) / (last - first token time). "
+            f"Greedy tokens equal to mimo-mlx's of the same variant: {same}.",
+        ]
+    return lines
