@@ -259,7 +259,7 @@ def test_a_file_of_another_format_or_no_conversation_is_refused(
     monkeypatch.setattr("mimo_mlx.conversation.file.FORMAT", 99)
     path = chat.save(tmp_path / "future.safetensors")
     monkeypatch.undo()
-    with pytest.raises(MimoError, match="conversation format 99; this mimo-mlx .* reads format 1"):
+    with pytest.raises(MimoError, match="format 99; this mimo-mlx .* reads formats 1 and 2"):
         Conversation.load(path, *ours)
     with pytest.raises(MimoError, match="not a mimo-mlx conversation file"):
         Conversation.load(next(folder.glob("*.safetensors")), *ours)

@@ -166,7 +166,10 @@ class ChatSession:
 
     def _load(self, argument: str) -> bool:
         path = self._path(argument, "/load")
-        self.chat = Conversation.load(path, self.chat.model, self.chat.processor)
+        # The file's cache must be stored as this chat's is (--kv-bits ...): it is refused
+        # otherwise, rather than continued in another precision.
+        cache = vars(self.chat.cache_options)
+        self.chat = Conversation.load(path, self.chat.model, self.chat.processor, **cache)
         turns = sum(m["role"] == "user" for m in self.chat.messages)
         click.echo(f"(loaded {path}: {turns} turn(s), {self.chat.cached_tokens} tokens)", err=True)
         return True

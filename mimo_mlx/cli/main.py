@@ -20,6 +20,7 @@ from ..options import (
     DEFAULT_GROUP_TIMEOUT,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
+    CacheOptions,
     LookupOptions,
     PromptOptions,
     SamplingOptions,
@@ -91,6 +92,8 @@ def _flag(spec: Field) -> Callable:
     bounds = {k: cli[k] for k in ("min", "max", "min_open") if k in cli}
     if bounds:
         kind = (click.IntRange if kind is int else click.FloatRange)(**bounds)
+    if "choices" in cli:
+        kind = click.Choice(cli["choices"])
     model_default = cli.get("model_default", False)
     default = None if model_default or spec.default is MISSING else spec.default
     show = default is not None and not model_default
@@ -187,7 +190,7 @@ group_timeout_option = click.option(
     help="Most tokens to generate, reasoning included (fewer if the model's context fills up).",
 )
 @group_timeout_option
-@declared_options(PromptOptions, SamplingOptions, LookupOptions)
+@declared_options(PromptOptions, SamplingOptions, LookupOptions, CacheOptions)
 def generate(
     model_path,
     images,
@@ -374,7 +377,7 @@ def _report_grounding(text: str, inputs, image: str, annotate_path: str | None) 
     help="When the conversation would pass --max-kv-size, drop its oldest exchanges (and "
     "compute the rest again) instead of refusing the message.",
 )
-@declared_options(PromptOptions, SamplingOptions, LookupOptions)
+@declared_options(PromptOptions, SamplingOptions, LookupOptions, CacheOptions)
 def chat(
     model_path, images, videos, hide_thinking, max_tokens, max_kv_size, drop_old_turns, **options
 ):
@@ -390,7 +393,7 @@ def chat(
     """
     from ..conversation.conversation import Conversation  # noqa: PLC0415  (fast --help)
     from ..distributed.group import launched  # noqa: PLC0415
-    from ..options import pop_prompt_options  # noqa: PLC0415
+    from ..options import pop_cache_options, pop_prompt_options  # noqa: PLC0415
     from .chat import ChatSession  # noqa: PLC0415
 
     if launched():
@@ -399,6 +402,7 @@ def chat(
             "which splits the model across the ranks"
         )
     lookup = pop_lookup_options(options)
+    cache = pop_cache_options(options)
     model, processor = _load(model_path)
     sampling = sampling_defaults(processor.tokenizer.generation_config, options)
     conversation = Conversation(
@@ -407,6 +411,7 @@ def chat(
         max_kv_size=max_kv_size,
         drop_old_turns=drop_old_turns,
         **pop_prompt_options(sampling),
+        **cache,
     )
     session = ChatSession(
         conversation,

@@ -14,8 +14,10 @@ from ..errors import MimoError
 from ..options import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
+    CacheOptions,
     PromptOptions,
     SamplingOptions,
+    pop_cache_options,
     pop_prompt_options,
 )
 from .main import (
@@ -132,7 +134,7 @@ class ByteSize(click.ParamType):
     help="Largest request body (base64 images included); larger ones get 413.",
 )
 @group_timeout_option
-@declared_options(PromptOptions, SamplingOptions)
+@declared_options(PromptOptions, SamplingOptions, CacheOptions)
 def serve(
     model_path,
     model_name,
@@ -162,10 +164,11 @@ def serve(
 
     POST /v1/chat/completions (streaming or not), GET /v1/models, GET /health. It listens on
     127.0.0.1 only, reads images only from base64 data: URLs, and needs no key unless given
-    one: --host, --allow-fetch, --allow-local-files and --api-key change that. Prompt and
-    sampling flags set the defaults that requests override. Under mlx.launch the model is split
-    across the ranks and rank 0 serves (each request from a fresh cache: reuse across requests is
-    not split across ranks).
+    one: --host, --allow-fetch, --allow-local-files and --api-key change that. Prompt, sampling
+    and cache flags set the defaults that requests override (a request's kv_bits, kv_group_size
+    and quantized_kv_start choose how its conversation's cache is stored). Under mlx.launch the
+    model is split across the ranks and rank 0 serves (each request from a fresh cache: reuse
+    across requests is not split across ranks).
     """
     import importlib.util  # noqa: PLC0415
 
@@ -200,7 +203,8 @@ def serve(
 
         leader = Leader(model, processor, group)
         click.get_current_context().call_on_close(leader.close)
-        pool = LeaderPool(leader, **pop_prompt_options(dict(options)))
+        defaults = dict(options)
+        pool = LeaderPool(leader, **pop_prompt_options(defaults), **pop_cache_options(defaults))
     engine, settings = build_server(
         model,
         processor,

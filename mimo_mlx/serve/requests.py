@@ -9,8 +9,10 @@ frequency penalties, logit_bias, JSON output) are refused with a message, never 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from ..options import KV_BITS, KV_GROUP_SIZES
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
@@ -69,7 +71,8 @@ class Limits:
 @dataclass(frozen=True)
 class ChatRequest:
     """A checked chat-completions request. `messages` are in the library's shape, their media
-    parts holding `MediaRef`s; `sampling` and `prompt` hold only the options the request set."""
+    parts holding `MediaRef`s; `sampling`, `prompt` and `cache` hold only the options the
+    request set."""
 
     messages: list[dict]
     max_tokens: int | None
@@ -80,6 +83,7 @@ class ChatRequest:
     include_usage: bool
     top_logprobs: int | None  # None: no logprobs asked; 0: the chosen token's only
     model: str | None
+    cache: dict[str, Any] = field(default_factory=dict)  # kv_bits, kv_group_size, ...
 
     @property
     def media(self) -> list[MediaRef]:
@@ -294,6 +298,21 @@ def _prompt_options(body: dict, limits: Limits) -> dict[str, Any]:
     return {name: value for name, value in found.items() if value is not None}
 
 
+def _cache_options(body: dict, limits: Limits) -> dict[str, Any]:
+    """How this request's conversation cache is stored (mlx-lm's names; the server's flags set
+    the default): kv_bits 4 or 8, kv_group_size 32, 64 or 128, quantized_kv_start."""
+    found = {
+        "kv_bits": _integer(body, "kv_bits", 0, 2**31 - 1),
+        "kv_group_size": _integer(body, "kv_group_size", 0, 2**31 - 1),
+        "quantized_kv_start": _integer(body, "quantized_kv_start", 0, limits.context),
+    }
+    for name, allowed in (("kv_bits", KV_BITS), ("kv_group_size", KV_GROUP_SIZES)):
+        if found[name] is not None and found[name] not in allowed:
+            rule = " or ".join(map(str, allowed))
+            raise _out_of_range(name, rule, found[name])
+    return {name: value for name, value in found.items() if value is not None}
+
+
 def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     """Check a decoded chat-completions body; APIError names the first problem (400; 404 for a
     model this server does not run)."""
@@ -345,4 +364,5 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         include_usage=bool(_boolean(stream_options, "include_usage")),
         top_logprobs=(top_logprobs or 0) if logprobs else None,
         model=model,
+        cache=_cache_options(body, limits),
     )
