@@ -153,8 +153,8 @@ def cache_for(model: Model, cache: PromptCache | None, options: CacheOptions) ->
         return model.make_cache(**vars(options))
     if options != CacheOptions() and options != cache.options:
         raise MimoError(
-            f"the prompt cache given is {cache.options.describe()}, but a "
-            f"{options.describe()} cache was asked for; make it with "
+            f"the prompt cache given stores its tokens {cache.options.describe()}, but "
+            f"{options.describe()} was asked for; make it with "
             "model.make_cache(kv_bits=..., kv_group_size=..., quantized_kv_start=...) or leave "
             "the cache options out"
         )
