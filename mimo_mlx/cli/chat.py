@@ -107,6 +107,8 @@ class ChatSession:
         try:
             for response in stream:
                 if printer is None:  # the template's choice to open <think> is known by now
+                    for notice in self.chat.notices:  # e.g. a video shrunk to its budget
+                        click.echo(f"note: {notice}", err=True)
                     printer = StreamPrinter(self.hide_thinking, self.chat.opens_thinking)
                 printer.write(response.text)
                 last = response

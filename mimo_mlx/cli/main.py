@@ -237,6 +237,8 @@ def generate(
         )
     options = sampling_defaults(processor.tokenizer.generation_config, options)
     inputs = processor.prepare(prompt, images, videos, **pop_prompt_options(options))
+    for notice in inputs.notices:  # e.g. a video shrunk to its token budget
+        click.echo(f"note: {notice}", err=True)
     context = model.config.text.max_position_embeddings
     budget = max_new_tokens(model, inputs.input_ids.shape[1], max_tokens)
     if 0 < budget < max_tokens:

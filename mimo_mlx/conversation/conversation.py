@@ -112,6 +112,12 @@ class Conversation:
         """Whether the last turn's prompt opened <think> (its answer starts inside reasoning)."""
         return self._inputs is not None and self._inputs.opens_thinking
 
+    @property
+    def notices(self) -> tuple[str, ...]:
+        """What preparing the last turn's new media changed (a video fitted to its token
+        budget), one sentence each."""
+        return () if self._inputs is None else self._inputs.notices
+
     def save(self, path: str | Path) -> Path:
         """Write the conversation, cache included, to one safetensors file (see
         `conversation.file`); `Conversation.load` resumes it, in this process or another."""

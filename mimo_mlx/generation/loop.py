@@ -426,6 +426,8 @@ def generate(
     if inputs is None:
         inputs = processor.prepare(prompt, images, videos, **prompt_options)
     if verbose:
+        for notice in inputs.notices:
+            print(f"note: {notice}")
         print("=" * 10)
     show = (lambda text: print(text, end="", flush=True)) if verbose else None
     result = collect(stream_generate(model, processor, prompt, inputs=inputs, **kwargs), show)
