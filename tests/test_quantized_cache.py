@@ -136,6 +136,22 @@ def test_quantized_attention_equals_attention_over_the_dequantized_cache(bits, q
     assert close(attention(q, k, v, 0.125, mask), expected)
 
 
+def test_quantized_attention_takes_an_array_mask_as_the_fused_kernel_does():
+    rng = np.random.default_rng(4)
+    q = mx.array(rng.standard_normal((1, 8, 5, 64)).astype(np.float32))
+    k, v = (
+        QuantizedArray.quantize(mx.array(rng.standard_normal((1, 2, 30, 64)), mx.float32), 64, 8)
+        for _ in range(2)
+    )
+    visible = rng.random((5, 30)) < 0.7
+    visible[:, 0] = True  # every query sees a key
+    for mask in (mx.array(visible), mx.array(np.where(visible, 0.0, -1e9).astype(np.float32))):
+        expected = mx.fast.scaled_dot_product_attention(
+            q, k.dequantize(), v.dequantize(), scale=0.125, mask=mask
+        )
+        assert close(quantized_attention(q, k, v, 0.125, mask), expected)
+
+
 def test_attention_reads_few_queries_through_quantized_matmuls(monkeypatch):
     """Decode steps and drafts never dequantize the cache; a long chunk's queries do, where the
     scores would outgrow the dequantized keys and values (H x L > 2 x H_kv x D)."""

@@ -76,7 +76,7 @@ def attention(
     keys: mx.array | QuantizedArray,
     values: mx.array | QuantizedArray,
     scale: float,
-    mask: str | None,
+    mask: str | mx.array | None,
 ) -> mx.array:
     """softmax(queries keys^T * scale, masked) values: (B, H, L, D) queries over (B, H_kv, N, D)
     keys and values (grouped-query heads), in the model's dtype or as a quantized cache returns
@@ -97,11 +97,16 @@ def attention(
 
 
 def quantized_attention(
-    queries: mx.array, keys: QuantizedArray, values: QuantizedArray, scale: float, mask: str | None
+    queries: mx.array,
+    keys: QuantizedArray,
+    values: QuantizedArray,
+    scale: float,
+    mask: str | mx.array | None,
 ) -> mx.array:
     """`attention` with quantized keys and values, through `mx.quantized_matmul` (as mlx-lm's
-    `quantized_scaled_dot_product_attention`). mask: None or "causal" (aligned to the end of
-    the keys, as MLX's fused attention aligns it)."""
+    `quantized_scaled_dot_product_attention`). mask: None, "causal" (aligned to the end of the
+    keys, as MLX's fused attention aligns it), or a boolean or additive array that broadcasts
+    to (L, N)."""
     batch, heads, length, head_dim = queries.shape
     kv_heads = keys.packed.shape[1]
     groups = heads // kv_heads
@@ -110,10 +115,13 @@ def quantized_attention(
     v = [part[:, :, None] for part in values.parts]
     quant = dict(group_size=keys.group_size, bits=keys.bits)
     scores = mx.quantized_matmul(q, *k, transpose=True, **quant)  # (B, Hkv, G, L, N)
-    if mask == "causal":
+    if isinstance(mask, str):  # "causal"
         count = scores.shape[-1]
-        visible = mx.arange(count - length, count)[:, None] >= mx.arange(count)[None]  # (L, N)
-        scores = mx.where(visible, scores, mx.finfo(scores.dtype).min)
+        mask = mx.arange(count - length, count)[:, None] >= mx.arange(count)[None]  # (L, N)
+    if mask is not None and mask.dtype == mx.bool_:
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask
     weights = mx.softmax(scores, axis=-1, precise=True)
     out = mx.quantized_matmul(weights, *v, transpose=False, **quant)  # (B, Hkv, G, L, D)
     return out.reshape(batch, heads, length, head_dim)
