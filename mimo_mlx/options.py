@@ -261,7 +261,7 @@ class CacheOptions:
     quantized_kv_start: int = option(
         0,
         "With --kv-bits: keep the cache in full precision until it holds this many tokens, then "
-        "quantize it (a prompt's first forward pass reaching it still attends in full precision).",
+        "quantize it (the forward pass that crosses the mark still attends in full precision).",
         cli={"min": 0},
     )
 

@@ -151,4 +151,6 @@ def test_the_kv_cache_scenario_reports_every_cache(tmp_path):
     assert rows["8bit"]["bf16_bytes_per_token_layer"] == 2 * 2 * (64 + 4)
     assert rows["4bit"]["bf16_bytes_per_token_layer"] == 2 * 2 * (32 + 4)
     for row in rows.values():
-        assert row["cache_tokens"] == 300 + 3 - 1 and row["peak_bytes"] > 0 and row["decode_tps"] > 0
+        assert (
+            row["cache_tokens"] == 300 + 3 - 1 and row["peak_bytes"] > 0 and row["decode_tps"] > 0
+        )
