@@ -73,6 +73,12 @@ class ConversationPool:
         reasoning); known once `stream` has yielded its first response."""
         return self._running is not None and self._running.opens_thinking
 
+    @property
+    def notices(self) -> tuple[str, ...]:
+        """What preparing the running turn's new media changed (a video fitted to its token
+        budget); known once `stream` has yielded its first response."""
+        return () if self._running is None else self._running.notices
+
     def stream(self, messages: Sequence[Message], **options) -> Iterator[GenerationResponse]:
         """Answer `messages` (the OpenAI shape), continuing the best-matching conversation.
         `options` as for `Conversation.stream_messages`, and cache options (`kv_bits`, ...) over

@@ -331,6 +331,7 @@ class LeaderPool:
         self.cache_options = pop_cache_options(options)
         self.prompt_options = pop_prompt_options(options)
         self.opens_thinking = False  # of the running request's prompt
+        self.notices: tuple[str, ...] = ()  # what preparing its media changed
         self.nbytes = 0
 
     def __len__(self) -> int:
@@ -340,5 +341,5 @@ class LeaderPool:
         prompt = {**self.prompt_options, **pop_prompt_options(options)}
         cache = {**self.cache_options, **pop_cache_options(options)}
         inputs = self.leader.processor.prepare_messages(messages, **prompt)
-        self.opens_thinking = inputs.opens_thinking
+        self.opens_thinking, self.notices = inputs.opens_thinking, inputs.notices
         yield from self.leader.stream_generate(inputs=inputs, **options, **cache)

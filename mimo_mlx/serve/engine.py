@@ -224,6 +224,8 @@ class Engine:
             for response in stream:
                 if answer is None:
                     answer = AnswerStream(job.stop, self.pool.opens_thinking)
+                    for notice in self.pool.notices:  # e.g. a video fitted to its budget
+                        log.info("%s: %s", job.id, notice)
                     first_at = time.perf_counter()
                     job.emit(Started(response.prompt_tokens, response.cached_tokens))
                 if job.cancelled:
