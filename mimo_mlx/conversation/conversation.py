@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import ContextFull, MimoError
+from ..generation.constrained import OutputFormat, json_format
 from ..generation.lookup import PromptLookup
 from ..generation.loop import (
     DEFAULT_PREFILL_STEP,
@@ -32,6 +33,7 @@ from ..generation.loop import (
     GenerationResult,
     _sampling,
     collect,
+    make_constraint,
     stream_prompt,
 )
 from ..generation.sampling import LogitsProcessor, Sampler
@@ -166,8 +168,9 @@ class Conversation:
         also when the caller stops reading early (the answer so far is kept).
 
         `options`: sampling options, prompt-lookup options (`options.LookupOptions`: drafts
-        copy from the whole conversation), and prompt options that override the conversation's
-        for this turn (e.g. max_pixels).
+        copy from the whole conversation), prompt options that override the conversation's
+        for this turn (e.g. max_pixels), and `json_schema` (the answer is JSON valid against it,
+        enforced while decoding; see `stream_generate`).
         """
         started = time.perf_counter()
         turn = self.prepare(messages, **pop_prompt_options(options))
@@ -213,17 +216,27 @@ class Conversation:
         sampler: Sampler | None = None,
         logits_processors: Sequence[LogitsProcessor] | None = None,
         prefill_step_size: int = DEFAULT_PREFILL_STEP,
+        json_schema: dict | None = None,
+        output_format: OutputFormat | None = None,
         **sampling,
     ) -> Iterator[GenerationResponse]:
-        """Stream the answer to a prepared turn, continuing this conversation's cache."""
+        """Stream the answer to a prepared turn, continuing this conversation's cache. The answer
+        follows `output_format` (`generation.constrained`), or is JSON valid against
+        `json_schema`."""
         if max_tokens < 1:
             raise MimoError(f"max_tokens must be at least 1, got {max_tokens}")
+        if json_schema is not None:
+            if output_format is not None:
+                raise MimoError("give json_schema or output_format, not both")
+            output_format = json_format(json_schema)
         started = time.perf_counter() if started is None else started
         lookup = PromptLookup.from_options(pop_lookup_options(sampling))
         sampler, logits_processors = _sampling(
             SamplingOptions(**sampling), sampler, logits_processors
         )
         messages, inputs, identity = turn.messages, turn.inputs, turn.identity
+        tokenizer = self.processor.tokenizer
+        constraint = make_constraint(self.model, tokenizer, output_format, inputs)
         keep = self._reusable(identity)
         self.cache.trim(self.cache.offset - keep)
         self._tokens = self._tokens[:keep]
@@ -247,6 +260,7 @@ class Conversation:
                 cached_tokens=keep,
                 lookup=lookup,
                 context=inputs.input_ids[0],
+                constraint=constraint,
             ):
                 generated.append(response.token)
                 yield response

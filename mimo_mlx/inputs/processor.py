@@ -56,6 +56,7 @@ class ModelInputs:
     text: str = ""  # the rendered prompt, before vision placeholders were expanded
     vision_tokens: int = 0  # how many of the ids are image/video placeholders
     opens_thinking: bool = field(default=False)  # the template already opened <think>
+    no_think: bool = False  # the prompt asks the model not to reason first
     # Per image: ((width, height) as the user sees it, (width, height) the processor resized it to).
     image_sizes: tuple[tuple[tuple[int, int], tuple[int, int]], ...] = ()
     media: tuple[PreparedMedia, ...] = ()  # every image and video, in order of appearance
@@ -146,6 +147,7 @@ class Processor:
             text=text,
             vision_tokens=sum(int(np.prod(m.grid_thw)) // merge**2 for m in prepared),
             opens_thinking=text.rstrip().endswith("<think>"),
+            no_think=opts.no_think,
             image_sizes=tuple(m.sizes for m in images),
             media=prepared,
             **vision,
