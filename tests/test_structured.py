@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from test_generate import write_model_folder
-from tiny_models import save_checkpoint, tiny_hf_model
-from tiny_tokenizer import SPECIAL_TOKEN_IDS, TOOL_TOTAL_VOCAB, build_tiny_tokenizer
+from tiny_tokenizer import SPECIAL_TOKEN_IDS
+from tool_models import TOOL_MODEL_VOCAB, write_tool_model_folder
 
 import mimo_mlx
 from mimo_mlx import MimoError
@@ -21,7 +21,7 @@ from mimo_mlx.cli.main import main
 from mimo_mlx.conversation.conversation import Conversation
 from mimo_mlx.generation.constrained import Constraint, json_format, tool_call_format
 
-PADDED_VOCAB = TOOL_TOTAL_VOCAB + 9  # the embedding has rows no token uses, as MiMo's does
+PADDED_VOCAB = TOOL_MODEL_VOCAB  # the embedding has rows no token uses, as MiMo's does
 THINK, END_THINK = SPECIAL_TOKEN_IDS["<think>"], SPECIAL_TOKEN_IDS["</think>"]
 IM_END = SPECIAL_TOKEN_IDS["<|im_end|>"]
 
@@ -66,10 +66,7 @@ FORM = {
 @pytest.fixture(scope="module")
 def padded(tmp_path_factory):
     """The tiny model with Qwen2.5's tool-call tokens, its embedding wider than its tokenizer."""
-    folder = write_model_folder(tmp_path_factory.mktemp("structured"), seed=21)
-    save_checkpoint(tiny_hf_model(seed=5, text={"vocab_size": PADDED_VOCAB}), folder)
-    build_tiny_tokenizer(folder, tool_tokens=True)
-    return mimo_mlx.load(folder)
+    return mimo_mlx.load(write_tool_model_folder(tmp_path_factory.mktemp("structured")))
 
 
 @pytest.fixture(scope="module")

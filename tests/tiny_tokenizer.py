@@ -79,6 +79,37 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# A text-only template with tools in Qwen2.5's format (tools listed in the system turn, calls as
+# <tool_call> JSON, results as <tool_response> in a user turn), as Qwen2.5-VL-style folders keep
+# in tokenizer_config.json beside a vision template without tools (chat_template.json).
+TOOLS_CHAT_TEMPLATE = (  # newlines after a block tag are written as {{ NL }} (trim_blocks)
+    "{% set NL = '\n' %}"
+    "{% set default_system = 'You are MiMo, an AI assistant developed by Xiaomi.' %}"
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set rest = messages[1:] %}{% else %}{% set system = default_system %}"
+    "{% set rest = messages %}{% endif %}"
+    "<|im_start|>system\n{{ system }}"
+    "{% if tools %}{{ NL + NL }}# Tools\n\nYou may call one or more functions to assist with the "
+    "user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n"
+    "<tools>{% for tool in tools %}{{ NL }}{{ tool | tojson }}{% endfor %}{{ NL }}</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>{% endif %}'
+    "<|im_end|>{{ NL }}"
+    "{% for message in rest %}"
+    "{% if message['role'] == 'tool' %}"
+    "{% if loop.first or rest[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user{% endif %}"
+    "{{ NL }}<tool_response>\n{{ message['content'] }}\n</tool_response>"
+    "{% if loop.last or rest[loop.index0 + 1]['role'] != 'tool' %}<|im_end|>{{ NL }}{% endif %}"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] or '' }}"
+    "{% for call in message.get('tool_calls', []) %}"
+    "{% if message['content'] or not loop.first %}{{ NL }}{% endif %}"
+    '<tool_call>\n{"name": "{{ call.function.name }}", "arguments": '
+    "{{ call.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>{{ NL }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ NL }}{% endif %}"
+)
+
 _CORPUS = [
     "You are MiMo, an AI assistant developed by Xiaomi.",
     "Describe this image in detail. What is the man holding in his hand?",

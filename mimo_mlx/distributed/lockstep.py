@@ -332,7 +332,17 @@ class LeaderPool:
 
     def stream(self, messages: Sequence[dict], **options) -> Iterator[GenerationResponse]:
         refuse_structured(options)
+        tools = options.pop("tools", None)
         prompt = {**self.prompt_options, **pop_prompt_options(options)}
-        inputs = self.leader.processor.prepare_messages(messages, **prompt)
+        inputs = self.leader.processor.prepare_messages(messages, tools=tools, **prompt)
         self.opens_thinking = inputs.opens_thinking
         yield from self.leader.stream_generate(inputs=inputs, **options)
+
+    def stream_text(self, prompt: str, **options) -> Iterator[GenerationResponse]:
+        """A plain text completion across the ranks (no chat template)."""
+        refuse_structured(options)
+        if not prompt:
+            raise MimoError("the prompt is empty")
+        ids = np.array([self.leader.processor.tokenizer.encode(prompt)], dtype=np.int64)
+        self.opens_thinking = False
+        yield from self.leader.stream_generate(inputs=ModelInputs(ids, text=prompt), **options)

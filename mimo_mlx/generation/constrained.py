@@ -20,6 +20,7 @@ keeps (rolled back when a rejected draft is trimmed from the cache).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -136,7 +137,9 @@ def _grammar(fmt: OutputFormat, thinking: Thinking, tokens: set[str]) -> str:
 
 
 def _first_line(error: str) -> str:
-    return error.strip().splitlines()[0] if error.strip() else "unknown error"
+    """llguidance's message, without where in our own grammar it arose."""
+    line = error.strip().splitlines()[0] if error.strip() else "unknown error"
+    return re.sub(r"^at \d+\(\d+\): ", "", line)
 
 
 TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>")
