@@ -363,7 +363,7 @@ def _report_grounding(text: str, inputs, image: str, annotate_path: str | None) 
     if annotate_path is not None:
         from ..grounding.draw import annotate  # noqa: PLC0415
 
-        annotate(image, found.boxes, found.points, annotate_path, found.actions)
+        annotate(image, found.boxes, found.points, annotate_path, found.actions, report=_note)
         click.echo(f"wrote {annotate_path}", err=True)
 
 
@@ -508,8 +508,12 @@ def annotate(image, answer_path, out_path, max_pixels, min_pixels):
         raise MimoError(f"no boxes or points in the answer{note}")
     click.echo(to_json(found))
     if out_path is not None:
-        draw(image, found.boxes, found.points, out_path, found.actions)
+        draw(image, found.boxes, found.points, out_path, found.actions, report=_note)
         click.echo(f"wrote {out_path}", err=True)
+
+
+def _note(message: str) -> None:
+    click.echo(f"note: {message}", err=True)
 
 
 def _load(model_path: str | None, group=None):
