@@ -10,9 +10,11 @@ import jsonschema
 import mlx.core as mx
 import numpy as np
 import pytest
+import tiny_tokenizer
 from click.testing import CliRunner
 from test_generate import write_model_folder
 from tiny_tokenizer import SPECIAL_TOKEN_IDS
+from tokenizers import AddedToken
 from tool_models import TOOL_MODEL_VOCAB, write_tool_model_folder
 
 import mimo_mlx
@@ -20,6 +22,7 @@ from mimo_mlx import MimoError
 from mimo_mlx.cli.main import main
 from mimo_mlx.conversation.conversation import Conversation
 from mimo_mlx.generation.constrained import Constraint, json_format, tool_call_format
+from mimo_mlx.inputs.tokenizer import Tokenizer
 
 PADDED_VOCAB = TOOL_MODEL_VOCAB  # the embedding has rows no token uses, as MiMo's does
 THINK, END_THINK = SPECIAL_TOKEN_IDS["<think>"], SPECIAL_TOKEN_IDS["</think>"]
@@ -319,3 +322,28 @@ def test_a_bad_schema_file_is_one_line(tiny, tmp_path, content, message):
     )
     assert result.exit_code == 1 and message in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_tags_the_tokenizer_lacks_are_matched_as_text():
+    """A tokenizer without <think> or <tool_call> tokens: the grammar reads the tags as text."""
+    backend = tiny_tokenizer._train_bpe(300)
+    backend.add_special_tokens([AddedToken("<|im_end|>", special=True)])
+    tokenizer = Tokenizer(backend, config={"eos_token": "<|im_end|>"})
+    assert not tokenizer.has_token("</think>") and not tokenizer.has_token("<tool_call>")
+
+    def accepts(fmt, thinking, text) -> bool:
+        constraint = Constraint(fmt, tokenizer, 304, thinking)
+        rows = constraint.mask(mx.zeros((1, 304)), mx.array([[1]]), offset=0)
+        for offset, token in enumerate(tokenizer.encode(text), start=1):
+            if not np.isfinite(np.array(rows)[0, token]):
+                return False
+            rows = constraint.mask(mx.zeros((1, 304)), mx.array([[token]]), offset)
+        return True
+
+    schema = json_format({"type": "object"})
+    assert accepts(schema, "optional", '<think>a {b} </thin</think>\n{"a": 1}')
+    assert accepts(schema, "opened", 'hmm</think>{"a": 1}')
+    assert not accepts(schema, "optional", 'hmm</think>{"a": 1}')  # no reasoning unopened
+    call = tool_call_format([{"name": "f"}])
+    assert accepts(call, "off", '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>')
+    assert not accepts(call, "off", '<tool_call>\n{"name": "g"')

@@ -89,7 +89,10 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
     async def chat_completions(request: Request) -> ChatCompletion:
         _authorize(request, settings.api_key)
         arrived = time.monotonic()
-        parsed = parse_chat(await _read_json(request, settings.max_body_bytes), settings.limits)
+        body = await _read_json(request, settings.max_body_bytes)
+        # Checking a JSON schema compiles it (milliseconds; bounded by llguidance's limits):
+        # off the event loop, so other connections are served meanwhile.
+        parsed = await anyio.to_thread.run_sync(parse_chat, body, settings.limits)
         messages, remove_files = await resolve_media(parsed, settings.media)
         job = Job(
             id=f"chatcmpl-{uuid.uuid4().hex}",
