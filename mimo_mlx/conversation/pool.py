@@ -63,7 +63,20 @@ class ConversationPool:
         """Answer `messages` (the OpenAI shape), continuing the best-matching conversation.
         `options` as for `Conversation.stream_messages`."""
         with self._lock:
-            turn = self._blank.prepare(messages, **pop_prompt_options(options))
+            tools = options.pop("tools", None)
+            turn = self._blank.prepare(messages, tools, **pop_prompt_options(options))
+            chat = self._running = self._conversation_for(turn)
+            try:
+                yield from chat.stream_turn(turn, **options)
+            finally:
+                self._running = None
+                self._evict(keep=chat)
+
+    def stream_text(self, prompt: str, **options) -> Iterator[GenerationResponse]:
+        """Complete a plain text `prompt` (no chat template), reusing cached tokens as `stream`
+        does. `options` as for `Conversation.stream_turn`."""
+        with self._lock:
+            turn = self._blank.prepare_text(prompt)
             chat = self._running = self._conversation_for(turn)
             try:
                 yield from chat.stream_turn(turn, **options)
