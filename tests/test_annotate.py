@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from mimo_mlx.errors import MimoError
-from mimo_mlx.grounding.draw import PALETTE, Style, annotate, colours_for
+from mimo_mlx.grounding import draw
+from mimo_mlx.grounding.draw import PALETTE, Style, annotate, colours_for, font_for
 from mimo_mlx.grounding.parse import Action, Box, Point, parse_grounding
 from mimo_mlx.grounding.report import geometry_of, to_original
 
@@ -243,3 +244,57 @@ def test_the_input_image_is_never_overwritten(tmp_path):
         with pytest.raises(MimoError, match="overwrite"):
             annotate(source, [Box(1, 1, 20, 20, "x")], [], out)
     assert path.read_bytes() == before
+
+
+# ---------------------------------------------------------------- scripts beyond ASCII
+
+
+def label_patch(tmp_path, label: str, name: str, report=None) -> np.ndarray:
+    """The label's patch above a box, drawn on its own image."""
+    size, box = (400, 200), Box(40, 120, 360, 190, label)
+    out = annotate(Image.new("RGB", size, GREY), [box], [], tmp_path / name, report=report)
+    with Image.open(out) as image:
+        return np.asarray(image.convert("RGB"))[:118]
+
+
+def test_cjk_labels_are_drawn_with_their_glyphs_or_reported(tmp_path):
+    """Two labels of different characters draw differently when a font has them; a font without
+    them would draw the same 'missing' boxes for both, so that is reported instead."""
+    notes = []
+    exits = label_patch(tmp_path, "出出出", "a.png", notes.append)
+    mouths = label_patch(tmp_path, "口口口", "b.png", notes.append)
+    if font_for("出口", 20)[1]:  # no installed font has them (the report says so)
+        assert len(notes) == 2 and "no installed font" in notes[0] and "出" in notes[0]
+    else:
+        assert notes == [] and not np.array_equal(exits, mouths)
+
+
+def test_without_a_wide_font_the_label_says_what_it_could_not_draw(tmp_path, monkeypatch):
+    monkeypatch.setattr(draw, "wide_fonts", lambda: ())
+    notes = []
+    label_patch(tmp_path, "Exit 出口", "c.png", notes.append)
+    assert len(notes) == 1 and "'出口'" in notes[0] and "fonts-noto-cjk" in notes[0]
+    with pytest.warns(UserWarning, match="no installed font"):
+        label_patch(tmp_path, "出口", "d.png")
+
+
+def test_ascii_labels_keep_pillows_font(tmp_path):
+    font, missing = font_for("OK button", 20)
+    assert missing == set() and font is draw._font(20)
+
+
+def test_wide_fonts_are_found_where_systems_keep_them(tmp_path, monkeypatch):
+    dejavu = next((f for f in draw.wide_fonts() if f.name == "DejaVuSans.ttf"), None)
+    if dejavu is None:
+        pytest.skip("DejaVuSans.ttf is not installed here")
+    nested = tmp_path / "truetype" / "dejavu"
+    nested.mkdir(parents=True)
+    (nested / "DejaVuSans.ttf").write_bytes(dejavu.read_bytes())
+    monkeypatch.setattr(draw, "FONT_FOLDERS", (str(tmp_path), str(tmp_path / "missing")))
+    draw.wide_fonts.cache_clear()
+    try:
+        assert draw.wide_fonts() == (nested / "DejaVuSans.ttf",)
+        font, missing = font_for("Ωж café", 20)  # Greek, Cyrillic, Latin-1: DejaVu has them
+        assert missing == set() and font.path == str(nested / "DejaVuSans.ttf")
+    finally:
+        draw.wide_fonts.cache_clear()

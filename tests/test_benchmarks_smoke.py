@@ -154,3 +154,16 @@ def test_the_kv_cache_scenario_reports_every_cache(tmp_path):
         assert (
             row["cache_tokens"] == 300 + 3 - 1 and row["peak_bytes"] > 0 and row["decode_tps"] > 0
         )
+
+
+def test_the_structured_output_scenario_runs(tmp_path):
+    from benchmarks import structured  # noqa: PLC0415
+
+    report = structured.main(
+        ["--scale", "tiny", "--tokens", "8", "--runs", "1", "--out", str(tmp_path)]
+    )
+    result = json.loads((tmp_path / "results.json").read_text())["result"]
+    assert result == json.loads(json.dumps(report["result"]))
+    assert result["plain_tok_s"]["median"] > 0 and result["json_schema_tok_s"]["median"] > 0
+    assert len(result["grammar_s_per_token"]["values"]) == 7
+    assert result["answer_start"].lstrip().startswith("{")

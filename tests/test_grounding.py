@@ -133,6 +133,50 @@ def test_results_wrapped_in_another_object_are_found():
     assert boxes(answer) == [(1, 2, 3, 4, "a")]
 
 
+@pytest.mark.parametrize(
+    "answer, expected_boxes, expected_points",
+    [
+        (  # a detection prompt from a public MiMo-VL integration: bbox, under "detections"
+            '```json\n{"detections": [{"bbox": [10, 20, 30, 40], "label": "cat"}, '
+            '{"bbox_2d": [1, 2, 3, 4], "label": "dog"}]}\n```',
+            [(10, 20, 30, 40, "cat"), (1, 2, 3, 4, "dog")],
+            [],
+        ),
+        (  # its OCR prompt: the text is the box's label
+            '{"text_detections": [{"bbox": [5, 6, 50, 16], "text": "EXIT", '
+            '"text_type": "button"}, {"bbox": [0, 0, 9, 9], "text": "出口"}]}',
+            [(5, 6, 50, 16, "EXIT"), (0, 0, 9, 9, "出口")],
+            [],
+        ),
+        (  # its keypoint prompt
+            '{"keypoints": [{"point_2d": [7, 8], "label": "nose"}]}',
+            [],
+            [(7, 8, "nose")],
+        ),
+        (  # any key, any depth
+            '{"page": {"regions": [{"items": [{"bbox": [1, 1, 2, 2], "label": "x"}]}]}}',
+            [(1, 1, 2, 2, "x")],
+            [],
+        ),
+        (  # both keys: bbox_2d is the one read
+            '[{"bbox_2d": [1, 2, 3, 4], "bbox": [9, 9, 9, 9], "label": "a"}]',
+            [(1, 2, 3, 4, "a")],
+            [],
+        ),
+    ],
+)
+def test_shapes_people_prompt_for(answer, expected_boxes, expected_points):
+    result = parse_grounding(answer)
+    assert [(b.x1, b.y1, b.x2, b.y2, b.label) for b in result.boxes] == expected_boxes
+    assert [(p.x, p.y, p.label) for p in result.points] == expected_points
+    assert result.skipped == ()
+
+
+def test_a_bad_bbox_is_said_by_its_own_name():
+    result = parse_grounding('{"detections": [{"bbox": [1, 2], "label": "x"}]}')
+    assert result.boxes == () and any("bbox should be 4 numbers" in n for n in result.skipped)
+
+
 # ---------------------------------------------------------------- GUI actions
 
 
@@ -243,7 +287,7 @@ def test_a_broken_object_costs_only_itself():
         ('{"point_2d": [1, Infinity]}', "point_2d should be 2 numbers"),
         ('{"point_2d": "left"}', "point_2d should be 2 numbers"),
         ('{"action": "click", "start_point": [1]}', "start_point should be 2 numbers"),
-        ('{"label": "cat", "score": 0.9}', "no bbox_2d, point_2d or action"),
+        ('{"label": "cat", "score": 0.9}', "no bbox_2d, bbox, point_2d or action"),
     ],
 )
 def test_unusable_objects_are_said_not_silently_dropped(answer, complaint):

@@ -215,9 +215,15 @@ def test_the_api_key_guards_everything_but_health(server):
     assert httpx2.get(server.url + "/health").json()["status"] == "ok"
 
 
-def test_models_are_listed(server):
+def test_models_are_listed(server, folder):
+    """--model-name makes the model field strict: its name, the folder's and nothing else."""
     api = client(server)
     assert [m.id for m in api.models.list()] == ["tiny"]
+    for name in ("tiny", folder.name, str(folder)):
+        reply = api.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=1
+        )
+        assert reply.model == "tiny"
     assert api.models.retrieve("tiny").owned_by == "mimo-mlx"
     with pytest.raises(openai.NotFoundError):
         api.models.retrieve("gpt-4o")
@@ -228,7 +234,7 @@ def test_models_are_listed(server):
 
 def test_unknown_routes_methods_and_big_bodies(server):
     auth = {"Authorization": f"Bearer {KEY}"}
-    missing = httpx2.post(server.url + "/v1/completions", headers=auth, json={})
+    missing = httpx2.post(server.url + "/v1/embeddings", headers=auth, json={})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     assert httpx2.get(server.url + "/v1/chat/completions", headers=auth).status_code == 405
     big = {"messages": [{"role": "user", "content": "x" * (2 << 20)}]}
@@ -281,9 +287,20 @@ BAD_VALUES = {
     "n": [2, 0, 10],
     "model": ["gpt-4", 5, ""],
     "stream_options": ["x", 5, {"include_usage": True}],
-    "tools": [[{"type": "function", "function": {"name": "f"}}]],
+    "tools": [
+        [{"type": "function", "function": {"name": "no spaces"}}],
+        [{"type": "function", "function": {"name": "f", "parameters": 3}}],
+        [{"type": "function"}],
+        "f",
+    ],
+    "tool_choice": ["required", {"type": "function", "function": {"name": "f"}}, 5],
     "presence_penalty": [1.0, -1.5, "x"],
-    "response_format": [{"type": "json_object"}, "json"],
+    "response_format": [
+        {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"uniqueItems": True}}},
+        {"type": "yaml"},
+        "json",
+    ],
     "chat_template_kwargs": ["x", 5, {"enable_thinking": "no"}],
     "messages": [
         None,
@@ -363,7 +380,8 @@ def bad_requests(rng: random.Random, count: int):
             yield rng.choice(
                 [
                     ("GET", chat, b"", auth, 405),
-                    ("POST", "/v1/completions", text_of(good), auth, 404),
+                    ("POST", "/v1/completions", text_of(good), auth, 400),
+                    ("POST", "/v1/completions", text_of({"prompt": [1, 2]}), auth, 400),
                     ("DELETE", "/v1/models", b"", auth, 405),
                     ("GET", "/" + "".join(rng.choices("abcxyz/.", k=12)), b"", auth, 404),
                     ("POST", "/health", b"", auth, 405),

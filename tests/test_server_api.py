@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.server
 import io
+import json
 import random
 import threading
 import time
@@ -15,8 +16,11 @@ from PIL import Image
 
 from mimo_mlx.generation.answer_stream import AnswerStream
 from mimo_mlx.inputs.template import split_thinking
+from mimo_mlx.serve.completions import parse_completion_request
 from mimo_mlx.serve.media import MediaPolicy, decode_image, fetch, resolve_media
+from mimo_mlx.serve.names import model_names
 from mimo_mlx.serve.requests import APIError, Limits, parse_chat_request
+from mimo_mlx.serve.tools import parse_chat
 
 LIMITS = Limits(("tiny",), context=4096, max_pixels=50176)
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -28,7 +32,7 @@ def parse(**body):
 
 def refused(body) -> APIError:
     with pytest.raises(APIError) as caught:
-        parse_chat_request(body, LIMITS)
+        parse_chat(body, LIMITS)
     assert caught.value.status == 400 and caught.value.body()["error"]["message"]
     return caught.value
 
@@ -166,8 +170,15 @@ def test_media_parts_in_every_accepted_shape():
         ({"messages": HELLO, "min_pixels": 5000, "max_pixels": 4000}, "min_pixels"),
         ({"messages": HELLO, "n": 2}, "n"),
         ({"messages": HELLO, "presence_penalty": 0.5}, "presence_penalty"),
-        ({"messages": HELLO, "tools": [{"type": "function"}]}, "tools"),
-        ({"messages": HELLO, "response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": HELLO, "tools": [{"type": "function"}]}, "tools[0].function"),
+        ({"messages": HELLO, "tools": [{"type": "x"}]}, "tools[0]"),
+        ({"messages": HELLO, "tool_choice": "required"}, "tool_choice"),
+        ({"messages": HELLO, "functions": [{"name": "f"}]}, "functions"),
+        (
+            {"messages": HELLO, "response_format": {"type": "json_schema"}},
+            "response_format.json_schema",
+        ),
+        ({"messages": HELLO, "response_format": {"type": "xml"}}, "response_format"),
         ({"messages": HELLO, "chat_template_kwargs": []}, "chat_template_kwargs"),
     ],
 )
@@ -355,3 +366,62 @@ def test_fetching_is_bounded_in_size_and_time(files, path, code):
     assert caught.value.code == code and caught.value.status == 400
     assert time.monotonic() - started < 2.5
     assert anyio.run(fetch, files + "/small", policy, "url") == b"small"
+
+
+def test_model_names_strict_or_not(tmp_path):
+    folder = tmp_path / "mimo-vl-4bit"
+    folder.mkdir()
+    config = {"mimo_mlx": {"source": "XiaomiMiMo/MiMo-VL-7B-RL-2508"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    names = model_names("./mimo-vl-4bit", folder, "mimo")
+    assert names.id == "mimo" and names.strict
+    assert set(names.names) == {
+        "mimo",
+        "./mimo-vl-4bit",
+        "mimo-vl-4bit",
+        config["mimo_mlx"]["source"],
+    }
+    limits = Limits(names.names, context=4096, any_model=not names.strict)
+    assert parse_chat_request({"messages": HELLO, "model": "mimo-vl-4bit"}, limits).model
+    with pytest.raises(APIError) as caught:
+        parse_chat_request({"messages": HELLO, "model": "gpt-4o"}, limits)
+    assert caught.value.status == 404
+    loose = model_names("./mimo-vl-4bit", folder)
+    assert loose.id == "./mimo-vl-4bit" and not loose.strict
+    limits = Limits(loose.names, context=4096, any_model=True)
+    assert parse_chat_request({"messages": HELLO, "model": "gpt-4o"}, limits).model == "gpt-4o"
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({}, "prompt"),
+        ({"prompt": [1, 2, 3]}, "prompt"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x", "suffix": "y"}, "suffix"),
+        ({"prompt": "x", "best_of": 3}, "best_of"),
+        ({"prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "temperature": 5}, "temperature"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ],
+)
+def test_text_completion_mistakes_name_the_field(body, param):
+    with pytest.raises(APIError) as caught:
+        parse_completion_request(body, LIMITS)
+    assert caught.value.status == 400 and caught.value.param == param
+
+
+def test_a_text_completion_request():
+    request = parse_completion_request(
+        {"prompt": ["Once"], "max_tokens": 5, "temperature": 0, "stop": "\n", "echo": True},
+        LIMITS,
+    )
+    assert (request.prompt, request.max_tokens, request.stop, request.echo) == (
+        "Once",
+        5,
+        ("\n",),
+        True,
+    )
+    assert request.sampling == {"temp": 0.0}

@@ -7,6 +7,8 @@ appends the Qwen/MiMo added tokens in a fixed order, so their ids depend only on
     With the default vocab_size=400: <|endoftext|> 400, <|im_start|> 401, <|im_end|> 402,
     <|vision_start|> 403, <|vision_end|> 404, <|vision_pad|> 405, <|image_pad|> 406,
     <|video_pad|> 407, <think> 408, </think> 409; 410 tokens in all (`TINY_TOTAL_VOCAB`).
+    With `tool_tokens=True`, Qwen2.5's <tool_call> 410 and </tool_call> 411 follow (a model for
+    that tokenizer needs a vocab of at least `TOOL_TOTAL_VOCAB`).
 
 The folder holds tokenizer.json (the normalizer / pre-tokenizer / decoder of transformers'
 Qwen2Tokenizer, so our loader and `AutoTokenizer` agree), tokenizer_config.json with the chat
@@ -47,6 +49,9 @@ ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("</think>", False),
 )
 
+# Qwen2.5's tool-call tags: plain added tokens too (decoded text keeps them).
+TOOL_TOKENS: tuple[tuple[str, bool], ...] = (("<tool_call>", False), ("</tool_call>", False))
+
 # Qwen2's split regex, as in transformers' models/qwen2/tokenization_qwen2.py.
 QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -74,6 +79,37 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# A text-only template with tools in Qwen2.5's format (tools listed in the system turn, calls as
+# <tool_call> JSON, results as <tool_response> in a user turn), as Qwen2.5-VL-style folders keep
+# in tokenizer_config.json beside a vision template without tools (chat_template.json).
+TOOLS_CHAT_TEMPLATE = (  # newlines after a block tag are written as {{ NL }} (trim_blocks)
+    "{% set NL = '\n' %}"
+    "{% set default_system = 'You are MiMo, an AI assistant developed by Xiaomi.' %}"
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set rest = messages[1:] %}{% else %}{% set system = default_system %}"
+    "{% set rest = messages %}{% endif %}"
+    "<|im_start|>system\n{{ system }}"
+    "{% if tools %}{{ NL + NL }}# Tools\n\nYou may call one or more functions to assist with the "
+    "user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n"
+    "<tools>{% for tool in tools %}{{ NL }}{{ tool | tojson }}{% endfor %}{{ NL }}</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>{% endif %}'
+    "<|im_end|>{{ NL }}"
+    "{% for message in rest %}"
+    "{% if message['role'] == 'tool' %}"
+    "{% if loop.first or rest[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user{% endif %}"
+    "{{ NL }}<tool_response>\n{{ message['content'] }}\n</tool_response>"
+    "{% if loop.last or rest[loop.index0 + 1]['role'] != 'tool' %}<|im_end|>{{ NL }}{% endif %}"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] or '' }}"
+    "{% for call in message.get('tool_calls', []) %}"
+    "{% if message['content'] or not loop.first %}{{ NL }}{% endif %}"
+    '<tool_call>\n{"name": "{{ call.function.name }}", "arguments": '
+    "{{ call.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>{{ NL }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ NL }}{% endif %}"
+)
+
 _CORPUS = [
     "You are MiMo, an AI assistant developed by Xiaomi.",
     "Describe this image in detail. What is the man holding in his hand?",
@@ -99,6 +135,7 @@ def special_token_ids(vocab_size: int = DEFAULT_VOCAB_SIZE) -> dict[str, int]:
 
 SPECIAL_TOKEN_IDS: dict[str, int] = special_token_ids()
 TINY_TOTAL_VOCAB: int = DEFAULT_VOCAB_SIZE + len(ADDED_TOKENS)
+TOOL_TOTAL_VOCAB: int = TINY_TOTAL_VOCAB + len(TOOL_TOKENS)
 
 
 def _qwen2_pipeline(tokenizer: Tokenizer) -> None:
@@ -132,7 +169,7 @@ def _train_bpe(vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def _added_tokens_decoder(vocab_size: int) -> dict[str, dict]:
+def _added_tokens_decoder(vocab_size: int, added) -> dict[str, dict]:
     return {
         str(vocab_size + i): {
             "content": content,
@@ -142,15 +179,15 @@ def _added_tokens_decoder(vocab_size: int) -> dict[str, dict]:
             "single_word": False,
             "special": special,
         }
-        for i, (content, special) in enumerate(ADDED_TOKENS)
+        for i, (content, special) in enumerate(added)
     }
 
 
-def _write_configs(folder: Path, vocab_size: int) -> None:
+def _write_configs(folder: Path, vocab_size: int, added) -> None:
     ids = special_token_ids(vocab_size)
     tokenizer_config = {
         "tokenizer_class": "Qwen2Tokenizer",
-        "added_tokens_decoder": _added_tokens_decoder(vocab_size),
+        "added_tokens_decoder": _added_tokens_decoder(vocab_size, added),
         "bos_token": None,
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
@@ -170,18 +207,18 @@ def _write_configs(folder: Path, vocab_size: int) -> None:
     (folder / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
 
 
-def build_tiny_tokenizer(folder: Path, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
+def build_tiny_tokenizer(
+    folder: Path, vocab_size: int = DEFAULT_VOCAB_SIZE, tool_tokens: bool = False
+) -> Path:
     """Write a tiny Qwen2-style tokenizer folder (loadable by mimo_mlx and transformers)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_bpe(vocab_size)
+    added = ADDED_TOKENS + (TOOL_TOKENS if tool_tokens else ())
     tokenizer.add_tokens(
-        [
-            AddedToken(content, special=special, normalized=False)
-            for content, special in ADDED_TOKENS
-        ]
+        [AddedToken(content, special=special, normalized=False) for content, special in added]
     )
     assert tokenizer.token_to_id(ADDED_TOKENS[0][0]) == vocab_size  # ids are deterministic
     tokenizer.save(str(folder / "tokenizer.json"))
-    _write_configs(folder, vocab_size)
+    _write_configs(folder, vocab_size, added)
     return folder

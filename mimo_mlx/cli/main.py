@@ -182,6 +182,13 @@ group_timeout_option = click.option(
 )
 @click.option("--hide-thinking", is_flag=True, help="Print only the answer, not the reasoning.")
 @click.option(
+    "--json-schema",
+    "json_schema_path",
+    metavar="FILE",
+    help="Make the answer JSON valid against the JSON schema in FILE, enforced while decoding "
+    "(the model may reason first; --no-think skips that). Needs mimo-mlx[structured].",
+)
+@click.option(
     "--max-tokens",
     "-m",
     default=DEFAULT_MAX_TOKENS,
@@ -200,6 +207,7 @@ def generate(
     gui,
     annotate_path,
     hide_thinking,
+    json_schema_path,
     max_tokens,
     group_timeout,
     **options,
@@ -213,7 +221,8 @@ def generate(
 
     The reasoning is shown dimmed before the answer (kept between <think> tags when stdout is not a
     terminal); a line of statistics follows on stderr. --prompt-lookup makes answers that copy text
-    (OCR, documents) faster and leaves the output as it is. Under mlx.launch the model is split
+    (OCR, documents) faster and leaves the output as it is. --json-schema makes the answer JSON
+    that validates (a GUI action, a form's fields). Under mlx.launch the model is split
     across the ranks (each reads only its part of --model, which every host needs); rank 0 reads
     the images and prints, the others only compute.
     """
@@ -228,6 +237,7 @@ def generate(
     lookup = pop_lookup_options(options)
     if ground is not None or annotate_path is not None:
         _check_grounding(images, videos, annotate_path)
+    json_schema = _read_json_schema(json_schema_path)
     model, processor = _load(model_path, group)
     answer = _answerer(model, processor, group)  # from here on, an error releases the other ranks
     if group is not None and lookup.enabled:
@@ -235,6 +245,8 @@ def generate(
             "--prompt-lookup is not available under mlx.launch yet (the ranks would have to draft "
             "and verify in step); run without it"
         )
+    if group is not None and json_schema is not None:
+        raise MimoError("--json-schema is not available under mlx.launch yet; run without it")
     options = sampling_defaults(processor.tokenizer.generation_config, options)
     inputs = processor.prepare(prompt, images, videos, **pop_prompt_options(options))
     for notice in inputs.notices:  # e.g. a video shrunk to its token budget
@@ -250,8 +262,9 @@ def generate(
     printer = StreamPrinter(hide_thinking, inputs.opens_thinking)
     last, pieces = None, []
     lookup_options = vars(lookup) if group is None else {}  # refused above when asked for
+    structured = {} if json_schema is None else {"json_schema": json_schema}
     for response in answer(
-        prompt, inputs=inputs, max_tokens=max_tokens, **options, **lookup_options
+        prompt, inputs=inputs, max_tokens=max_tokens, **options, **lookup_options, **structured
     ):
         printer.write(response.text)
         pieces.append(response.text)
@@ -261,6 +274,24 @@ def generate(
     click.echo(stats_line(last, reason, lookup.enabled), err=True)
     if ground is not None or annotate_path is not None:
         _report_grounding("".join(pieces), inputs, images[0], annotate_path)
+
+
+def _read_json_schema(path: str | None) -> dict | None:
+    """The schema of --json-schema, checked before the model loads."""
+    if path is None:
+        return None
+    import json  # noqa: PLC0415
+
+    from ..generation.constrained import json_format  # noqa: PLC0415
+
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise MimoError(f"cannot read the JSON schema {path}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise MimoError(f"{path} is not JSON ({err})") from None
+    json_format(schema).check()
+    return schema
 
 
 def _answerer(model, processor, group) -> Callable:
@@ -337,7 +368,7 @@ def _report_grounding(text: str, inputs, image: str, annotate_path: str | None) 
     if annotate_path is not None:
         from ..grounding.draw import annotate  # noqa: PLC0415
 
-        annotate(image, found.boxes, found.points, annotate_path, found.actions)
+        annotate(image, found.boxes, found.points, annotate_path, found.actions, report=_note)
         click.echo(f"wrote {annotate_path}", err=True)
 
 
@@ -484,8 +515,12 @@ def annotate(image, answer_path, out_path, max_pixels, min_pixels):
         raise MimoError(f"no boxes or points in the answer{note}")
     click.echo(to_json(found))
     if out_path is not None:
-        draw(image, found.boxes, found.points, out_path, found.actions)
+        draw(image, found.boxes, found.points, out_path, found.actions, report=_note)
         click.echo(f"wrote {out_path}", err=True)
+
+
+def _note(message: str) -> None:
+    click.echo(f"note: {message}", err=True)
 
 
 def _load(model_path: str | None, group=None):

@@ -56,7 +56,10 @@ class ByteSize(click.ParamType):
 @click.option(
     "--model-name",
     metavar="NAME",
-    help="The model id clients send and /v1/models lists. [default: the --model value]",
+    help="The model id /v1/models lists, and a strict check of the 'model' requests send: "
+    "then only NAME, the model folder's name and the hub id it came from are accepted (others "
+    "get 404). Without it, any name is answered (one model is served) and the id is the "
+    "--model value.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
@@ -162,7 +165,8 @@ def serve(
     mimo-mlx serve --model ./mimo-vl-7b-rl-4bit --api-key s3cret --port 9000
     mlx.launch --hostfile hosts.json -- mimo-mlx serve --model ./mimo-vl-7b-rl-4bit
 
-    POST /v1/chat/completions (streaming or not), GET /v1/models, GET /health. It listens on
+    POST /v1/chat/completions (streaming or not; tools, response_format), POST /v1/completions
+    (raw text prompts), GET /v1/models, GET /health. It listens on
     127.0.0.1 only, reads images only from base64 data: URLs, and needs no key unless given
     one: --host, --allow-fetch, --allow-local-files and --api-key change that. Prompt, sampling
     and cache flags set the defaults that requests override (a request's kv_bits, kv_group_size
@@ -177,8 +181,10 @@ def serve(
     if not all(importlib.util.find_spec(name) for name in ("starlette", "uvicorn", "httpx2")):
         raise MimoError('the server needs its extra: pip install "mimo-mlx[serve]"')
     from ..distributed.group import launch_rank, launched  # noqa: PLC0415
+    from ..loading import resolve_model  # noqa: PLC0415
     from ..serve.app import build_server, serve_forever  # noqa: PLC0415
     from ..serve.media import MediaPolicy  # noqa: PLC0415  (fast --help)
+    from ..serve.names import model_names  # noqa: PLC0415
 
     if launched() and max_kv_size is not None:  # every rank runs this command: all stop here
         raise MimoError(
@@ -196,6 +202,7 @@ def serve(
             "the model",
             err=True,
         )
+    model_path = model_path or DEFAULT_MODEL
     model, processor = _load(model_path, group)
     pool = None
     if group is not None:  # rank 0 serves; every request runs across the ranks
@@ -208,7 +215,7 @@ def serve(
     engine, settings = build_server(
         model,
         processor,
-        model_id=model_name or model_path or DEFAULT_MODEL,
+        names=model_names(model_path, resolve_model(model_path), model_name),
         api_key=api_key,
         media=MediaPolicy(
             allow_fetch, allow_local_files, fetch_max_bytes, fetch_timeout, max_image_pixels

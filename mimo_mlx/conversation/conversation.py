@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import ContextFull, MimoError
+from ..generation.constrained import OutputFormat, json_format
 from ..generation.lookup import PromptLookup
 from ..generation.loop import (
     DEFAULT_PREFILL_STEP,
@@ -32,6 +33,7 @@ from ..generation.loop import (
     GenerationResult,
     _sampling,
     collect,
+    make_constraint,
     stream_prompt,
 )
 from ..generation.sampling import LogitsProcessor, Sampler
@@ -53,11 +55,13 @@ from .vision_cache import VisionCache, shared_vision_cache
 
 @dataclass(frozen=True)
 class Turn:
-    """A conversation's next turn, prepared: its messages, their inputs and token identities."""
+    """A conversation's next turn, prepared: its messages, their inputs and token identities.
+    A `raw` turn is a plain text prompt (no chat template, no messages)."""
 
     messages: list[Message]
     inputs: ModelInputs
     identity: np.ndarray
+    raw: bool = False
 
 
 class Conversation:
@@ -190,11 +194,13 @@ class Conversation:
         also when the caller stops reading early (the answer so far is kept).
 
         `options`: sampling options, prompt-lookup options (`options.LookupOptions`: drafts
-        copy from the whole conversation), and prompt options that override the conversation's
-        for this turn (e.g. max_pixels).
+        copy from the whole conversation), prompt options that override the conversation's
+        for this turn (e.g. max_pixels), `tools` (OpenAI's function definitions, shown to the
+        model through its chat template) and `json_schema` (the answer is JSON valid against
+        it, enforced while decoding; see `stream_generate`).
         """
         started = time.perf_counter()
-        turn = self.prepare(messages, **pop_prompt_options(options))
+        turn = self.prepare(messages, options.pop("tools", None), **pop_prompt_options(options))
         yield from self.stream_turn(
             turn,
             started=started,
@@ -205,13 +211,31 @@ class Conversation:
             **options,
         )
 
-    def prepare(self, messages: Sequence[Message], **prompt_options) -> Turn:
+    def prepare(
+        self, messages: Sequence[Message], tools: Sequence[dict] | None = None, **prompt_options
+    ) -> Turn:
         """A turn ready to run: the messages (fitted to max_kv_size), their inputs and the
-        identity of their tokens. Depends only on the messages and the options, not on what
-        this conversation holds, so one turn can be offered to several conversations."""
+        identity of their tokens. Depends only on the messages, the tools offered (OpenAI's
+        function definitions, shown by the chat template) and the options, not on what this
+        conversation holds, so one turn can be offered to several conversations."""
         options = PromptOptions(**{**vars(self.prompt_options), **prompt_options})
-        messages, inputs = self._fitted(list(messages), options)
+        messages, inputs = self._fitted(list(messages), options, tools)
         return Turn(messages, inputs, token_identity(inputs, self.model.config))
+
+    def prepare_text(self, prompt: str) -> Turn:
+        """A raw turn: `prompt` tokenized as it is, without the chat template (a plain text
+        completion, as /v1/completions asks for); its answer is not added to `messages`."""
+        if not isinstance(prompt, str) or not prompt:
+            raise MimoError("the prompt is empty")
+        ids = np.array([self.processor.tokenizer.encode(prompt)], dtype=np.int64)
+        if ids.shape[1] >= self.max_kv_size:
+            raise ContextFull(
+                f"the prompt is {ids.shape[1]} tokens but at most {self.max_kv_size} fit "
+                "(--max-kv-size, or the model's context)",
+                tokens=ids.shape[1],
+                limit=self.max_kv_size,
+            )
+        return Turn([], ModelInputs(ids, text=prompt), ids[0].copy(), raw=True)
 
     def shared_prefix(self, turn: Turn) -> int:
         """How many of the turn's tokens this conversation would reuse."""
@@ -243,17 +267,27 @@ class Conversation:
         sampler: Sampler | None = None,
         logits_processors: Sequence[LogitsProcessor] | None = None,
         prefill_step_size: int = DEFAULT_PREFILL_STEP,
+        json_schema: dict | None = None,
+        output_format: OutputFormat | None = None,
         **sampling,
     ) -> Iterator[GenerationResponse]:
-        """Stream the answer to a prepared turn, continuing this conversation's cache."""
+        """Stream the answer to a prepared turn, continuing this conversation's cache. The answer
+        follows `output_format` (`generation.constrained`), or is JSON valid against
+        `json_schema`."""
         if max_tokens < 1:
             raise MimoError(f"max_tokens must be at least 1, got {max_tokens}")
+        if json_schema is not None:
+            if output_format is not None:
+                raise MimoError("give json_schema or output_format, not both")
+            output_format = json_format(json_schema)
         started = time.perf_counter() if started is None else started
         lookup = PromptLookup.from_options(pop_lookup_options(sampling))
         sampler, logits_processors = _sampling(
             SamplingOptions(**sampling), sampler, logits_processors
         )
         messages, inputs, identity = turn.messages, turn.inputs, turn.identity
+        tokenizer = self.processor.tokenizer
+        constraint = make_constraint(self.model, tokenizer, output_format, inputs)
         keep = self._reusable(identity)
         self.cache.trim(self.cache.offset - keep)
         self._tokens = self._tokens[:keep]
@@ -277,6 +311,7 @@ class Conversation:
                 cached_tokens=keep,
                 lookup=lookup,
                 context=inputs.input_ids[0],
+                constraint=constraint,
             ):
                 generated.append(response.token)
                 yield response
@@ -285,7 +320,9 @@ class Conversation:
             # and the answer as far as it got; the history says the same.
             self._tokens = np.concatenate([identity, generated])[: self.cache.offset]
             self.messages = with_media(messages, inputs.media)
-            if generated:
+            if turn.raw:
+                pass  # a plain completion is not a chat turn
+            elif generated:
                 answer = [t for t in generated if t not in self.processor.tokenizer.eos_token_ids]
                 text = self.processor.tokenizer.decode(answer, skip_special_tokens=True)
                 self.messages.append({"role": "assistant", "content": text})
@@ -295,11 +332,11 @@ class Conversation:
     # ---------------------------------------------------------------- the prompt of a turn
 
     def _fitted(
-        self, messages: list[Message], options: PromptOptions
+        self, messages: list[Message], options: PromptOptions, tools: Sequence[dict] | None
     ) -> tuple[list[Message], ModelInputs]:
         """The messages and their inputs, leaving room for at least one answer token."""
         while True:
-            inputs = self.processor.prepare_messages(messages, **vars(options))
+            inputs = self.processor.prepare_messages(messages, tools=tools, **vars(options))
             length = inputs.input_ids.shape[1]
             if length < self.max_kv_size:
                 return messages, inputs

@@ -85,7 +85,21 @@ class ConversationPool:
         the pool's defaults."""
         stored = CacheOptions(**{**vars(self._blank.cache_options), **pop_cache_options(options)})
         with self._lock:
-            turn = self._blank.prepare(messages, **pop_prompt_options(options))
+            tools = options.pop("tools", None)
+            turn = self._blank.prepare(messages, tools, **pop_prompt_options(options))
+            chat = self._running = self._conversation_for(turn, stored)
+            try:
+                yield from chat.stream_turn(turn, **options)
+            finally:
+                self._running = None
+                self._evict(keep=chat)
+
+    def stream_text(self, prompt: str, **options) -> Iterator[GenerationResponse]:
+        """Complete a plain text `prompt` (no chat template), reusing cached tokens as `stream`
+        does. `options` as for `Conversation.stream_turn`, and cache options over the pool's."""
+        stored = CacheOptions(**{**vars(self._blank.cache_options), **pop_cache_options(options)})
+        with self._lock:
+            turn = self._blank.prepare_text(prompt)
             chat = self._running = self._conversation_for(turn, stored)
             try:
                 yield from chat.stream_turn(turn, **options)

@@ -187,6 +187,16 @@ def run_request(
     )
 
 
+def refuse_structured(options: dict) -> None:
+    """Structured output is not split across ranks yet: say so rather than ignore it."""
+    for name in ("json_schema", "output_format"):
+        if options.pop(name, None) is not None:
+            raise MimoError(
+                "structured output (JSON schemas, response_format, forced tool calls) is not "
+                "available under mlx.launch yet; run without it"
+            )
+
+
 class Leader:
     """Rank 0's side: prepares each request, sends it to every rank, and streams the answer.
 
@@ -225,6 +235,7 @@ class Leader:
         """
         if max_tokens < 1:
             raise MimoError(f"max_tokens must be at least 1, got {max_tokens}")
+        refuse_structured(options)
         cache = CacheOptions(**pop_cache_options(options))
         check_cache_options(cache, self.model.config.text.head_dim)  # before the ranks hear
         prompt_options, sampling = split_options(options)
@@ -338,8 +349,22 @@ class LeaderPool:
         return 0
 
     def stream(self, messages: Sequence[dict], **options) -> Iterator[GenerationResponse]:
+        refuse_structured(options)
+        tools = options.pop("tools", None)
         prompt = {**self.prompt_options, **pop_prompt_options(options)}
         cache = {**self.cache_options, **pop_cache_options(options)}
-        inputs = self.leader.processor.prepare_messages(messages, **prompt)
+        inputs = self.leader.processor.prepare_messages(messages, tools=tools, **prompt)
         self.opens_thinking, self.notices = inputs.opens_thinking, inputs.notices
         yield from self.leader.stream_generate(inputs=inputs, **options, **cache)
+
+    def stream_text(self, prompt: str, **options) -> Iterator[GenerationResponse]:
+        """A plain text completion across the ranks (no chat template)."""
+        refuse_structured(options)
+        if not prompt:
+            raise MimoError("the prompt is empty")
+        cache = {**self.cache_options, **pop_cache_options(options)}
+        ids = np.array([self.leader.processor.tokenizer.encode(prompt)], dtype=np.int64)
+        self.opens_thinking, self.notices = False, ()
+        yield from self.leader.stream_generate(
+            inputs=ModelInputs(ids, text=prompt), **options, **cache
+        )

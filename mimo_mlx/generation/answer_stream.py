@@ -53,16 +53,32 @@ class _Stripped:
         return out
 
 
+class _Verbatim:
+    """The splitter of a plain completion: all of it is answer, tags included."""
+
+    def feed(self, piece: str) -> list[tuple[str, str]]:
+        return [("answer", piece)] if piece else []
+
+    def finalize(self) -> list[tuple[str, str]]:
+        return []
+
+
 class AnswerStream:
     """Turns decoded pieces into (reasoning, content) deltas; see the module docstring.
 
     `stop`: sequences that end the answer (matched on the raw text, tags included; not part of
-    the answer). `opens_thinking`: the prompt already opened <think>.
+    the answer). `opens_thinking`: the prompt already opened <think>. `raw`: the text is a plain
+    completion (no chat template): it all goes to the content as written, stop sequences apart.
     """
 
-    def __init__(self, stop: Sequence[str] = (), opens_thinking: bool = False) -> None:
+    def __init__(
+        self, stop: Sequence[str] = (), opens_thinking: bool = False, raw: bool = False
+    ) -> None:
+        self.raw = raw
         self._stops = tuple(s for s in stop if s)
-        self._splitter = ThinkingSplitter(prompt_opened_thinking=opens_thinking)
+        self._splitter = (
+            _Verbatim() if raw else ThinkingSplitter(prompt_opened_thinking=opens_thinking)
+        )
         self._held = ""  # raw text that may be the start of a stop sequence
         self._previous: str | None = None  # kind of the last segment, as split_thinking groups
         self.reasoning = _Stripped(separator="\n\n")
@@ -91,6 +107,8 @@ class AnswerStream:
         return self._route(self._splitter.feed(text) + self._splitter.finalize())
 
     def _route(self, segments: list[tuple[str, str]]) -> tuple[str, str]:
+        if self.raw:
+            return "", "".join(text for _, text in segments)
         reasoning, content = [], []
         for kind, text in segments:
             if kind == "thinking":

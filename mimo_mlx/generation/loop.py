@@ -28,6 +28,7 @@ from ..options import (
     pop_prompt_options,
     split_options,
 )
+from .constrained import Constraint, OutputFormat, Thinking, json_format
 from .lookup import PromptLookup, warn_if_no_faster
 from .sampling import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler
 
@@ -44,6 +45,7 @@ def generate_step(
     prompt_cache: PromptCache | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     context: Sequence[int] | np.ndarray | None = None,
+    constraint: Constraint | None = None,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
@@ -58,7 +60,8 @@ def generate_step(
     previous token is read back. `context` is the whole prompt's ids
     when `prompt` continues a cache: logits processors (repetition penalty) see all of them, as
     they would without the cache. The log-probabilities are lazy arrays: with the greedy sampler
-    (the default, or `make_sampler(0)`) they are computed only if read. `kv_bits`,
+    (the default, or `make_sampler(0)`) they are computed only if read. A `constraint` (see
+    `generation.constrained`, one per generation) masks the tokens its grammar refuses. `kv_bits`,
     `kv_group_size` and `quantized_kv_start` (mlx-lm's) say how a new cache stores keys and
     values (`options.CacheOptions`); a given `prompt_cache` was made with its own.
     """
@@ -69,7 +72,7 @@ def generate_step(
     history = _history(prompt, context, processors)
 
     with generation_settings(model) as stream:
-        step = _stepper(model, cache, sampler, processors, stream)
+        step = _stepper(model, cache, sampler, processors, stream, constraint)
         token, logprobs = _prefill(prompt, model, cache, step, history, prefill_step_size, stream)
         for n in range(max_tokens):
             if n + 1 < max_tokens:
@@ -93,6 +96,7 @@ def lookup_generate_step(
     logits_processors: Sequence[LogitsProcessor] | None = None,
     prompt_cache: PromptCache | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    constraint: Constraint | None = None,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
@@ -105,8 +109,8 @@ def lookup_generate_step(
     answer may copy from (default: the prompt's ids; give the whole conversation when `prompt`
     continues a cache). Samplers must treat rows independently and logits processors must be
     functions of (tokens, logits): a draft is verified by sampling after each of its tokens at
-    once, each row's processors seeing the tokens up to it. The cache options are
-    `generate_step`'s.
+    once, each row's processors seeing the tokens up to it. A `constraint` masks each row with
+    its grammar's state after the draft tokens before it. The cache options are `generate_step`'s.
     """
     cache_options = CacheOptions(kv_bits, kv_group_size, quantized_kv_start)
     cache, prompt, sampler, processors = _begin(
@@ -118,7 +122,7 @@ def lookup_generate_step(
     lookup.begin(prompt.input_ids[0] if context is None else np.asarray(context), placeholders)
     history = _history(prompt, context, processors)
     with generation_settings(model) as stream:
-        step = _stepper(model, cache, sampler, processors, stream)
+        step = _stepper(model, cache, sampler, processors, stream, constraint)
         token, logprobs = _prefill(prompt, model, cache, step, history, prefill_step_size, stream)
         yield from lookup.decode(step, token, logprobs, cache, max_tokens, history)
 
@@ -161,7 +165,7 @@ def cache_for(model: Model, cache: PromptCache | None, options: CacheOptions) ->
     return cache
 
 
-def _stepper(model: Model, cache: PromptCache, sampler, processors, stream):
+def _stepper(model: Model, cache: PromptCache, sampler, processors, stream, constraint=None):
     """step(history, logits_to_keep=0, **inputs): feed L tokens continuing the cache and queue the
     pass; the token sampled after each of the last R (all L when logits_to_keep is 0) and their
     log-probabilities (R, vocab). `history` is every token fed up to the first of those R;
@@ -169,9 +173,12 @@ def _stepper(model: Model, cache: PromptCache, sampler, processors, stream):
 
     The pass and the tokens are queued whatever the sampler reads (a sampler may ignore the
     scores: on ranks other than 0 it does); with the greedy sampler the log-probabilities stay
-    lazy, computed only if read."""
+    lazy, computed only if read. A constraint waits on the host for the tokens fed (the pass is
+    queued first, so the grammar works while it runs) and masks what its grammar refuses,
+    before the sampler sees the scores."""
 
     def step(history: mx.array | None, logits_to_keep: int = 0, **inputs):
+        offset = cache.offset  # where these inputs go
         with mx.stream(stream or mx.default_stream(mx.default_device())):
             # float32 from here on, as transformers' generate does: processors, log-probs
             # and sampling see full-precision scores whatever the model computes in.
@@ -190,6 +197,9 @@ def _stepper(model: Model, cache: PromptCache, sampler, processors, stream):
                         row = processor(seen, row)
                     rows.append(row)
                 logits = mx.concatenate(rows)
+            if constraint is not None:
+                mx.async_eval(logits)
+                logits = constraint.mask(logits, inputs["input_ids"], offset)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             # Greedy reads the logits (the same argmax, transformers' own choice): the vocabulary's
             # log-sum-exp then runs only if the caller reads the log-probabilities.
@@ -289,6 +299,7 @@ def stream_generate(
     prompt_cache: PromptCache | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     inputs: ModelInputs | None = None,
+    json_schema: dict | None = None,
     **options,
 ) -> Iterator[GenerationResponse]:
     """Answer `prompt` about `images` and `videos`, yielding text pieces as they are decoded.
@@ -302,18 +313,22 @@ def stream_generate(
     `logits_processors` replace the sampling options. Generation stops at an end
     token of the tokenizer / generation config, after `max_tokens`, or when the model's context is
     full. `inputs` (from `processor.prepare`) replaces prompt, images, videos and the prompt
-    options.
+    options. With a `json_schema` (a dict; `{"type": "object"}` for any object) the answer is
+    JSON valid against it, enforced while decoding (needs the `structured` extra); MiMo may
+    reason first unless `no_think`.
     """
     if max_tokens < 1:
         raise MimoError(f"max_tokens must be at least 1, got {max_tokens}")
     lookup = PromptLookup.from_options(pop_lookup_options(options))
     cache_options = CacheOptions(**pop_cache_options(options))
     prompt_options, sampling = split_options(options)
+    output_format = None if json_schema is None else json_format(json_schema)
     start = time.perf_counter()
     cache = cache_for(model, prompt_cache, cache_options)  # bad options fail before any work
     if inputs is None:
         inputs = processor.prepare(prompt, images, videos, **vars(prompt_options))
     check_context(model, inputs)
+    constraint = make_constraint(model, processor.tokenizer, output_format, inputs)
     sampler, logits_processors = _sampling(sampling, sampler, logits_processors)
     mx.reset_peak_memory()
     prepared = model.prepare_prompt(inputs.input_ids, **inputs.vision_kwargs(), cache=cache)
@@ -328,7 +343,23 @@ def stream_generate(
         logits_processors=logits_processors,
         prefill_step_size=prefill_step_size,
         lookup=lookup,
+        constraint=constraint,
     )
+
+
+def make_constraint(
+    model: Model, tokenizer: Tokenizer, output_format: OutputFormat | None, inputs: ModelInputs
+) -> Constraint | None:
+    """The constraint enforcing `output_format` on the answer to `inputs` (None: none). MiMo
+    reasons first unless the prompt asks it not to; a template may have opened `<think>`."""
+    if output_format is None:
+        return None
+    thinking: Thinking = "optional"
+    if inputs.opens_thinking:
+        thinking = "opened"
+    elif inputs.no_think:
+        thinking = "off"
+    return Constraint(output_format, tokenizer, model.config.text.vocab_size, thinking)
 
 
 def stream_prompt(
@@ -345,11 +376,12 @@ def stream_prompt(
     cached_tokens: int = 0,
     lookup: PromptLookup | None = None,
     context: np.ndarray | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream the answer to a prepared prompt that continues `cache` (holding `cached_tokens`
     tokens of the whole prompt already); timings count from `started`. `context` is the whole
     prompt's ids (default: `prompt`'s): logits processors see them all, and with a `lookup` drafts
-    are copied from them."""
+    are copied from them. A `constraint` (`make_constraint`) shapes the answer."""
     prompt_tokens = cached_tokens + prompt.length
     detokenizer = tokenizer.detokenizer()
     stop = tokenizer.eos_token_ids
@@ -359,6 +391,7 @@ def stream_prompt(
         logits_processors=logits_processors,
         prompt_cache=cache,
         prefill_step_size=prefill_step_size,
+        constraint=constraint,
     )
     if lookup is None:
         run = generate_step(prompt, model, context=context, **settings)

@@ -3,13 +3,19 @@
 Coordinates are original-image pixels (``grounding_report.to_original``). Line widths, markers and the font
 scale with the image, so the drawing reads the same on a 60 x 40 icon and a 4000 x 3000 photo.
 Colours come from a fixed palette, one per label in order of first appearance.
+
+Labels in Chinese, Japanese, Korean or other scripts need a font that has their glyphs: Pillow's
+own font has ASCII only, so a label it cannot draw is drawn with a system font of wide coverage,
+found at run time (PingFang or Hiragino on macOS, Noto CJK, WenQuanYi or DejaVu on Linux, Microsoft
+YaHei on Windows). None is bundled; characters no installed font has are drawn as "?" and reported.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +46,39 @@ PALETTE: tuple[RGB, ...] = (
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
+# Fonts with wide coverage that systems ship, best first (file names; .ttc: the first face).
+WIDE_FONTS = (
+    "PingFang.ttc",
+    "Hiragino Sans GB.ttc",
+    "STHeiti Medium.ttc",
+    "NotoSansCJK-Regular.ttc",
+    "NotoSansCJKsc-Regular.otf",
+    "SourceHanSans-Regular.ttc",
+    "Arial Unicode.ttf",
+    "msyh.ttc",
+    "wqy-zenhei.ttc",
+    "wqy-microhei.ttc",
+    "DroidSansFallbackFull.ttf",
+    "AppleSDGothicNeo.ttc",
+    "NotoSans-Regular.ttf",
+    "DejaVuSans.ttf",
+    "Arial.ttf",
+)
+FONT_FOLDERS = (
+    "/System/Library/Fonts",
+    "/Library/Fonts",
+    "~/Library/Fonts",
+    "/usr/share/fonts",
+    "/usr/local/share/fonts",
+    "~/.local/share/fonts",
+    "~/.fonts",
+    "C:/Windows/Fonts",
+)
+_INSTALL_FONT = (
+    "install a font with wide coverage, e.g. Noto Sans CJK (Debian/Ubuntu: apt install "
+    "fonts-noto-cjk)"
+)
+
 
 @dataclass(frozen=True)
 class Style:
@@ -66,12 +105,14 @@ def annotate(
     points: Sequence[Point],
     out_path: str | Path,
     actions: Sequence[Action] = (),
+    report: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a copy of `image` with `boxes`, `points` and `actions` drawn on it; return its path.
 
     A path is opened as the model saw it (upright: EXIF orientation applied, RGB); a PIL image is
     drawn as it is. The format follows `out_path`'s suffix (.png, .jpg/.jpeg, .webp). The input
-    image is never overwritten.
+    image is never overwritten. What could not be drawn (characters no installed font has) is
+    told to `report`, one line each (default: a warning).
     """
     out = Path(out_path)
     image_format = check_destination(image, out)
@@ -81,8 +122,13 @@ def annotate(
         picture = load_image(image)
     else:
         raise MimoError(f"expected a PIL image or an image path, got {type(image).__name__}")
-    _draw(picture, list(boxes), list(points), list(actions))
+    notes = _draw(picture, list(boxes), list(points), list(actions))
     _save(picture, out, image_format)
+    for note in notes:
+        if report is not None:
+            report(note)
+        else:
+            warnings.warn(note, stacklevel=2)
     return out
 
 
@@ -149,15 +195,77 @@ def _save(picture: Image.Image, out: Path, image_format: str) -> None:
 # ---------------------------------------------------------------- drawing
 
 
+Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+
+
 @lru_cache(maxsize=16)
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def _font(size: int) -> Font:
     try:
         return ImageFont.load_default(size=size)  # scalable since Pillow 10.1 (with FreeType)
     except (TypeError, OSError, ImportError):
         return ImageFont.load_default()
 
 
-def _draw(picture: Image.Image, boxes: list[Box], points: list[Point], actions: list[Action]):
+@lru_cache(maxsize=1)
+def wide_fonts() -> tuple[Path, ...]:
+    """The installed fonts of `WIDE_FONTS`, in its order (looked for once per process)."""
+    wanted = {name.lower(): rank for rank, name in enumerate(WIDE_FONTS)}
+    found: dict[int, Path] = {}
+    for folder in FONT_FOLDERS:
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            continue
+        for parent, _, files in os.walk(root):
+            for name in files:
+                rank = wanted.get(name.lower())
+                if rank is not None and rank not in found:
+                    found[rank] = Path(parent) / name
+    return tuple(found[rank] for rank in sorted(found))
+
+
+@lru_cache(maxsize=64)
+def _truetype(path: Path, size: int) -> ImageFont.FreeTypeFont | None:
+    try:
+        return ImageFont.truetype(str(path), size)
+    except OSError:  # unreadable, or not a font after all
+        return None
+
+
+def _glyphs(font: Font, text: str) -> set[str]:
+    """The characters of `text` that `font` has glyphs for (whitespace always): a glyph drawn
+    like the one of an unassigned code point is the font's 'missing' box."""
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        return {ch for ch in text if ord(ch) < 256}  # Pillow's bitmap font: Latin-1
+
+    def shape(ch: str):
+        mask = font.getmask(ch)
+        return mask.size, bytes(mask)
+
+    missing = shape("\U0010fffd")
+    return {ch for ch in set(text) if ch.isspace() or shape(ch) != missing}
+
+
+def font_for(text: str, size: int) -> tuple[Font, set[str]]:
+    """The font to draw `text` with, and the characters it still lacks: Pillow's own font when
+    it has every glyph, else the first wide-coverage system font that does, else the one that
+    lacks the fewest."""
+    best, lacking = _font(size), set(text) - _glyphs(_font(size), text)
+    for path in wide_fonts() if lacking else ():
+        font = _truetype(path, size)
+        if font is None:
+            continue
+        missing = set(text) - _glyphs(font, text)
+        if len(missing) < len(lacking):
+            best, lacking = font, missing
+        if not lacking:
+            break
+    return best, lacking
+
+
+def _draw(
+    picture: Image.Image, boxes: list[Box], points: list[Point], actions: list[Action]
+) -> list[str]:
+    """Draw everything; what could not be drawn, one line each."""
     boxes, points, actions = _near_the_image(picture.size, boxes, points, actions)
     style = Style.for_size(*picture.size)
     draw = ImageDraw.Draw(picture)
@@ -179,12 +287,23 @@ def _draw(picture: Image.Image, boxes: list[Box], points: list[Point], actions: 
     for point in points:
         _marker(draw, point, colours[point.label], style)
         labels.append((point.label, point, colours[point.label]))
-    font = _font(style.font_size)
     # Labels keep off every marker's centre and off each other where the image has room.
     taken = [(round(p.x), round(p.y), round(p.x), round(p.y)) for _, p, _ in labels[len(boxes) :]]
+    notes = []
     for text, where, colour in labels:
-        if text:
-            taken.append(_label(draw, picture.size, text, where, colour, font, style, taken))
+        if not text:
+            continue
+        text = " ".join(text.split())
+        font, missing = font_for(text, style.font_size)
+        if missing:
+            shown = "".join(sorted(missing))
+            notes.append(
+                f"the label {text!r} was drawn with '?' for {shown!r}: no installed font has "
+                f"those characters; {_INSTALL_FONT}"
+            )
+            text = "".join("?" if ch in missing else ch for ch in text)
+        taken.append(_label(draw, picture.size, text, where, colour, font, style, taken))
+    return notes
 
 
 def _near_the_image(size, boxes: list[Box], points: list[Point], actions: list[Action]):
@@ -254,9 +373,6 @@ def _arrow(draw: ImageDraw.ImageDraw, start: Point, end: Point, colour: RGB, sty
 
 def _label(draw, size, text: str, where: Box | Point, colour: RGB, font, style: Style, taken):
     """`text` on a filled background beside a box or marker, inside the image; its rectangle."""
-    text = " ".join(text.split())
-    if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow's bitmap font is Latin-1 only
-        text = text.encode("latin-1", "replace").decode("latin-1")
     text = _fitted(draw, text, font, size[0] - 2 * style.pad)
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     w, h = right - left + 2 * style.pad, bottom - top + 2 * style.pad

@@ -8,6 +8,9 @@ MiMo-VL follows Qwen2.5-VL: after its reasoning it answers a grounding request w
 
 or, as a GUI agent, ``{"action": "drag", "start_point": [x, y], "end_point": [x, y]}``, always in
 absolute pixels of the image *as the processor resized it* (Qwen2-VL's 0-1000 grid is gone).
+Prompts seen in the wild ask for other shapes, which are read too: ``bbox`` for ``bbox_2d``,
+objects nested under any key (``{"detections": [...]}``, ``{"keypoints": [...]}``,
+``{"text_detections": [{"bbox": [...], "text": "EXIT"}]}``), ``text`` as an OCR box's label.
 ``parse_grounding`` reads those, plus Qwen's ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` text, and
 never raises. ``grounding.report`` puts the coordinates back on the user's image and reports them.
 No mlx here: this module runs anywhere.
@@ -138,7 +141,8 @@ _TAGGED = re.compile(r"<\|(object_ref|box|point)_start\|>(.{0,400}?)<\|\1_end\|>
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _TRAILING_COMMA = re.compile(r",\s*([\]}])")
 _ACTION_KEYS = ("action", "action_name", "start_point", "end_point")
-_GROUNDING_KEYS = ("bbox_2d", "point_2d", *_ACTION_KEYS)
+_BOX_KEYS = ("bbox_2d", "bbox")  # bbox: what many detection prompts ask for
+_GROUNDING_KEYS = (*_BOX_KEYS, "point_2d", *_ACTION_KEYS)
 _MAX_LITERAL = 100_000  # longest fragment handed to ast.literal_eval
 # Brackets nested deeper than this are no grounding answer: trying to decode them only costs time.
 _MAX_DEPTH = 32
@@ -147,11 +151,12 @@ _MAX_DEPTH = 32
 def parse_grounding(answer: str) -> ParseResult:
     """Every box, point and GUI action in a model answer, in the model's (resized) pixels.
 
-    Reads ``bbox_2d``, ``point_2d`` and GUI actions (``start_point``/``end_point``) from JSON,
-    fenced or bare, one object or a list, anywhere after the reasoning (``<think>`` blocks are
-    dropped), and Qwen's ``<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)
-    <|box_end|>`` text. Broken or cut-off JSON gives up only the objects that are incomplete; they
-    are listed in ``skipped``. Never raises for any string.
+    Reads ``bbox_2d`` (or ``bbox``), ``point_2d`` and GUI actions (``start_point``/``end_point``)
+    from JSON, fenced or bare, one object or a list, nested under any key, anywhere after the
+    reasoning (``<think>`` blocks are dropped), and Qwen's
+    ``<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`` text.
+    Broken or cut-off JSON gives up only the objects that are incomplete; they are listed in
+    ``skipped``. Never raises for any string.
     """
     if not isinstance(answer, str):
         return ParseResult(skipped=(f"expected the answer as text, got {type(answer).__name__}",))
@@ -266,7 +271,8 @@ def _numbers(value: Any, count: int) -> tuple[float, ...] | None:
 
 
 def _label(obj: dict) -> str:
-    for key in ("label", "text_content"):  # text_content: Xiaomi's OCR grounding answers
+    # text_content: Xiaomi's OCR grounding answers; text: an OCR box's words in other prompts.
+    for key in ("label", "text_content", "text"):
         value = obj.get(key)
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return " ".join(str(value).split())
@@ -345,7 +351,9 @@ class _Reader:
                         reversed([v for v in item.values() if isinstance(v, dict | list)])
                     )
         if saw_object and not found:
-            self.notes.append((position, f"no bbox_2d, point_2d or action in {_shown(value)}"))
+            self.notes.append(
+                (position, f"no bbox_2d, bbox, point_2d or action in {_shown(value)}")
+            )
         return found
 
     def _read_object(self, obj: dict, position: int) -> bool:
@@ -354,9 +362,10 @@ class _Reader:
         if not any(key in obj for key in _GROUNDING_KEYS):
             return False
         label = _label(obj)
-        if "bbox_2d" in obj:
-            coords = _numbers(obj["bbox_2d"], 4)
-            self._add(position, coords and _box(*coords, label), "bbox_2d", obj)
+        key = next((key for key in _BOX_KEYS if key in obj), None)  # bbox_2d first if both
+        if key is not None:
+            coords = _numbers(obj[key], 4)
+            self._add(position, coords and _box(*coords, label), key, obj)
         if "point_2d" in obj:
             coords = _numbers(obj["point_2d"], 2)
             self._add(position, coords and Point(*coords, label), "point_2d", obj)
@@ -382,7 +391,7 @@ class _Reader:
         if item is not None:
             self.found.append((position, item))
             return
-        want = "4 numbers" if key == "bbox_2d" else "2 numbers"
+        want = "4 numbers" if key in _BOX_KEYS else "2 numbers"
         self.notes.append((position, f"{key} should be {want}, got {_shown(obj.get(key), 40)}"))
 
     def read_tagged(self) -> None:

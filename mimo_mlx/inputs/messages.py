@@ -1,7 +1,9 @@
 """Chat messages in the shapes people send them: checked, and split into text for the template and
 the media to preprocess.
 
-Accepted, per message: `role` system, user or assistant; `content` a string or a list of parts:
+Accepted, per message: `role` system, user, assistant or tool; `content` a string or a list of
+parts (an assistant message with `tool_calls` may have none; a tool result may carry
+`tool_call_id` and `name`):
 
     {"type": "text", "text": "..."}
     {"type": "image", "image": PATH | PIL.Image}                      (transformers)
@@ -17,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import MimoError
 from .template import NO_THINK, Message, user_text
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,8 @@ def split_messages(
 
     Media parts become `{"type": "image"}` / `{"type": "video"}`; text-only content becomes a plain
     string (which every ChatML template renders). `system` replaces or adds the system message;
-    `no_think` appends MiMo's "/no_think" to the last user message.
+    `no_think` appends MiMo's "/no_think" to the last user message. An assistant's `tool_calls`
+    keep OpenAI's shape with their arguments as objects (as chat templates expect them).
     """
     if isinstance(messages, dict | str) or not isinstance(messages, Sequence) or not messages:
         raise MimoError("messages must be a non-empty list of {'role': ..., 'content': ...}")
@@ -62,7 +66,7 @@ def split_messages(
                 media.append(Media(kind, value))
         if role != "user" and any(part["type"] != "text" for part in content):
             raise MimoError(f"messages[{index}]: images and videos go in user messages")
-        rendered.append({"role": role, "content": content})
+        rendered.append({"role": role, "content": content, **_tool_fields(message, index)})
     if no_think:
         _append_no_think(rendered)
     if system is not None:
@@ -79,11 +83,37 @@ def _check_message(message: Any, index: int) -> tuple[str, list]:
         raise MimoError(f"messages[{index}].role must be one of {', '.join(ROLES)}, got {role!r}")
     if isinstance(content, str):
         return role, [{"type": "text", "text": content}]
-    if content is None and role == "assistant":
+    if content is None and (role == "assistant" or message.get("tool_calls")):
         return role, []
     if not isinstance(content, list):
         raise MimoError(f"messages[{index}].content must be a string or a list of parts")
     return role, content
+
+
+def _tool_fields(message: dict, index: int) -> dict[str, Any]:
+    """A tool result's `tool_call_id` and `name`; an assistant's `tool_calls`, checked."""
+    fields = {k: message[k] for k in ("tool_call_id", "name") if isinstance(message.get(k), str)}
+    calls = message.get("tool_calls")
+    if calls is None:
+        return fields
+    if message["role"] != "assistant" or not isinstance(calls, list):
+        raise MimoError(f"messages[{index}].tool_calls must be a list, in an assistant message")
+    return {**fields, "tool_calls": [_tool_call(call, index) for call in calls]}
+
+
+def _tool_call(call: Any, index: int) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name:
+        raise MimoError(f"messages[{index}]: each tool call needs function.name")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):  # OpenAI sends the arguments as JSON text
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            pass  # the template shows it as it was written
+    out = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    return {"id": call["id"], **out} if isinstance(call.get("id"), str) else out
 
 
 def _part(part: Any, index: int) -> tuple[str, Any]:
@@ -148,7 +178,7 @@ def _plain(message: Message) -> Message:
     """Text-only content as one string, as llama.cpp's MiMo-VL template needs."""
     parts = message["content"]
     if all(p["type"] == "text" for p in parts):
-        return {"role": message["role"], "content": "".join(p["text"] for p in parts)}
+        return {**message, "content": "".join(p["text"] for p in parts)}
     return message
 
 
@@ -164,5 +194,5 @@ def with_media(messages: Sequence[Message], prepared: Sequence[Any]) -> list[Mes
         for part in parts:
             kind = part["type"].removesuffix("_url")
             content.append(part if kind == "text" else {"type": kind, kind: next(items)})
-        out.append({"role": role, "content": content})
+        out.append({**message, "role": role, "content": content})
     return out

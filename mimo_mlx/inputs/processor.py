@@ -16,7 +16,15 @@ from ..errors import MimoError
 from ..options import PromptOptions
 from .images import ImageProcessorConfig, load_image, load_processor_config, preprocess_images
 from .messages import Media, split_messages
-from .template import check_media_rendered, expand_vision_tokens, load_chat_template, render_chat
+from .template import (
+    check_media_rendered,
+    expand_vision_tokens,
+    inline_media,
+    load_chat_template,
+    load_tool_template,
+    render_chat,
+    renders_tools,
+)
 from .tokenizer import Tokenizer
 from .video import preprocess_video, read_video
 
@@ -57,6 +65,7 @@ class ModelInputs:
     text: str = ""  # the rendered prompt, before vision placeholders were expanded
     vision_tokens: int = 0  # how many of the ids are image/video placeholders
     opens_thinking: bool = field(default=False)  # the template already opened <think>
+    no_think: bool = False  # the prompt asks the model not to reason first
     # Per image: ((width, height) as the user sees it, (width, height) the processor resized it to).
     image_sizes: tuple[tuple[tuple[int, int], tuple[int, int]], ...] = ()
     media: tuple[PreparedMedia, ...] = ()  # every image and video, in order of appearance
@@ -73,14 +82,24 @@ class ModelInputs:
 
 
 class Processor:
-    """The text and vision front end of a model folder: tokenizer, chat template, image settings."""
+    """The text and vision front end of a model folder: tokenizer, chat template, image settings.
+
+    `tool_template` renders requests that carry tools: the chat template if it renders them,
+    else another template of the folder that does (None: tools cannot be offered)."""
 
     def __init__(
-        self, tokenizer: Tokenizer, chat_template: str, image_config: ImageProcessorConfig
+        self,
+        tokenizer: Tokenizer,
+        chat_template: str,
+        image_config: ImageProcessorConfig,
+        tool_template: str | None = None,
     ):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.image_config = image_config
+        if tool_template is None and renders_tools(chat_template):
+            tool_template = chat_template
+        self.tool_template = tool_template
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> Processor:
@@ -88,6 +107,7 @@ class Processor:
             Tokenizer.from_folder(folder),
             load_chat_template(folder),
             load_processor_config(folder),
+            load_tool_template(folder),
         )
 
     def prepare(
@@ -115,15 +135,23 @@ class Processor:
         messages: Sequence[dict],
         add_generation_prompt: bool = True,
         preprocess: Callable[[Media, PromptOptions], PreparedMedia] | None = None,
+        tools: Sequence[dict] | None = None,
         **options,
     ) -> ModelInputs:
         """A whole conversation (see `messages.py` for the accepted shapes), rendered with the
         chat template and tokenized as transformers would, its media preprocessed in order.
 
         `preprocess` replaces `self.preprocess` (a conversation reuses what it prepared before).
+        `tools` (OpenAI's function definitions) are shown to the model by `tool_template`; when
+        that is a text-only template, images and videos are written in as Qwen2.5-VL writes them.
         """
         opts = PromptOptions(**options)
         rendered, media = split_messages(messages, system=opts.system, no_think=opts.no_think)
+        template = self.chat_template
+        if tools:
+            template = self._template_for_tools()
+            if template != self.chat_template:
+                rendered = inline_media(rendered)
         prepared = tuple((preprocess or self.preprocess)(item, opts) for item in media)
         notices = tuple(
             m.notice
@@ -133,7 +161,7 @@ class Processor:
         images = [m for m in prepared if m.kind == "image"]
         videos = [m for m in prepared if m.kind == "video"]
         special = self.tokenizer.special_tokens_map
-        text = render_chat(self.chat_template, rendered, special, add_generation_prompt)
+        text = render_chat(template, rendered, special, add_generation_prompt, tools=tools)
         check_media_rendered(text, len(images), len(videos))
         image_grids = np.array([m.grid_thw for m in images], dtype=np.int64).reshape(-1, 3)
         video_grids = np.array([m.grid_thw for m in videos], dtype=np.int64).reshape(-1, 3)
@@ -154,11 +182,21 @@ class Processor:
             text=text,
             vision_tokens=sum(int(np.prod(m.grid_thw)) // merge**2 for m in prepared),
             opens_thinking=text.rstrip().endswith("<think>"),
+            no_think=opts.no_think,
             image_sizes=tuple(m.sizes for m in images),
             media=prepared,
             notices=notices,
             **vision,
         )
+
+    def _template_for_tools(self) -> str:
+        if self.tool_template is None:
+            raise MimoError(
+                "this model's chat templates do not render tools (none of chat_template.json, "
+                "chat_template.jinja and tokenizer_config.json reads `tools`), so the model would "
+                "never see them; add a chat_template.jinja that does (Qwen2.5's, for example)"
+            )
+        return self.tool_template
 
     def preprocess(self, item: Media, opts: PromptOptions) -> PreparedMedia:
         """One image (upright, resized, normalized, patched) or video (sampled, then the same);

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -62,6 +62,26 @@ def load_chat_template(folder: str | Path) -> str:
         "tokenizer_config.json['chat_template']). Copy the chat template files from the original "
         "checkpoint."
     )
+
+
+def load_tool_template(folder: str | Path) -> str | None:
+    """The first of the folder's chat templates (in `load_chat_template`'s order) that renders
+    `tools`; None when none does. Qwen2.5-VL-style folders keep a vision template without tools
+    (chat_template.json) beside the text template with them (tokenizer_config.json)."""
+    for template in _template_candidates(Path(folder)):
+        if isinstance(template, str) and template and renders_tools(template):
+            return template
+    return None
+
+
+def renders_tools(template: str) -> bool:
+    """Whether a chat template reads the `tools` variable (the function definitions)."""
+    try:
+        return "tools" in meta.find_undeclared_variables(
+            _compile(template).environment.parse(template)
+        )
+    except jinja2.TemplateError:
+        return False
 
 
 # ---------------------------------------------------------------- rendering
@@ -116,12 +136,14 @@ def render_chat(
     messages: Sequence[Message],
     special_tokens: Mapping[str, str] | None = None,
     add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
     **template_kwargs: Any,
 ) -> str:
     """Render `messages` with a chat template, as transformers' apply_chat_template(tokenize=False).
 
     `special_tokens` (bos_token, eos_token, ...) are visible to the template, like the tokenizer's
-    special_tokens_map; `template_kwargs` override them.
+    special_tokens_map; `template_kwargs` override them. `tools` are function definitions as
+    OpenAI writes them ({"type": "function", "function": {...}}), passed as transformers does.
     """
     # transformers drops None-valued keys, which templates treat as missing rather than as "None".
     messages = [{k: v for k, v in message.items() if v is not None} for message in messages]
@@ -129,7 +151,7 @@ def render_chat(
     try:
         return _compile(template).render(
             messages=messages,
-            tools=None,
+            tools=list(tools) if tools else None,
             documents=None,
             add_generation_prompt=add_generation_prompt,
             **variables,
@@ -197,6 +219,25 @@ def build_prompt(
     text = render_chat(template, messages, tokenizer.special_tokens_map, add_generation_prompt=True)
     check_media_rendered(text, num_images, num_videos)
     return text
+
+
+def inline_media(messages: Sequence[Message]) -> list[Message]:
+    """Messages whose image and video parts are written into their text as Qwen2.5-VL's template
+    writes them (`<|vision_start|><|image_pad|><|vision_end|>`), for a text-only template."""
+    marks = {"image": IMAGE_TOKEN, "video": VIDEO_TOKEN}
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            pieces = [
+                part["text"]
+                if part["type"] == "text"
+                else f"<|vision_start|>{marks[part['type']]}<|vision_end|>"
+                for part in content
+            ]
+            message = {**message, "content": "".join(pieces)}
+        out.append(message)
+    return out
 
 
 def check_media_rendered(text: str, num_images: int, num_videos: int) -> None:

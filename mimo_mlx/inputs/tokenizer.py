@@ -173,6 +173,11 @@ class Tokenizer:
         """Whether `token` is a single entry of the vocabulary."""
         return self._backend.token_to_id(token) is not None
 
+    def to_json(self) -> str:
+        """The whole tokenizer as `tokenizer.json` text (what grammar engines build their
+        token tables from)."""
+        return self._backend.to_str()
+
     def detokenizer(self, skip_special_tokens: bool = True) -> StreamingDetokenizer:
         """A fresh streaming detokenizer for one generation."""
         return StreamingDetokenizer(self, skip_special_tokens=skip_special_tokens)

@@ -1,6 +1,7 @@
 """`mimo-mlx serve`: an OpenAI-compatible HTTP server for one model (Starlette on uvicorn).
 
     POST /v1/chat/completions   whole, or streamed as server-sent events ending in `data: [DONE]`
+    POST /v1/completions        a raw text prompt continued (no chat template), whole or streamed
     GET  /v1/models             the served model (GET /v1/models/{id} for one)
     GET  /health                liveness, the queue and request counts (never needs the key)
 
@@ -36,10 +37,13 @@ from ..conversation.pool import ConversationPool
 from ..inputs.processor import Processor
 from ..model.mimo_vl import Model
 from ..options import DEFAULT_MAX_TOKENS, pop_cache_options, pop_prompt_options
+from .completions import parse_completion_request, text_completion_body
 from .engine import Delta, Engine, Failed, Finished, Job, queue_timeout
 from .media import MediaPolicy, read_at_most, resolve_media
-from .requests import APIError, ChatRequest, Limits, error_body, parse_chat_request
+from .names import ModelNames
+from .requests import APIError, ChatRequest, Limits, error_body
 from .responses import chunk_body, completion_body, model_card, usage_chunk_body
+from .tools import parse_chat, tool_call_entries
 
 log = logging.getLogger("mimo_mlx.serve")
 
@@ -85,9 +89,10 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
     async def chat_completions(request: Request) -> ChatCompletion:
         _authorize(request, settings.api_key)
         arrived = time.monotonic()
-        parsed = parse_chat_request(
-            await _read_json(request, settings.max_body_bytes), settings.limits
-        )
+        body = await _read_json(request, settings.max_body_bytes)
+        # Checking a JSON schema compiles it (milliseconds; bounded by llguidance's limits):
+        # off the event loop, so other connections are served meanwhile.
+        parsed = await anyio.to_thread.run_sync(parse_chat, body, settings.limits)
         messages, remove_files = await resolve_media(parsed, settings.media)
         job = Job(
             id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -98,6 +103,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
             stop=parsed.stop,
             top_logprobs=parsed.top_logprobs,
             on_done=remove_files,
+            **_tool_parsing(parsed),
         )
         try:
             engine.submit(job)
@@ -105,6 +111,24 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
             remove_files()
             raise
         return ChatCompletion(engine, job, parsed, settings.model_id)
+
+    async def completions(request: Request) -> TextCompletion:
+        _authorize(request, settings.api_key)
+        arrived = time.monotonic()
+        body = await _read_json(request, settings.max_body_bytes)
+        parsed = parse_completion_request(body, settings.limits)
+        max_tokens = parsed.max_tokens if parsed.max_tokens is not None else settings.max_tokens
+        job = Job(
+            id=f"cmpl-{uuid.uuid4().hex}",
+            messages=[],
+            prompt=parsed.prompt,
+            options={"max_tokens": max_tokens, **settings.sampling, **parsed.sampling},
+            deadline=arrived + settings.request_timeout,
+            loop=asyncio.get_running_loop(),
+            stop=parsed.stop,
+        )
+        engine.submit(job)
+        return TextCompletion(engine, job, parsed, settings.model_id)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -120,6 +144,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{name:path}", model, methods=["GET"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
         ],
         exception_handlers={
             APIError: _api_error,
@@ -131,14 +156,30 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
 
 
 def _generation_options(request: ChatRequest, settings: ServerSettings) -> dict[str, Any]:
-    """What `ConversationPool.stream` takes: the request's options over the server's defaults."""
+    """What `ConversationPool.stream` takes: the request's options over the server's defaults,
+    the tools to show the model and the format its answer must have."""
     max_tokens = request.max_tokens if request.max_tokens is not None else settings.max_tokens
-    return {
+    options = {
         "max_tokens": max_tokens,
         **settings.sampling,
         **request.sampling,
         **request.prompt,
         **request.cache,
+    }
+    if request.tools is not None:
+        options["tools"] = request.tools.definitions
+    if request.output_format is not None:
+        options["output_format"] = request.output_format
+    return options
+
+
+def _tool_parsing(request: ChatRequest) -> dict[str, Any]:
+    """The Job's tool-call parsing: the tools offered, and at most one call unless parallel."""
+    if request.tools is None:
+        return {}
+    return {
+        "tool_names": tuple(request.tools.names),
+        "max_calls": None if request.tools.parallel else 1,
     }
 
 
@@ -187,7 +228,7 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     status = error.status_code
     message = {
         404: f"no such endpoint: {request.method} {request.url.path} (the API is "
-        "POST /v1/chat/completions and GET /v1/models)",
+        "POST /v1/chat/completions, POST /v1/completions and GET /v1/models)",
         405: f"{request.method} is not allowed on {request.url.path}",
     }.get(status, str(error.detail))
     return _error_response(APIError(message, status, code="not_found" if status == 404 else None))
@@ -248,13 +289,14 @@ class ChatCompletion:
         self._answered = True
 
     async def _whole(self, send: Send) -> None:
-        reasoning, content, logprobs = [], [], []
+        reasoning, content, logprobs, calls = [], [], [], []
         while True:
             event = await self._next()
             if isinstance(event, Delta):
                 reasoning.append(event.reasoning)
                 content.append(event.content)
                 logprobs.extend(event.logprobs or ())
+                calls.extend(event.tool_calls)
             elif isinstance(event, Failed):
                 await self._send_json(send, event.error.status, event.error.body())
                 return
@@ -269,6 +311,7 @@ class ChatCompletion:
                     usage=event.usage,
                     timings=event.timings,
                     logprobs=logprobs if self.request.top_logprobs is not None else None,
+                    tool_calls=tool_call_entries(calls, 0),
                 )
                 await self._send_json(send, 200, body)
                 return
@@ -281,12 +324,16 @@ class ChatCompletion:
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await self._event(send, self._chunk({"role": "assistant", "content": ""}))
+        calls = 0
         while True:
             event = await self._next()
             if isinstance(event, Delta):
                 delta = {"reasoning_content": event.reasoning} if event.reasoning else {}
                 if event.content:
                     delta["content"] = event.content
+                if event.tool_calls:
+                    delta["tool_calls"] = tool_call_entries(list(event.tool_calls), calls)
+                    calls += len(event.tool_calls)
                 await self._event(send, self._chunk(delta, logprobs=event.logprobs))
             elif isinstance(event, Failed):
                 await self._event(send, event.error.body())
@@ -318,11 +365,60 @@ class ChatCompletion:
         await send({"type": "http.response.body", "body": response.body, "more_body": False})
 
 
+class TextCompletion(ChatCompletion):
+    """The response of a text completion: the same waiting, watching and streaming as a chat
+    completion, with `text_completion` objects (the prompt first when `echo` is set)."""
+
+    async def _whole(self, send: Send) -> None:
+        text = [self.request.prompt] if self.request.echo else []
+        while True:
+            event = await self._next()
+            if isinstance(event, Delta):
+                text.append(event.content)
+            elif isinstance(event, Failed):
+                await self._send_json(send, event.error.status, event.error.body())
+                return
+            elif isinstance(event, Finished):
+                body = self._body("".join(text), event.finish_reason, usage=event.usage)
+                await self._send_json(send, 200, {**body, "timings": event.timings})
+                return
+
+    async def _stream(self, send: Send) -> None:
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if self.request.echo:
+            await self._event(send, self._body(self.request.prompt, None))
+        while True:
+            event = await self._next()
+            if isinstance(event, Delta):
+                if event.content:
+                    await self._event(send, self._body(event.content, None))
+            elif isinstance(event, Failed):
+                await self._event(send, event.error.body())
+                break
+            elif isinstance(event, Finished):
+                await self._event(send, self._body("", event.finish_reason, timings=event.timings))
+                if self.request.include_usage:  # as OpenAI ends it: no choices, the usage
+                    usage = {**self._body("", None), "choices": [], "usage": event.usage}
+                    await self._event(send, usage)
+                break
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    def _body(self, text: str, finish_reason: str | None, **extra: Any) -> dict:
+        return text_completion_body(
+            self.job.id, self.created, self.model, text, finish_reason, **extra
+        )
+
+
 def build_server(
     model: Model,
     processor: Processor,
     *,
-    model_id: str,
+    names: ModelNames,
     api_key: str | None,
     media: MediaPolicy,
     max_tokens: int,
@@ -336,7 +432,8 @@ def build_server(
 ) -> tuple[Engine, ServerSettings]:
     """The engine (a conversation pool over the model) and the settings for `create_app`.
     `options`: prompt and cache options (the pool's defaults) and sampling options (requests'
-    defaults). `pool` replaces the conversation pool (under mlx.launch: `lockstep.LeaderPool`)."""
+    defaults). `names`: what requests may call the model (`names.model_names`). `pool` replaces
+    the conversation pool (under mlx.launch: `lockstep.LeaderPool`)."""
     options = dict(options)
     prompt = pop_prompt_options(options)
     cache = pop_cache_options(options)
@@ -346,9 +443,9 @@ def build_server(
         )
     pixels = [processor.image_config.max_pixels, prompt.get("max_pixels") or 0]
     context = max_kv_size or model.config.text.max_position_embeddings
-    limits = Limits((model_id,), context=context, max_pixels=max(pixels))
+    limits = Limits(names.names, context, max(pixels), any_model=not names.strict)
     settings = ServerSettings(
-        model_id=model_id,
+        model_id=names.id,
         limits=limits,
         api_key=api_key,
         request_timeout=request_timeout,

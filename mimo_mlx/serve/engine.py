@@ -26,6 +26,7 @@ from ..conversation.pool import ConversationPool
 from ..errors import ContextFull, MimoError
 from ..generation.answer_stream import AnswerStream
 from ..generation.loop import GenerationResponse
+from ..generation.tool_calls import ToolCall, ToolCallStream
 from ..inputs.tokenizer import Tokenizer
 from .requests import APIError
 from .responses import logprob_entry, timings_body, usage_body
@@ -48,6 +49,7 @@ class Delta:
     reasoning: str
     content: str
     logprobs: list[dict] | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,11 @@ class Failed:
 class Job:
     """One request for the generation thread, and the way its events get back to asyncio.
 
-    `options` go to `ConversationPool.stream` (max_tokens, sampling and prompt options);
+    `options` go to `ConversationPool.stream` (max_tokens, sampling and prompt options), or
+    with a `prompt` (a plain text completion, no chat template) to `stream_text`;
     `deadline` is on `time.monotonic()`; `top_logprobs` None means no log-probabilities.
-    `on_done` runs once when the job is over (it removes temporary media files).
+    `on_done` runs once when the job is over (it removes temporary media files). With
+    `tool_names`, calls to those tools are taken out of the answer (`max_calls`: then it ends).
     """
 
     id: str
@@ -79,6 +83,9 @@ class Job:
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None
     on_done: Callable[[], None] | None = None
+    tool_names: tuple[str, ...] | None = None
+    max_calls: int | None = None
+    prompt: str | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     state: str = "queued"  # queued -> running -> done
     cancelled: str | None = None  # why it was cancelled, read by the generation thread
@@ -216,14 +223,19 @@ class Engine:
         if time.monotonic() >= job.deadline:
             log.info("%s: its time ran out while it waited in the queue", job.id)
             return "timed_out", Failed(queue_timeout())
-        stream = self.pool.stream(job.messages, **job.options)
+        if job.prompt is not None:
+            stream = self.pool.stream_text(job.prompt, **job.options)
+        else:
+            stream = self.pool.stream(job.messages, **job.options)
         answer: AnswerStream | None = None
+        calls = None if job.tool_names is None else ToolCallStream(job.tool_names, job.max_calls)
         last: GenerationResponse | None = None
         finish, first_at, last_at = "length", 0.0, 0.0
         try:
             for response in stream:
                 if answer is None:
-                    answer = AnswerStream(job.stop, self.pool.opens_thinking)
+                    raw = job.prompt is not None
+                    answer = AnswerStream(job.stop, self.pool.opens_thinking, raw=raw)
                     for notice in self.pool.notices:  # e.g. a video fitted to its budget
                         log.info("%s: %s", job.id, notice)
                     first_at = time.perf_counter()
@@ -233,9 +245,13 @@ class Engine:
                 last, last_at = response, time.perf_counter()
                 self.peak_memory = max(self.peak_memory, response.peak_memory)
                 reasoning, content = answer.feed(response.text)
+                content, called = calls.feed(content) if calls else (content, [])
                 entries = self._logprobs(response, job.top_logprobs)
-                if reasoning or content or entries:
-                    job.emit(Delta(reasoning, content, entries))
+                if reasoning or content or entries or called:
+                    job.emit(Delta(reasoning, content, entries, tuple(called)))
+                if calls and calls.done:  # parallel_tool_calls false: one call, then the end
+                    finish = "stop"
+                    break
                 if answer.stopped or response.finish_reason:
                     finish = "stop" if answer.stopped else response.finish_reason
                     break
@@ -252,8 +268,14 @@ class Engine:
             gone = job.cancelled == "disconnected"
             return _COUNTED_AS[job.cancelled], None if gone else Failed(shutting_down())
         reasoning, content = answer.finish()
-        if reasoning or content:
-            job.emit(Delta(reasoning, content))
+        called = []
+        if calls:
+            content, called = calls.feed(content)
+            content += calls.finish()
+            if calls.calls and finish == "stop":
+                finish = "tool_calls"
+        if reasoning or content or called:
+            job.emit(Delta(reasoning, content, tool_calls=tuple(called)))
         timed_out = finish == "length" and time.monotonic() >= job.deadline
         log.info(
             "%s: %d prompt tokens (%d cached), %d generated, finish %s%s",

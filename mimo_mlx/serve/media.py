@@ -79,7 +79,7 @@ async def resolve_media(
         for part in message["content"]:
             kind = part["type"]
             content.append(part if kind == "text" else {"type": kind, kind: read[id(part[kind])]})
-        messages.append({"role": message["role"], "content": content})
+        messages.append({**message, "content": content})
     return messages, temp.remove
 
 

@@ -2,17 +2,21 @@
 error objects (`responses` builds the answers). No HTTP and no MLX here.
 
 Unknown fields are ignored, as OpenAI does; a known field of the wrong type or out of range is an
-error that names it (`param`). OpenAI options this server cannot honour (tools, n > 1, presence and
-frequency penalties, logit_bias, JSON output) are refused with a message, never silently ignored.
+error that names it (`param`). OpenAI options this server cannot honour (n > 1, presence and
+frequency penalties, logit_bias, the deprecated functions) are refused with a message, never
+silently ignored. Tools and response_format are checked by `tools.py` (`tools.parse_chat`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..options import KV_BITS, KV_GROUP_SIZES
+
+if TYPE_CHECKING:  # MLX stays out of request checking
+    from ..generation.constrained import OutputFormat
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
@@ -63,9 +67,10 @@ class MediaRef:
 class Limits:
     """What requests to this server may ask for."""
 
-    model_ids: tuple[str, ...]  # the names the served model answers to
+    model_ids: tuple[str, ...]  # the names the served model answers to, its id first
     context: int  # the model's context, in tokens
     max_pixels: int | None = None  # the largest per-request max_pixels (the checkpoint's)
+    any_model: bool = False  # answer whatever model a request names (one model is served)
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,8 @@ class ChatRequest:
     include_usage: bool
     top_logprobs: int | None  # None: no logprobs asked; 0: the chosen token's only
     model: str | None
+    tools: Any = None  # `tools.Tools` offered (None also for tool_choice "none")
+    output_format: OutputFormat | None = None  # what the answer must be (response_format, ...)
     cache: dict[str, Any] = field(default_factory=dict)  # kv_bits, kv_group_size, ...
 
     @property
@@ -162,7 +169,13 @@ def _object(body: dict, name: str) -> dict:
 
 # ---------------------------------------------------------------- messages
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 
 
 def _messages(value: Any) -> list[dict]:
@@ -179,11 +192,9 @@ def _message(message: Any, where: str) -> dict:
     if not isinstance(message, dict):
         raise _wrong_type(where, "an object with role and content", message)
     role = message.get("role")
-    if role == "tool" or message.get("tool_calls"):
-        raise APIError(f"{where}: tool calls are not supported by this server", param=where)
     if role not in ROLES:
         raise APIError(
-            f"'{where}.role' must be system, developer, user or assistant, got {role!r}",
+            f"'{where}.role' must be system, developer, user, assistant or tool, got {role!r}",
             param=f"{where}.role",
         )
     content = message.get("content")
@@ -197,7 +208,34 @@ def _message(message: Any, where: str) -> dict:
         raise _wrong_type(f"{where}.content", "a string or an array of content parts", content)
     if ROLES[role] != "user" and any(part["type"] != "text" for part in parts):
         raise APIError(f"{where}: images and videos go in user messages", param=f"{where}.content")
-    return {"role": ROLES[role], "content": parts}
+    return {"role": ROLES[role], "content": parts, **_tool_fields(message, where)}
+
+
+def _tool_fields(message: dict, where: str) -> dict:
+    """A tool result's `tool_call_id`; an assistant's `tool_calls` (arguments as JSON text, as
+    OpenAI sends them)."""
+    fields: dict[str, Any] = {}
+    if message["role"] == "tool":
+        if not isinstance(message.get("tool_call_id"), str):
+            raise _wrong_type(f"{where}.tool_call_id", "a string", message.get("tool_call_id"))
+        fields["tool_call_id"] = message["tool_call_id"]
+    calls = message.get("tool_calls")
+    if calls is None:
+        return fields
+    if message["role"] != "assistant" or not isinstance(calls, list):
+        raise _wrong_type(f"{where}.tool_calls", "an array, in an assistant message", calls)
+    checked = []
+    for j, call in enumerate(calls):
+        at = f"{where}.tool_calls[{j}].function"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _wrong_type(f"{at}.name", "a string", None)
+        arguments = function.get("arguments", "{}")
+        if not isinstance(arguments, str):
+            raise _wrong_type(f"{at}.arguments", "a string (JSON)", arguments)
+        call_id = call.get("id") if isinstance(call.get("id"), str) else f"call_{j}"
+        checked.append({"id": call_id, "type": "function", "function": dict(function)})
+    return {**fields, "tool_calls": checked}
 
 
 def _part(part: Any, where: str) -> dict:
@@ -239,19 +277,6 @@ def _refuse_unsupported(body: dict) -> None:
             )
     if body.get("logit_bias"):
         raise APIError("'logit_bias' is not supported", param="logit_bias")
-    if body.get("tools") or body.get("functions"):
-        raise APIError("tools and functions are not supported by this server", param="tools")
-    choice = body.get("tool_choice")
-    if choice not in (None, "none", "auto"):
-        raise APIError("'tool_choice' is not supported by this server", param="tool_choice")
-    response_format = body.get("response_format")
-    if response_format is not None and (
-        not isinstance(response_format, dict) or response_format.get("type") != "text"
-    ):
-        raise APIError(
-            '\'response_format\' other than {"type": "text"} is not supported',
-            param="response_format",
-        )
 
 
 def _stop(body: dict) -> tuple[str, ...]:
@@ -313,11 +338,9 @@ def _cache_options(body: dict, limits: Limits) -> dict[str, Any]:
     return {name: value for name, value in found.items() if value is not None}
 
 
-def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
-    """Check a decoded chat-completions body; APIError names the first problem (400; 404 for a
-    model this server does not run)."""
-    if not isinstance(body, dict):
-        raise APIError("the request body must be a JSON object")
+def check_model(body: dict, limits: Limits) -> str | None:
+    """The request's `model`: one of the names the server answers to (any, unless it was
+    started with --model-name), else APIError 404 as OpenAI answers a model it does not have."""
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _wrong_type("model", "a string", model)
@@ -327,14 +350,23 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
             param="model",
             code="invalid_value",
         )
-    if model is not None and model not in limits.model_ids:
+    if model is not None and not limits.any_model and model not in limits.model_ids:
         raise APIError(
             f"the model {model!r} is not served here; this server runs {limits.model_ids[0]!r} "
             "(GET /v1/models lists it)",
-            404,  # as OpenAI answers a model it does not have
+            404,
             param="model",
             code="model_not_found",
         )
+    return model
+
+
+def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
+    """Check a decoded chat-completions body; APIError names the first problem (400; 404 for a
+    model this server does not run). Tools and response_format are left to `tools.parse_chat`."""
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    model = check_model(body, limits)
     if "messages" not in body:
         raise APIError(
             "'messages' is required", param="messages", code="missing_required_parameter"

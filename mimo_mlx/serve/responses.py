@@ -64,8 +64,14 @@ def completion_body(
     usage: dict,
     timings: dict,
     logprobs: list[dict] | None,
+    tool_calls: list[dict] | None = None,
 ) -> dict:
+    """A whole chat.completion; `tool_calls` as `tools.tool_call_entries` gives them (their
+    stream `index` is dropped; with calls and no text, content is null as OpenAI sends it)."""
     message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
+    if tool_calls:
+        message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls]
+        message["content"] = content or None
     return {
         "id": id,
         "object": "chat.completion",
