@@ -41,7 +41,11 @@ class ConversionReport:
         asked = _storage(spec, dtype)
         if not self.errors[part].count:
             return f"{dtype} (too narrow for {asked})"
-        kept = sum(part_of(name) == part for name in self.float_modules)
+        # The 1176-wide patch embedding never splits into groups; the card's text names it.
+        kept = sum(
+            part_of(name) == part and name != "visual.patch_embed.proj"
+            for name in self.float_modules
+        )
         return f"{asked}, {kept} layer(s) in {dtype} (too narrow)" if kept else asked
 
     def summary(self) -> dict:

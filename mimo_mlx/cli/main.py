@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, Field, fields
@@ -33,9 +34,13 @@ LAZY_COMMANDS = {
         "mimo_mlx.convert.cli:convert",
         "Convert a MiMo-VL (Qwen2.5-VL architecture) checkpoint into an MLX model folder.",
     ),
+    "random-model": (
+        "mimo_mlx.convert.random_model:random_model",
+        "Write a tiny model with random weights, to try the commands.",
+    ),
     "serve": (
         "mimo_mlx.cli.serve:serve",
-        "Serve the model over OpenAI's HTTP API (needs mimo-mlx[serve]).",
+        "An OpenAI-compatible HTTP server (needs mimo-mlx[serve]).",
     ),
 }
 # What MiMo recommends where the model's generation_config.json says nothing.
@@ -551,7 +556,20 @@ def _load(model_path: str | None, group=None):
             err=True,
         )
 
-    return load(model_path or DEFAULT_MODEL, on_convert=announce)
+    loaded = load(model_path or DEFAULT_MODEL, on_convert=announce)
+    _say_if_random(model_path)
+    return loaded
+
+
+def _say_if_random(model_path: str | None) -> None:
+    """A folder of `mimo-mlx random-model` answers gibberish: say so before it does."""
+    config = Path(model_path or "").expanduser() / "config.json"
+    try:
+        note = json.loads(config.read_text()).get("random_weights") if model_path else None
+    except (OSError, ValueError, AttributeError):
+        note = None  # the loader read it already: nothing to add
+    if note:
+        click.echo(f"note: {model_path} has {note}", err=True)
 
 
 def sampling_defaults(generation_config: dict, options: dict) -> dict:

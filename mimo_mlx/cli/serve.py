@@ -177,7 +177,7 @@ def serve(
     group_timeout,
     **options,
 ):
-    """Serve the model over OpenAI's HTTP API (needs mimo-mlx[serve]).
+    """An OpenAI-compatible HTTP server (needs mimo-mlx[serve]).
 
     \b
     mimo-mlx serve --model ./mimo-vl-4bit
@@ -185,9 +185,9 @@ def serve(
     mlx.launch --hostfile hosts.json -- mimo-mlx serve --model ./mimo-vl-4bit
 
     POST /v1/chat/completions (streaming or not; tools, response_format), POST /v1/completions
-    (raw text prompts), GET /v1/models, GET /health. It listens on 127.0.0.1 only, reads images
-    only from base64 data: URLs, and needs no key, unless told otherwise with --host,
-    --allow-fetch, --allow-local-files or --api-key. Prompt and
+    (raw text prompts), GET /v1/models, GET /health. By default it listens on 127.0.0.1 only,
+    needs no key and reads images only from base64 data: URLs; --allow-local-files,
+    --allow-fetch, --api-key and --host change that. Prompt and
     sampling flags set the defaults that requests override. Under mlx.launch the model is split
     across the ranks and rank 0 serves (each request from a fresh cache: reuse across requests is
     not split across ranks).
