@@ -71,8 +71,12 @@ class _Group(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["typed"] = list(args)  # the command's name, then its flags as typed
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
-        args = [*ctx.protected_args, *ctx.args]  # the command's name, then what was typed
+        args = ctx.meta.get("typed", [])
         try:
             with one_line_warnings():
                 return super().invoke(ctx)
