@@ -244,20 +244,20 @@ class PipedChat:
 
 @pytest.mark.parametrize("delay", [0.0, 0.4])
 def test_ctrl_c_when_piped_then_save_and_load_continue_exactly(folder, tmp_path, delay):
-    """Ctrl-C at once (while the message is read, prefilled or its first tokens come) or
-    mid-answer: /save writes a file that /load continues in another process token for token."""
+    """Ctrl-C as the first tokens come or mid-answer: /save writes a file that /load continues
+    in another process token for token. (Ctrl-C inside the prefill is tested in-process, in
+    test_conversation_survives: a signal that lands while mx.compile traces the first pass is
+    dropped by MLX, so from outside its moment cannot be chosen reliably.)"""
     command = [sys.executable, "-m", "mimo_mlx", "chat", "--model", str(folder), "--temp", "0"]
     command += ["-m", "800"]
     first = PipedChat(command, tmp_path)
     first.send("/help")
     first.wait_for(first.err, "/reset")  # loaded and reading
     first.send("Tell me a story.")
-    if delay:
-        first.wait_for(first.out, " ")  # answering
-        time.sleep(delay)
+    first.wait_for(first.out, " ")  # answering
+    time.sleep(delay)
     first.process.send_signal(signal.SIGINT)
-    # At once, the signal may come before the line is read: then it is Ctrl-C at the prompt.
-    first.wait_for(first.err, "[stopped]", "(/quit or Ctrl-D leaves)")
+    first.wait_for(first.err, "[stopped]")
     first.send("/save story.safetensors", "Go on.")
     code, out, err = first.finish()
     assert code == 0 and "(saved to story.safetensors)" in err, err
