@@ -85,7 +85,8 @@ class FrameResizer:
         self, config: ImageProcessorConfig, min_pixels: int | None, max_pixels: int | None
     ) -> None:
         self.config = config
-        self.pixel_range = pixel_range(config, min_pixels, max_pixels)
+        names = ("video_min_pixels", "video_max_pixels")
+        self.pixel_range = pixel_range(config, min_pixels, max_pixels, names)
         self.size: tuple[int, int] | None = None  # (height, width), fixed by the first frame
 
     def __call__(self, frame: Image.Image | np.ndarray) -> np.ndarray:
