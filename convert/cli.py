@@ -89,8 +89,7 @@ def convert(**options) -> None:
     stdout.
 
     \b
-    Example:
-      mimo-mlx convert --hf-path XiaomiMiMo/MiMo-VL-7B-RL --mlx-path ./mimo-vl-7b-rl-4bit
+    mimo-mlx convert --hf-path XiaomiMiMo/MiMo-VL-7B-RL --mlx-path ./mimo-vl-4bit
     """
     try:
         report = convert_checkpoint(**options)

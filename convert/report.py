@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .plan import PARTS, Options, QuantSpec
+from .plan import PARTS, Options, QuantSpec, part_of
 from .quantize import ErrorStats
 
 FORMAT_VERSION = 1
@@ -33,8 +33,20 @@ class ConversionReport:
         return 8 * self.weight_bytes / self.parameters if self.parameters else 0.0
 
     def part_storage(self, part: str) -> str:
-        spec = self.options.parts[part]
-        return _storage(spec, self.options.dtype)
+        """How a part's weights were stored, as they were: a layer too narrow for the groups
+        stays in float, and a part where none was wide enough is not quantized at all."""
+        spec, dtype = self.options.parts[part], self.options.dtype
+        if spec is None:
+            return dtype
+        asked = _storage(spec, dtype)
+        if not self.errors[part].count:
+            return f"{dtype} (too narrow for {asked})"
+        # The 1176-wide patch embedding never splits into groups; the card's text names it.
+        kept = sum(
+            part_of(name) == part and name != "visual.patch_embed.proj"
+            for name in self.float_modules
+        )
+        return f"{asked}, {kept} layer(s) in {dtype} (too narrow)" if kept else asked
 
     def summary(self) -> dict:
         """The `mimo_mlx.quantization` record of config.json."""
@@ -70,9 +82,10 @@ class ConversionReport:
             stats = self.errors[part]
             storage = self.part_storage(part)
             if stats.count:
+                storage = storage if len(storage) <= 12 else f"{storage}:"
                 out.append(f"  {part:<8} {storage:<12} mean {stats.mean:.3e}   max {stats.max:.3e}")
             else:
-                out.append(f"  {part:<8} {storage:<12} not quantized")
+                out.append(f"  {part:<8} {storage}: not quantized")
         return out
 
     def _dtype_why(self) -> str:

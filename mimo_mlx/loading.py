@@ -103,7 +103,7 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
     folder = Path(path)
     raw = read_config(folder)
     config = ModelConfig.from_hf(raw)
-    weights = read_safetensors(folder)
+    weights = read_safetensors(folder, raw)
     weights = sanitize(weights, detect_layout(weights, raw), config.text.tie_word_embeddings)
     model = Model(config)
     quantize_like(model, weights, raw.get("quantization"))

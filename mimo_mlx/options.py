@@ -216,8 +216,7 @@ class LookupOptions:
             raise MimoError(f"prompt_lookup must be True or False, got {self.prompt_lookup!r}")
         if self.max_matching_ngram_size is not None and not self.enabled:
             raise MimoError(
-                "max_matching_ngram_size applies to prompt lookup: also pass prompt_lookup=True "
-                "(--prompt-lookup)"
+                "max_matching_ngram_size applies to prompt lookup: also pass prompt_lookup=True"
             )
 
     @property

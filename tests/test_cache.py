@@ -149,3 +149,22 @@ def test_trim_bookkeeping_matches_positions():
     for keep in sorted(expected_next, reverse=True):
         cache.trim(cache.offset - keep)
         assert cache.next_positions(1).tolist() == [expected_next[keep]], keep
+
+
+def test_truncate_after_a_pass_stopped_midway(model):
+    """A forward pass stopped between two layers (Ctrl-C) leaves layer 0 one chunk ahead and the
+    chunk's positions recorded: truncating to the shortest layer forgets the chunk everywhere,
+    and feeding it again gives the logits of a full forward pass."""
+    ids, vision = image_prompt(np.random.default_rng(6), tail=6)
+    full = np.array(mlx_logits(model, ids, **vision))
+    cache = model.make_cache()
+    prompt = model.prepare_prompt(ids, **vision, cache=cache)
+    model(**prompt.chunk(0, 30), cache=cache)
+    cache.record_positions(prompt.chunk(30)["positions"])  # what the model does first
+    layer = cache.layers[0]
+    layer.update_and_fetch(*(mx.zeros((1, 2, ids.shape[1] - 30, 16)),) * 2)  # then layer 0
+    assert [c.offset for c in cache.layers] == [ids.shape[1], 30]
+    assert cache.truncate(ids.shape[1]) == 30
+    assert [c.offset for c in cache.layers] == [30, 30]
+    again = model(**prompt.chunk(30), cache=cache)
+    assert close(again, full[:, 30:])

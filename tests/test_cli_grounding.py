@@ -74,6 +74,16 @@ def test_ground_with_a_gibberish_answer_says_no_boxes(folder, photo):
     assert "Traceback" not in result.output
 
 
+def test_annotate_with_a_gibberish_answer_writes_nothing_and_says_so(folder, photo, tmp_path):
+    """As `annotate` does: no boxes, no picture, one line, exit status 1 (the answer is shown)."""
+    out = tmp_path / "marked.png"
+    result = run("--model", folder, "--image", photo, "-p", "Where?", "--annotate", out, "-m", "6")
+    assert result.exit_code == 1 and not out.exists()
+    assert result.stderr.splitlines()[-1].startswith("error: no boxes or points in the answer")
+    assert result.stderr.rstrip().endswith(f"{out} not written")
+    assert result.stdout.strip()  # the answer itself
+
+
 def test_boxes_come_back_in_pixels_of_the_users_image(folder, photo, tmp_path, monkeypatch):
     height, width = smart_resize(500, 1000, 28, 3136, MAX_PIXELS)
     assert (width, height) == (308, 140)  # 1000x500 / sqrt(500000 / 50176), floored to 28s

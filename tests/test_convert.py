@@ -123,6 +123,24 @@ def test_summary_lines(default_output):
         assert any(line.split()[0] == part and "4-bit g64" in line for line in lines)
 
 
+def test_a_part_too_narrow_for_the_groups_is_said_to_be_float(tmp_path):
+    """The narrow tiny model: no vision layer splits into groups of 64, and two decoder layers
+    (96 wide) do not either. The card and the summary say what is stored, not what was asked."""
+    source = make_source(tmp_path / "narrow", wide=False)
+    out = tmp_path / "narrow-4bit"
+    report = convert(hf_path=str(source), mlx_path=str(out))
+    card = (out / "README.md").read_text()
+    assert "| vision | float32 (too narrow for 4-bit g64) |" in card
+    assert "| merger | 4-bit g64 |" in card
+    assert "| decoder | 4-bit g64, 2 layer(s) in float32 (too narrow) |" in card
+    lines = report.lines()
+    assert "  vision   float32 (too narrow for 4-bit g64): not quantized" in lines
+    model = load_model(out)
+    assert type(model.visual.blocks[0].attn.qkv) is nn.Linear
+    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear  # 96 inputs
+    assert isinstance(model.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
+
+
 def stated_size(card: str) -> tuple[str, int]:
     """The size a model card states: as printed ("1.23 MB") and in bytes."""
     match = re.search(

@@ -60,6 +60,18 @@ def finish(process: subprocess.Popen, limit: float = LIMIT_S) -> tuple[str, str]
         raise AssertionError(f"still running after {limit} s: {process.args}") from None
 
 
+def wait_for_port(port: int, process: subprocess.Popen, limit: float = LIMIT_S) -> None:
+    """Until a server listens on `port` (loading the model on every rank comes first); fails at
+    once if the process ends, and after `limit` seconds."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and process.poll() is None:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listened on port {port} (exit status {process.poll()})")
+
+
 def launch(ranks: int, *command: str) -> tuple[str, str]:
     """`mlx.launch --backend ring -n ranks` on 127.0.0.1; (stdout, stderr) of every rank.
 
@@ -314,8 +326,11 @@ def test_serve_under_mlx_launch_answers_as_one_process_and_stops_on_ctrl_c(folde
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     try:
+        # Loading takes seconds alone and longer on a loaded machine: the client's retries (a
+        # few seconds of backoff) are not a wait for start-up.
+        wait_for_port(port, process)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=3)
-        models = client.with_options(timeout=LIMIT_S).models.list()  # retried while it loads
+        models = client.with_options(timeout=LIMIT_S).models.list()
         name = models.data[0].id
         content = [{"type": "image_url", "image_url": {"url": data_url(photo)}}]
         messages = [{"role": "user", "content": [*content, {"type": "text", "text": "What?"}]}]

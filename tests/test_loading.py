@@ -71,7 +71,35 @@ def test_missing_shard_listed_in_the_index(folder):
 def test_truncated_shard(folder):
     file = folder / "model.safetensors"
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
-    with pytest.raises(MimoError, match="truncated"):
+    with pytest.raises(MimoError, match="is damaged or incomplete .*download it again"):
+        load_model(folder)
+
+
+def test_a_damaged_folder_of_our_converter_is_converted_again(folder):
+    """What to do depends on where the folder came from: mimo-mlx convert wrote this one."""
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "mimo_mlx": {"version": "0.1.0"}}))
+    file = folder / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.raises(MimoError, match="written by mimo-mlx convert: convert it again") as caught:
+        load_model(folder)
+    assert "download" not in str(caught.value)
+
+
+def test_a_weight_file_this_user_may_not_read_says_so(folder, monkeypatch):
+    """transformers saves model.safetensors with mode 0600: another user cannot read it. (The
+    refusal is simulated: the tests may run as root, who reads anything.)"""
+    file = folder / "model.safetensors"
+    file.chmod(0o600)
+    opened = type(file).open
+
+    def refused(path, *args, **kwargs):
+        if path == file:
+            raise PermissionError(13, "Permission denied", str(path))
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(type(file), "open", refused)
+    with pytest.raises(MimoError, match=r"cannot read .*no permission to read it \(mode 600\)"):
         load_model(folder)
 
 

@@ -296,6 +296,19 @@ def test_bad_or_forbidden_images_are_400s(url, code_or_words):
     assert code_or_words == error.code or code_or_words in error.message
 
 
+def test_an_undecodable_image_is_said_in_words():
+    """PIL names data in memory as `<_io.BytesIO object at 0x...>`: that never reaches a client."""
+    truncated = base64.b64decode(png_data_url(size=(64, 48)).partition(",")[2])[:60]
+    for data, words in (
+        (b"not an image", "its format is not one PIL reads (PNG, JPEG,"),
+        (truncated, "not a readable image: "),
+    ):
+        with pytest.raises(APIError) as caught:
+            decode_image(data, max_pixels=10**6, param="p")
+        message = caught.value.message
+        assert words in message and "object at 0x" not in message and "BytesIO" not in message
+
+
 def test_too_many_pixels_are_refused_before_decoding():
     big = Image.new("1", (20000, 20000))  # 400 MP, a few kB as PNG
     buffer = io.BytesIO()

@@ -26,7 +26,7 @@ Type a message and press Enter. Commands:
   /load FILE    continue a conversation saved with /save
   /help         show this help
   /quit         leave (Ctrl-D does too)
-Ctrl-C during an answer stops it; the conversation keeps what was said."""
+Ctrl-C stops an answer (or a command); the conversation keeps what was said."""
 
 
 class ChatSession:
@@ -81,17 +81,20 @@ class ChatSession:
                 click.secho(f"error: {err}", fg="red", err=True)
                 self.failed = True
                 keep_going = True
+            except KeyboardInterrupt:  # Ctrl-C during a command (/save, /load): it did nothing
+                click.echo("[stopped]", err=True)
+                keep_going = True
             if not keep_going:
                 return 1 if self.failed else 0
 
     def _read(self) -> str | None:
-        if not self.interactive:
-            line = sys.stdin.readline()
-            return line or None
+        """The next line; None at the end of the input. Ctrl-C here only says how to leave."""
         attached = len(self.images) + len(self.videos)
         prompt = f"[{attached} attached] > " if attached else "> "
         while True:
             try:
+                if not self.interactive:
+                    return sys.stdin.readline() or None
                 return input(prompt)
             except EOFError:
                 click.echo()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, Field, fields
@@ -26,6 +27,7 @@ from ..options import (
     SamplingOptions,
     pop_lookup_options,
 )
+from .usage import bad_value, in_flag_words, one_line_warnings, usage_mistake
 
 # Commands that live in other modules, imported only when run: name -> (module:attribute, summary).
 LAZY_COMMANDS = {
@@ -33,9 +35,13 @@ LAZY_COMMANDS = {
         "mimo_mlx.convert.cli:convert",
         "Convert a MiMo-VL (Qwen2.5-VL architecture) checkpoint into an MLX model folder.",
     ),
+    "random-model": (
+        "mimo_mlx.convert.random_model:random_model",
+        "Write a tiny model with random weights, to try the commands.",
+    ),
     "serve": (
         "mimo_mlx.cli.serve:serve",
-        "Serve the model over an OpenAI-compatible HTTP API (needs mimo-mlx[serve]).",
+        "An OpenAI-compatible HTTP server (needs mimo-mlx[serve]).",
     ),
 }
 # What MiMo recommends where the model's generation_config.json says nothing.
@@ -43,8 +49,9 @@ RECOMMENDED_SAMPLING = {"temp": 0.3, "top_p": 0.95, "top_k": 0}
 
 
 class _Group(click.Group):
-    """Prints a MimoError as one line and exits 1, with no traceback; Ctrl-C exits 130.
-    Loads the commands in LAZY_COMMANDS on first use."""
+    """Prints a mistake as one line, with no traceback: a MimoError or a bad value (exit 1, flags
+    named as typed), a flag that does not exist or is missing (exit 2, as click); warnings as one
+    line each; Ctrl-C exits 130. Loads the commands in LAZY_COMMANDS on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*self.commands, *LAZY_COMMANDS})
@@ -57,23 +64,40 @@ class _Group(click.Group):
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = []
-        for name in self.list_commands(ctx):
-            if name in self.commands:
-                rows.append((name, self.commands[name].get_short_help_str(limit=80)))
-            else:
+        for name in self.list_commands(ctx):  # the same text whether a command is loaded or not
+            if name in LAZY_COMMANDS:
                 rows.append((name, LAZY_COMMANDS[name][1]))
+            else:
+                rows.append((name, self.commands[name].get_short_help_str(limit=80)))
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["typed"] = list(args)  # the command's name, then its flags as typed
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
+        args = ctx.meta.get("typed", [])
         try:
-            return super().invoke(ctx)
+            with one_line_warnings():
+                return super().invoke(ctx)
+        except click.BadParameter as err:  # a value out of range: a mistake like any other
+            _fail(bad_value(err, self._command(ctx, args), args[1:]), 1)
+        except click.UsageError as err:  # a flag that does not exist, or one missing
+            _fail(usage_mistake(err, " ".join(["mimo-mlx", *args[:1]])), 2)
         except MimoError as err:
-            click.secho(f"error: {err}", fg="red", err=True)
-            sys.exit(1)
+            _fail(in_flag_words(str(err), self._command(ctx, args), args[1:]), 1)
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(130)
+
+    def _command(self, ctx: click.Context, args: list[str]) -> click.Command | None:
+        return self.get_command(ctx, args[0]) if args else None
+
+
+def _fail(message: str, status: int) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(status)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -216,8 +240,8 @@ def generate(
 
     \b
     mimo-mlx generate --image photo.jpg --prompt "What is in this picture?"
-    mimo-mlx generate --model ./mimo-vl-7b-rl-4bit --image a.png --image b.png -p "Compare them"
-    mlx.launch --hostfile hosts.json -- mimo-mlx generate --model ./mimo-vl-4bit -p "Hello"
+    mimo-mlx generate --image a.png --image b.png -p "Compare them." --no-think
+    mlx.launch --hostfile hosts.json -- mimo-mlx generate -p "Hello"
 
     The reasoning is shown dimmed before the answer (kept between <think> tags when stdout is not a
     terminal); a line of statistics follows on stderr. --prompt-lookup makes answers that copy text
@@ -338,7 +362,11 @@ def _prompt_text(prompt: str | None, ground: str | None, gui: bool) -> str:
         raise click.UsageError("--gui goes with --ground")
     if prompt is None:
         raise click.UsageError("give a --prompt (or --ground WHAT to locate something)")
-    return sys.stdin.read() if prompt == "-" else prompt
+    text = sys.stdin.read() if prompt == "-" else prompt
+    if not text.strip():
+        given = "--prompt - read nothing from stdin" if prompt == "-" else "the --prompt is empty"
+        raise MimoError(f"{given}: there is no question to answer")
+    return text
 
 
 def _check_grounding(images, videos, annotate_path) -> None:
@@ -362,6 +390,8 @@ def _report_grounding(text: str, inputs, image: str, annotate_path: str | None) 
     found = ground(text, inputs)
     if not (found.boxes or found.points or found.actions):
         note = f" ({'; '.join(found.skipped)})" if found.skipped else ""
+        if annotate_path is not None:  # nothing to draw: as `annotate` does, that is an error
+            raise MimoError(f"no boxes or points in the answer{note}; {annotate_path} not written")
         click.echo(f"no boxes or points in the answer{note}", err=True)
         return
     click.echo(to_json(found))
@@ -407,8 +437,8 @@ def _report_grounding(text: str, inputs, image: str, annotate_path: str | None) 
 @click.option(
     "--drop-old-turns",
     is_flag=True,
-    help="When the conversation would pass --max-kv-size, drop its oldest exchanges (and "
-    "compute the rest again) instead of refusing the message.",
+    help="Drop the oldest exchanges (and compute the rest again) when a message would take the "
+    "conversation past --max-kv-size, instead of refusing the message.",
 )
 @declared_options(PromptOptions, SamplingOptions, LookupOptions, CacheOptions)
 def chat(
@@ -418,7 +448,7 @@ def chat(
 
     \b
     mimo-mlx chat --image photo.jpg
-    printf 'What is this?\nAnd its colour?\n' | mimo-mlx chat --image photo.jpg
+    printf 'What is this?\\nAnd its colour?\\n' | mimo-mlx chat --image photo.jpg
 
     Each message reuses the earlier turns from the cache: only new tokens are computed and an
     image is encoded once. Piped input is one message (or command) per line. Type /help for the
@@ -537,7 +567,20 @@ def _load(model_path: str | None, group=None):
             err=True,
         )
 
-    return load(model_path or DEFAULT_MODEL, on_convert=announce)
+    loaded = load(model_path or DEFAULT_MODEL, on_convert=announce)
+    _say_if_random(model_path)
+    return loaded
+
+
+def _say_if_random(model_path: str | None) -> None:
+    """A folder of `mimo-mlx random-model` answers gibberish: say so before it does."""
+    config = Path(model_path or "").expanduser() / "config.json"
+    try:
+        note = json.loads(config.read_text()).get("random_weights") if model_path else None
+    except (OSError, ValueError, AttributeError):
+        note = None  # the loader read it already: nothing to add
+    if note:
+        click.echo(f"note: {model_path} has {note}", err=True)
 
 
 def sampling_defaults(generation_config: dict, options: dict) -> dict:

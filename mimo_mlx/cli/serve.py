@@ -6,7 +6,9 @@ until the command starts, so `--help` answers at once and without the server's e
 
 from __future__ import annotations
 
+import errno
 import signal
+import socket
 
 import click
 
@@ -62,7 +64,14 @@ class ByteSize(click.ParamType):
     "--model value.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--port",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on; 0 lets the system choose a free one (the line saying where it "
+    "serves names it).",
+)
 @click.option(
     "--api-key",
     envvar="MIMO_MLX_API_KEY",
@@ -81,9 +90,21 @@ class ByteSize(click.ParamType):
     is_flag=True,
     help="Open local paths (and file:// URLs) that requests name, as this user can.",
 )
-@click.option("--fetch-max-bytes", type=ByteSize(), default="20MiB", show_default=True)
 @click.option(
-    "--fetch-timeout", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True
+    "--fetch-max-bytes",
+    type=ByteSize(),
+    default="20MiB",
+    show_default=True,
+    help="With --allow-fetch: the largest image or video a URL may return; a larger one is "
+    "refused.",
+)
+@click.option(
+    "--fetch-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --allow-fetch: seconds a URL may take to return the whole image or video.",
 )
 @click.option(
     "--max-image-pixels",
@@ -158,21 +179,21 @@ def serve(
     group_timeout,
     **options,
 ):
-    """Serve the model over an OpenAI-compatible HTTP API (needs mimo-mlx[serve]).
+    """An OpenAI-compatible HTTP server (needs mimo-mlx[serve]).
 
     \b
-    mimo-mlx serve --model ./mimo-vl-7b-rl-4bit
-    mimo-mlx serve --model ./mimo-vl-7b-rl-4bit --api-key s3cret --port 9000
-    mlx.launch --hostfile hosts.json -- mimo-mlx serve --model ./mimo-vl-7b-rl-4bit
+    mimo-mlx serve --model ./mimo-vl-4bit
+    mimo-mlx serve --model ./mimo-vl-4bit --api-key s3cret --port 9000
+    mlx.launch --hostfile hosts.json -- mimo-mlx serve --model ./mimo-vl-4bit
 
     POST /v1/chat/completions (streaming or not; tools, response_format), POST /v1/completions
-    (raw text prompts), GET /v1/models, GET /health. It listens on
-    127.0.0.1 only, reads images only from base64 data: URLs, and needs no key unless given
-    one: --host, --allow-fetch, --allow-local-files and --api-key change that. Prompt, sampling
-    and cache flags set the defaults that requests override (a request's kv_bits, kv_group_size
-    and quantized_kv_start choose how its conversation's cache is stored). Under mlx.launch the
-    model is split across the ranks and rank 0 serves (each request from a fresh cache: reuse
-    across requests is not split across ranks).
+    (raw text prompts), GET /v1/models, GET /health. By default it listens on 127.0.0.1 only,
+    needs no key and reads images only from base64 data: URLs; --allow-local-files,
+    --allow-fetch, --api-key and --host change that. Prompt, sampling and cache flags set the
+    defaults that requests override (a request's kv_bits, kv_group_size and quantized_kv_start
+    choose how its conversation's cache is stored). Under mlx.launch the model is split across
+    the ranks and rank 0 serves (each request from a fresh cache: reuse across requests is not
+    split across ranks).
     """
     import importlib.util  # noqa: PLC0415
 
@@ -196,6 +217,7 @@ def serve(
         # Ctrl-C reaches every rank: rank 0 finishes its requests, then releases this one.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         return _follow(model_path, group)
+    listening = _listen(host, port)  # before the model loads: a busy port is known at once
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         click.echo(
             f"warning: listening on {host} without --api-key: anyone who can reach it can use "
@@ -229,5 +251,30 @@ def serve(
         options=sampling_defaults(processor.tokenizer.generation_config, options),
         pool=pool,
     )
-    click.echo(f"serving {settings.model_id} on http://{host}:{port}/v1", err=True)
-    serve_forever(engine, settings, host, port)
+    port = listening.getsockname()[1]  # the one the system chose for --port 0
+    address = f"[{host}]" if ":" in host else host
+    click.echo(f"serving {settings.model_id} on http://{address}:{port}/v1", err=True)
+    serve_forever(engine, settings, host, port, listening)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host and port (as uvicorn binds one), or one line saying why not."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise MimoError(
+            f"--host {host} is not an address of this machine ({err.strerror})"
+        ) from None
+    listening = socket.socket(family, kind, proto)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind(address)
+    except OSError as err:
+        listening.close()
+        if err.errno == errno.EADDRINUSE:
+            raise MimoError(
+                f"port {port} on {host} is in use (another server?): stop it, or choose another "
+                "--port"
+            ) from None
+        raise MimoError(f"cannot listen on {host} port {port}: {err.strerror or err}") from None
+    return listening

@@ -130,6 +130,7 @@ class Conversation:
             "max_kv_size": self.max_kv_size,
             "drop_old_turns": self.drop_old_turns,
         }
+        self._settle()
         saved = SavedConversation(self.messages, self._tokens, self.cache, options)
         return save_conversation(saved, self.model, path)
 
@@ -288,6 +289,7 @@ class Conversation:
         messages, inputs, identity = turn.messages, turn.inputs, turn.identity
         tokenizer = self.processor.tokenizer
         constraint = make_constraint(self.model, tokenizer, output_format, inputs)
+        self._settle()
         keep = self._reusable(identity)
         self.cache.trim(self.cache.offset - keep)
         self._tokens = self._tokens[:keep]
@@ -316,9 +318,10 @@ class Conversation:
                 generated.append(response.token)
                 yield response
         finally:
-            # Whatever happened (done, stopped early, interrupted), the cache holds this prompt
-            # and the answer as far as it got; the history says the same.
-            self._tokens = np.concatenate([identity, generated])[: self.cache.offset]
+            # Whatever happened (done, stopped early, interrupted anywhere), the cache holds a
+            # prefix of this prompt and the answer as far as it got; the history says the same.
+            self._tokens = np.concatenate([identity, generated])
+            self._settle()
             self.messages = with_media(messages, inputs.media)
             if turn.raw:
                 pass  # a plain completion is not a chat turn
@@ -328,6 +331,13 @@ class Conversation:
                 self.messages.append({"role": "assistant", "content": text})
             else:
                 self.messages.pop()  # no answer at all: as if the turn was never sent
+
+    def _settle(self) -> None:
+        """Make the cache and `_tokens` agree: both cut to what both hold. A turn stopped
+        anywhere (Ctrl-C during the prompt, a token, or this bookkeeping itself) leaves the cache
+        holding a prefix of what was fed, and `_tokens` the identity of at least that much."""
+        length = self.cache.truncate(len(self._tokens))
+        self._tokens = self._tokens[:length]
 
     # ---------------------------------------------------------------- the prompt of a turn
 

@@ -10,10 +10,13 @@ the metadata says how it is stored (`kv_cache`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import shutil
 from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,10 @@ from ..model.mimo_vl import Model
 FORMAT = 2  # 2: quantized caches (`kv_cache` in the metadata); format 1 files read as float
 READABLE_FORMATS = (1, 2)
 METADATA_KEY = "mimo_mlx.conversation"
+
+
+class CannotWrite(MimoError):
+    """A conversation file could not be written (the conversation itself is unchanged)."""
 
 
 def model_fingerprint(model: Model) -> str:
@@ -81,13 +88,59 @@ def save_conversation(saved: SavedConversation, model: Model, path: str | Path) 
     }
     temporary = path.with_name(f".{path.name}.{os.getpid()}.partial.safetensors")
     try:
+        # Opened here first, so a folder that is missing, read-only or not ours is an OSError
+        # with its reason; MLX's own open would only say that it failed.
+        temporary.open("wb").close()
         mx.save_safetensors(str(temporary), arrays, metadata={METADATA_KEY: json.dumps(meta)})
         os.replace(temporary, path)
     except OSError as err:
-        raise MimoError(f"cannot write {path}: {err.strerror or err}") from None
+        raise CannotWrite(
+            f"cannot write {path}: {_reason(err, path)}; nothing was written"
+        ) from None
+    except RuntimeError as err:  # MLX could not write the whole file
+        reason = _write_failure(path, arrays, err)
+        raise CannotWrite(f"cannot write {path}: {reason}; nothing was written") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only disk even this fails
+            temporary.unlink(missing_ok=True)
     return path
+
+
+def _reason(err: OSError, path: Path) -> str:
+    """Why a file could not be made in `path`'s folder, in words."""
+    if isinstance(err, FileNotFoundError):
+        return f"the folder {path.parent} does not exist"
+    if isinstance(err, NotADirectoryError):
+        return f"{_first_file(path.parent)} is a file, not a folder"
+    if isinstance(err, IsADirectoryError):
+        return "it is a folder"
+    if err.errno == errno.EROFS:
+        return f"{path.parent} is on a read-only disk"
+    if isinstance(err, PermissionError):
+        return f"no permission to write in {path.parent}"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full"
+    if err.errno == errno.EFBIG:
+        return "the file is larger than this disk or this process may write"
+    return err.strerror or str(err)
+
+
+def _first_file(folder: Path) -> Path:
+    """The first part of `folder` that exists and is not a folder."""
+    for part in reversed([folder, *folder.parents]):
+        if part.exists() and not part.is_dir():
+            return part
+    return folder
+
+
+def _write_failure(path: Path, arrays: dict[str, mx.array], err: RuntimeError) -> str:
+    """Why MLX could not write `arrays` next to `path`, as far as can be told."""
+    needed = sum(array.nbytes for array in arrays.values())
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(path.parent).free
+        if free < needed:
+            return f"the disk is full ({needed / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free)"
+    return f"MLX could not write it ({str(err).rstrip('.')})"
 
 
 def load_conversation(path: str | Path, model: Model) -> SavedConversation:
@@ -133,8 +186,14 @@ def load_conversation(path: str | Path, model: Model) -> SavedConversation:
 
 
 def _read(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    if path.is_dir():
+        raise MimoError(f"{path} is a folder, not a conversation file")
     if not path.is_file():
         raise MimoError(f"conversation file not found: {path}")
+    try:
+        path.open("rb").close()  # a file we may not read says so (MLX would only say it failed)
+    except OSError as err:
+        raise MimoError(f"cannot read {path}: {err.strerror or err}") from None
     try:
         arrays, metadata = mx.load(str(path), return_metadata=True)
         return arrays, json.loads(metadata[METADATA_KEY])

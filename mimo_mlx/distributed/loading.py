@@ -26,7 +26,13 @@ from mlx.utils import tree_flatten
 from ..errors import MimoError
 from ..inputs.processor import Processor
 from ..loading import DTYPES, default_dtype, resolve_model
-from ..model.checkpoint import check_weights, quantize_like, read_config, safetensors_files
+from ..model.checkpoint import (
+    check_weights,
+    quantize_like,
+    read_config,
+    remedy,
+    safetensors_files,
+)
 from ..model.config import ModelConfig
 from ..model.weights import canonical_key, detect_layout, is_ignored, to_mlx_layout
 from .group import Group
@@ -132,7 +138,7 @@ def stored_tensors(
     """Every tensor the model uses, under this package's names, and the folder's layout
     (`weights.detect_layout`, from the names as stored), from the files' headers only."""
     files = safetensors_files(folder)
-    headers = [read_header(file) for file in files]
+    headers = [read_header(file, remedy(folder, raw)) for file in files]
     layout = detect_layout([key for header in headers for key in header], raw)
     tensors: dict[str, StoredTensor] = {}
     for header, file in zip(headers, files, strict=True):
@@ -146,8 +152,9 @@ def stored_tensors(
     return tensors, layout
 
 
-def read_header(file: Path) -> dict[str, StoredTensor]:
-    """The tensors of one safetensors file, checked against the file's size."""
+def read_header(file: Path, advice: str = "download it again") -> dict[str, StoredTensor]:
+    """The tensors of one safetensors file, checked against the file's size; `advice` says what
+    to do about a damaged one."""
     try:
         with open(file, "rb") as handle:
             size = handle.seek(0, 2)
@@ -155,7 +162,7 @@ def read_header(file: Path) -> dict[str, StoredTensor]:
             prefix = handle.read(8)
             (length,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (None,)
             if length is None or length > _MAX_HEADER_BYTES:
-                raise MimoError(f"{file} is not a safetensors file; download or convert it again")
+                raise MimoError(f"{file} is not a safetensors file; {advice}")
             header = json.loads(handle.read(length))
     except OSError as err:
         raise MimoError(f"cannot read {file} ({err.strerror or err})") from None
@@ -167,7 +174,7 @@ def read_header(file: Path) -> dict[str, StoredTensor]:
             continue
         tensor = _stored(file, key, info, 8 + length)
         if tensor.start + math.prod(tensor.shape) * tensor.itemsize > size:
-            raise MimoError(f"{file} is truncated (it ends inside {key}); download it again")
+            raise MimoError(f"{file} is truncated (it ends inside {key}); {advice}")
         tensors[key] = tensor
     return tensors
 
@@ -194,7 +201,7 @@ def read_slices(tensor: StoredTensor, axis: int, ranges: list[tuple[int, int]]) 
                 count = (end - start) * inner
                 handle.seek(tensor.start + row * stride + start * inner)
                 if handle.readinto(view[filled : filled + count]) != count:
-                    raise MimoError(f"{tensor.file} ended early; download it again")
+                    raise MimoError(f"{tensor.file} ended early: it changed while it was read")
                 filled += count
     values = out.view(STORED_DTYPES[tensor.dtype]).reshape(*shape[:axis], width, *shape[axis + 1 :])
     array = mx.array(values)

@@ -57,13 +57,14 @@ def generate_step(
     of a text prompt. A given `prompt_cache` is extended in place (a `Prompt` must have been
     prepared against it). The prompt is prefilled in chunks of `prefill_step_size` through the
     model's own call, with logits for its last token only; each decode step is queued before the
-    previous token is read back. `context` is the whole prompt's ids
-    when `prompt` continues a cache: logits processors (repetition penalty) see all of them, as
-    they would without the cache. The log-probabilities are lazy arrays: with the greedy sampler
-    (the default, or `make_sampler(0)`) they are computed only if read. A `constraint` (see
-    `generation.constrained`, one per generation) masks the tokens its grammar refuses. `kv_bits`,
-    `kv_group_size` and `quantized_kv_start` (mlx-lm's) say how a new cache stores keys and
-    values (`options.CacheOptions`); a given `prompt_cache` was made with its own.
+    previous token is read back; if the caller stops early, the cache holds the prompt and the
+    tokens yielded, no more. `context` is the whole prompt's ids when `prompt` continues a cache:
+    logits processors (repetition penalty) see all of them, as they would without the cache. The
+    log-probabilities are lazy arrays: with the greedy sampler (the default, or `make_sampler(0)`)
+    they are computed only if read. A `constraint` (see `generation.constrained`, one per
+    generation) masks the tokens its grammar refuses. `kv_bits`, `kv_group_size` and
+    `quantized_kv_start` (mlx-lm's) say how a new cache stores keys and values
+    (`options.CacheOptions`); a given `prompt_cache` was made with its own.
     """
     cache_options = CacheOptions(kv_bits, kv_group_size, quantized_kv_start)
     cache, prompt, sampler, processors = _begin(
@@ -71,18 +72,28 @@ def generate_step(
     )
     history = _history(prompt, context, processors)
 
+    end_of_prompt, given = cache.offset + prompt.length, 0
     with generation_settings(model) as stream:
         step = _stepper(model, cache, sampler, processors, stream, constraint)
-        token, logprobs = _prefill(prompt, model, cache, step, history, prefill_step_size, stream)
-        for n in range(max_tokens):
-            if n + 1 < max_tokens:
-                if history is not None:
-                    history = mx.concatenate([history, token])
-                next_token, next_logprobs = step(history, input_ids=token[:, None])
-            yield token.item(), logprobs[0]
-            release_cache(n + 1)
-            if n + 1 < max_tokens:
-                token, logprobs = next_token, next_logprobs
+        try:
+            token, logprobs = _prefill(
+                prompt, model, cache, step, history, prefill_step_size, stream
+            )
+            for n in range(max_tokens):
+                if n + 1 < max_tokens:
+                    if history is not None:
+                        history = mx.concatenate([history, token])
+                    next_token, next_logprobs = step(history, input_ids=token[:, None])
+                value, given = token.item(), n + 1
+                yield value, logprobs[0]
+                release_cache(n + 1)
+                if n + 1 < max_tokens:
+                    token, logprobs = next_token, next_logprobs
+        finally:
+            # Stopped early (the caller closed us, or Ctrl-C arrived while a token was read),
+            # the next step may be queued already: the cache keeps no token the caller was not
+            # given, so what it holds is always the prompt and the tokens yielded.
+            cache.trim(cache.offset - (end_of_prompt + given))
 
 
 def lookup_generate_step(

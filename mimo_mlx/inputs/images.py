@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -189,11 +190,20 @@ def load_image(path: str | Path) -> Image.Image:
             opened.load()  # decode now so a truncated file fails here, not mid-preprocessing
             image = ImageOps.exif_transpose(opened)
     except UnidentifiedImageError as err:
-        raise MimoError(f"{path} is not a readable image: {err}") from None
+        raise MimoError(f"{path} is not a readable image: {undecodable(err)}") from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL reports corrupt data with these
-        raise MimoError(f"{path} could not be decoded as an image: {err}") from None
+        raise MimoError(f"{path} could not be decoded as an image: {undecodable(err)}") from None
     check_image_size(image.width, image.height, name=str(path))
     return to_rgb(image)
+
+
+def undecodable(err: Exception) -> str:
+    """What PIL said about data it could not decode, in words, without the Python object it read
+    from (PIL names an in-memory file as `<_io.BytesIO object at 0x7f...>`)."""
+    if isinstance(err, UnidentifiedImageError):
+        return "its format is not one PIL reads (PNG, JPEG, WebP, GIF, BMP, TIFF, ...)"
+    text = re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(err)).strip()
+    return text or type(err).__name__
 
 
 _PIL_LIMIT_LOCK = threading.Lock()
@@ -244,13 +254,25 @@ def smart_resize(
 
 
 def pixel_range(
-    config: ImageProcessorConfig, min_pixels: int | None, max_pixels: int | None
+    config: ImageProcessorConfig,
+    min_pixels: int | None,
+    max_pixels: int | None,
+    names: tuple[str, str] = ("min_pixels", "max_pixels"),
 ) -> tuple[int, int]:
-    """Resolve per-call pixel limits; None means the config's (checkpoint's) value."""
+    """Resolve per-call pixel limits; None means the config's (checkpoint's) value. `names` are
+    the options the limits came from, for the message when they cannot both hold."""
     lo = config.min_pixels if min_pixels is None else min_pixels
     hi = config.max_pixels if max_pixels is None else max_pixels
-    if lo <= 0 or hi < lo:
-        raise MimoError(f"need 0 < min_pixels <= max_pixels, got min_pixels={lo}, max_pixels={hi}")
+    low, high = names
+    if lo <= 0:
+        raise MimoError(f"{low} must be a positive integer, got {lo}")
+    if hi < lo:
+        hi_from = "" if max_pixels is not None else ", the model's"
+        lo_from = "" if min_pixels is not None else ", the model's"
+        raise MimoError(
+            f"{high} ({hi}{hi_from}) is below {low} ({lo}{lo_from}): no size fits both; give a "
+            f"larger {high} or a smaller {low}"
+        )
     return lo, hi
 
 

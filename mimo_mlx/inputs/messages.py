@@ -28,6 +28,7 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import MimoError
+from .images import undecodable
 from .template import NO_THINK, Message, user_text
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -153,7 +154,9 @@ def image_from_url(url: str) -> Image.Image | Path:
     except (binascii.Error, ValueError):
         raise MimoError("the image data URL is not valid base64") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise MimoError(f"the image data URL does not hold a readable image ({err})") from None
+        raise MimoError(
+            f"the image data URL does not hold a readable image: {undecodable(err)}"
+        ) from None
     return image
 
 

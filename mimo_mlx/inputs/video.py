@@ -47,6 +47,7 @@ from .images import (
     to_rgb,
 )
 
+VIDEO_PIXEL_NAMES = ("video_min_pixels", "video_max_pixels")  # the options, for messages
 VIDEO_MIN_FRAMES = 4  # qwen-vl-utils: sample at least this many frames from a long-enough clip
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -132,7 +133,7 @@ def plan_video(
     100,352 pixels, the floor itself, 420x224 (120 tokens): 15,360. 512 frames: 64 tokens a pair
     is below the floor, so 16,384 // 120 = 136 pairs at 420x224 are kept: 272 frames.
     """
-    lo, hi = pixel_range(config, min_pixels, max_pixels)
+    lo, hi = pixel_range(config, min_pixels, max_pixels, VIDEO_PIXEL_NAMES)
     factor = config.patch_size * config.merge_size
     check_image_size(width, height, factor, name="video frame")
     size = smart_resize(height, width, factor, lo, hi)
@@ -178,7 +179,7 @@ class FrameResizer:
         size: tuple[int, int] | None = None,
     ) -> None:
         self.config = config
-        self.pixel_range = pixel_range(config, min_pixels, max_pixels)
+        self.pixel_range = pixel_range(config, min_pixels, max_pixels, VIDEO_PIXEL_NAMES)
         self.size = size  # (height, width), else fixed by the first frame
 
     def __call__(self, frame: Image.Image | np.ndarray) -> np.ndarray:
@@ -384,7 +385,7 @@ def read_video(
     source = Path(source)
     if source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
         raise MimoError(f"{source} is an image, not a video: pass it with --image (images=[...])")
-    limits = pixel_range(config, min_pixels, max_pixels)
+    limits = pixel_range(config, min_pixels, max_pixels, VIDEO_PIXEL_NAMES)
     if fps <= 0 or max_frames < 1:
         raise MimoError(f"need fps > 0 and max_frames >= 1, got fps={fps}, max_frames={max_frames}")
 

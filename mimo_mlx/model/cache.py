@@ -240,15 +240,18 @@ class PromptCache:
     def trim(self, count: int) -> int:
         """Forget the last `count` tokens, rotary bookkeeping included; returns how many."""
         count = min(self.offset, max(0, count))
-        end = self.offset - count
-        for layer in self.layers:
-            layer.trim(count)
-        kept = []
-        for start, next_positions in self._marks:
-            if start < end:
-                kept.append((start, next_positions[:, : end - start]))
-        self._marks = kept
+        self.truncate(self.offset - count)
         return count
+
+    def truncate(self, length: int) -> int:
+        """Keep at most the first `length` tokens in every layer, rotary bookkeeping included, and
+        no more than the shortest layer holds: a forward pass stopped midway (Ctrl-C) leaves the
+        later layers one chunk behind. Returns the tokens kept."""
+        end = max(0, min(length, *(layer.offset for layer in self.layers)))
+        for layer in self.layers:
+            layer.trim(layer.offset - end)
+        self._marks = [(start, p[:, : end - start]) for start, p in self._marks if start < end]
+        return end
 
     @property
     def state(self) -> list[tuple[mx.array, ...]]:

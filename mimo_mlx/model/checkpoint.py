@@ -63,14 +63,18 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise MimoError(f"{folder} has no .safetensors weight files")
 
 
-def read_safetensors(folder: Path) -> dict[str, mx.array]:
+def read_safetensors(folder: Path, config: dict[str, Any] | None = None) -> dict[str, mx.array]:
+    """Every tensor of the folder's shards. `config` (its config.json) says where the folder came
+    from, and so what to do about a damaged file."""
     weights: dict[str, mx.array] = {}
     for file in safetensors_files(folder):
+        check_readable(file)
         try:
             shard = mx.load(str(file))
         except Exception as err:  # MLX raises plain runtime errors for truncated or corrupt files
+            found = str(err).split(" Perhaps ")[0].rstrip(".")  # MLX's guess, "a download", goes
             raise MimoError(
-                f"{file} could not be read ({err}); it may be truncated: download it again"
+                f"{file} is damaged or incomplete ({found}); {remedy(folder, config or {})}"
             ) from None
         clash = weights.keys() & shard.keys()
         if clash:
@@ -79,6 +83,28 @@ def read_safetensors(folder: Path) -> dict[str, mx.array]:
             )
         weights.update(shard)
     return weights
+
+
+def check_readable(file: Path) -> None:
+    """A file this user may not read says so (MLX would only say it could not open it)."""
+    try:
+        file.open("rb").close()
+    except PermissionError:
+        mode = file.stat().st_mode & 0o777
+        raise MimoError(
+            f"cannot read {file}: this user has no permission to read it (mode {mode:o}); give "
+            "read access (chmod a+r) or run as its owner"
+        ) from None
+    except OSError as err:
+        raise MimoError(f"cannot read {file}: {err.strerror or err}") from None
+
+
+def remedy(folder: Path, config: dict[str, Any]) -> str:
+    """What to do about a damaged weight file: a folder `mimo-mlx convert` wrote is converted
+    again; anything else came from a download (or another tool's conversion)."""
+    if isinstance(config.get("mimo_mlx"), dict):
+        return f"{folder} was written by mimo-mlx convert: convert it again (--force replaces it)"
+    return "download it again (or convert it again, if you converted it yourself)"
 
 
 def quantize_like(model: Model, names: Iterable[str], quantization: dict | None) -> None:

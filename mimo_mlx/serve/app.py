@@ -20,6 +20,7 @@ import contextlib
 import hmac
 import json
 import logging
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -457,8 +458,15 @@ def build_server(
     return Engine(pool, processor.tokenizer, queue_size), settings
 
 
-def serve_forever(engine: Engine, settings: ServerSettings, host: str, port: int) -> None:
-    """Run the server until interrupted (Ctrl-C or SIGTERM)."""
+def serve_forever(
+    engine: Engine,
+    settings: ServerSettings,
+    host: str,
+    port: int,
+    listening: socket.socket | None = None,
+) -> None:
+    """Run the server until interrupted (Ctrl-C or SIGTERM), on the `listening` socket if one is
+    given (bound to host and port already), else on one it binds."""
     import uvicorn  # noqa: PLC0415
 
     class Server(uvicorn.Server):
@@ -480,4 +488,4 @@ def serve_forever(engine: Engine, settings: ServerSettings, host: str, port: int
         log_level="info",
         timeout_graceful_shutdown=5,
     )
-    Server(config).run()
+    Server(config).run(sockets=None if listening is None else [listening])

@@ -24,7 +24,7 @@ import anyio
 from PIL import Image, ImageOps
 
 from ..errors import MimoError
-from ..inputs.images import check_image_size, to_rgb
+from ..inputs.images import check_image_size, to_rgb, undecodable
 from .requests import APIError, ChatRequest, MediaRef
 
 DEFAULT_FETCH_MAX_BYTES = 20 * 2**20
@@ -221,7 +221,7 @@ def decode_image(source: bytes | Path, max_pixels: int, param: str) -> Image.Ima
         raise APIError(str(err), param=param) from None
     except Exception as err:  # PIL reports broken data in many ways (OSError, ValueError, ...)
         raise APIError(
-            f"'{param}': not a readable image ({type(err).__name__}: {err})",
+            f"'{param}': not a readable image: {undecodable(err)}",
             param=param,
             code="invalid_image",
         ) from None
