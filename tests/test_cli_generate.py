@@ -189,13 +189,13 @@ def test_a_video_past_its_token_budget_comes_with_a_note(folder, tmp_path):
     result = run(*args, "--video-max-tokens", "300")
     assert result.exit_code == 0, result.output
     assert (
-        "note: clip: 12 frames at 392x280 would take 840 tokens, more than video_max_tokens "
+        "note: clip: 12 frames at 392x280 would take 840 tokens, more than --video-max-tokens "
         "(300): 4 of the 12 frames kept, evenly spaced"
     ) in result.stderr
     assert "note:" not in run(*args).stderr
     refused = run(*args, "--video-max-tokens", "100")
     assert refused.exit_code == 1
-    assert "video_max_tokens (100) is less than one pair of frames" in refused.output
+    assert "--video-max-tokens (100) is less than one pair of frames" in refused.output
 
 
 def test_an_image_as_a_video_is_refused(folder, photo):

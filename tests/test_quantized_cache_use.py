@@ -273,7 +273,7 @@ def test_generate_and_chat_take_the_cache_flags(folder, photo, ours, tmp_path):
     )  # fmt: skip
     assert done.stdout.strip().endswith(expected.answer.strip())
     bad = CliRunner().invoke(main, [*args, "--kv-bits", "6"])
-    assert bad.exit_code == 2 and "'6' is not one of '4', '8'" in bad.output
+    assert bad.exit_code == 1 and "error: --kv-bits: '6' is not one of '4', '8'" in bad.output
     wide = CliRunner().invoke(main, [*args, "--kv-bits", "8", "--kv-group-size", "128"])
     assert wide.exit_code == 1 and "does not divide this model's head dimension" in wide.output
     # chat: a conversation saved 8-bit loads only into an 8-bit chat

@@ -16,6 +16,7 @@ import click
 from ..conversation.conversation import Conversation
 from ..errors import MimoError
 from .console import StreamPrinter, stats_line, stop_reason
+from .usage import print_note
 
 HELP = """\
 Type a message and press Enter. Commands:
@@ -111,7 +112,7 @@ class ChatSession:
             for response in stream:
                 if printer is None:  # the template's choice to open <think> is known by now
                     for notice in self.chat.notices:  # e.g. a video shrunk to its budget
-                        click.echo(f"note: {notice}", err=True)
+                        print_note(notice)
                     printer = StreamPrinter(self.hide_thinking, self.chat.opens_thinking)
                 printer.write(response.text)
                 last = response

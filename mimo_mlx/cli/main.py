@@ -27,7 +27,7 @@ from ..options import (
     SamplingOptions,
     pop_lookup_options,
 )
-from .usage import bad_value, in_flag_words, one_line_warnings, usage_mistake
+from .usage import bad_value, in_flag_words, one_line_warnings, print_note, usage_mistake
 
 # Commands that live in other modules, imported only when run: name -> (module:attribute, summary).
 LAZY_COMMANDS = {
@@ -274,7 +274,7 @@ def generate(
     options = sampling_defaults(processor.tokenizer.generation_config, options)
     inputs = processor.prepare(prompt, images, videos, **pop_prompt_options(options))
     for notice in inputs.notices:  # e.g. a video shrunk to its token budget
-        click.echo(f"note: {notice}", err=True)
+        print_note(notice)
     context = model.config.text.max_position_embeddings
     budget = max_new_tokens(model, inputs.input_ids.shape[1], max_tokens)
     if 0 < budget < max_tokens:
