@@ -8,8 +8,9 @@ quantized matmuls, and the fused kernel on dequantized values) compute the same 
 Fidelity, the stated bounds (the README quotes them), against the same model with a float cache on
 the parity prompts (text, two images, a video, long text then an image), held-out models:
 - 8 bits, groups of 64: logits within BOUND_8 of the largest |logit| at every position (mean within
-  MEAN_BOUND_8); greedy answers identical. Measured on 20 random tiny models x 4 prompts: at most
-  1.96% (max) and 0.25% (mean), correlation >= 0.99994; bfloat16 compute errs as much (1.5-2%).
+  MEAN_BOUND_8); greedy answers identical. Measured (`python -m benchmarks.kv_fidelity`) on 20
+  random tiny models x 4 prompts: at most 1.96% (max) and 0.25% (mean), correlation >= 0.99994;
+  bfloat16 compute errs as much (1.5-2%, test_bfloat16).
   Random tiny models have near-ties, as real ones sometimes do: where an 8-bit answer parts from
   the float one (7 of 40 answers on 10 such models), it is at a step whose two best tokens were
   closer than the quantization moved them, the only place a bounded error can flip an argmax.
