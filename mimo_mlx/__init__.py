@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 # Public name -> module that defines it.
 _EXPORTS = {
+    "CacheOptions": "options",
     "Conversation": "conversation.conversation",
     "GenerationResponse": "generation.loop",
     "GenerationResult": "generation.loop",
@@ -47,6 +48,7 @@ _EXPORTS = {
     "stream_generate": "generation.loop",
 }
 __all__ = [
+    "CacheOptions",
     "Conversation",
     "GenerationResponse",
     "GenerationResult",
@@ -82,7 +84,7 @@ if TYPE_CHECKING:
     from .loading import load, load_model
     from .model.config import ModelConfig
     from .model.mimo_vl import Model, Prompt
-    from .options import PromptOptions, SamplingOptions
+    from .options import CacheOptions, PromptOptions, SamplingOptions
 
 
 def __getattr__(name: str) -> Any:

@@ -2,9 +2,10 @@
 
 `PromptOptions` shape the prompt (system prompt, thinking switch, image and video sizing);
 `SamplingOptions` shape how tokens are drawn; `LookupOptions` switch on prompt-lookup decoding,
-which changes how fast tokens come, never which. The processor, `stream_generate`, `generate` and the
-command line all take their options from these declarations; the CLI builds its flags and help
-from the field metadata. No mlx import here: `mimo-mlx --help` stays fast.
+which changes how fast tokens come, never which; `CacheOptions` say how the decoder's key/value
+cache is stored (full precision, or quantized to save memory). The processor, `stream_generate`,
+`generate` and the command line all take their options from these declarations; the CLI builds
+its flags and help from the field metadata. No mlx import here: `mimo-mlx --help` stays fast.
 
 May import: errors.
 """
@@ -30,6 +31,12 @@ DEFAULT_VIDEO_FPS = 2.0
 DEFAULT_VIDEO_MAX_FRAMES = 128
 """64 s at 2 fps. qwen-vl-utils allows 768; with the per-frame limits below that is up to 98k
 decoder tokens, far beyond a 16 GB laptop. 128 frames cost at most 64 x 256 = 16,384 tokens."""
+DEFAULT_VIDEO_MAX_TOKENS = 16384
+"""The decoder tokens one video may take: what the default frame count and size give (128 frames
+at 256 tokens a pair), about 2.4 GB of bfloat16 key/value cache for MiMo-VL-7B (147 KB a token),
+so a video prompt stays well inside the 32K tokens MiMo-VL was trained to and, beside 4.7 GB of
+4-bit weights, inside what a 16 GB MacBook's GPU may use. Raising max_frames or
+video_max_pixels past it shrinks the frames, then samples fewer of them."""
 DEFAULT_VIDEO_MIN_PIXELS = 128 * 28 * 28  # qwen-vl-utils' per-frame floor (~317 x 317)
 DEFAULT_VIDEO_MAX_PIXELS = 256 * 28 * 28
 """~448 x 448 per frame, 256 merged tokens per pair of frames; qwen-vl-utils' ceiling is
@@ -84,6 +91,14 @@ class PromptOptions:
         "Largest area a video frame is resized to (256 vision tokens per pair of frames).",
         cli={"min": 1},
     )
+    video_max_tokens: int = option(
+        DEFAULT_VIDEO_MAX_TOKENS,
+        "Most decoder tokens one video may take. A video that would take more has its frames "
+        "shrunk (down to --video-min-pixels), then fewer frames sampled, evenly over the clip; "
+        "a note says so. The default is what 128 frames at the default size take, ~2.4 GB of "
+        "bfloat16 cache for MiMo-VL-7B.",
+        cli={"min": 1},
+    )
 
     def __post_init__(self) -> None:
         for name in ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels"):
@@ -94,6 +109,10 @@ class PromptOptions:
             raise MimoError(f"fps must be a positive number, got {self.fps!r}")
         if not (_is_int(self.max_frames) and self.max_frames >= 1):
             raise MimoError(f"max_frames must be an integer >= 1, got {self.max_frames!r}")
+        if not (_is_int(self.video_max_tokens) and self.video_max_tokens >= 1):
+            raise MimoError(
+                f"video_max_tokens must be an integer >= 1, got {self.video_max_tokens!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -213,6 +232,72 @@ class LookupOptions:
         return self.max_matching_ngram_size or DEFAULT_LOOKUP_NGRAM
 
 
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)  # what MLX's affine quantization supports
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """How the decoder's key/value cache is stored (mlx-lm's names). Quantized, keys and values
+    take 8 or 4 bits plus a scale and a bias per group, about 53% or 28% of a bfloat16 cache for
+    MiMo-VL-7B, and attention reads them through MLX's quantized matmuls. The answer changes a
+    little (see the README's figures); the cache is what grows with a long video or conversation.
+    """
+
+    kv_bits: int | None = option(
+        None,
+        "Store the key/value cache quantized to 4 or 8 bits: about 53% (8) or 28% (4) of the "
+        "memory of a full-precision cache, for long videos and conversations. [default: full "
+        "precision]",
+        cli={"choices": KV_BITS},
+    )
+    kv_group_size: int = option(
+        64,
+        "With --kv-bits: how many values share one scale and bias (smaller: closer to full "
+        "precision, a little more memory).",
+        cli={"choices": KV_GROUP_SIZES},
+    )
+    quantized_kv_start: int = option(
+        0,
+        "With --kv-bits: keep the cache in full precision until it holds this many tokens, then "
+        "quantize it (the forward pass that crosses the mark still attends in full precision).",
+        cli={"min": 0},
+    )
+
+    def __post_init__(self) -> None:
+        if self.kv_bits is not None and (not _is_int(self.kv_bits) or self.kv_bits not in KV_BITS):
+            raise MimoError(
+                f"kv_bits must be 4 or 8 (or None: no quantization), got {self.kv_bits!r}"
+            )
+        if not _is_int(self.kv_group_size) or self.kv_group_size not in KV_GROUP_SIZES:
+            raise MimoError(f"kv_group_size must be 32, 64 or 128, got {self.kv_group_size!r}")
+        start = self.quantized_kv_start
+        if not (_is_int(start) and start >= 0):
+            raise MimoError(f"quantized_kv_start must be an integer >= 0, got {start!r}")
+
+    def describe(self) -> str:
+        """'8-bit (group 64, from token 100)' or 'full-precision', for messages."""
+        if self.kv_bits is None:
+            return "full-precision"
+        start = f", from token {self.quantized_kv_start}" if self.quantized_kv_start else ""
+        return f"{self.kv_bits}-bit (group {self.kv_group_size}{start})"
+
+    def flags(self) -> str:
+        """The command-line flags that ask for this storage."""
+        if self.kv_bits is None:
+            return "no --kv-bits"
+        return (
+            f"--kv-bits {self.kv_bits} --kv-group-size {self.kv_group_size} "
+            f"--quantized-kv-start {self.quantized_kv_start}"
+        )
+
+
+def pop_cache_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Remove and return the cache options among `kwargs` (only those given)."""
+    names = {f.name for f in fields(CacheOptions)}
+    return {name: kwargs.pop(name) for name in list(kwargs) if name in names}
+
+
 def pop_lookup_options(kwargs: dict[str, Any]) -> LookupOptions:
     """Remove the prompt-lookup options from `kwargs` and return them, checked."""
     names = {f.name for f in fields(LookupOptions)}
@@ -221,13 +306,14 @@ def pop_lookup_options(kwargs: dict[str, Any]) -> LookupOptions:
 
 def split_options(options: dict[str, Any]) -> tuple[PromptOptions, SamplingOptions]:
     """Keyword arguments -> (PromptOptions, SamplingOptions); an unknown name is an error.
-    (Take the `LookupOptions` out first, with `pop_lookup_options`.)"""
+    (Take the `LookupOptions` and `CacheOptions` out first, with `pop_lookup_options` and
+    `pop_cache_options`.)"""
     prompt_names = {f.name for f in fields(PromptOptions)}
     sampling_names = {f.name for f in fields(SamplingOptions)}
     unknown = sorted(options.keys() - prompt_names - sampling_names)
     if unknown:
-        lookup_names = {f.name for f in fields(LookupOptions)}
-        known = ", ".join(sorted(prompt_names | sampling_names | lookup_names))
+        others = {f.name for kind in (LookupOptions, CacheOptions) for f in fields(kind)}
+        known = ", ".join(sorted(prompt_names | sampling_names | others))
         raise TypeError(f"unknown option(s) {', '.join(unknown)}; the options are: {known}")
     prompt = PromptOptions(**{k: v for k, v in options.items() if k in prompt_names})
     sampling = SamplingOptions(**{k: v for k, v in options.items() if k in sampling_names})

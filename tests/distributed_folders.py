@@ -26,11 +26,17 @@ THREE_WAY = dict(
 
 
 def write_split_folder(
-    folder: Path, ranks: int = 2, seed: int = 21, dtype: str = "float32", **layouts
+    folder: Path,
+    ranks: int = 2,
+    seed: int = 21,
+    dtype: str = "float32",
+    sizes: dict | None = None,
+    **layouts,
 ) -> Path:
-    """`layouts`: save_checkpoint's config_layout and key_layout."""
-    sizes = THREE_WAY if ranks == 3 else {}
-    model = tiny_hf_model(seed=seed, text=sizes.get("text"), vision=sizes.get("vision"))
+    """`layouts`: save_checkpoint's config_layout and key_layout; `sizes`: tiny_hf_model's
+    overrides (default: the 2-rank model, or THREE_WAY for 3)."""
+    sizes = sizes if sizes is not None else THREE_WAY if ranks == 3 else {}
+    model = tiny_hf_model(seed=seed, **sizes)
     save_checkpoint(model.to(getattr(torch, dtype)), folder, **layouts)
     build_tiny_tokenizer(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))

@@ -138,7 +138,10 @@ def generate(model, processor, group, spec) -> dict[str, list[int]] | None:
                 name: [
                     r.token
                     for r in leader.stream_generate(
-                        inputs=inputs, max_tokens=spec["max_tokens"], temp=0.0
+                        inputs=inputs,
+                        max_tokens=spec["max_tokens"],
+                        temp=0.0,
+                        **spec.get("cache", {}),
                     )
                 ]
                 for name, inputs in prompts.items()

@@ -135,6 +135,27 @@ def test_unknown_scenario_is_refused():
     assert "Traceback" not in done.stderr
 
 
+def test_the_kv_cache_scenario_reports_every_cache(tmp_path):
+    out = tmp_path / "kv.json"
+    command = [
+        sys.executable, "-m", "benchmarks.kv_cache", "--scale", "tiny", "--layers", "1",
+        "--tokens", "300", "--decode", "3", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["cache"]: row for row in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["float", "8bit", "4bit"]
+    assert not rows["float"]["quantized"] and rows["8bit"]["quantized"]
+    # bfloat16, head dim 64, groups of 64: 128 bytes a head in full precision, 64 + 4 in 8 bits
+    assert rows["float"]["bf16_bytes_per_token_layer"] == 2 * 2 * 128
+    assert rows["8bit"]["bf16_bytes_per_token_layer"] == 2 * 2 * (64 + 4)
+    assert rows["4bit"]["bf16_bytes_per_token_layer"] == 2 * 2 * (32 + 4)
+    for row in rows.values():
+        assert (
+            row["cache_tokens"] == 300 + 3 - 1 and row["peak_bytes"] > 0 and row["decode_tps"] > 0
+        )
+
+
 def test_the_structured_output_scenario_runs(tmp_path):
     from benchmarks import structured  # noqa: PLC0415
 

@@ -180,6 +180,24 @@ def test_several_videos_and_a_one_frame_clip(folder, photo, tmp_path):
     assert "stopped:" in result.stderr
 
 
+def test_a_video_past_its_token_budget_comes_with_a_note(folder, tmp_path):
+    """12 frames of 84x56, at the default frame limits enlarged to 392x280 (140 tokens a pair,
+    also the smallest size they may have), take 840 tokens: a budget of 300 keeps 2 pairs of
+    them, evenly spaced, and says so; one below a pair is refused."""
+    clip = frames_folder(tmp_path, "clip", 12, seed=3)
+    args = ["--model", folder, "--video", clip, "-p", "What happens?", "-m", "2", "--temp", "0"]
+    result = run(*args, "--video-max-tokens", "300")
+    assert result.exit_code == 0, result.output
+    assert (
+        "note: clip: 12 frames at 392x280 would take 840 tokens, more than --video-max-tokens "
+        "(300): 4 of the 12 frames kept, evenly spaced"
+    ) in result.stderr
+    assert "note:" not in run(*args).stderr
+    refused = run(*args, "--video-max-tokens", "100")
+    assert refused.exit_code == 1
+    assert "--video-max-tokens (100) is less than one pair of frames" in refused.output
+
+
 def test_an_image_as_a_video_is_refused(folder, photo):
     result = run("--model", folder, "--video", photo, "--prompt", "x")
     assert result.exit_code == 1 and "pass it with --image" in result.output

@@ -188,6 +188,16 @@ def test_evictions_never_change_an_answer(ours, images):
     assert answers[0:2] == answers[2:4]
 
 
+def test_a_video_past_its_budget_is_noted_in_the_turn_that_brings_it(ours, clip):
+    chat = conversation(ours, vision_cache=VisionCache(), video_max_tokens=12)
+    chat.ask("What happens?", videos=[clip], max_tokens=4)
+    (notice,) = chat.notices
+    assert notice.startswith(f"{clip.name}: 6 frames at 84x56 would take 18 tokens")
+    assert chat._inputs.video_grid_thw.tolist() == [[3, 2, 4]]  # 56x28: 2 tokens a pair
+    chat.ask("And then?", max_tokens=4)
+    assert chat.notices == ()
+
+
 def test_a_stopped_answer_stays_in_the_history(ours):
     chat = conversation(ours)
     stream = chat.stream("Tell me a story.", max_tokens=NEW_TOKENS)
@@ -259,7 +269,7 @@ def test_a_file_of_another_format_or_no_conversation_is_refused(
     monkeypatch.setattr("mimo_mlx.conversation.file.FORMAT", 99)
     path = chat.save(tmp_path / "future.safetensors")
     monkeypatch.undo()
-    with pytest.raises(MimoError, match="conversation format 99; this mimo-mlx .* reads format 1"):
+    with pytest.raises(MimoError, match="format 99; this mimo-mlx .* reads formats 1 and 2"):
         Conversation.load(path, *ours)
     with pytest.raises(MimoError, match="not a mimo-mlx conversation file"):
         Conversation.load(next(folder.glob("*.safetensors")), *ours)

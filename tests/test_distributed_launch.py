@@ -23,6 +23,7 @@ import pytest
 from distributed_folders import write_quantized_folder, write_split_folder
 from distributed_worker import generation_prompts, logits, parity_prompts
 from PIL import Image
+from tiny_models import WIDE_HEADS
 
 from benchmarks.ranks import free_port_block
 from mimo_mlx import generate, load
@@ -129,6 +130,29 @@ def test_ranks_compute_what_one_process_computes(folders, tmp_path, name, ranks)
     for prompt, inputs in generation_prompts(model.config).items():
         steps = stream_generate(model, processor, "", inputs=inputs, max_tokens=TOKENS, temp=0.0)
         assert tokens[prompt] == [step.token for step in steps], prompt
+
+
+def test_ranks_with_a_quantized_cache_answer_as_one_process(tmp_path):
+    """Each rank quantizes its own key/value heads (along the head dimension, as one process
+    does): the greedy answers equal one process's with the same 4-bit cache (which part from
+    the float cache's: the ranks did quantize)."""
+    folder = write_split_folder(tmp_path / "wide", seed=9, sizes=WIDE_HEADS)
+    spec = write_spec(tmp_path, folder, task="parity", max_tokens=TOKENS, cache={"kv_bits": 4})
+    _, stderr = launch(2, sys.executable, str(WORKER), str(spec))
+    out = spec.with_name("out")
+    assert (out / "rank1.json").is_file() and (out / "rank0.json").is_file(), stderr[-3000:]
+    tokens = json.loads((out / "rank0.json").read_text())["tokens"]
+    model, processor = load(folder)
+    parted = 0
+    for prompt, inputs in generation_prompts(model.config).items():
+        answers = [
+            [s.token for s in stream_generate(model, processor, "", inputs=inputs,
+                                              max_tokens=TOKENS, temp=0.0, kv_bits=bits)]
+            for bits in (4, None)
+        ]  # fmt: skip
+        assert tokens[prompt] == answers[0], prompt
+        parted += answers[0] != answers[1]
+    assert parted
 
 
 def test_an_answer_ended_early_ends_on_every_rank(folders, tmp_path):

@@ -24,8 +24,10 @@ NEW_TOKENS = 24
 MAX_PIXELS = 28 * 28 * 64
 
 
-def write_model_folder(folder, seed: int):
-    save_checkpoint(tiny_hf_model(seed=seed), folder)
+def write_model_folder(folder, seed: int, sizes: dict | None = None):
+    """A tiny model folder with tokenizer; `sizes`: tiny_hf_model's text/vision/rope overrides
+    (e.g. tiny_models.WIDE_HEADS)."""
+    save_checkpoint(tiny_hf_model(seed=seed, **(sizes or {})), folder)
     build_tiny_tokenizer(folder)
     (folder / "preprocessor_config.json").write_text(
         json.dumps(

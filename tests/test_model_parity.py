@@ -6,9 +6,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tiny_models import build_ids, hf_logits, mlx_logits, pixels, save_checkpoint, tiny_hf_model
 
 from mimo_mlx import load_model
+from mimo_mlx.inputs.video import preprocess_video, read_video
 from mimo_mlx.model.backend import VisionSchedule
 from mimo_mlx.model.vision import encode
 
@@ -70,6 +72,39 @@ def test_four_frame_video(model, reference):
         second_per_grid_ts=torch.tensor(seconds),
     )
     assert_close(ours, theirs)
+
+
+def test_a_video_fitted_to_its_token_budget(model, reference, tmp_path):
+    """A clip past its budget keeps 10 of its 12 frames (4 fps), further apart: 0.6 s a temporal
+    patch instead of 0.5. transformers places the video's tokens where we do (temporal positions
+    floor(k x 0.6 x 2) = 0 1 2 3 4 from the video's start), and the logits agree through the
+    video's last token. After it our text continues at the largest position + 1 (the original
+    rule, by hand); transformers 5 continues at start + max(h, w) instead (see REFERENCE.md)."""
+    rng = np.random.default_rng(9)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+    clip = read_video(tmp_path, fps=4.0, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64,
+                      max_tokens=20)  # fmt: skip
+    px, grid, second = preprocess_video(clip.frames, clip.fps, size=clip.frames.shape[1:3])
+    assert grid.tolist() == [[5, 4, 4]] and second == pytest.approx(0.6)
+    ids = build_ids([("text", 4), ("video", tuple(grid[0])), ("text", 6)], rng)
+    vision = dict(pixel_values_videos=px, video_grid_thw=grid, second_per_grid_ts=[second])
+    ours = model.prepare_prompt(ids, **vision).positions
+    mm = torch.tensor((ids == model.config.video_token_id).astype(np.int64) * 2)
+    theirs, _ = reference.model.get_rope_index(
+        torch.tensor(ids), mm, video_grid_thw=torch.tensor(grid),
+        second_per_grid_ts=torch.tensor([second]),
+    )  # fmt: skip
+    end = int(np.flatnonzero(ids[0] == model.config.video_token_id)[-1]) + 1
+    np.testing.assert_array_equal(ours[:, :, :end], theirs.numpy()[:, :, :end])
+    assert sorted(set(ours[0, 0, 5:end].tolist())) == [5, 6, 7, 8, 9]  # start 5: 4 text + <vs>
+    np.testing.assert_array_equal(ours[:, 0, end:], np.broadcast_to(10 + np.arange(7), (3, 7)))
+    hf_vision = {**vision, "second_per_grid_ts": torch.tensor([second])}
+    assert_close(
+        mlx_logits(model, ids, **vision)[:, :end], hf_logits(reference, ids, **hf_vision)[:, :end]
+    )
 
 
 def test_image_and_video_in_one_prompt(model, reference):

@@ -32,8 +32,11 @@ from mimo_mlx.inputs.video import (
     DEFAULT_VIDEO_MAX_PIXELS,
     DEFAULT_VIDEO_MIN_PIXELS,
     load_video,
+    plan_video,
     preprocess_video,
+    read_video,
     sample_frame_indices,
+    video_tokens,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -369,6 +372,144 @@ def test_video_errors(tmp_path):
         load_video(tmp_path / "fake.avi")
     with pytest.raises(MimoError, match="uint8"):
         preprocess_video(np.zeros((2, 56, 56, 3), dtype=np.float32), 2.0)
+
+
+# --- a video's token budget --------------------------------------------------------------------
+
+CONFIG = ImageProcessorConfig()
+SMALL = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)  # frames of 4 to 64 tokens a pair
+
+
+def test_a_video_within_its_budget_is_left_as_it_was():
+    """The defaults (128 frames at 256 tokens a pair at most) fit the default budget exactly."""
+    plan = plan_video(128, 2160, 3840)  # 4K, 16:9
+    assert plan.notice is None and plan.size == smart_resize(2160, 3840, 28, *PIXELS_DEFAULT)
+    assert plan.tokens(CONFIG) <= 16384 and plan.frames == 128
+    square = plan_video(128, 1000, 1000)
+    assert square.tokens(CONFIG) == 64 * 256 == 16384 and square.notice is None
+
+
+PIXELS_DEFAULT = (DEFAULT_VIDEO_MIN_PIXELS, DEFAULT_VIDEO_MAX_PIXELS)
+
+
+def test_frames_shrink_first_then_fewer_are_kept():
+    """A 1280x720 clip, default limits and budget (16,384 tokens), worked by hand: its frames
+    resize to 588x336 (21 x 12 = 252 tokens a pair of frames). 128 frames: 64 x 252 = 16,128,
+    they fit. 256 frames: 128 pairs x 252 = 32,256; a pair may have 16,384 // 128 = 128 tokens,
+    128 x 28 x 28 = 100,352 pixels = min_pixels: smart_resize to that gives 420x224 (15 x 8 = 120
+    tokens), all 256 frames kept: 15,360. 512 frames: 64 tokens a pair is below the floor; at the
+    floor's 420x224 (120 tokens) 16,384 // 120 = 136 pairs fit: 272 frames, 16,320 tokens."""
+    assert plan_video(128, 720, 1280).size == (336, 588)
+    assert plan_video(128, 720, 1280).notice is None
+    shrunk = plan_video(256, 720, 1280)
+    assert (shrunk.frames, shrunk.size) == (256, (224, 420))
+    assert shrunk.notice == (
+        "256 frames at 588x336 would take 32256 tokens, more than video_max_tokens (16384): "
+        "frames shrunk to 420x224"
+    )
+    fewer = plan_video(512, 720, 1280)
+    assert (fewer.frames, fewer.size, fewer.tokens(CONFIG)) == (272, (224, 420), 16320)
+    assert "and 272 of the 512 frames kept, evenly spaced" in fewer.notice
+    with pytest.raises(MimoError, match="less than one pair of frames .* 420x224 .*120 tokens"):
+        plan_video(4, 720, 1280, max_tokens=119)
+
+
+def test_a_plan_never_passes_its_budget_and_shrinks_before_it_drops_frames():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        frames = int(rng.integers(1, 400))
+        height, width = (int(v) for v in rng.integers(28, 3000, 2))
+        if max(height, width) / min(height, width) > 150:
+            continue
+        budget = int(rng.integers(1, 40000))
+        usual = smart_resize(height, width, 28, *PIXELS_DEFAULT)
+        floor = smart_resize(height, width, 28, DEFAULT_VIDEO_MIN_PIXELS, DEFAULT_VIDEO_MIN_PIXELS)
+        try:
+            plan = plan_video(frames, height, width, budget)
+        except MimoError:
+            assert video_tokens(2, floor, CONFIG) > budget  # not even one pair at the floor
+            continue
+        assert plan.tokens(CONFIG) <= budget
+        assert (plan.notice is None) == (video_tokens(frames, usual, CONFIG) <= budget)
+        if plan.frames < frames:  # fewer frames only at the floor's size, in whole pairs
+            assert plan.size == floor and plan.frames % 2 == 0
+            assert video_tokens(plan.frames + 2, floor, CONFIG) > budget
+
+
+def frame_folder(folder, count: int, side: int = 112):
+    frames = [random_image(side, side, seed=40 + i) for i in range(count)]
+    for i, frame in enumerate(frames):
+        frame.save(folder / f"{i}.png")
+    return frames
+
+
+def test_shrunk_frames_match_transformers_at_the_budget_s_max_pixels(tmp_path, reference):
+    """12 frames of 112x112, 4 to 64 tokens a pair: as they are, 112x112 (16 tokens a pair, 96
+    in all). A budget of 60 leaves 10 tokens a pair, 7,840 pixels: transformers' processor with
+    that max_pixels gives the frames we give, 84x84 (9 tokens a pair, 54 in all), all 12."""
+    frames = frame_folder(tmp_path, 12)
+    clip = read_video(tmp_path, fps=4.0, **SMALL, max_tokens=60)
+    assert clip.frames.shape == (12, 84, 84, 3) and clip.fps == 4.0
+    assert clip.notice == (
+        f"{tmp_path.name}: 12 frames at 112x112 would take 96 tokens, more than "
+        "video_max_tokens (60): frames shrunk to 84x84"
+    )
+    pv, grid, second = preprocess_video(clip.frames, clip.fps, size=clip.frames.shape[1:3])
+    assert_matches((pv, grid), reference_video(reference, frames, SMALL["min_pixels"], 10 * 784))
+    assert grid.tolist() == [[6, 6, 6]] and second == 0.5
+
+
+def test_past_the_floor_fewer_frames_evenly_spaced_match_transformers(tmp_path, reference):
+    """The same 12 frames with a budget of 20: 20 // 6 = 3 tokens a pair is below the floor
+    (min_pixels: 56x56, 4 tokens), so the frames take the floor's size and 20 // 4 = 5 pairs
+    are kept: the 10 frames torch.linspace(0, 11, 10).round() picks, at 4 x 10 / 12 a second."""
+    frames = frame_folder(tmp_path, 12)
+    with pytest.warns(UserWarning, match="56x56 .* and 10 of the 12 frames kept, evenly spaced"):
+        pixels, fps = load_video(tmp_path, fps=4.0, **SMALL, max_tokens=20)
+    keep = torch.linspace(0, 11, 10).round().long().tolist()
+    assert pixels.shape == (10, 56, 56, 3) and fps == pytest.approx(4.0 * 10 / 12)
+    pv, grid, second = preprocess_video(pixels, fps, size=pixels.shape[1:3])
+    floor = SMALL["min_pixels"]
+    assert_matches((pv, grid), reference_video(reference, [frames[i] for i in keep], floor, floor))
+    assert grid.tolist() == [[5, 4, 4]] and second == pytest.approx(2 / fps)
+
+
+def test_a_video_file_past_its_budget_samples_fewer_frames_evenly(video_file):
+    """30 grey frames at 10 fps, sampled at 2 fps: 6 frames (levels 8 x [0 6 12 17 23 29]); a
+    budget of 2 pairs at the floor keeps 4, spread over the whole clip as qwen-vl-utils spreads
+    any frame count."""
+    pytest.importorskip("cv2")
+    clip = read_video(video_file, fps=2.0, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 4,
+                      max_tokens=8)  # fmt: skip
+    assert clip.frames.shape[0] == 4 and clip.fps == pytest.approx(4 / 3)
+    levels = clip.frames.reshape(4, -1).mean(axis=1)
+    np.testing.assert_allclose(levels, 8 * sample_frame_indices(30, 10.0, 2.0, 4), atol=3)
+    assert sample_frame_indices(30, 10.0, 2.0, 4).tolist() == [0, 10, 19, 29]
+    assert "4 of the 6 frames kept" in clip.notice and clip.notice.startswith("clip.avi: ")
+
+
+def test_the_processor_says_what_the_budget_changed_once(tmp_path):
+    from tiny_tokenizer import build_tiny_tokenizer
+
+    from mimo_mlx.inputs.processor import Processor
+
+    folder = build_tiny_tokenizer(tmp_path / "model")
+    (folder / "preprocessor_config.json").write_text(json.dumps(MIMO_PREPROCESSOR_CONFIG))
+    processor = Processor.from_folder(folder)
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    frame_folder(clip, 12)
+    options = dict(video_min_pixels=SMALL["min_pixels"], video_max_pixels=SMALL["max_pixels"])
+    plain = processor.prepare("What happens?", videos=[clip], **options)
+    assert plain.notices == () and plain.video_grid_thw.tolist() == [[6, 8, 8]]
+    fitted = processor.prepare("What happens?", videos=[clip], video_max_tokens=20, **options)
+    assert fitted.video_grid_thw.tolist() == [[5, 4, 4]] and fitted.vision_tokens == 20
+    assert len(fitted.notices) == 1 and "10 of the 12 frames kept" in fitted.notices[0]
+    video = fitted.media[0]  # prepared once: a later turn carrying it says nothing again
+    history = [{"role": "user", "content": [{"type": "video", "video": video}]}]
+    assert processor.prepare_messages(history, video_max_tokens=20, **options).notices == ()
+    with pytest.raises(MimoError, match="video_max_tokens must be an integer >= 1"):
+        processor.prepare("?", videos=[clip], video_max_tokens=0)
 
 
 # --- what a user can get wrong (issue 8) ---------------------------------------------------------

@@ -36,6 +36,7 @@ class Pool:
     """Answers "w1 w2 ..." to any prompt; messages[0]['content'] may ask for a failure."""
 
     opens_thinking = False
+    notices = ()
     nbytes = 0
 
     def __init__(self) -> None:

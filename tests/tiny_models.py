@@ -36,6 +36,13 @@ TEXT = dict(
     pad_token_id=None,
 )
 ROPE = dict(rope_theta=640000.0, mrope_section=[2, 3, 3])  # head_dim 16: 2 * (2+3+3)
+# Head dimension 64 (MiMo-VL's is 128): wide enough for a quantized KV cache's groups of 32 and 64,
+# with grouped-query attention (2 query heads a key/value head) that splits across 2 ranks.
+WIDE_HEADS = dict(
+    text=dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2),
+    vision=dict(out_hidden_size=256),
+    rope=dict(mrope_section=[8, 12, 12]),
+)
 VISION = dict(
     depth=4,
     hidden_size=32,

@@ -16,6 +16,7 @@ import click
 from ..conversation.conversation import Conversation
 from ..errors import MimoError
 from .console import StreamPrinter, stats_line, stop_reason
+from .usage import print_note
 
 HELP = """\
 Type a message and press Enter. Commands:
@@ -110,6 +111,8 @@ class ChatSession:
         try:
             for response in stream:
                 if printer is None:  # the template's choice to open <think> is known by now
+                    for notice in self.chat.notices:  # e.g. a video shrunk to its budget
+                        print_note(notice)
                     printer = StreamPrinter(self.hide_thinking, self.chat.opens_thinking)
                 printer.write(response.text)
                 last = response
@@ -169,7 +172,10 @@ class ChatSession:
 
     def _load(self, argument: str) -> bool:
         path = self._path(argument, "/load")
-        self.chat = Conversation.load(path, self.chat.model, self.chat.processor)
+        # The file's cache must be stored as this chat's is (--kv-bits ...): it is refused
+        # otherwise, rather than continued in another precision.
+        cache = vars(self.chat.cache_options)
+        self.chat = Conversation.load(path, self.chat.model, self.chat.processor, **cache)
         turns = sum(m["role"] == "user" for m in self.chat.messages)
         click.echo(f"(loaded {path}: {turns} turn(s), {self.chat.cached_tokens} tokens)", err=True)
         return True

@@ -21,12 +21,13 @@ from ..options import (
     DEFAULT_GROUP_TIMEOUT,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
+    CacheOptions,
     LookupOptions,
     PromptOptions,
     SamplingOptions,
     pop_lookup_options,
 )
-from .usage import bad_value, in_flag_words, one_line_warnings, usage_mistake
+from .usage import bad_value, in_flag_words, one_line_warnings, print_note, usage_mistake
 
 # Commands that live in other modules, imported only when run: name -> (module:attribute, summary).
 LAZY_COMMANDS = {
@@ -115,6 +116,8 @@ def _flag(spec: Field) -> Callable:
     bounds = {k: cli[k] for k in ("min", "max", "min_open") if k in cli}
     if bounds:
         kind = (click.IntRange if kind is int else click.FloatRange)(**bounds)
+    if "choices" in cli:
+        kind = click.Choice(cli["choices"])
     model_default = cli.get("model_default", False)
     default = None if model_default or spec.default is MISSING else spec.default
     show = default is not None and not model_default
@@ -218,7 +221,7 @@ group_timeout_option = click.option(
     help="Most tokens to generate, reasoning included (fewer if the model's context fills up).",
 )
 @group_timeout_option
-@declared_options(PromptOptions, SamplingOptions, LookupOptions)
+@declared_options(PromptOptions, SamplingOptions, LookupOptions, CacheOptions)
 def generate(
     model_path,
     images,
@@ -270,6 +273,8 @@ def generate(
         raise MimoError("--json-schema is not available under mlx.launch yet; run without it")
     options = sampling_defaults(processor.tokenizer.generation_config, options)
     inputs = processor.prepare(prompt, images, videos, **pop_prompt_options(options))
+    for notice in inputs.notices:  # e.g. a video shrunk to its token budget
+        print_note(notice)
     context = model.config.text.max_position_embeddings
     budget = max_new_tokens(model, inputs.input_ids.shape[1], max_tokens)
     if 0 < budget < max_tokens:
@@ -435,7 +440,7 @@ def _report_grounding(text: str, inputs, image: str, annotate_path: str | None) 
     help="Drop the oldest exchanges (and compute the rest again) when a message would take the "
     "conversation past --max-kv-size, instead of refusing the message.",
 )
-@declared_options(PromptOptions, SamplingOptions, LookupOptions)
+@declared_options(PromptOptions, SamplingOptions, LookupOptions, CacheOptions)
 def chat(
     model_path, images, videos, hide_thinking, max_tokens, max_kv_size, drop_old_turns, **options
 ):
@@ -451,7 +456,7 @@ def chat(
     """
     from ..conversation.conversation import Conversation  # noqa: PLC0415  (fast --help)
     from ..distributed.group import launched  # noqa: PLC0415
-    from ..options import pop_prompt_options  # noqa: PLC0415
+    from ..options import pop_cache_options, pop_prompt_options  # noqa: PLC0415
     from .chat import ChatSession  # noqa: PLC0415
 
     if launched():
@@ -460,6 +465,7 @@ def chat(
             "which splits the model across the ranks"
         )
     lookup = pop_lookup_options(options)
+    cache = pop_cache_options(options)
     model, processor = _load(model_path)
     sampling = sampling_defaults(processor.tokenizer.generation_config, options)
     conversation = Conversation(
@@ -468,6 +474,7 @@ def chat(
         max_kv_size=max_kv_size,
         drop_old_turns=drop_old_turns,
         **pop_prompt_options(sampling),
+        **cache,
     )
     session = ChatSession(
         conversation,

@@ -16,8 +16,10 @@ from ..errors import MimoError
 from ..options import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
+    CacheOptions,
     PromptOptions,
     SamplingOptions,
+    pop_cache_options,
     pop_prompt_options,
 )
 from .main import (
@@ -156,7 +158,7 @@ class ByteSize(click.ParamType):
     help="Largest request body (base64 images included); larger ones get 413.",
 )
 @group_timeout_option
-@declared_options(PromptOptions, SamplingOptions)
+@declared_options(PromptOptions, SamplingOptions, CacheOptions)
 def serve(
     model_path,
     model_name,
@@ -187,10 +189,11 @@ def serve(
     POST /v1/chat/completions (streaming or not; tools, response_format), POST /v1/completions
     (raw text prompts), GET /v1/models, GET /health. By default it listens on 127.0.0.1 only,
     needs no key and reads images only from base64 data: URLs; --allow-local-files,
-    --allow-fetch, --api-key and --host change that. Prompt and
-    sampling flags set the defaults that requests override. Under mlx.launch the model is split
-    across the ranks and rank 0 serves (each request from a fresh cache: reuse across requests is
-    not split across ranks).
+    --allow-fetch, --api-key and --host change that. Prompt, sampling and cache flags set the
+    defaults that requests override (a request's kv_bits, kv_group_size and quantized_kv_start
+    choose how its conversation's cache is stored). Under mlx.launch the model is split across
+    the ranks and rank 0 serves (each request from a fresh cache: reuse across requests is not
+    split across ranks).
     """
     import importlib.util  # noqa: PLC0415
 
@@ -229,7 +232,8 @@ def serve(
 
         leader = Leader(model, processor, group)
         click.get_current_context().call_on_close(leader.close)
-        pool = LeaderPool(leader, **pop_prompt_options(dict(options)))
+        defaults = dict(options)
+        pool = LeaderPool(leader, **pop_prompt_options(defaults), **pop_cache_options(defaults))
     engine, settings = build_server(
         model,
         processor,

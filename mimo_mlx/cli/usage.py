@@ -92,6 +92,16 @@ def in_flag_words(message: str, command: click.Command | None, args: list[str]) 
     return message
 
 
+def print_note(message: str) -> None:
+    """A library notice (a video fitted to its token budget) as `note: ...` on stderr, options
+    named as the running command's flags."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        typed_args = ctx.find_root().meta.get("typed", [])[1:]
+        message = in_flag_words(message, ctx.command, typed_args)
+    click.echo(f"note: {message}", err=True)
+
+
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """`warnings.showwarning` for the command line: `warning: ...`, one line, no source."""
     text = " ".join(str(message).split())

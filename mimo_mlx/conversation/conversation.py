@@ -42,8 +42,10 @@ from ..inputs.processor import ImageInput, ModelInputs, PreparedMedia, Processor
 from ..model.mimo_vl import Model
 from ..options import (
     DEFAULT_MAX_TOKENS,
+    CacheOptions,
     PromptOptions,
     SamplingOptions,
+    pop_cache_options,
     pop_lookup_options,
     pop_prompt_options,
 )
@@ -68,7 +70,9 @@ class Conversation:
     `prompt_options` (`options.PromptOptions`: system, no_think, pixel limits, video sampling)
     hold for every turn. `max_kv_size` bounds the tokens kept (default: the model's context);
     a turn that would not fit is refused, or with `drop_old_turns` the oldest exchanges are
-    dropped until it fits.
+    dropped until it fits. `kv_bits`, `kv_group_size` and `quantized_kv_start` (mlx-lm's
+    names, `options.CacheOptions`) store the cache quantized: a long conversation takes about
+    half (8 bits) or a quarter (4 bits) of the memory.
     """
 
     def __init__(
@@ -79,9 +83,13 @@ class Conversation:
         vision_cache: VisionCache | None = None,
         max_kv_size: int | None = None,
         drop_old_turns: bool = False,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 0,
         **prompt_options,
     ) -> None:
         self.model, self.processor = model, processor
+        self.cache_options = CacheOptions(kv_bits, kv_group_size, quantized_kv_start)
         self.prompt_options = PromptOptions(**prompt_options)
         self.vision_cache = vision_cache if vision_cache is not None else shared_vision_cache()
         context = model.config.text.max_position_embeddings
@@ -94,7 +102,7 @@ class Conversation:
     def reset(self) -> None:
         """Forget every turn and everything cached (the shared vision cache stays)."""
         self.messages: list[Message] = []
-        self.cache = self.model.make_cache()
+        self.cache = self.model.make_cache(**vars(self.cache_options))
         self._tokens = np.zeros(0, dtype=np.int64)  # identity of each cached token
         self._inputs: ModelInputs | None = None  # the last turn's
         self.answer_start = 0  # where the last answer's tokens begin in the cache
@@ -107,6 +115,12 @@ class Conversation:
     def opens_thinking(self) -> bool:
         """Whether the last turn's prompt opened <think> (its answer starts inside reasoning)."""
         return self._inputs is not None and self._inputs.opens_thinking
+
+    @property
+    def notices(self) -> tuple[str, ...]:
+        """What preparing the last turn's new media changed (a video fitted to its token
+        budget), one sentence each."""
+        return () if self._inputs is None else self._inputs.notices
 
     def save(self, path: str | Path) -> Path:
         """Write the conversation, cache included, to one safetensors file (see
@@ -125,12 +139,22 @@ class Conversation:
         cls, path: str | Path, model: Model, processor: Processor, **overrides
     ) -> Conversation:
         """A conversation saved by `save`, for the model that saved it; `overrides` replace the
-        saved settings (keyword arguments of `Conversation`)."""
+        saved settings (keyword arguments of `Conversation`), but not how its cache is stored:
+        cache options given (kv_bits, ...) must be the file's (its cache was computed so)."""
         saved = load_conversation(path, model)
+        given = pop_cache_options(overrides)
+        cache = CacheOptions(**given)
+        if given and cache != saved.cache.options:
+            stored = saved.cache.options
+            raise MimoError(
+                f"{path} holds a cache stored {stored.describe()}, not {cache.describe()} as "
+                f"asked: load it with the cache options it was saved with ({stored.flags()})"
+            )
         settings = {
             "max_kv_size": saved.options["max_kv_size"],
             "drop_old_turns": saved.options["drop_old_turns"],
             **saved.options["prompt"],
+            **vars(saved.cache.options),
             **overrides,
         }
         chat = cls(model, processor, **settings)
@@ -218,13 +242,19 @@ class Conversation:
         """How many of the turn's tokens this conversation would reuse."""
         return self._reusable(turn.identity)
 
-    def fork(self, length: int) -> Conversation:
+    def fork(self, length: int, cache_options: CacheOptions | None = None) -> Conversation:
         """A new conversation holding this one's first `length` cached tokens (and no history:
-        the next turn brings its own messages); this one is left as it is."""
+        the next turn brings its own messages); this one is left as it is. `cache_options`
+        (with `length` 0 only) store the new one's cache otherwise."""
+        if cache_options is not None and cache_options != self.cache_options and length:
+            raise MimoError("a fork keeps its parent's cache options unless it starts empty")
         other = Conversation.__new__(Conversation)
         other.__dict__.update(self.__dict__)
+        if cache_options is not None:
+            other.cache_options = cache_options
         other.reset()
-        other.cache = self.cache.copy(length)
+        if length:
+            other.cache = self.cache.copy(length)
         other._tokens = self._tokens[: other.cache.offset].copy()
         other.answer_start = 0
         return other

@@ -4,6 +4,8 @@ The file is safetensors (never pickle): every layer's keys and values, the rotar
 identity of each cached token, the preprocessed pixels of the conversation's images and videos,
 and JSON metadata (the messages, the options, the file format and the model's fingerprint). A file
 written by another model (or the same weights in another dtype) or in another format is refused.
+A quantized cache is saved as it is held (packed values, scales and biases, see `model.cache`);
+the metadata says how it is stored (`kv_cache`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from ..inputs.processor import PreparedMedia
 from ..model.cache import PromptCache
 from ..model.mimo_vl import Model
 
-FORMAT = 1
+FORMAT = 2  # 2: quantized caches (`kv_cache` in the metadata); format 1 files read as float
+READABLE_FORMATS = (1, 2)
 METADATA_KEY = "mimo_mlx.conversation"
 
 
@@ -67,7 +70,8 @@ def save_conversation(saved: SavedConversation, model: Model, path: str | Path) 
     arrays: dict[str, mx.array] = {"tokens": mx.array(saved.tokens)}
     for i, layer in enumerate(saved.cache.layers):
         if layer.offset:
-            arrays[f"kv.{i}.keys"], arrays[f"kv.{i}.values"] = layer.state
+            for name, array in zip(layer.state_names, layer.state, strict=True):
+                arrays[f"kv.{i}.{name}"] = array
     for j, (_, next_positions) in enumerate(saved.cache.marks):
         arrays[f"rope.{j}"] = mx.array(next_positions)
     for k, item in enumerate(media):
@@ -79,6 +83,7 @@ def save_conversation(saved: SavedConversation, model: Model, path: str | Path) 
         "messages": messages,
         "media": [_media_record(item) for item in media],
         "rope_starts": [start for start, _ in saved.cache.marks],
+        "kv_cache": {**dataclasses.asdict(saved.cache.options), "quantized": saved.cache.quantized},
         "options": saved.options,
     }
     temporary = path.with_name(f".{path.name}.{os.getpid()}.partial.safetensors")
@@ -142,10 +147,11 @@ def load_conversation(path: str | Path, model: Model) -> SavedConversation:
     """The conversation saved in `path`, for `model` (which must be the one that saved it)."""
     path = Path(path)
     arrays, meta = _read(path)
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in READABLE_FORMATS:
         raise MimoError(
             f"{path} was written by mimo-mlx {meta.get('mimo_mlx', '?')} in conversation format "
-            f"{meta.get('format')}; this mimo-mlx ({_version()}) reads format {FORMAT}"
+            f"{meta.get('format')}; this mimo-mlx ({_version()}) reads formats "
+            f"{' and '.join(map(str, READABLE_FORMATS))}"
         )
     if meta.get("model") != model_fingerprint(model):
         raise MimoError(
@@ -156,10 +162,20 @@ def load_conversation(path: str | Path, model: Model) -> SavedConversation:
         _prepared(record, arrays[f"media.{k}.pixels"]) for k, record in enumerate(meta["media"])
     ]
     tokens = np.asarray(arrays["tokens"], dtype=np.int64)
-    cache = model.make_cache()
+    stored = dict(meta.get("kv_cache", {}))  # format 1: a float cache
+    quantized = stored.pop("quantized", False)
+    try:
+        cache = model.make_cache(**stored)
+    except (TypeError, MimoError) as err:
+        raise MimoError(f"{path} is damaged: its cache settings are unusable ({err})") from None
+    if quantized:
+        cache.quantize()
     for i, layer in enumerate(cache.layers):
         if f"kv.{i}.keys" in arrays:
-            layer.state = (arrays[f"kv.{i}.keys"], arrays[f"kv.{i}.values"])
+            names = [f"kv.{i}.{name}" for name in layer.state_names]
+            if not all(name in arrays for name in names):
+                raise MimoError(f"{path} is damaged: layer {i} of its cache is incomplete")
+            layer.state = tuple(arrays[name] for name in names)
     marks = [(s, np.asarray(arrays[f"rope.{j}"])) for j, s in enumerate(meta["rope_starts"])]
     cache.restore_marks(marks)
     if cache.offset != len(tokens):

@@ -5,7 +5,9 @@ each conversation it holds and continues the one that shares the longest prefix 
 reuses turn 1's tokens and images whichever client sent it. Where continuing would trim tokens
 before that conversation's last answer (two clients with the same start, a client that edited its
 history), the conversation is forked at the shared prefix instead, and kept. Conversations are dropped,
-least recently used first, once their caches pass the budget; the vision cache is shared.
+least recently used first, once their caches pass the budget (counting the bytes each cache holds,
+quantized or not); the vision cache is shared. A request may ask for its cache to be stored
+otherwise than the pool's default (kv_bits, ...): it continues only a conversation stored that way.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ..generation.loop import GenerationResponse
 from ..inputs.messages import Message
 from ..inputs.processor import Processor
 from ..model.mimo_vl import Model
-from ..options import pop_prompt_options
+from ..options import CacheOptions, pop_cache_options, pop_prompt_options
 from .conversation import Conversation
 from .vision_cache import VisionCache, shared_vision_cache
 
@@ -35,12 +37,24 @@ class ConversationPool:
         max_bytes: int = DEFAULT_POOL_BYTES,
         vision_cache: VisionCache | None = None,
         max_kv_size: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 0,
         **prompt_options,
     ) -> None:
+        """`kv_bits`, `kv_group_size` and `quantized_kv_start` are the default cache options
+        (requests may ask for others); `prompt_options` the default prompt options."""
         self.max_bytes = max_bytes
         cache = vision_cache if vision_cache is not None else shared_vision_cache()
         self._blank = Conversation(
-            model, processor, vision_cache=cache, max_kv_size=max_kv_size, **prompt_options
+            model,
+            processor,
+            vision_cache=cache,
+            max_kv_size=max_kv_size,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+            quantized_kv_start=quantized_kv_start,
+            **prompt_options,
         )
         self._entries: list[Conversation] = []  # least recently used first
         self._running: Conversation | None = None
@@ -59,13 +73,21 @@ class ConversationPool:
         reasoning); known once `stream` has yielded its first response."""
         return self._running is not None and self._running.opens_thinking
 
+    @property
+    def notices(self) -> tuple[str, ...]:
+        """What preparing the running turn's new media changed (a video fitted to its token
+        budget); known once `stream` has yielded its first response."""
+        return () if self._running is None else self._running.notices
+
     def stream(self, messages: Sequence[Message], **options) -> Iterator[GenerationResponse]:
         """Answer `messages` (the OpenAI shape), continuing the best-matching conversation.
-        `options` as for `Conversation.stream_messages`."""
+        `options` as for `Conversation.stream_messages`, and cache options (`kv_bits`, ...) over
+        the pool's defaults."""
+        stored = CacheOptions(**{**vars(self._blank.cache_options), **pop_cache_options(options)})
         with self._lock:
             tools = options.pop("tools", None)
             turn = self._blank.prepare(messages, tools, **pop_prompt_options(options))
-            chat = self._running = self._conversation_for(turn)
+            chat = self._running = self._conversation_for(turn, stored)
             try:
                 yield from chat.stream_turn(turn, **options)
             finally:
@@ -74,21 +96,26 @@ class ConversationPool:
 
     def stream_text(self, prompt: str, **options) -> Iterator[GenerationResponse]:
         """Complete a plain text `prompt` (no chat template), reusing cached tokens as `stream`
-        does. `options` as for `Conversation.stream_turn`."""
+        does. `options` as for `Conversation.stream_turn`, and cache options over the pool's."""
+        stored = CacheOptions(**{**vars(self._blank.cache_options), **pop_cache_options(options)})
         with self._lock:
             turn = self._blank.prepare_text(prompt)
-            chat = self._running = self._conversation_for(turn)
+            chat = self._running = self._conversation_for(turn, stored)
             try:
                 yield from chat.stream_turn(turn, **options)
             finally:
                 self._running = None
                 self._evict(keep=chat)
 
-    def _conversation_for(self, turn) -> Conversation:
-        scored = [(entry.shared_prefix(turn), entry) for entry in self._entries]
+    def _conversation_for(self, turn, stored: CacheOptions) -> Conversation:
+        scored = [
+            (entry.shared_prefix(turn), entry)
+            for entry in self._entries
+            if entry.cache_options == stored
+        ]
         shared, best = max(scored, key=lambda pair: pair[0], default=(0, None))
         if best is None or shared == 0:
-            chat = self._blank.fork(0)
+            chat = self._blank.fork(0, stored)
         elif shared < best.answer_start:
             # Another conversation with the same start: best keeps what it holds for whoever
             # comes back to it. (Parting inside best's last answer is its own client going on:

@@ -27,7 +27,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -42,8 +42,15 @@ from ..generation.loop import (
 )
 from ..generation.sampling import Sampler, make_sampler
 from ..inputs.processor import ImageInput, ModelInputs, Processor
+from ..model.cache import check_cache_options
 from ..model.mimo_vl import Model
-from ..options import DEFAULT_MAX_TOKENS, pop_prompt_options, split_options
+from ..options import (
+    DEFAULT_MAX_TOKENS,
+    CacheOptions,
+    pop_cache_options,
+    pop_prompt_options,
+    split_options,
+)
 from .group import Group, report_and_exit
 
 _ARRAYS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
@@ -60,6 +67,7 @@ class Request:
     max_tokens: int
     sampling: dict  # SamplingOptions' fields
     prefill_step_size: int = DEFAULT_PREFILL_STEP
+    cache: dict = field(default_factory=dict)  # CacheOptions' fields: each rank's cache
 
 
 def encode_request(request: Request) -> bytes:
@@ -69,6 +77,7 @@ def encode_request(request: Request) -> bytes:
         "max_tokens": request.max_tokens,
         "sampling": request.sampling,
         "prefill_step_size": request.prefill_step_size,
+        "cache": request.cache,
         "second_per_grid_ts": (
             None
             if inputs.second_per_grid_ts is None
@@ -92,7 +101,9 @@ def decode_request(data: bytes) -> Request:
         second_per_grid_ts=meta["second_per_grid_ts"],
         vision_tokens=meta["vision_tokens"],
     )
-    return Request(inputs, meta["max_tokens"], meta["sampling"], meta["prefill_step_size"])
+    return Request(
+        inputs, meta["max_tokens"], meta["sampling"], meta["prefill_step_size"], meta["cache"]
+    )
 
 
 def send_request(group: Group, request: Request | None) -> None:
@@ -172,6 +183,7 @@ def run_request(
         sampler=shared_sampler(sampler, group, stop, stop_token),
         prefill_step_size=request.prefill_step_size,
         **options,
+        **request.cache,
     )
 
 
@@ -224,11 +236,13 @@ class Leader:
         if max_tokens < 1:
             raise MimoError(f"max_tokens must be at least 1, got {max_tokens}")
         refuse_structured(options)
+        cache = CacheOptions(**pop_cache_options(options))
+        check_cache_options(cache, self.model.config.text.head_dim)  # before the ranks hear
         prompt_options, sampling = split_options(options)
         if inputs is None:
             inputs = self.processor.prepare(prompt, images, videos, **vars(prompt_options))
         check_context(self.model, inputs)
-        request = Request(inputs, max_tokens, asdict(sampling), prefill_step_size)
+        request = Request(inputs, max_tokens, asdict(sampling), prefill_step_size, asdict(cache))
         with self._lock:
             if self._closed:
                 raise MimoError("this Leader was closed; the other ranks have stopped following")
@@ -322,9 +336,13 @@ class LeaderPool:
     under mlx.launch. Each request runs across the ranks from a fresh cache (reusing earlier
     requests' tokens is not split across ranks: `cached_tokens` is 0)."""
 
-    def __init__(self, leader: Leader, **prompt_options) -> None:
-        self.leader, self.prompt_options = leader, prompt_options
+    def __init__(self, leader: Leader, **options) -> None:
+        """`options`: the default prompt and cache options, which requests override."""
+        self.leader = leader
+        self.cache_options = pop_cache_options(options)
+        self.prompt_options = pop_prompt_options(options)
         self.opens_thinking = False  # of the running request's prompt
+        self.notices: tuple[str, ...] = ()  # what preparing its media changed
         self.nbytes = 0
 
     def __len__(self) -> int:
@@ -334,15 +352,19 @@ class LeaderPool:
         refuse_structured(options)
         tools = options.pop("tools", None)
         prompt = {**self.prompt_options, **pop_prompt_options(options)}
+        cache = {**self.cache_options, **pop_cache_options(options)}
         inputs = self.leader.processor.prepare_messages(messages, tools=tools, **prompt)
-        self.opens_thinking = inputs.opens_thinking
-        yield from self.leader.stream_generate(inputs=inputs, **options)
+        self.opens_thinking, self.notices = inputs.opens_thinking, inputs.notices
+        yield from self.leader.stream_generate(inputs=inputs, **options, **cache)
 
     def stream_text(self, prompt: str, **options) -> Iterator[GenerationResponse]:
         """A plain text completion across the ranks (no chat template)."""
         refuse_structured(options)
         if not prompt:
             raise MimoError("the prompt is empty")
+        cache = {**self.cache_options, **pop_cache_options(options)}
         ids = np.array([self.leader.processor.tokenizer.encode(prompt)], dtype=np.int64)
-        self.opens_thinking = False
-        yield from self.leader.stream_generate(inputs=ModelInputs(ids, text=prompt), **options)
+        self.opens_thinking, self.notices = False, ()
+        yield from self.leader.stream_generate(
+            inputs=ModelInputs(ids, text=prompt), **options, **cache
+        )

@@ -21,7 +21,9 @@ from ..model.cache import PromptCache
 from ..model.mimo_vl import Model, Prompt
 from ..options import (
     DEFAULT_MAX_TOKENS,
+    CacheOptions,
     SamplingOptions,
+    pop_cache_options,
     pop_lookup_options,
     pop_prompt_options,
     split_options,
@@ -44,6 +46,9 @@ def generate_step(
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     context: Sequence[int] | np.ndarray | None = None,
     constraint: Constraint | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token id, log-probabilities over the vocabulary) until `max_tokens`; the caller stops
     on end tokens.
@@ -57,10 +62,13 @@ def generate_step(
     logits processors (repetition penalty) see all of them, as they would without the cache. The
     log-probabilities are lazy arrays: with the greedy sampler (the default, or `make_sampler(0)`)
     they are computed only if read. A `constraint` (see `generation.constrained`, one per
-    generation) masks the tokens its grammar refuses.
+    generation) masks the tokens its grammar refuses. `kv_bits`, `kv_group_size` and
+    `quantized_kv_start` (mlx-lm's) say how a new cache stores keys and values
+    (`options.CacheOptions`); a given `prompt_cache` was made with its own.
     """
+    cache_options = CacheOptions(kv_bits, kv_group_size, quantized_kv_start)
     cache, prompt, sampler, processors = _begin(
-        prompt, model, prompt_cache, sampler, logits_processors
+        prompt, model, prompt_cache, sampler, logits_processors, cache_options
     )
     history = _history(prompt, context, processors)
 
@@ -100,6 +108,9 @@ def lookup_generate_step(
     prompt_cache: PromptCache | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     constraint: Constraint | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> Iterator[tuple[int, mx.array, bool]]:
     """`generate_step` with prompt-lookup decoding (see `generation.lookup`): yields (token id,
     log-probabilities, from_draft) as mlx-lm's `speculative_generate_step` does. The tokens are
@@ -110,10 +121,11 @@ def lookup_generate_step(
     continues a cache). Samplers must treat rows independently and logits processors must be
     functions of (tokens, logits): a draft is verified by sampling after each of its tokens at
     once, each row's processors seeing the tokens up to it. A `constraint` masks each row with
-    its grammar's state after the draft tokens before it.
+    its grammar's state after the draft tokens before it. The cache options are `generate_step`'s.
     """
+    cache_options = CacheOptions(kv_bits, kv_group_size, quantized_kv_start)
     cache, prompt, sampler, processors = _begin(
-        prompt, model, prompt_cache, sampler, logits_processors
+        prompt, model, prompt_cache, sampler, logits_processors, cache_options
     )
     lookup = lookup if lookup is not None else PromptLookup()
     warn_if_no_faster(model)
@@ -134,9 +146,9 @@ def _history(prompt: Prompt, context, processors) -> mx.array | None:
     return mx.array(prompt.input_ids[0] if context is None else np.asarray(context))
 
 
-def _begin(prompt, model: Model, cache, sampler, processors):
+def _begin(prompt, model: Model, cache, sampler, processors, cache_options: CacheOptions):
     """The cache, the prepared prompt, the sampler (default greedy) and the processors."""
-    cache = cache if cache is not None else model.make_cache()
+    cache = cache_for(model, cache, cache_options)
     if not isinstance(prompt, Prompt):
         prompt = model.prepare_prompt(np.asarray(prompt).reshape(1, -1), cache=cache)
     if prompt.length == 0:
@@ -147,6 +159,21 @@ def _begin(prompt, model: Model, cache, sampler, processors):
         )
     sampler = sampler or greedy
     return cache, prompt, sampler, list(processors or ())
+
+
+def cache_for(model: Model, cache: PromptCache | None, options: CacheOptions) -> PromptCache:
+    """`cache`, or a new one stored as `options` say. A given cache keeps how it was made:
+    options asking for another storage are an error, not a silent conversion."""
+    if cache is None:
+        return model.make_cache(**vars(options))
+    if options != CacheOptions() and options != cache.options:
+        raise MimoError(
+            f"the prompt cache given stores its tokens {cache.options.describe()}, but "
+            f"{options.describe()} was asked for; make it with "
+            "model.make_cache(kv_bits=..., kv_group_size=..., quantized_kv_start=...) or leave "
+            "the cache options out"
+        )
+    return cache
 
 
 def _stepper(model: Model, cache: PromptCache, sampler, processors, stream, constraint=None):
@@ -290,9 +317,11 @@ def stream_generate(
 
     `options` are the prompt options (`options.PromptOptions`: system, no_think, min_pixels,
     max_pixels, fps, max_frames, ...), sampling options (`options.SamplingOptions`: temp,
-    top_p, top_k, min_p, repetition_penalty, seed) and prompt-lookup options
-    (`options.LookupOptions`: prompt_lookup, prompt_lookup_num_tokens, max_matching_ngram_size);
-    a `sampler` or `logits_processors` replace the sampling options. Generation stops at an end
+    top_p, top_k, min_p, repetition_penalty, seed), prompt-lookup options
+    (`options.LookupOptions`: prompt_lookup, prompt_lookup_num_tokens, max_matching_ngram_size)
+    and cache options (`options.CacheOptions`: kv_bits, kv_group_size, quantized_kv_start, for
+    the cache this call makes; a given `prompt_cache` keeps its own); a `sampler` or
+    `logits_processors` replace the sampling options. Generation stops at an end
     token of the tokenizer / generation config, after `max_tokens`, or when the model's context is
     full. `inputs` (from `processor.prepare`) replaces prompt, images, videos and the prompt
     options. With a `json_schema` (a dict; `{"type": "object"}` for any object) the answer is
@@ -302,15 +331,16 @@ def stream_generate(
     if max_tokens < 1:
         raise MimoError(f"max_tokens must be at least 1, got {max_tokens}")
     lookup = PromptLookup.from_options(pop_lookup_options(options))
+    cache_options = CacheOptions(**pop_cache_options(options))
     prompt_options, sampling = split_options(options)
     output_format = None if json_schema is None else json_format(json_schema)
     start = time.perf_counter()
+    cache = cache_for(model, prompt_cache, cache_options)  # bad options fail before any work
     if inputs is None:
         inputs = processor.prepare(prompt, images, videos, **vars(prompt_options))
     check_context(model, inputs)
     constraint = make_constraint(model, processor.tokenizer, output_format, inputs)
     sampler, logits_processors = _sampling(sampling, sampler, logits_processors)
-    cache = prompt_cache if prompt_cache is not None else model.make_cache()
     mx.reset_peak_memory()
     prepared = model.prepare_prompt(inputs.input_ids, **inputs.vision_kwargs(), cache=cache)
     yield from stream_prompt(
@@ -440,6 +470,8 @@ def generate(
     if inputs is None:
         inputs = processor.prepare(prompt, images, videos, **prompt_options)
     if verbose:
+        for notice in inputs.notices:
+            print(f"note: {notice}")
         print("=" * 10)
     show = (lambda text: print(text, end="", flush=True)) if verbose else None
     result = collect(stream_generate(model, processor, prompt, inputs=inputs, **kwargs), show)

@@ -26,7 +26,7 @@ from .template import (
     renders_tools,
 )
 from .tokenizer import Tokenizer
-from .video import load_video, preprocess_video
+from .video import preprocess_video, read_video
 
 ImageInput = str | Path | Image.Image
 
@@ -40,6 +40,7 @@ class PreparedMedia:
     grid_thw: tuple[int, int, int]
     second_per_grid_t: float | None = None  # videos: seconds one temporal patch spans
     sizes: tuple[tuple[int, int], tuple[int, int]] | None = None  # images: (upright, resized)
+    notice: str | None = None  # videos: what the token budget changed, if anything
 
     @cached_property
     def key(self) -> str:
@@ -68,6 +69,7 @@ class ModelInputs:
     # Per image: ((width, height) as the user sees it, (width, height) the processor resized it to).
     image_sizes: tuple[tuple[tuple[int, int], tuple[int, int]], ...] = ()
     media: tuple[PreparedMedia, ...] = ()  # every image and video, in order of appearance
+    notices: tuple[str, ...] = ()  # what preparing this prompt's new media changed (a budget)
 
     def vision_kwargs(self) -> dict[str, Any]:
         return {
@@ -120,7 +122,8 @@ class Processor:
         `images` and `videos` are a list, or one item (a path, or a PIL image). `options` are
         `options.PromptOptions`: `min_pixels`/`max_pixels` bound each image's resized area (None:
         the checkpoint's limits); video frames are sampled at `fps`, at most `max_frames` per
-        video, each frame's area bounded by `video_min_pixels`/`video_max_pixels`.
+        video, each frame's area bounded by `video_min_pixels`/`video_max_pixels`, each video
+        within `video_max_tokens` (frames shrunk, then fewer; `ModelInputs.notices` says so).
         """
         media = [{"type": "image", "image": x} for x in _as_list(images, "images")]
         media += [{"type": "video", "video": x} for x in _as_list(videos, "videos")]
@@ -150,6 +153,11 @@ class Processor:
             if template != self.chat_template:
                 rendered = inline_media(rendered)
         prepared = tuple((preprocess or self.preprocess)(item, opts) for item in media)
+        notices = tuple(
+            m.notice
+            for item, m in zip(media, prepared, strict=True)
+            if m.notice and not isinstance(item.source, PreparedMedia)  # said when first read
+        )
         images = [m for m in prepared if m.kind == "image"]
         videos = [m for m in prepared if m.kind == "video"]
         special = self.tokenizer.special_tokens_map
@@ -177,6 +185,7 @@ class Processor:
             no_think=opts.no_think,
             image_sizes=tuple(m.sizes for m in images),
             media=prepared,
+            notices=notices,
             **vision,
         )
 
@@ -201,9 +210,18 @@ class Processor:
                 raise MimoError(
                     f"a video is a file or a folder of frames, got {type(item.source).__name__}"
                 )
-            frames, fps = load_video(item.source, opts.fps, opts.max_frames, config, **limits)
-            pixels, grid, second = preprocess_video(frames, fps, config, **limits)
-            return PreparedMedia("video", pixels, tuple(int(v) for v in grid[0]), second)
+            clip = read_video(
+                item.source,
+                opts.fps,
+                opts.max_frames,
+                config,
+                max_tokens=opts.video_max_tokens,
+                **limits,
+            )
+            size = clip.frames.shape[1:3]  # as read_video sized them, within the budget
+            pixels, grid, second = preprocess_video(clip.frames, clip.fps, config, size=size)
+            grid_thw = tuple(int(v) for v in grid[0])
+            return PreparedMedia("video", pixels, grid_thw, second, notice=clip.notice)
         image = load_image(item.source) if isinstance(item.source, str | Path) else item.source
         pixels, grid = preprocess_images(
             [image], config, min_pixels=opts.min_pixels, max_pixels=opts.max_pixels

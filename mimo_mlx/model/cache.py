@@ -1,84 +1,221 @@
-"""Per-layer key/value caches and the per-sequence state the caller owns between forward passes."""
+"""Per-layer key/value caches, in full precision or quantized, and the per-sequence state the
+caller owns between forward passes.
+
+A quantized layer stores keys and values as MLX's affine quantization along the head dimension
+(mlx-lm's `QuantizedKVCache`): `bits`-bit integers packed into uint32 words, and a scale and a
+bias for every `group_size` values. Each token's vector is quantized on its own, so the stored
+cache does not depend on how the tokens arrived (in one pass, in chunks, or reused from an
+earlier turn), and trimming, copying and saving work on it as on a float one.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
+from ..errors import MimoError
+from ..options import CacheOptions
 
-class KVCache:
-    """Keys and values of one decoder layer, grown in steps so a decode step rarely reallocates."""
+
+@dataclass(frozen=True)
+class QuantizedArray:
+    """(..., D) values in MLX's affine quantization along the last axis: `packed` (..., D *
+    bits / 32) uint32, `scales` and `biases` (..., D / group_size); value = scale * q + bias."""
+
+    packed: mx.array
+    scales: mx.array
+    biases: mx.array
+    group_size: int
+    bits: int
+
+    @classmethod
+    def quantize(cls, x: mx.array, group_size: int, bits: int) -> QuantizedArray:
+        return cls(*mx.quantize(x, group_size=group_size, bits=bits), group_size, bits)
+
+    @property
+    def parts(self) -> tuple[mx.array, mx.array, mx.array]:
+        """(packed, scales, biases): the arguments MLX's quantized ops take after the input."""
+        return self.packed, self.scales, self.biases
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the values it stands for."""
+        return (*self.packed.shape[:-1], self.packed.shape[-1] * 32 // self.bits)
+
+    def dequantize(self) -> mx.array:
+        return mx.dequantize(*self.parts, group_size=self.group_size, bits=self.bits)
+
+
+class _TokenBuffers:
+    """Arrays (B, H, capacity, X) written token by token along axis 2, grown in steps of 256
+    so a decode step rarely reallocates; `offset` tokens are in use."""
 
     step = 256
 
     def __init__(self) -> None:
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self._buffers: tuple[mx.array, ...] | None = None
         self.offset = 0
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Append (B, H, L, D) keys/values; return everything cached so far."""
-        length = keys.shape[2]
+    def _append(self, rows: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
+        """Write (B, H, L, X) rows after the tokens in use; return every buffer's tokens so far."""
+        length = rows[0].shape[2]
         end = self.offset + length
-        if self.keys is None or end > self.keys.shape[2]:
+        if self._buffers is None or end > self._buffers[0].shape[2]:
             grow = ((length + self.step - 1) // self.step) * self.step
-            shape = (*keys.shape[:2], grow, keys.shape[3])
-            new_k, new_v = (
-                mx.zeros(shape, keys.dtype),
-                mx.zeros((*shape[:3], values.shape[3]), values.dtype),
-            )
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., : self.offset, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., : self.offset, :], new_v], axis=2)
-        self.keys[..., self.offset : end, :] = keys
-        self.values[..., self.offset : end, :] = values
+            new = [mx.zeros((*r.shape[:2], grow, r.shape[3]), r.dtype) for r in rows]
+            if self._buffers is not None:
+                kept = self._tokens(self.offset)
+                new = [mx.concatenate([old, n], axis=2) for old, n in zip(kept, new, strict=True)]
+            self._buffers = tuple(new)
+        for buffer, r in zip(self._buffers, rows, strict=True):
+            buffer[..., self.offset : end, :] = r
         self.offset = end
-        return self.keys[..., :end, :], self.values[..., :end, :]
+        return self._tokens(end)
+
+    def _tokens(self, length: int) -> tuple[mx.array, ...]:
+        return tuple(buffer[..., :length, :] for buffer in self._buffers)
 
     @property
-    def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
-        """The cached keys and values (B, H, offset, D), without the unused tail."""
-        if self.keys is None:
-            return ()
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+    def state(self) -> tuple[mx.array, ...]:
+        """The arrays in use (B, H, offset, X), without the unused tail; named by `state_names`."""
+        return () if self._buffers is None else self._tokens(self.offset)
 
     @state.setter
-    def state(self, value: tuple[mx.array, mx.array]) -> None:
-        self.keys, self.values = value
-        self.offset = self.keys.shape[2]
+    def state(self, value: tuple[mx.array, ...]) -> None:
+        self._buffers = tuple(value)
+        self.offset = self._buffers[0].shape[2]
 
     @property
     def nbytes(self) -> int:
         """Bytes held, unused tail included."""
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return 0 if self._buffers is None else sum(b.nbytes for b in self._buffers)
 
     def trim(self, count: int) -> int:
-        """Forget the last `count` tokens (the buffer is kept and overwritten); returns how many."""
+        """Forget the last `count` tokens (the buffers are kept and overwritten); returns how
+        many."""
         count = min(self.offset, max(0, count))
         self.offset -= count
         return count
 
 
+class KVCache(_TokenBuffers):
+    """Keys and values of one decoder layer, in the model's dtype."""
+
+    state_names = ("keys", "values")
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append (B, H, L, D) keys/values; return everything cached so far."""
+        return self._append((keys, values))
+
+    def copy(self, length: int) -> KVCache:
+        """A cache holding this one's first `length` tokens (arrays shared until either writes)."""
+        other = KVCache()
+        if length:
+            other.state = self._tokens(length)
+        return other
+
+
+class QuantizedKVCache(_TokenBuffers):
+    """Keys and values of one decoder layer, quantized to `bits` with `group_size` values per
+    scale and bias. `update_and_fetch` returns `QuantizedArray`s, which `language.attention`
+    reads with quantized matmuls."""
+
+    state_names = ("keys", "key_scales", "key_biases", "values", "value_scales", "value_biases")
+
+    def __init__(self, bits: int, group_size: int) -> None:
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+
+    @classmethod
+    def from_float(cls, cache: KVCache, bits: int, group_size: int) -> QuantizedKVCache:
+        """`cache`'s tokens, quantized (mlx-lm's `to_quantized`)."""
+        quantized = cls(bits, group_size)
+        if cache.offset:
+            keys, values = cache.state
+            quantized.state = (
+                *mx.quantize(keys, group_size=group_size, bits=bits),
+                *mx.quantize(values, group_size=group_size, bits=bits),
+            )
+        return quantized
+
+    def update_and_fetch(
+        self, keys: mx.array, values: mx.array
+    ) -> tuple[QuantizedArray, QuantizedArray]:
+        """Quantize and append (B, H, L, D) keys/values; return everything cached so far."""
+        rows = (
+            *mx.quantize(keys, group_size=self.group_size, bits=self.bits),
+            *mx.quantize(values, group_size=self.group_size, bits=self.bits),
+        )
+        return self._pair(self._append(rows))
+
+    def _pair(self, parts: tuple[mx.array, ...]) -> tuple[QuantizedArray, QuantizedArray]:
+        return (
+            QuantizedArray(*parts[:3], self.group_size, self.bits),
+            QuantizedArray(*parts[3:], self.group_size, self.bits),
+        )
+
+    def copy(self, length: int) -> QuantizedKVCache:
+        other = QuantizedKVCache(self.bits, self.group_size)
+        if length:
+            other.state = self._tokens(length)
+        return other
+
+
+LayerCache = KVCache | QuantizedKVCache
+
+
+def check_cache_options(options: CacheOptions, head_dim: int) -> None:
+    """A group size must divide the head dimension the cache quantizes along."""
+    if options.kv_bits is not None and head_dim % options.kv_group_size:
+        raise MimoError(
+            f"kv_group_size {options.kv_group_size} does not divide this model's head dimension "
+            f"({head_dim}): the cache is quantized along it; use a group size that divides it"
+        )
+
+
 class PromptCache:
-    """Everything a sequence carries between calls: a KVCache per layer and its rotary positions.
+    """Everything a sequence carries between calls: a cache per layer and its rotary positions.
 
     Text continues at `offset + rope_deltas` (the same on all three M-RoPE axes). Images and video
     move that point: after a vision segment, text continues at the largest position so far + 1, not
     at the token count. The cache records, for every chunk that came with explicit positions, the
     next text position after each of its tokens, so `trim` can return to any earlier point with the
     right deltas. The generation loop owns this object; modules keep no state.
+
+    `options` say how the layers store keys and values: in the model's dtype, or (with kv_bits)
+    quantized once the cache holds `quantized_kv_start` tokens (`quantize_if_due`, which the
+    model calls before each forward pass). A quantized cache stays quantized, trims included.
     """
 
-    def __init__(self, num_layers: int) -> None:
-        self.layers = [KVCache() for _ in range(num_layers)]
+    def __init__(self, num_layers: int, options: CacheOptions | None = None) -> None:
+        self.options = options if options is not None else CacheOptions()
+        self.layers: list[LayerCache] = [KVCache() for _ in range(num_layers)]
         # (start offset, next text position after each token: (B, L)) per positioned chunk.
         self._marks: list[tuple[int, np.ndarray]] = []
 
     @property
     def offset(self) -> int:
         return self.layers[0].offset
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the layers hold their keys and values quantized (from now on)."""
+        return isinstance(self.layers[0], QuantizedKVCache)
+
+    def quantize_if_due(self) -> None:
+        """With kv_bits, once the cache holds `quantized_kv_start` tokens: quantize what it
+        holds and store every later token quantized (mlx-lm's `maybe_quantize_kv_cache`)."""
+        if self.offset >= self.options.quantized_kv_start:
+            self.quantize()
+
+    def quantize(self) -> None:
+        """With kv_bits: quantize what the layers hold and store every later token quantized."""
+        bits, group = self.options.kv_bits, self.options.kv_group_size
+        if bits is None or self.quantized:
+            return
+        self.layers = [QuantizedKVCache.from_float(layer, bits, group) for layer in self.layers]
 
     @property
     def rope_deltas(self) -> np.ndarray | None:
@@ -117,21 +254,20 @@ class PromptCache:
         return end
 
     @property
-    def state(self) -> list[tuple[mx.array, mx.array] | tuple[()]]:
+    def state(self) -> list[tuple[mx.array, ...]]:
         return [layer.state for layer in self.layers]
 
     @property
     def nbytes(self) -> int:
+        """Bytes the layers hold (quantized: packed values, scales and biases)."""
         return sum(layer.nbytes for layer in self.layers)
 
     def copy(self, length: int) -> PromptCache:
-        """A separate cache holding this one's first `length` tokens (the arrays are shared until
-        either cache writes, which gives the writer new ones)."""
-        other = PromptCache(len(self.layers))
+        """A separate cache holding this one's first `length` tokens, stored as this one is (the
+        arrays are shared until either cache writes, which gives the writer new ones)."""
+        other = PromptCache(len(self.layers), self.options)
         length = min(length, self.offset)
-        for mine, theirs in zip(self.layers, other.layers, strict=True):
-            if length:
-                theirs.state = (mine.keys[..., :length, :], mine.values[..., :length, :])
+        other.layers = [layer.copy(length) for layer in self.layers]
         other._marks = [(s, p[:, : length - s]) for s, p in self._marks if s < length]
         return other
 

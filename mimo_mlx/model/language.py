@@ -13,7 +13,7 @@ import numpy as np
 
 from .activations import swiglu
 from .backend import device_kind, rope_kernel
-from .cache import KVCache
+from .cache import LayerCache, QuantizedArray
 from .config import TextConfig
 from .vision import rotate_half
 
@@ -71,6 +71,62 @@ class MRoPE:
         return rotate
 
 
+def attention(
+    queries: mx.array,
+    keys: mx.array | QuantizedArray,
+    values: mx.array | QuantizedArray,
+    scale: float,
+    mask: str | mx.array | None,
+) -> mx.array:
+    """softmax(queries keys^T * scale, masked) values: (B, H, L, D) queries over (B, H_kv, N, D)
+    keys and values (grouped-query heads), in the model's dtype or as a quantized cache returns
+    them.
+
+    Quantized keys and values are read by MLX's quantized matmuls, never dequantized whole, when
+    the scores are no larger than they would be dequantized (decode steps, prompt-lookup drafts).
+    A prefill chunk of many queries dequantizes them for the fused attention instead: its scores
+    would be far larger (a GPU's fused kernel never holds them), and the result is the same.
+    """
+    if isinstance(keys, QuantizedArray):
+        heads, length = queries.shape[1], queries.shape[2]
+        kv_heads, head_dim = keys.packed.shape[1], keys.shape[-1]
+        if heads * length <= 2 * kv_heads * head_dim:
+            return quantized_attention(queries, keys, values, scale, mask)
+        keys, values = keys.dequantize(), values.dequantize()
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+
+def quantized_attention(
+    queries: mx.array,
+    keys: QuantizedArray,
+    values: QuantizedArray,
+    scale: float,
+    mask: str | mx.array | None,
+) -> mx.array:
+    """`attention` with quantized keys and values, through `mx.quantized_matmul` (as mlx-lm's
+    `quantized_scaled_dot_product_attention`). mask: None, "causal" (aligned to the end of the
+    keys, as MLX's fused attention aligns it), or a boolean or additive array that broadcasts
+    to (L, N)."""
+    batch, heads, length, head_dim = queries.shape
+    kv_heads = keys.packed.shape[1]
+    groups = heads // kv_heads
+    q = (queries * scale).reshape(batch, kv_heads, groups, length, head_dim)  # (B, Hkv, G, L, D)
+    k = [part[:, :, None] for part in keys.parts]  # (B, Hkv, 1, N, .)
+    v = [part[:, :, None] for part in values.parts]
+    quant = dict(group_size=keys.group_size, bits=keys.bits)
+    scores = mx.quantized_matmul(q, *k, transpose=True, **quant)  # (B, Hkv, G, L, N)
+    if isinstance(mask, str):  # "causal"
+        count = scores.shape[-1]
+        mask = mx.arange(count - length, count)[:, None] >= mx.arange(count)[None]  # (L, N)
+    if mask is not None and mask.dtype == mx.bool_:
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(weights, *v, transpose=False, **quant)  # (B, Hkv, G, L, D)
+    return out.reshape(batch, heads, length, head_dim)
+
+
 class Attention(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
@@ -83,7 +139,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, kv_dim, bias=True)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
-    def __call__(self, x, rotate: Rotation, mask, cache: KVCache | None, keep: int = 0):
+    def __call__(self, x, rotate: Rotation, mask, cache: LayerCache | None, keep: int = 0):
         """Keys and values of every token of x; queries and outputs for the last `keep` (0: all)."""
         batch, length, _ = x.shape
         queries = x[:, -keep:] if keep else x
@@ -94,7 +150,7 @@ class Attention(nn.Module):
         q, k = rotate(q), rotate(k)  # (B, H, L, D)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = attention(q, k, v, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, q.shape[2], -1))
 
 
@@ -117,7 +173,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, x, rotate: Rotation, mask, cache: KVCache | None, keep: int = 0):
+    def __call__(self, x, rotate: Rotation, mask, cache: LayerCache | None, keep: int = 0):
         """The next hidden states of every token of x, or of its last `keep` (0: all) while
         every token still goes into the cache."""
         h = self.input_layernorm(x)
@@ -138,7 +194,7 @@ class TextModel(nn.Module):
         self,
         embeds: mx.array,
         positions: mx.array | int,
-        cache: list[KVCache] | None = None,
+        cache: list[LayerCache] | None = None,
         keep: int = 0,
     ) -> mx.array:
         """embeds (B, L, C) at positions (3, B, L) -> final hidden states (B, L, C), or of the

@@ -23,8 +23,9 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import MimoError
+from ..options import CacheOptions
 from .backend import device_kind, vision_schedule
-from .cache import PromptCache
+from .cache import PromptCache, check_cache_options
 from .config import ModelConfig
 from .language import TextModel
 from .mrope import VisionTokens, rope_index
@@ -78,8 +79,14 @@ class Model(nn.Module):
         )
         self._placeholder_ids = np.array([config.image_token_id, config.video_token_id])
 
-    def make_cache(self) -> PromptCache:
-        return PromptCache(len(self.model.layers))
+    def make_cache(
+        self, kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0
+    ) -> PromptCache:
+        """An empty cache for one sequence; with `kv_bits` (4 or 8) its keys and values are
+        stored quantized once it holds `quantized_kv_start` tokens (see `options.CacheOptions`)."""
+        options = CacheOptions(kv_bits, kv_group_size, quantized_kv_start)
+        check_cache_options(options, self.config.text.head_dim)
+        return PromptCache(len(self.model.layers), options)
 
     def __call__(
         self,
@@ -96,13 +103,16 @@ class Model(nn.Module):
         the cache, which needs no host data (decode steps can be pipelined).
         vision_features: rows for the image/video placeholder tokens among `input_ids`, in order.
         logits_to_keep: as in transformers, logits for the last this many tokens only (0: all).
-        The cache's rotary offsets are updated here and nowhere else.
+        The cache's rotary offsets are updated here and nowhere else, and here it switches to
+        quantized storage when its options say it is time.
         """
         ids = input_ids if isinstance(input_ids, mx.array) else mx.array(input_ids)
         embeds = self.model.embed_tokens(ids)
         if vision_features is not None:
             embeds = self._place(embeds, np.asarray(input_ids), vision_features)
         batch = embeds.shape[0]
+        if cache is not None:
+            cache.quantize_if_due()
         if positions is not None:
             if cache is not None:
                 cache.record_positions(positions)

@@ -37,7 +37,7 @@ from starlette.types import Receive, Scope, Send
 from ..conversation.pool import ConversationPool
 from ..inputs.processor import Processor
 from ..model.mimo_vl import Model
-from ..options import DEFAULT_MAX_TOKENS, pop_prompt_options
+from ..options import DEFAULT_MAX_TOKENS, pop_cache_options, pop_prompt_options
 from .completions import parse_completion_request, text_completion_body
 from .engine import Delta, Engine, Failed, Finished, Job, queue_timeout
 from .media import MediaPolicy, read_at_most, resolve_media
@@ -160,7 +160,13 @@ def _generation_options(request: ChatRequest, settings: ServerSettings) -> dict[
     """What `ConversationPool.stream` takes: the request's options over the server's defaults,
     the tools to show the model and the format its answer must have."""
     max_tokens = request.max_tokens if request.max_tokens is not None else settings.max_tokens
-    options = {"max_tokens": max_tokens, **settings.sampling, **request.sampling, **request.prompt}
+    options = {
+        "max_tokens": max_tokens,
+        **settings.sampling,
+        **request.sampling,
+        **request.prompt,
+        **request.cache,
+    }
     if request.tools is not None:
         options["tools"] = request.tools.definitions
     if request.output_format is not None:
@@ -426,14 +432,15 @@ def build_server(
     pool: Any = None,
 ) -> tuple[Engine, ServerSettings]:
     """The engine (a conversation pool over the model) and the settings for `create_app`.
-    `options`: prompt options (the pool's defaults) and sampling options (requests' defaults).
-    `names`: what requests may call the model (`names.model_names`). `pool` replaces the
-    conversation pool (under mlx.launch: `lockstep.LeaderPool`)."""
+    `options`: prompt and cache options (the pool's defaults) and sampling options (requests'
+    defaults). `names`: what requests may call the model (`names.model_names`). `pool` replaces
+    the conversation pool (under mlx.launch: `lockstep.LeaderPool`)."""
     options = dict(options)
     prompt = pop_prompt_options(options)
+    cache = pop_cache_options(options)
     if pool is None:
         pool = ConversationPool(
-            model, processor, max_bytes=cache_bytes, max_kv_size=max_kv_size, **prompt
+            model, processor, max_bytes=cache_bytes, max_kv_size=max_kv_size, **prompt, **cache
         )
     pixels = [processor.image_config.max_pixels, prompt.get("max_pixels") or 0]
     context = max_kv_size or model.config.text.max_position_embeddings

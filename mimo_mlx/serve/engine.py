@@ -236,6 +236,8 @@ class Engine:
                 if answer is None:
                     raw = job.prompt is not None
                     answer = AnswerStream(job.stop, self.pool.opens_thinking, raw=raw)
+                    for notice in self.pool.notices:  # e.g. a video fitted to its budget
+                        log.info("%s: %s", job.id, notice)
                     first_at = time.perf_counter()
                     job.emit(Started(response.prompt_tokens, response.cached_tokens))
                 if job.cancelled:

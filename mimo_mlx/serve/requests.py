@@ -10,8 +10,10 @@ silently ignored. Tools and response_format are checked by `tools.py` (`tools.pa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
+
+from ..options import KV_BITS, KV_GROUP_SIZES
 
 if TYPE_CHECKING:  # MLX stays out of request checking
     from ..generation.constrained import OutputFormat
@@ -74,7 +76,8 @@ class Limits:
 @dataclass(frozen=True)
 class ChatRequest:
     """A checked chat-completions request. `messages` are in the library's shape, their media
-    parts holding `MediaRef`s; `sampling` and `prompt` hold only the options the request set."""
+    parts holding `MediaRef`s; `sampling`, `prompt` and `cache` hold only the options the
+    request set."""
 
     messages: list[dict]
     max_tokens: int | None
@@ -87,6 +90,7 @@ class ChatRequest:
     model: str | None
     tools: Any = None  # `tools.Tools` offered (None also for tool_choice "none")
     output_format: OutputFormat | None = None  # what the answer must be (response_format, ...)
+    cache: dict[str, Any] = field(default_factory=dict)  # kv_bits, kv_group_size, ...
 
     @property
     def media(self) -> list[MediaRef]:
@@ -319,6 +323,21 @@ def _prompt_options(body: dict, limits: Limits) -> dict[str, Any]:
     return {name: value for name, value in found.items() if value is not None}
 
 
+def _cache_options(body: dict, limits: Limits) -> dict[str, Any]:
+    """How this request's conversation cache is stored (mlx-lm's names; the server's flags set
+    the default): kv_bits 4 or 8, kv_group_size 32, 64 or 128, quantized_kv_start."""
+    found = {
+        "kv_bits": _integer(body, "kv_bits", 0, 2**31 - 1),
+        "kv_group_size": _integer(body, "kv_group_size", 0, 2**31 - 1),
+        "quantized_kv_start": _integer(body, "quantized_kv_start", 0, limits.context),
+    }
+    for name, allowed in (("kv_bits", KV_BITS), ("kv_group_size", KV_GROUP_SIZES)):
+        if found[name] is not None and found[name] not in allowed:
+            rule = " or ".join(map(str, allowed))
+            raise _out_of_range(name, rule, found[name])
+    return {name: value for name, value in found.items() if value is not None}
+
+
 def check_model(body: dict, limits: Limits) -> str | None:
     """The request's `model`: one of the names the server answers to (any, unless it was
     started with --model-name), else APIError 404 as OpenAI answers a model it does not have."""
@@ -377,4 +396,5 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         include_usage=bool(_boolean(stream_options, "include_usage")),
         top_logprobs=(top_logprobs or 0) if logprobs else None,
         model=model,
+        cache=_cache_options(body, limits),
     )
