@@ -249,6 +249,15 @@ def test_save_and_load_continue_identically(ours, images, tmp_path):
     assert resumed.stats.cached_tokens == expected.stats.cached_tokens > 0
 
 
+@pytest.mark.parametrize("name", ["chat.st", "chat", "chat.npz"])
+def test_a_file_named_anything_loads(ours, tmp_path, name):
+    """The file is safetensors whatever it is called (MLX would take the format from the name)."""
+    chat = conversation(ours)
+    chat.ask("Hi", max_tokens=3)
+    again = Conversation.load(chat.save(tmp_path / name), *ours)
+    assert again.cached_tokens == chat.cached_tokens and again.messages == chat.messages
+
+
 def test_a_file_from_another_model_is_refused(ours, folder, tmp_path):
     chat = conversation(ours)
     chat.ask("Hi", max_tokens=3)

@@ -195,7 +195,8 @@ def _read(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     except OSError as err:
         raise MimoError(f"cannot read {path}: {err.strerror or err}") from None
     try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
+        # The format is named: MLX would pick it from the extension, and a user may give any.
+        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
         return arrays, json.loads(metadata[METADATA_KEY])
     except KeyError:
         raise MimoError(f"{path} is not a mimo-mlx conversation file") from None
