@@ -260,18 +260,20 @@ def encode(
     if schedule.one_graph:
         return tower(pixel_values, grid_thw)
     grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
-    groups = frame_groups(grid_thw, schedule.group_patches or int(np.prod(grid_thw, axis=1).sum()))
-    features, start = [], 0
-    for grid in groups:
+    patches, unit = int(np.prod(grid_thw, axis=1).sum()), tower.config.merge_unit
+    features, start = None, 0
+    for grid in frame_groups(grid_thw, schedule.group_patches or patches):
         end = start + int(np.prod(grid, axis=1).sum())
-        features.append(_encode_group(tower, pixel_values[start:end], grid, schedule))
-        mx.eval(features[-1])
+        group = _encode_group(tower, pixel_values[start:end], grid, schedule)
+        if end - start == patches:  # one group
+            features = group
+        else:  # each group's rows written in place: no second copy of the features
+            if features is None:
+                features = mx.zeros((patches // unit, group.shape[1]), group.dtype)
+            features[start // unit : end // unit] = group
+        mx.eval(features)
         start = end
-    if len(features) == 1:
-        return features[0]
-    joined = mx.concatenate(features)
-    mx.eval(joined)
-    return joined
+    return features
 
 
 def _encode_group(tower: VisionModel, pixel_values, grid_thw, schedule: VisionSchedule):
