@@ -148,7 +148,7 @@ def vision_schedule(
     group of its own). Where attention is fused, a group runs whole blocks, evaluated after as
     many as fit in `budget` together (`held_bytes` each), at least one: the pass then holds, above
     its pixels and features, about max(budget, held_bytes(largest frame)). For MiMo-VL's tower in
-    bfloat16 that is every block at 1024x1024 and 1344x1344 (0.25 and 0.42 GB a block), every 5th
+    bfloat16 that is every block at 1024x1024 and 1344x1344 (0.25 and 0.43 GB a block), every 5th
     at 448x448, and groups of 5 frames for a video at the default 1024 patches a frame. Elsewhere
     a group runs every half-block in pieces (see `VisionSchedule`) within the budgets above: rows
     such that the MLP's temporaries fit in ROW_HIDDEN_STATES, query chunks whose scores fit in
