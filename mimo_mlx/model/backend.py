@@ -43,8 +43,9 @@ METAL_FUSED_HEAD_DIMS = (64, 72, 80, 96, 128)
 HELD_HIDDEN = 10
 HELD_INTERMEDIATE = 3
 # A GPU pass is evaluated after as many blocks (layers) as hold at most this much together; at
-# least one. Fewer evaluations where blocks are small: a host sync drains the device (about 0.1 ms
-# each on the H200, where a 448x448 pass took 15 ms).
+# least one. Fewer evaluations where blocks are small: each host sync drains the device (on the
+# H200 the CPU's schedule, about 14 syncs a block, took a 448x448 pass from 15 to 58 ms: roughly
+# 0.1 ms a sync), and 32 at 448x448 would cost a fifth of the pass.
 PASS_BUDGET = 256 * 2**20
 # Where the tower runs in evaluated pieces, budgets in hidden states of the pass (patches x width).
 # A query chunk's attention scores stay within SCORE_HIDDEN_STATES. A piece of per-token work (the
