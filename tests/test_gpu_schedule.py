@@ -74,9 +74,9 @@ def evaluated(model: VisionModel, values: mx.array, schedule: VisionSchedule) ->
 
 def peak_above(run) -> int:
     """Peak bytes allocated while `run()` runs, above what was allocated before it (the least of
-    two runs)."""
+    three runs)."""
     peaks = []
-    for _ in range(2):
+    for _ in range(3):
         mx.clear_cache()
         mx.reset_peak_memory()
         before = mx.get_active_memory()
@@ -86,17 +86,19 @@ def peak_above(run) -> int:
 
 
 def assert_flat(peaks: list[int], depths: tuple[int, int], state: int) -> None:
-    """The peak does not grow with depth: by less than one hidden state (`state` bytes) per two
-    blocks (layers) added, where keeping each block's output would add one per block. (The CPU
-    frees on its own thread: the same pass peaks a few hidden states apart from run to run.)"""
+    """The peak does not grow with depth: by less than half a float32 hidden state (`state`
+    bytes) per block (layer) added. The CPU frees on its own thread, so the same pass peaks up to
+    a few float32 hidden states apart from run to run, in bfloat16 too (rotary embedding and
+    softmax run in float32): the evaluation cadence above is the sharper check."""
     grown = peaks[1] - peaks[0]
     assert grown < (depths[1] - depths[0]) / 2 * state, f"peaks {peaks} at depths {depths}"
 
 
-# Budgets in patches' worth of blocks: one block of the whole pass, two of them, and less than
-# the pass (its frames then run in groups: the image alone, then the video's frames).
+# Budgets in patches' worth of blocks: two blocks of the whole pass (one group, evaluated every
+# two blocks), and less than one (its frames run in groups, the image alone, then the video's
+# frames, each evaluated every block).
 @pytest.mark.parametrize("kind, dtype", GPU_KINDS)
-@pytest.mark.parametrize("budget, every", [(PATCHES, 1), (2 * PATCHES, 2), (200, 1)])
+@pytest.mark.parametrize("budget, every", [(2 * PATCHES, 2), (200, 1)])
 def test_vision_pass_is_evaluated_as_it_goes(monkeypatch, kind, dtype, budget, every):
     per_patch = held_bytes(1, VISION["hidden_size"], VISION["intermediate_size"], dtype.size)
     peaks = []
@@ -117,7 +119,7 @@ def test_vision_pass_is_evaluated_as_it_goes(monkeypatch, kind, dtype, budget, e
             atol=tolerance * float(mx.abs(one_graph).max()),
         )
         peaks.append(peak_above(partial(evaluated, model, values, schedule)))
-    assert_flat(peaks, (4, 16), PATCHES * VISION["hidden_size"] * dtype.size)
+    assert_flat(peaks, (4, 16), PATCHES * VISION["hidden_size"] * 4)
 
 
 def decoder(layers: int) -> Model:
@@ -166,8 +168,7 @@ def first_token(monkeypatch, model: Model, kind: str, budget: int, trace: bool =
     return logprobs, cache, traced
 
 
-@pytest.mark.parametrize("kind", ["metal", "cuda"])
-@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("kind, every", [("metal", 1), ("cuda", 2)])
 def test_prefill_is_evaluated_as_it_goes(monkeypatch, kind, every):
     """A 300-token prompt with an image, prefilled in 64-token chunks through `generate_step` on
     a (pretended) GPU backend: every chunk is evaluated every `every` layers, whatever the depth;
