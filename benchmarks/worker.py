@@ -80,7 +80,8 @@ def measure_vision(spec: dict) -> dict:
 
 
 def measure_generate(spec: dict) -> dict:
-    """TTFT (vision + prefill), prefill and decode tokens/s, peak memory over whole generations."""
+    """TTFT (vision + prefill) and its peak memory, prefill and decode tokens/s, peak memory over
+    whole generations."""
     module = runner_module(spec["runtime"])
     config = json.loads((Path(spec["folder"]) / "config.json").read_text())
     start = time.perf_counter()
@@ -105,6 +106,9 @@ def measure_generate(spec: dict) -> dict:
         step.append(last / (n - 1))
         tokens = [t for t, _ in out]
     memory = runner.peak()
+    runner.reset_peak()  # to the first token alone: the vision pass and the prefill
+    runner.generate(ids, pixels, grid, 1)
+    first_token_memory = runner.peak()
     first_token = _syncs(spec["runtime"], partial(runner.generate, ids, pixels, grid, 1))
     whole = _syncs(spec["runtime"], partial(runner.generate, ids, pixels, grid, n))
     result = {
@@ -123,6 +127,7 @@ def measure_generate(spec: dict) -> dict:
         "decode_tokens": n,
         "warmup": spec["warmup"],
         "ttft_s": summarize(ttft),
+        "ttft_peak_memory_bytes": first_token_memory.bytes,
         "prefill_tps": summarize(prefill),
         "decode_tps": summarize(decode),
         "decode_step_s": summarize(step),

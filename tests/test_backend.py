@@ -9,8 +9,14 @@ import pytest
 from test_generate import write_model_folder
 
 import mimo_mlx
-from mimo_mlx.model import backend
-from mimo_mlx.model.backend import VisionSchedule, fused_attention, vision_schedule
+from mimo_mlx.model import backend, vision
+from mimo_mlx.model.backend import (
+    VisionSchedule,
+    fused_attention,
+    prefill_schedule,
+    vision_schedule,
+)
+from mimo_mlx.model.windows import frame_groups, frame_lengths
 
 
 @pytest.mark.parametrize(
@@ -34,12 +40,62 @@ def test_fused_attention_follows_mlx_routing(kind, dtype, head_dim, queries, fus
 
 
 def test_vision_schedule_per_backend():
+    """Fused attention: whole blocks, evaluated every block (or few); else pieces of half-blocks."""
     big = 9216  # a 1344x1344 image, through MiMo-VL's tower
     for kind, dtype in (("metal", mx.bfloat16), ("metal", mx.float16), ("cuda", mx.bfloat16)):
         schedule = vision_schedule(kind, dtype, 80, big, big, 1280, 3456)
-        assert schedule == VisionSchedule(one_graph=True)
+        assert schedule == VisionSchedule(group_patches=big, blocks_per_eval=1)
     for kind, dtype in (("cpu", mx.float32), ("cpu", mx.bfloat16), ("cuda", mx.float32)):
-        assert not vision_schedule(kind, dtype, 80, big, big, 1280, 3456).one_graph
+        schedule = vision_schedule(kind, dtype, 80, big, big, 1280, 3456)
+        assert schedule.rows and schedule.score_budget and not schedule.blocks_per_eval
+
+
+# MiMo-VL's tower in bfloat16 (weights 1.37 GB): the pass's grid, the bound it must keep above
+# its weights, and how often Metal and CUDA evaluate it.
+FULL_SCALE_PASSES = {
+    "448x448": ([[1, 32, 32]], None, 5),
+    "1024x1024": ([[1, 74, 74]], 0.6e9, 1),
+    "1344x1344": ([[1, 96, 96]], 1.0e9, 1),
+    "128-frame video": ([[64, 32, 32]], 1.5e9, 1),  # the default 448x448 frames, in pairs
+}
+
+
+@pytest.mark.parametrize("kind", ["metal", "cuda"])
+@pytest.mark.parametrize("name", list(FULL_SCALE_PASSES))
+def test_gpu_vision_schedule_at_full_scale(kind, name):
+    """On the GPU backends MiMo-VL's tower is evaluated at least every two blocks where a block is
+    large (every one at 1024x1024 and up; every 5th of 32 at 448x448: a few syncs), and what it
+    may hold stays within the pass's bound: the stretch evaluated at once (every intermediate of
+    `blocks_per_eval` blocks of the largest group alive until it completes, as on the H200), the
+    pixels, two hidden states of the group (the stretch's input and output), the features and
+    one group's features (written into them)."""
+    grid, bound, every = FULL_SCALE_PASSES[name]
+    hidden, intermediate, out, size = 1280, 3456, 4096, 2
+    frames = frame_lengths(np.array(grid))
+    patches = int(frames.sum())
+    schedule = vision_schedule(
+        kind, mx.bfloat16, 80, patches, int(frames.max()), hidden, intermediate
+    )
+    assert schedule.blocks_per_eval == every and not schedule.rows
+    group = max(int(g.prod(axis=1).sum()) for g in frame_groups(grid, schedule.group_patches))
+    stretch = every * backend.held_bytes(group, hidden, intermediate, size)
+    features = patches // 4 * out * size
+    held = stretch + patches * 1176 * size + 2 * group * hidden * size + features
+    held += group // 4 * out * size
+    assert bound is None or held <= bound, f"{held / 1e9:.2f} GB"
+    if name == "128-frame video":
+        assert group == 5 * 1024  # 13 groups of whole frames
+
+
+def test_gpu_prefill_schedule():
+    """A 512-token prefill chunk of MiMo-VL in bfloat16 on Metal or CUDA is evaluated every 3 of
+    its 36 layers: 76 MB a layer, 0.23 GB at once whatever the depth. The CPU frees as it goes."""
+    for kind in ("metal", "cuda"):
+        assert prefill_schedule(kind, mx.bfloat16, 512, 4096, 11008) == 3
+        assert prefill_schedule(kind, mx.bfloat16, 4096, 4096, 11008) == 1  # one big chunk
+        assert prefill_schedule(kind, mx.float32, 8, 4096, 11008) > 36  # a few tokens: one graph
+    assert 3 * backend.held_bytes(512, 4096, 11008, 2) <= backend.PASS_BUDGET
+    assert prefill_schedule("cpu", mx.bfloat16, 512, 4096, 11008) == 0
 
 
 @pytest.mark.parametrize("patches", [16, 1024, 9216, 30000])
@@ -62,11 +118,11 @@ def test_pieces_stay_within_their_hidden_state_budgets(patches, dtype):
 
 
 def test_query_chunks_keep_scores_under_the_budget():
-    schedule = VisionSchedule(one_graph=False, score_budget=64 * 2**20)
+    schedule = VisionSchedule(score_budget=64 * 2**20)
     chunk = schedule.query_chunk(heads=16, segments=1, size=9216, itemsize=4)
     assert chunk * 16 * 9216 * 4 <= 64 * 2**20 < (chunk + 1) * 16 * 9216 * 4
     assert schedule.query_chunk(heads=16, segments=100, size=64, itemsize=4) is None  # windows
-    assert VisionSchedule(one_graph=True).query_chunk(16, 1, 9216, 4) is None
+    assert VisionSchedule(blocks_per_eval=1).query_chunk(16, 1, 9216, 4) is None
 
 
 @pytest.fixture(scope="module")
@@ -88,20 +144,24 @@ class Spy:
         monkeypatch.setattr(mx, name, spy)
 
 
-def test_half_precision_gpu_vision_pass_is_one_lazy_graph(loaded, monkeypatch):
-    """Under the schedule Metal and CUDA get in half precision, preparing a prompt with a
-    1344x1344 image builds the whole vision pass without a single host sync."""
+def test_prepared_prompt_runs_the_vision_schedule_of_its_backend(loaded, monkeypatch):
+    """`prepare_prompt` encodes under the schedule `tower_schedule` gives the backend it runs on:
+    on a (pretended) CUDA backend in float32, the pieces of unfused attention; features
+    evaluated."""
     model, _ = loaded
-    schedule = vision_schedule("metal", mx.bfloat16, 80, 9216, 9216, 1280, 3456)
-    monkeypatch.setattr("mimo_mlx.model.mimo_vl.vision_schedule", lambda *args, **kwargs: schedule)
-    evals, items = Spy(monkeypatch, "eval"), []
-    monkeypatch.setattr(mx.array, "item", lambda self: items.append(1))
-    grid = np.array([[1, 96, 96]])
-    ids = np.array([[5, *[model.config.image_token_id] * 2304, 6]])
-    pixels = np.zeros((9216, 1176), np.float32)
-    prompt = model.prepare_prompt(ids, pixel_values=pixels, image_grid_thw=grid)
-    assert evals.calls == [] and items == []
-    assert prompt.vision_features.shape == (2304, model.config.text.hidden_size)
+    monkeypatch.setattr("mimo_mlx.model.mimo_vl.device_kind", lambda: "cuda")
+    seen = []
+    original = vision.encode
+    monkeypatch.setattr(
+        "mimo_mlx.model.mimo_vl.encode", lambda *args: seen.append(args[-1]) or original(*args)
+    )
+    grid = np.array([[1, 32, 32]])
+    ids = np.array([[5, *[model.config.image_token_id] * 256, 6]])
+    pixels = np.zeros((1024, 1176), np.float32)
+    model.prepare_prompt(ids, pixel_values=pixels, image_grid_thw=grid)
+    hidden, intermediate = model.config.vision.hidden_size, model.config.vision.intermediate_size
+    expected = vision_schedule("cuda", mx.float32, 16, 1024, 1024, hidden, intermediate)
+    assert seen == [expected] and expected.rows
 
 
 def test_cpu_vision_pass_is_evaluated_in_pieces(loaded, monkeypatch):

@@ -12,7 +12,13 @@ from transformers.vision_utils import get_vision_position_ids, get_vision_window
 from mimo_mlx.model.backend import vision_schedule
 from mimo_mlx.model.config import VisionConfig
 from mimo_mlx.model.vision import VisionModel, assemble, encode, group_attention, segment_attention
-from mimo_mlx.model.windows import plan_attention, rotary_positions, window_order
+from mimo_mlx.model.windows import (
+    frame_groups,
+    frame_lengths,
+    plan_attention,
+    rotary_positions,
+    window_order,
+)
 
 GRIDS = [
     [[1, 10, 18]],  # edges cut windows on both sides
@@ -76,6 +82,22 @@ def test_batched_segment_attention_equals_per_segment_loop(lengths, pad_to_longe
 
 def heads_first(x: np.ndarray) -> mx.array:
     return mx.array(x.transpose(1, 0, 2), dtype=mx.float32)  # (N, H, D) -> (H, N, D)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("max_patches", [1, 64, 100, 10_000])
+def test_frame_groups_cover_the_frames_in_order(grid, max_patches):
+    """Groups of whole frames, in order, each within the limit unless it is one larger frame."""
+    grid = np.array(grid)
+    groups = frame_groups(grid, max_patches)
+    frames = [frame_lengths(g) for g in groups]
+    np.testing.assert_array_equal(np.concatenate(frames), frame_lengths(grid))
+    for lengths in frames:
+        assert lengths.sum() <= max_patches or len(lengths) == 1
+    for before, after in zip(frames, frames[1:], strict=False):
+        assert before.sum() + after[0] > max_patches  # a group closes only when the next is full
+    example = frame_groups(np.array([[4, 8, 8], [1, 16, 16]]), 200)
+    assert [g.tolist() for g in example] == [[[3, 8, 8]], [[1, 8, 8]], [[1, 16, 16]]]
 
 
 def test_full_attention_chunks_long_frames():

@@ -16,7 +16,7 @@ from ..grounding.parse import ParseResult
 from ..inputs.processor import ImageInput, ModelInputs, Processor
 from ..inputs.template import split_thinking
 from ..inputs.tokenizer import Tokenizer
-from ..model.backend import generation_settings, release_cache
+from ..model.backend import device_kind, generation_settings, prefill_schedule, release_cache
 from ..model.cache import PromptCache
 from ..model.mimo_vl import Model, Prompt
 from ..options import (
@@ -225,14 +225,24 @@ def _prefill(prompt: Prompt, model: Model, cache, step, history, step_size: int,
     """Prefill the prompt in chunks of `step_size` (no logits), the last chunk through `step` with
     the last token's logits only: (first token (1,), its log-probabilities (1, vocab)), queued.
     The last token rides with its chunk rather than a pass of its own: one pass over the weights
-    fewer before the first token."""
+    fewer before the first token. Each chunk is evaluated as the backend's memory plan says
+    (`backend.prefill_schedule`)."""
+    text = model.config.text
+    plan = prefill_schedule(
+        device_kind(),
+        model.model.norm.weight.dtype,  # the activations' dtype, quantized or not
+        min(step_size, prompt.length),
+        text.hidden_size,
+        text.intermediate_size,
+    )
     start = 0
     while prompt.length - start > step_size:
         with mx.stream(stream or mx.default_stream(mx.default_device())):
-            model(**prompt.chunk(start, start + step_size), cache=cache)  # logits unevaluated
+            # logits unevaluated
+            model(**prompt.chunk(start, start + step_size), cache=cache, layers_per_eval=plan)
         mx.eval(cache.state)  # keep the graph one chunk deep
         start += step_size
-    return step(history, logits_to_keep=1, **prompt.chunk(start))
+    return step(history, logits_to_keep=1, layers_per_eval=plan, **prompt.chunk(start))
 
 
 @dataclass(frozen=True)

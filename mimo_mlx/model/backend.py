@@ -1,13 +1,18 @@
-"""What one backend needs, decided outside the layers: attention memory, the rotary kernel and
-generation settings.
+"""What one backend needs, decided outside the layers: how long passes are evaluated, the rotary
+kernel and generation settings.
 
 The layers build lazy graphs and never evaluate. Backends differ in ways that matter:
 
+- What an evaluated graph holds. The CPU frees an intermediate as soon as its last user has run.
+  A GPU backend (Metal, CUDA) encodes the graph ahead of the device and frees a buffer only once
+  the command using it has completed, so an evaluated stretch may hold every intermediate it
+  creates: one lazy vision pass held 12.4 GB over its weights at 1344x1344 on an H200. There long
+  passes are evaluated as they go, a few blocks (layers) at a time within PASS_BUDGET
+  (`vision_schedule`, `prefill_schedule`).
 - Attention. Metal and CUDA (cuDNN, half precision) run `mx.fast.scaled_dot_product_attention` as a
   fused kernel that never holds the (queries x keys) score matrix. The CPU, and float32 on CUDA,
   build the full scores; one 1344x1344 image in full attention would take 5.4 GB of them. There the
-  vision tower runs in evaluated pieces that each stay within a small budget (`vision_schedule`);
-  elsewhere it is one lazy graph.
+  vision tower runs every half-block in evaluated pieces that each stay within a small budget.
 - Rotary embedding. Metal and CUDA run `mx.fast.rope` as one kernel; the CPU has none, so there the
   decoder builds its cos/sin table once per forward pass rather than once per layer (`rope_kernel`).
 - Apple silicon. Generation pins the weights in memory (wired limit), runs on its own stream and
@@ -29,15 +34,30 @@ from mlx.utils import tree_reduce
 # Head dims of Metal's fused prefill kernel (query length > 8) that MLX routes to it; 192 and 256
 # exist but MLX prefers its unfused path for them.
 METAL_FUSED_HEAD_DIMS = (64, 72, 80, 96, 128)
+# What an evaluated stretch of a pass may hold on a GPU backend, every intermediate alive at once:
+# per token, a vision block or a decoder layer creates about HELD_HIDDEN hidden-wide tensors (norms,
+# queries, keys, values, the attention output and its copies, projections, residual sums) and
+# HELD_INTERMEDIATE MLP-wide ones (gate, up, their product). For MiMo-VL's tower that is 18 hidden
+# states a block, what one lazy pass held per block on an H200 (12.4 GB over 32 blocks at
+# 1344x1344, 8.2 GB at 1024x1024: 16.4 and 18.3 hidden states).
+HELD_HIDDEN = 10
+HELD_INTERMEDIATE = 3
+# A GPU pass is evaluated after as many blocks (layers) as hold at most this much together; at
+# least one. Fewer evaluations where blocks are small: each host sync drains the device (on the
+# H200 the CPU's schedule, about 14 syncs a block, took a 448x448 pass from 15 to 58 ms: roughly
+# 0.1 ms a sync), and 32 at 448x448 would cost a fifth of the pass.
+PASS_BUDGET = 256 * 2**20
 # Where the tower runs in evaluated pieces, budgets in hidden states of the pass (patches x width).
 # A query chunk's attention scores stay within SCORE_HIDDEN_STATES. A piece of per-token work (the
 # MLP's gate, up and their product for `rows` tokens) stays within ROW_HIDDEN_STATES: the queries,
 # keys and values the attention half holds for every token anyway, so it adds nothing to a
 # block's peak. Measured on the CPU at small scale, above the pixels: a 448x448 image holds 22 MB
 # instead of 105 MB as one lazy graph, 1344x1344 198 MB instead of 713 MB; 5, 3 or 2 row pieces
-# peak the same, and fewer split the matmuls less (448x448: 0.96, 0.91, 0.89 s).
+# peak the same, and fewer split the matmuls less (448x448: 0.96, 0.91, 0.89 s). The pieces hold
+# about PIECES_HELD_HIDDEN hidden states at once (tests/test_vision_windows.py checks it).
 SCORE_HIDDEN_STATES = 2
 ROW_HIDDEN_STATES = 3
+PIECES_HELD_HIDDEN = 10
 # Apple silicon: return freed buffers to the system every this many generated tokens.
 CACHE_RELEASE_INTERVAL = 256
 
@@ -71,24 +91,40 @@ def fused_attention(kind: str, dtype: mx.Dtype, head_dim: int, queries: int) -> 
     return False
 
 
+def held_bytes(tokens: int, hidden_size: int, intermediate_size: int, itemsize: int) -> int:
+    """What one vision block or decoder layer over `tokens` tokens may hold on a GPU backend when
+    its intermediates all live until the end of the evaluation (see HELD_HIDDEN)."""
+    return tokens * (HELD_HIDDEN * hidden_size + HELD_INTERMEDIATE * intermediate_size) * itemsize
+
+
 @dataclass(frozen=True)
 class VisionSchedule:
-    """How the vision tower runs on this backend.
+    """How a vision pass is evaluated (`vision.encode`); the default is one lazy graph.
 
-    one_graph: the whole pass is one lazy graph (no host sync inside the tower).
-    Otherwise every half-block runs in pieces, each evaluated before the next is built: the
-    per-token work (norms, projections, rotary embedding, MLP) `rows` tokens at a time, attention
-    in query chunks whose scores stay under `score_budget` bytes.
+    group_patches: the frames run in consecutive groups of whole frames, at most this many patches
+    each (a larger frame alone), each group a pass of its own whose features are evaluated before
+    the next starts. Attention never crosses frames, so the features are the same. 0: one group.
+    blocks_per_eval: the hidden states are evaluated after every this many blocks (0: never
+    inside a group).
+    rows: where attention is not fused, every half-block runs in pieces instead, each evaluated
+    before the next is built: the per-token work (norms, projections, rotary embedding, MLP)
+    `rows` tokens at a time, attention in query chunks whose scores stay under `score_budget`
+    bytes.
     """
 
-    one_graph: bool
+    group_patches: int = 0
+    blocks_per_eval: int = 0
     rows: int = 0
     score_budget: int = 0
+
+    @property
+    def one_graph(self) -> bool:
+        return self == VisionSchedule()
 
     def query_chunk(self, heads: int, segments: int, size: int, itemsize: int) -> int | None:
         """Queries per evaluated piece of an attention group of `segments` self-attention
         segments of `size` tokens each; None when the whole group is one piece."""
-        if self.one_graph:
+        if not self.score_budget:
             return None
         per_query = itemsize * heads * segments * size  # bytes of one score row per segment
         chunk = max(1, self.score_budget // per_query)
@@ -103,23 +139,60 @@ def vision_schedule(
     longest_frame: int,
     hidden_size: int,
     intermediate_size: int,
+    budget: int = PASS_BUDGET,
 ) -> VisionSchedule:
-    """The schedule for a vision pass over `patches` patches whose longest frame has
-    `longest_frame` patches (the largest full-attention segment), in a tower `hidden_size` wide
-    whose MLP is `intermediate_size` wide.
+    """The schedule for a vision pass on backend `kind` over `patches` patches whose longest frame
+    has `longest_frame` patches (the largest full-attention segment), in a tower `hidden_size`
+    wide whose MLP is `intermediate_size` wide.
 
-    Where attention is not fused, the pass runs in pieces within the budgets above: rows such
-    that the MLP's temporaries fit in ROW_HIDDEN_STATES, query chunks whose scores fit in
-    SCORE_HIDDEN_STATES. Both budgets grow with the pass, so a piece is a fixed share of it: 3 row
-    pieces for MiMo-VL's widths, and full-attention chunks of 2 x head_dim queries.
+    Frames are grouped so that a group's work fits in `budget` (a frame larger than that is a
+    group of its own). Where attention is fused, a group runs whole blocks, evaluated after as
+    many as fit in `budget` together (`held_bytes` each), at least one: the pass then holds, above
+    its pixels and features, about max(budget, held_bytes(largest frame)). For MiMo-VL's tower in
+    bfloat16 that is every block at 1024x1024 and 1344x1344 (0.25 and 0.43 GB a block), every 5th
+    at 448x448, and groups of 5 frames for a video at the default 1024 patches a frame. Elsewhere
+    a group runs every half-block in pieces (see `VisionSchedule`) within the budgets above: rows
+    such that the MLP's temporaries fit in ROW_HIDDEN_STATES, query chunks whose scores fit in
+    SCORE_HIDDEN_STATES; 3 row pieces for MiMo-VL's widths, full-attention chunks of 2 x head_dim
+    queries.
     """
+    size = dtype.size
     if fused_attention(kind, dtype, head_dim, longest_frame):
-        return VisionSchedule(one_graph=True)
-    state = patches * hidden_size * dtype.size
-    per_row = 3 * intermediate_size * dtype.size  # gate, up, their product
-    pieces = -(-patches // max(1, ROW_HIDDEN_STATES * state // per_row))
-    rows = -(-patches // pieces)
-    return VisionSchedule(one_graph=False, rows=rows, score_budget=SCORE_HIDDEN_STATES * state)
+        per_patch = held_bytes(1, hidden_size, intermediate_size, size)
+        group = min(patches, max(longest_frame, budget // per_patch))
+        return VisionSchedule(
+            group_patches=group, blocks_per_eval=max(1, budget // (group * per_patch))
+        )
+    group = min(patches, max(longest_frame, budget // (PIECES_HELD_HIDDEN * hidden_size * size)))
+    state = group * hidden_size * size
+    per_row = 3 * intermediate_size * size  # gate, up, their product
+    pieces = -(-group // max(1, ROW_HIDDEN_STATES * state // per_row))
+    rows = -(-group // pieces)
+    return VisionSchedule(group_patches=group, rows=rows, score_budget=SCORE_HIDDEN_STATES * state)
+
+
+def prefill_schedule(
+    kind: str,
+    dtype: mx.Dtype,
+    tokens: int,
+    hidden_size: int,
+    intermediate_size: int,
+    budget: int = PASS_BUDGET,
+) -> int:
+    """Decoder layers per evaluation in a prefill pass of `tokens` tokens, for the model's call
+    (`layers_per_eval`); 0: the pass is one lazy graph.
+
+    The CPU frees as it goes: 0. On Metal and CUDA, as many layers as fit in `budget` together
+    (`held_bytes` each), at least one. A prefill pass of T tokens then holds, above the weights,
+    the KV cache and the prompt's vision features, about
+    max(budget, T x (HELD_HIDDEN x hidden + HELD_INTERMEDIATE x intermediate) x itemsize), whatever
+    the number of layers (fused attention assumed, as MiMo-VL's head dim 128 gets in half
+    precision; unfused attention also holds each layer's scores). For MiMo-VL in bfloat16 and
+    512-token chunks: 75.8 MB a layer, evaluated every 3 layers, about 0.23 GB.
+    """
+    if kind == "cpu":
+        return 0
+    return max(1, budget // held_bytes(tokens, hidden_size, intermediate_size, dtype.size))
 
 
 @contextlib.contextmanager

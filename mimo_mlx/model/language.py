@@ -196,10 +196,15 @@ class TextModel(nn.Module):
         positions: mx.array | int,
         cache: list[LayerCache] | None = None,
         keep: int = 0,
+        layers_per_eval: int = 0,
     ) -> mx.array:
         """embeds (B, L, C) at positions (3, B, L) -> final hidden states (B, L, C), or of the
         last `keep` tokens only (B, keep, C): the last layer then computes just the keys and
         values of the others, which is all the cache needs of them.
+
+        layers_per_eval: the caller's plan for a GPU backend, which may hold every intermediate
+        of an evaluated graph: the hidden states (and with them the caches) are evaluated after
+        every this many layers (0: never; the layers themselves never evaluate).
 
         positions may also be (B,) or an int: each row is text continuing from that position.
         """
@@ -213,4 +218,6 @@ class TextModel(nn.Module):
         last = len(self.layers) - 1
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
             x = layer(x, rotate, mask, layer_cache, keep if i == last else 0)
+            if layers_per_eval and (i + 1) % layers_per_eval == 0 and i < last:
+                mx.eval(x)
         return self.norm(x)

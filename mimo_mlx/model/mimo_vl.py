@@ -24,12 +24,12 @@ import numpy as np
 
 from ..errors import MimoError
 from ..options import CacheOptions
-from .backend import device_kind, vision_schedule
+from .backend import device_kind
 from .cache import PromptCache, check_cache_options
 from .config import ModelConfig
 from .language import TextModel
 from .mrope import VisionTokens, rope_index
-from .vision import VisionModel, encode
+from .vision import VisionModel, encode, tower_schedule
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ class Model(nn.Module):
         positions: np.ndarray | None = None,
         vision_features: mx.array | None = None,
         logits_to_keep: int = 0,
+        layers_per_eval: int = 0,
     ) -> mx.array:
         """Logits (B, L, vocab) of tokens (B, L) appended to `cache` (None: a fresh sequence).
 
@@ -103,6 +104,8 @@ class Model(nn.Module):
         the cache, which needs no host data (decode steps can be pipelined).
         vision_features: rows for the image/video placeholder tokens among `input_ids`, in order.
         logits_to_keep: as in transformers, logits for the last this many tokens only (0: all).
+        layers_per_eval: the caller's memory plan (`backend.prefill_schedule`): the hidden states
+        are evaluated after every this many decoder layers; 0: the pass is one lazy graph.
         The cache's rotary offsets are updated here and nowhere else, and here it switches to
         quantized storage when its options say it is time.
         """
@@ -122,7 +125,8 @@ class Model(nn.Module):
             # Rows continuing at one position take a plain offset (the faster rope kernel).
             same = bool(np.all(starts == starts[0]))
             rope = int(starts[0]) if same else mx.array(starts.astype(np.int32))
-        hidden = self.model(embeds, rope, None if cache is None else cache.layers, logits_to_keep)
+        layers = None if cache is None else cache.layers
+        hidden = self.model(embeds, rope, layers, logits_to_keep, layers_per_eval)
         return self.logits(hidden)
 
     def prepare_prompt(
@@ -185,8 +189,8 @@ class Model(nn.Module):
     ) -> mx.array:
         """Merged features of every image, then every video, from one pass of the tower.
 
-        The pass follows the backend's memory schedule (`backend.vision_schedule`): one lazy graph
-        where attention is fused, evaluated pieces where it would hold every score.
+        The pass follows the backend's memory schedule (`vision.tower_schedule`): evaluated every
+        few blocks where attention is fused, in evaluated pieces where it would hold every score.
         """
         parts = [
             (px, g)
@@ -198,18 +202,7 @@ class Model(nn.Module):
         arrays = [mx.array(px) for px, _ in parts]
         pixels = arrays[0] if len(arrays) == 1 else mx.concatenate(arrays)  # one part: no copy
         grids = np.concatenate([np.asarray(g).reshape(-1, 3) for _, g in parts])
-        cfg = self.config.vision
-        frames = grids[:, 1] * grids[:, 2]
-        schedule = vision_schedule(
-            device_kind(),
-            self.visual.patch_embed.proj.weight.dtype,
-            cfg.head_dim,
-            patches=int(np.sum(frames * grids[:, 0])),
-            longest_frame=int(frames.max()),
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-        )
-        return encode(self.visual, pixels, grids, schedule)
+        return encode(self.visual, pixels, grids, tower_schedule(self.visual, grids, device_kind()))
 
     def _prompt_order(self, ids: np.ndarray) -> np.ndarray:
         """Rows of (image features + video features) for each placeholder, in prompt order."""

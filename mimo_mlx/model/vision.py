@@ -2,7 +2,8 @@
 
 Attribute names equal the checkpoint's keys under `visual.`, so weights load by name. The modules
 build one lazy graph and never evaluate; `encode` runs the same math under a backend's memory
-schedule (evaluated pieces where the backend would otherwise hold every attention score).
+schedule (`tower_schedule`): groups of frames, each evaluated every few blocks where attention is
+fused, in evaluated pieces where the backend would otherwise hold every attention score.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import mlx.nn as nn
 import numpy as np
 
 from .activations import swiglu
-from .backend import VisionSchedule
+from .backend import PASS_BUDGET, VisionSchedule, vision_schedule
 from .config import VisionConfig
 from .windows import (
     AttentionGroup,
     AttentionPlan,
+    frame_groups,
     frame_lengths,
     plan_attention,
     rotary_positions,
@@ -224,22 +226,71 @@ class VisionModel(nn.Module):
         return mx.cos(angles), mx.sin(angles)
 
 
+def tower_schedule(
+    tower: VisionModel, grid_thw: np.ndarray, kind: str, budget: int = PASS_BUDGET
+) -> VisionSchedule:
+    """How backend `kind` runs a pass of `tower` over `grid_thw`: `backend.vision_schedule` for
+    the pass's sizes and the tower's widths and dtype, within `budget` bytes."""
+    cfg = tower.config
+    frames = frame_lengths(np.asarray(grid_thw).reshape(-1, 3))
+    return vision_schedule(
+        kind,
+        tower.patch_embed.proj.weight.dtype,
+        cfg.head_dim,
+        patches=int(frames.sum()),
+        longest_frame=int(frames.max()),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        budget=budget,
+    )
+
+
 def encode(
     tower: VisionModel, pixel_values: mx.array, grid_thw: np.ndarray, schedule: VisionSchedule
 ) -> mx.array:
-    """The tower's pass under `schedule`: one lazy graph, or pieces evaluated one after another.
+    """The tower's pass under `schedule`: one lazy graph, or evaluated as it goes (then the
+    features come back evaluated, so the pass's last stretch is not left to the next graph).
 
-    The evaluated path repeats VisionBlock's two residual lines piece by piece (rows of tokens for
-    the per-token work, query chunks for attention); the math is the same.
+    Frames run in groups (`VisionSchedule.group_patches`), each group's patches a run of rows.
+    Within a group the blocks run whole, through `VisionBlock.__call__`, evaluated every
+    `blocks_per_eval` blocks; or every half-block in pieces, which repeats the block's two
+    residual lines piece by piece (rows of tokens for the per-token work, query chunks for
+    attention); the math is the same.
     """
     if schedule.one_graph:
         return tower(pixel_values, grid_thw)
+    grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
+    patches, unit = int(np.prod(grid_thw, axis=1).sum()), tower.config.merge_unit
+    features, start = None, 0
+    for grid in frame_groups(grid_thw, schedule.group_patches or patches):
+        end = start + int(np.prod(grid, axis=1).sum())
+        group = _encode_group(tower, pixel_values[start:end], grid, schedule)
+        if end - start == patches:  # one group
+            features = group
+        else:  # each group's rows written in place: no second copy of the features
+            if features is None:
+                features = mx.zeros((patches // unit, group.shape[1]), group.dtype)
+            features[start // unit : end // unit] = group
+        mx.eval(features)
+        start = end
+    return features
+
+
+def _encode_group(tower: VisionModel, pixel_values, grid_thw, schedule: VisionSchedule):
+    """One group's pass under `schedule` (not one lazy graph): its merged features, lazy."""
     layout = tower.layout(grid_thw)
     x = tower.embed(pixel_values, layout)
-    mx.eval(x)
+    if schedule.rows:
+        mx.eval(x)
+        for i, block in enumerate(tower.blocks):
+            x = _attention_half(x, block, layout, tower.plan(i, layout), schedule)
+            x = _mlp_half(x, block, schedule.rows)
+        return tower.merge(x, layout)
+    every, last = schedule.blocks_per_eval, len(tower.blocks) - 1
     for i, block in enumerate(tower.blocks):
-        x = _attention_half(x, block, layout, tower.plan(i, layout), schedule)
-        x = _mlp_half(x, block, schedule.rows)
+        x = block(x, layout.cos, layout.sin, tower.plan(i, layout))
+        if every and (i + 1) % every == 0 and i < last:  # the merger rides with the last stretch
+            mx.eval(x)
     return tower.merge(x, layout)
 
 

@@ -57,6 +57,29 @@ def frame_lengths(grid_thw: np.ndarray) -> np.ndarray:
     return np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
 
 
+def frame_groups(grid_thw: np.ndarray, max_patches: int) -> list[np.ndarray]:
+    """Consecutive runs of whole frames, as grids (t, h, w), of at most `max_patches` patches each
+    (a larger frame alone). Frames keep their order, so each group's patches are a run of the
+    pass's rows, and its merged tokens a run of the pass's features.
+
+    Example: grid [[4, 8, 8], [1, 16, 16]] (frames of 64, 64, 64, 64 and 256 patches) with 200
+    gives [[3, 8, 8]], [[1, 8, 8]] and [[1, 16, 16]].
+    """
+    groups: list[list[list[int]]] = []
+    patches = max_patches + 1  # the first frame opens a group
+    for t, h, w in np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3):
+        done = 0
+        while done < t:
+            if patches + h * w > max_patches:
+                groups.append([])
+                patches = 0
+            take = min(t - done, max(1, (max_patches - patches) // (h * w)))
+            groups[-1].append([take, h, w])
+            patches += take * h * w
+            done += take
+    return [np.array(rows, dtype=np.int64) for rows in groups]
+
+
 @dataclass(frozen=True)
 class AttentionGroup:
     """Segments attended to in one batched call: rows `index` (count, size) of the token array.

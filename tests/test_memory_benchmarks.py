@@ -1,0 +1,32 @@
+"""The memory benchmarks run, on the schedule of the backend they run on (one full-width block)."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from benchmarks import vision_memory
+
+
+def test_vision_memory_measures_the_backends_schedule(tmp_path):
+    out = tmp_path / "vision.json"
+    result = CliRunner().invoke(
+        vision_memory.main, ["--size", "56", "--depth", "1", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    measured = json.loads(out.read_text())
+    assert measured["grid_thw"] == [[1, 4, 4]] and measured["patches"] == 16
+    assert measured["device"] == "cpu" and measured["schedule"]["rows"] > 0  # the CPU's pieces
+    assert 0 < measured["above_weights_bytes"] < measured["vision_weight_bytes"]
+    assert measured["bound_met"] is None  # bounds are stated for 1024, 1344 and 128 frames
+
+
+def test_the_default_video_is_65536_patches():
+    assert vision_memory.pass_grid(None, 128).tolist() == [[64, 32, 32]]
+    assert vision_memory.pass_grid(1344, None).tolist() == [[1, 96, 96]]
+
+
+def test_vision_memory_refuses_an_image_and_a_video():
+    result = CliRunner().invoke(vision_memory.main, ["--size", "448", "--video", "4"])
+    assert result.exit_code != 0 and "not both" in result.output
