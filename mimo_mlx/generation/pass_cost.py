@@ -28,6 +28,7 @@ import mlx.nn as nn
 MARGIN = 0.1  # a draft must promise this much more than plain decoding's one token per step
 PROBE_ROUNDS = 3  # timings per row count, the fastest kept: noise (another process) only adds
 
+
 @dataclass(frozen=True)
 class PassCost:
     """ratios[k - 1]: the time of a pass over k rows / the time of a pass over one row."""
