@@ -18,7 +18,8 @@ def section(report: dict) -> list[str]:
         f"# mimo-mlx benchmark: scale `{report['scale']}`",
         "",
         f"`{report['command']}` at {report['started_utc']}, commit `{commit}`"
-        + (" (uncommitted changes)" if report["git"]["dirty"] else ""),
+        + (" (uncommitted changes)" if report["git"]["dirty"] else "")
+        + (" (as prepared: no git on this machine)" if report["git"].get("from") else ""),
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, {m['os']}.",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".",
