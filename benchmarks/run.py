@@ -226,12 +226,15 @@ def main(
         return
     session.config = json.loads(((folders.source or mlx_model) / "config.json").read_text())
     wanted = set(scenarios)
+    # Most wanted first: a run cut short by its time budget loses the last (and says so).
     bounds = session.kernel_bounds(quick=scale == "tiny") if kernels else {}
-    results = {"vision": session.vision(runtimes, variants) if "vision" in wanted else {}}
-    results["generate"] = session.generate(runtimes, variants, cpu) if "generate" in wanted else {}
+    results = {
+        "generate": session.generate(runtimes, variants, cpu) if "generate" in wanted else {}
+    }
+    if "mimo-mlx" in runtimes and "lookup" in wanted:
+        results["prompt_lookup"] = session.prompt_lookup(variants)
+    results["vision"] = session.vision(runtimes, variants) if "vision" in wanted else {}
     if "mimo-mlx" in runtimes:
-        if "lookup" in wanted:
-            results["prompt_lookup"] = session.prompt_lookup(variants)
         if "multiturn" in wanted:
             results["multiturn"] = session.multiturn(variants)
         if "ranks" in wanted:
