@@ -320,6 +320,13 @@ class Session:
             {"runtime": runtime, "variant": variant, "task": task, "reason": reason}
         )
 
+    def left(self) -> float:
+        """Seconds left of the time budget (infinite without one)."""
+        return float("inf") if self.deadline is None else self.deadline - time.perf_counter()
+
+    def spent(self) -> str:
+        return f"not run: the time budget was spent ({max(0.0, self.left()):.0f} s left)"
+
     def preload_for(self, runtime: str | None) -> str | None:
         return self.preload if runtime in MLX_RUNTIMES else None  # never into torch
 
@@ -327,9 +334,9 @@ class Session:
         """One worker, under its task's time limit cut to the run's deadline."""
         limit = self.limits(spec["task"])
         if self.deadline is not None:
-            left = self.deadline - time.perf_counter()
+            left = self.left()
             if left < MIN_START_S:
-                reason = f"not run: the time budget was spent ({left:.0f} s left)"
+                reason = self.spent()
                 self.log(f"{name}: {reason}")
                 self.skip(spec.get("runtime", "-"), spec.get("variant", "-"), name, reason)
                 return {"error": reason, "not_run": True}
@@ -477,6 +484,10 @@ class Session:
             for variant in pairs:
                 reason = "one device: ranks on one GPU would share it (run on several machines)"
                 self.skip("mimo-mlx", variant, "ranks", reason)
+            return {}
+        if self.left() < MIN_START_S:  # its launcher keeps its own limits: not started late
+            for variant in pairs:
+                self.skip("mimo-mlx", variant, "ranks", self.spent())
             return {}
         self.phase("ranks")
         folders = {v: on_disk(w, cache, self.log) for v, w in pairs.items()}

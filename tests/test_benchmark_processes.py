@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,19 @@ def test_the_time_budget_cuts_limits_and_skips_what_is_left(tmp_path, monkeypatc
     assert skipped["runtime"] == "torch" and skipped["task"] == "gen"
     session(tmp_path, None, logged).run({"task": "vision"}, "vision", None)
     assert limits[1] == 300.0
+
+
+def test_a_timed_out_worker_keeps_the_progress_it_reported(tmp_path, monkeypatch):
+    from benchmarks.processes import Ending
+    from benchmarks.worker import partial_path
+
+    def killed_at_the_limit(command, log, cwd, env, limit_s):
+        log.write_text("loading\n")
+        result = Path(command[-1])
+        partial_path(result).write_text('{"phases_s": {"pass_cost": 1.5}}')
+        return Ending(-9, True, limit_s, limit_s)
+
+    monkeypatch.setattr(harness, "run_process", killed_at_the_limit)
+    found = harness.run_worker({"task": "lookup"}, tmp_path, "lookup", None, lambda m: None, 30)
+    assert found["timed_out"] and found["error"] == "timed out: killed at its 30 s limit"
+    assert found["partial"] == {"phases_s": {"pass_cost": 1.5}} and found["log_tail"] == "loading\n"

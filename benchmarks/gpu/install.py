@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"install: {len(wheels)} wheels rebuilt and checked: {', '.join(w.name for w in wheels)}")
     chosen = [w for w in wheels if not w.name.startswith("setuptools-")]
     setuptools = [w for w in wheels if w.name.startswith("setuptools-")]
-    if not setuptools_ready():
+    if setuptools and not setuptools_ready():
         pip(["--no-compile", *map(str, setuptools)], args.dry_run)
     pip(["--no-compile", *map(str, chosen)], args.dry_run)
     pip(["--no-build-isolation", "-e", str(REPO)], args.dry_run)

@@ -22,7 +22,7 @@ from .bundle import UPLOAD_BYTES, pack
 
 REPO = Path(__file__).resolve().parents[2]
 PLATFORMS = ("manylinux_2_35_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64")
-RUN = 'python3 -m benchmarks.run --scale full --time-budget 420 --out "$OUT/gpu-full"'
+RUN = 'python3 -m benchmarks.run --scale full --time-budget 390 --out "$OUT/gpu-full"'
 
 
 def installed(name: str, fallback: str) -> str:

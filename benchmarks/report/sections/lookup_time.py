@@ -31,6 +31,12 @@ def section(report: dict) -> list[str]:
     ]
     if not rows and not notes:
         return []
+    table = [
+        "",
+        "| variant | task | lookup | decode | " + " | ".join(PARTS) + " | verifications |",
+        "|---|---|---|---|" + "---|" * len(PARTS) + "---|",
+        *rows,
+    ]
     return [
         "",
         "## Where prompt lookup's decode time went (ms, median per answer)",
@@ -38,9 +44,6 @@ def section(report: dict) -> list[str]:
         "drafting: host lookups; verifying: from queueing a verification pass to its tokens on the",
         "host; trimming: cutting rejected tokens from the cache; measuring: the pass-cost probe",
         "(once per answer, when it first drafts); steps: the rest (plain decode steps).",
-        "",
-        "| variant | task | lookup | decode | " + " | ".join(PARTS) + " | verifications |",
-        "|---|---|---|---|" + "---|" * len(PARTS) + "---|",
-        *rows,
+        *(table if rows else []),
         *([""] + [f"Scenario phases, {n}." for n in notes] if notes else []),
     ]
