@@ -27,9 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 NEEDED = ("numpy", "safetensors", "tokenizers", "jinja2", "click", "PIL", "huggingface_hub")
 PEERS = ("transformers", "torch")  # the reference runtime; mlx-vlm comes with the wheels
 OPTIONAL = ("psutil", "matplotlib")  # CPU memory sampling; the chart
-EDITABLE_SETUPTOOLS = (
-    64  # the first setuptools with editable installs from pyproject.toml (PEP 660)
-)
+EDITABLE_SETUPTOOLS = 68  # what pyproject.toml's build-system requires
 CHECK = (
     "import mlx.core as mx, mimo_mlx.convert; a = mx.ones((1024, 1024), mx.bfloat16); "
     "mx.eval(a @ a); print('MLX', mx.__version__, 'on', mx.default_device())"
@@ -84,10 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     setuptools = [w for w in wheels if w.name.startswith("setuptools-")]
     if setuptools and not setuptools_ready():
         pip(["--no-compile", *map(str, setuptools)], args.dry_run)
-    pip(["--no-compile", *map(str, chosen)], args.dry_run)
+    if chosen:
+        pip(["--no-compile", *map(str, chosen)], args.dry_run)
     pip(["--no-build-isolation", "-e", str(REPO)], args.dry_run)
-    if absent := missing(NEEDED + PEERS):
-        print(f"install: not on this machine: {', '.join(absent)} (their workers will fail)")
+    if absent := missing(NEEDED):
+        print(f"install: mimo-mlx needs {', '.join(absent)}, not on this machine: no worker runs")
+    if absent := missing(PEERS):
+        print(f"install: not on this machine: {', '.join(absent)} (the transformers runs fail)")
     if absent := missing(OPTIONAL):
         print(f"install: optional, not on this machine: {', '.join(absent)}")
     if args.dry_run:
