@@ -290,7 +290,7 @@ def markdown(report: dict) -> str:
     type=click.Choice(["tiny", "small", "full"]),
     default="tiny",
     show_default=True,
-    help="Synthetic weights (converted once into the cache, as the harness does).",
+    help="Synthetic weights (drawn once into the cache, as the harness does).",
 )
 @click.option(
     "--model",
