@@ -166,6 +166,7 @@ def pass_costs(model: Model, rows: int = COST_ROWS, runs: int = 3) -> dict:
         "pass_s": fastest,
         "pass_ratio": [m / fastest[0] for m in fastest],
         "probe_ratio": list(probe.ratios),
+        "probe_measured": list(probe.measured),
         "probe_s": probe_s,
         "draft_length_at_acceptance": draft,
         "context": COST_CONTEXT,

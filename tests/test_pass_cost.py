@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from test_prompt_lookup import chain_model, copy_prompt, looked_up, plain  # noqa: F401
 
 from mimo_mlx.generation.lookup import PromptLookup
@@ -43,11 +44,11 @@ def test_a_kernel_that_shares_only_above_8_rows_gets_long_drafts_or_none():
 
 
 class Sleeper:
-    """A stand-in MLP whose call over k rows takes `seconds(k)` (time.sleep)."""
+    """A stand-in layer whose call over k rows takes `seconds(k)` (time.sleep)."""
 
     def __init__(self, seconds):
         self.seconds = seconds
-        self.gate_proj = SimpleNamespace(weight=mx.zeros((8, 16)))
+        self.weight = mx.zeros((8, 16))
 
     def __call__(self, x: mx.array) -> mx.array:
         time.sleep(self.seconds(x.shape[1]))
@@ -55,26 +56,32 @@ class Sleeper:
 
 
 def stand_in(seconds) -> SimpleNamespace:
-    layer = SimpleNamespace(mlp=Sleeper(seconds))
-    return SimpleNamespace(
-        model=SimpleNamespace(layers=[layer], norm=SimpleNamespace(weight=mx.ones(16)))
-    )
+    """A model as `measure_pass_cost` sees it: a first layer's gate projection, a dtype."""
+    mlp = SimpleNamespace(gate_proj=Sleeper(seconds))
+    norm = SimpleNamespace(weight=mx.ones(16))
+    return SimpleNamespace(model=SimpleNamespace(layers=[SimpleNamespace(mlp=mlp)], norm=norm))
 
 
 def test_measuring_stops_at_the_largest_row_count_when_it_costs_a_step_per_row():
     calls = []
     model = stand_in(lambda k: calls.append(k) or 0.004 * k)
     cost = measure_pass_cost(model, 8)
-    assert cost == PassCost(tuple(float(k) for k in range(1, 9)))
-    assert set(calls) == {1, 8}  # nothing in between was measured
+    assert cost.ratios == tuple(float(k) for k in range(1, 9)) and not cost.pays
+    assert set(calls) == {1, 8} and cost.measured == (1, 8)  # nothing between was measured
 
 
-def test_measuring_every_row_count_where_rows_share_the_work():
-    model = stand_in(lambda k: 0.004 + 0.0002 * k)
-    cost = measure_pass_cost(model, 8)
-    assert len(cost.ratios) == 8 and cost.ratios[0] == 1.0
-    assert all(0.9 < r < 2.0 for r in cost.ratios)  # sleeps only ever overshoot a little
-    assert cost.draft_length(0.9, 7) == 7
+def test_measuring_a_few_row_counts_where_rows_share_the_work():
+    calls = []
+    model = stand_in(lambda k: calls.append(k) or 0.004 + 0.0004 * k)
+    cost = measure_pass_cost(model, 11)
+    assert set(calls) == set(cost.measured) == {1, 2, 3, 5, 8, 9, 11}
+    assert len(cost.ratios) == 11 and cost.ratios[0] == 1.0
+    assert all(0.9 < r < 2.5 for r in cost.ratios)  # sleeps only ever overshoot a little
+    r = cost.ratios  # 4, 6, 7 and 10 rows lie on the lines between their measured neighbours
+    assert r[3] == pytest.approx((r[2] + r[4]) / 2)
+    assert r[5] == pytest.approx(r[4] + (r[7] - r[4]) / 3)
+    assert r[9] == pytest.approx((r[8] + r[10]) / 2)
+    assert cost.draft_length(0.9, 10) == 10
 
 
 def test_measuring_a_real_model(chain_model):  # noqa: F811

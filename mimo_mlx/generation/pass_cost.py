@@ -11,10 +11,12 @@ issue 4265). There a draft pays only if most of it is accepted, or never.
 with the most expected tokens per unit of cost for an acceptance rate (each draft token accepted
 with probability p while the ones before it were), and 0 when no length beats plain decoding by
 `MARGIN` (a verification also waits for its input on the host, which a plain step does not).
-`measure_pass_cost` measures it on the device the model runs on, in a fraction of a decode
-step's worth of work per row count: the first decoder layer's MLP (three of its largest matmuls,
-the model's own layers and kernels) on k rows. If K rows cost nearly K single rows, no shorter
-draft is measured: kernels share the weight read across more rows, not fewer, so none pays.
+`measure_pass_cost` measures it on the device the model runs on, with a small part of a decode
+step's work per timing: the first decoder layer's gate projection (one of its largest matmuls,
+the model's own layer and kernel) on k rows, for k = 1, K and a few counts between (around 8
+and 9 rows, where MLX's kernels change); the counts between those are interpolated. If K rows
+cost nearly K single rows, nothing else is measured: kernels share the weight read across more
+rows, not fewer, so no draft pays.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ import mlx.nn as nn
 
 MARGIN = 0.1  # a draft must promise this much more than plain decoding's one token per step
 PROBE_ROUNDS = 3  # timings per row count, the fastest kept: noise (another process) only adds
+PROBE_ROWS = (2, 3, 5, 8, 9, 12)  # row counts measured between 1 and K (MLX switches at 8 / 9)
 
 
 @dataclass(frozen=True)
 class PassCost:
-    """ratios[k - 1]: the time of a pass over k rows / the time of a pass over one row."""
+    """ratios[k - 1]: the time of a pass over k rows / the time of a pass over one row;
+    `measured`: the row counts timed (the others interpolated or, past no sharing, taken as k)."""
 
     ratios: tuple[float, ...]
+    measured: tuple[int, ...] = ()
 
     @classmethod
     def flat(cls, rows: int) -> PassCost:
@@ -64,10 +69,10 @@ class PassCost:
 
 
 def measure_pass_cost(model: nn.Module, rows: int) -> PassCost:
-    """The cost of 1..`rows` rows against one, measured on `model`'s first decoder layer's MLP
-    (`model.model.layers[0].mlp`); see the module docstring."""
-    mlp = model.model.layers[0].mlp
-    width = mlp.gate_proj.weight.shape[-1] * (32 // getattr(mlp.gate_proj, "bits", 32))
+    """The cost of 1..`rows` rows against one, measured on `model`'s first decoder layer's gate
+    projection (`model.model.layers[0].mlp.gate_proj`); see the module docstring."""
+    layer = model.model.layers[0].mlp.gate_proj
+    width = layer.weight.shape[-1] * (32 // getattr(layer, "bits", 32))  # packed when quantized
     dtype = model.model.norm.weight.dtype
 
     def fastest(*counts: int) -> list[float]:
@@ -78,14 +83,25 @@ def measure_pass_cost(model: nn.Module, rows: int) -> PassCost:
         for _ in range(PROBE_ROUNDS):
             for i, x in enumerate(inputs):
                 start = time.perf_counter()
-                mx.eval(mlp(x))
+                mx.eval(layer(x))
                 best[i] = min(best[i], time.perf_counter() - start)
         return best
 
     if rows == 1:
-        return PassCost((1.0,))
+        return PassCost((1.0,), (1,))
     one, last = fastest(1, rows)
     if last / one >= rows * (1 - MARGIN):  # no sharing at the most rows: none below either
-        return PassCost(tuple(float(k) for k in range(1, rows + 1)))
-    middle = fastest(*range(2, rows))
-    return PassCost((1.0, *(t / one for t in middle), last / one))
+        return PassCost(tuple(float(k) for k in range(1, rows + 1)), (1, rows))
+    between = [k for k in PROBE_ROWS if k < rows]
+    known = {1: 1.0, rows: last / one}
+    known.update({k: t / one for k, t in zip(between, fastest(*between), strict=True)})
+    return PassCost(tuple(_interpolate(known, k) for k in range(1, rows + 1)), tuple(sorted(known)))
+
+
+def _interpolate(known: dict[int, float], k: int) -> float:
+    """known[k], or the straight line between the nearest measured counts below and above."""
+    if k in known:
+        return known[k]
+    below = max(j for j in known if j < k)
+    above = min(j for j in known if j > k)
+    return known[below] + (known[above] - known[below]) * (k - below) / (above - below)

@@ -17,9 +17,10 @@ def section(report: dict) -> list[str]:
         cells = [str(k)]
         for cost in found.values():
             probe = cost["probe_ratio"]
+            timed = "*" if k in cost.get("probe_measured", ()) else ""
             cells += [
                 f"{cost['pass_ratio'][i]:.2f}",
-                f"{probe[i]:.2f}" if i < len(probe) else "-",
+                f"{probe[i]:.2f}{timed}" if i < len(probe) else "-",
                 f"{1e3 * cost['first_call_s'][i]:.3g}",
             ]
         rows.append("| " + " | ".join(cells) + " |")
@@ -34,9 +35,10 @@ def section(report: dict) -> list[str]:
         "",
         "Verifying a draft of n tokens is one pass over n + 1 tokens. pass: the whole model's",
         "forward pass continuing a cache (fastest of 3 after a first call); probe: what prompt",
-        "lookup measures when it first drafts (the first decoder layer's MLP) and sizes its",
-        "drafts from; first call: the first pass of each size (on a GPU backend, with compiling",
-        f"its kernels). Draft lengths lookup picks, by acceptance rate: {drafts}.",
+        "lookup measures when it first drafts (the first decoder layer's gate projection; the",
+        "sizes marked * timed, the others interpolated) and sizes its drafts from; first call:",
+        "the first pass of each size (on a GPU backend, with compiling its kernels). Draft",
+        f"lengths lookup picks, by acceptance rate: {drafts}.",
         "",
         f"| k | {header} |",
         "|" + "---|" * (1 + 3 * len(variants)),
