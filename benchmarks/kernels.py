@@ -52,12 +52,20 @@ def quantized_matmul_gflops(m: int, k: int = 4096, n: int = 4096, bits: int = 4)
 
 
 def copy_bandwidth(nbytes: int) -> dict:
-    """Bytes per second an elementwise copy of `nbytes` moves (read plus written): the memory
-    bandwidth a memory-bound decode step is measured against (`report.bandwidth`)."""
+    """Bytes per second a copy of `nbytes` moves (read plus written): the memory bandwidth a
+    memory-bound decode step is measured against (`report.bandwidth`). On a GPU, MLX's own
+    elementwise copy; on the CPU, where MLX's elementwise kernels run scalar on one core, the
+    faster of it and numpy's copy (also one core: a threaded BLAS can read faster still)."""
     x = mx.ones((nbytes // 4,), mx.float32)
     mx.eval(x)
-    seconds = _seconds(_mlx(lambda: x + 0.0), runs=5)
-    return {"bytes": x.nbytes, "seconds": seconds, "bytes_per_s": 2 * x.nbytes / seconds}
+    found = {"bytes": x.nbytes, "mlx_s": _seconds(_mlx(lambda: x + 0.0), runs=5)}
+    seconds = found["mlx_s"]
+    if mx.default_device() == mx.cpu:
+        source = np.ones(nbytes // 4, np.float32)
+        target = np.empty_like(source)
+        found["numpy_s"] = _seconds(lambda: np.copyto(target, source), runs=5)
+        seconds = min(seconds, found["numpy_s"])
+    return {**found, "seconds": seconds, "bytes_per_s": 2 * x.nbytes / seconds}
 
 
 def elementwise_rates(elements: int = 1 << 24) -> dict:

@@ -35,6 +35,8 @@ def section(report: dict) -> list[str]:
         "an elementwise copy's bandwidth on the same device"
         + (f" ({copy / GB:,.0f} GB/s, read + written)." if copy else " (not measured)."),
         "The bare-kernel loop runs the same kernels over the same weights (decode overhead).",
+        "On a CPU that copy runs on one core while a threaded BLAS reads on all of them, so",
+        "shares above 100% happen there: the figure is meant for GPUs.",
         "",
         "| runtime | variant | decode tok/s | ms/step | bare kernels ms/step | GB read/token "
         "| GB/s | of copy bandwidth | bare kernels, of copy |",
