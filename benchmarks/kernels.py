@@ -51,6 +51,23 @@ def quantized_matmul_gflops(m: int, k: int = 4096, n: int = 4096, bits: int = 4)
     return 2 * m * k * n / _seconds(_mlx(call)) / 1e9
 
 
+def copy_bandwidth(nbytes: int) -> dict:
+    """Bytes per second a copy of `nbytes` moves (read plus written): the memory bandwidth a
+    memory-bound decode step is measured against (`report.bandwidth`). On a GPU, MLX's own
+    elementwise copy; on the CPU, where MLX's elementwise kernels run scalar on one core, the
+    faster of it and numpy's copy (also one core: a threaded BLAS can read faster still)."""
+    x = mx.ones((nbytes // 4,), mx.float32)
+    mx.eval(x)
+    found = {"bytes": x.nbytes, "mlx_s": _seconds(_mlx(lambda: x + 0.0), runs=5)}
+    seconds = found["mlx_s"]
+    if mx.default_device() == mx.cpu:
+        source = np.ones(nbytes // 4, np.float32)
+        target = np.empty_like(source)
+        found["numpy_s"] = _seconds(lambda: np.copyto(target, source), runs=5)
+        seconds = min(seconds, found["numpy_s"])
+    return {**found, "seconds": seconds, "bytes_per_s": 2 * x.nbytes / seconds}
+
+
 def elementwise_rates(elements: int = 1 << 24) -> dict:
     """Elements per second: MLX exp (plain and mx.compile'd), add, softmax rows; numpy exp."""
     x = mx.random.normal((elements // 9216, 9216))
@@ -90,6 +107,10 @@ def kernel_bounds(quick: bool = False) -> dict:
             "m64": quantized_matmul_gflops(64, n=side if quick else 4096),
         },
         "elements_per_s": rates,
+        # 1 GiB on a GPU (far beyond its caches); 256 MiB on a CPU (beyond its caches, quickly)
+        "copy": copy_bandwidth(
+            (1 << 24) if quick else (1 << 28 if mx.default_device() == mx.cpu else 1 << 30)
+        ),
     }
     result["full_attention_softmax_1344_s"] = {
         "exps": FULL_ATTENTION_EXPS,

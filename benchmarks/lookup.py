@@ -15,12 +15,21 @@ successors forming one cycle through every ordinary text id. Every layer still r
 Each is decoded greedily with `generate_step` and with `lookup_generate_step` (default options),
 alternating; the tokens must agree. Figures: wall-clock decode tok/s ((tokens - 1) / (last token
 time - first token time)) and tokens per forward pass (prompt's last pass included; plain
-decoding: 1). This measures the mechanism on a synthetic model, not MiMo-VL's acceptance rates.
+decoding: 1), and where lookup's decode time went: drafting (host lookups), verification passes
+(queued to read back), cache trims, measuring the pass cost, and the plain steps between.
+This measures the mechanism on a synthetic model, not MiMo-VL's acceptance rates.
+
+First, `pass_costs`: a whole forward pass over k tokens against one (k = 1..16) on this device,
+beside what lookup's own probe (`generation.pass_cost`) measures and the draft lengths it then
+chooses; each k's first call is reported apart (on a GPU backend it includes compiling kernels
+for the new shape). `measure` reports its progress after each part, so a run cut short by its
+time limit still says where the time went.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,12 +37,15 @@ import numpy as np
 
 from mimo_mlx.generation.lookup import PromptLookup
 from mimo_mlx.generation.loop import generate_step, lookup_generate_step
+from mimo_mlx.generation.pass_cost import measure_pass_cost
 from mimo_mlx.model.mimo_vl import Model
 
 from .inputs import image_inputs
 from .stats import summarize
 
 TASKS = ("copy", "plain", "shuffled")
+COST_ROWS = 16  # pass costs measured for 1..COST_ROWS tokens
+COST_CONTEXT = 256  # tokens in the cache the measured passes continue
 WRITE_SCALE = 1e-3  # the layers' residual writes, relative to the embedding that carries the token
 HEAD_SCALE = 8.0  # length of each head row: the chosen token's logit stands far above the rest
 
@@ -123,8 +135,47 @@ def task_prompt(model: Model, successor: np.ndarray, task: str, answer_tokens: i
     return np.array([before + image + middle + after + [start]], dtype=np.int64), links
 
 
+def pass_costs(model: Model, rows: int = COST_ROWS, runs: int = 3) -> dict:
+    """Seconds of a whole forward pass over k tokens continuing a cache (k = 1..rows; logits for
+    every row, as a verification pass computes them): each k's first call apart, then the
+    fastest of `runs` (noise only adds time) and its ratio to k = 1's; and what lookup's probe
+    measures on the same model."""
+    limit = text_limit(model.config)
+    ids = np.random.default_rng(1).integers(0, limit, (1, COST_CONTEXT + rows))
+    cache = model.make_cache()
+    prompt = model.prepare_prompt(ids[:, :COST_CONTEXT], cache=cache)
+    mx.eval(model(**prompt.chunk(0), cache=cache, logits_to_keep=1))
+    first, fastest = [], []
+    for k in range(1, rows + 1):
+        tokens = mx.array(ids[:, COST_CONTEXT : COST_CONTEXT + k])
+        times = []
+        for _ in range(runs + 1):
+            start = time.perf_counter()
+            mx.eval(model(tokens, cache=cache))
+            times.append(time.perf_counter() - start)
+            cache.trim(k)
+        first.append(times[0])
+        fastest.append(min(times[1:]))
+    start = time.perf_counter()
+    probe = measure_pass_cost(model, rows)
+    probe_s = time.perf_counter() - start
+    draft = {f"{p:g}": probe.draft_length(p, rows - 1) for p in (0.5, 0.75, 0.9, 1.0)}
+    return {
+        "rows": list(range(1, rows + 1)),
+        "first_call_s": first,
+        "pass_s": fastest,
+        "pass_ratio": [m / fastest[0] for m in fastest],
+        "probe_ratio": list(probe.ratios),
+        "probe_measured": list(probe.measured),
+        "probe_s": probe_s,
+        "draft_length_at_acceptance": draft,
+        "context": COST_CONTEXT,
+    }
+
+
 def decode(model: Model, ids, pixels, grid, tokens: int, lookup: bool) -> dict:
-    """One greedy generation: its tokens, the time of each, and the forward passes it took."""
+    """One greedy generation: its tokens, the time of each, the forward passes it took and
+    (with lookup) where its decode time went."""
     cache = model.make_cache()
     prompt = model.prepare_prompt(ids, pixel_values=pixels, image_grid_thw=grid, cache=cache)
     found = PromptLookup() if lookup else None
@@ -142,21 +193,46 @@ def decode(model: Model, ids, pixels, grid, tokens: int, lookup: bool) -> dict:
         )
     out = [(t, time.perf_counter()) for t, _ in steps]
     passes = found.passes if found else len(out)
+    decode_s = out[-1][1] - out[0][1]
     return {
         "tokens": [t for t, _ in out],
-        "decode_tps": (len(out) - 1) / (out[-1][1] - out[0][1]),
+        "decode_tps": (len(out) - 1) / decode_s,
         "passes": passes,
         "drafted": found.drafted if found else 0,
         "accepted": found.accepted if found else 0,
+        "verifications": found.verifications if found else 0,
+        "seconds": _where(found, decode_s),
     }
 
 
-def measure(model: Model, image_size: int, answer_tokens: int, warmup: int, runs: int) -> dict:
-    """Every task with and without lookup, alternating, after `warmup` rounds."""
+def _where(found: PromptLookup | None, decode_s: float) -> dict:
+    """Decode seconds by what they went to; `steps`: the rest (plain steps, reading tokens)."""
+    parts = dict(found.seconds) if found else {}
+    return {**parts, "steps": decode_s - sum(parts.values()), "decode": decode_s}
+
+
+def measure(
+    model: Model,
+    image_size: int,
+    answer_tokens: int,
+    warmup: int,
+    runs: int,
+    progress: Callable[[dict], None] = lambda partial: None,
+) -> dict:
+    """Every task with and without lookup, alternating, after `warmup` rounds; `progress` gets
+    the result so far after each part."""
+    clock = time.perf_counter()
     successor = follow_chain(model)
     pixels, grid = image_inputs(image_size)
     result = {"answer_tokens": answer_tokens, "image_size": image_size, "tasks": {}}
+    result["phases_s"] = {"follow_chain": time.perf_counter() - clock}
+    progress(result)
+    clock = time.perf_counter()
+    result["pass_cost"] = pass_costs(model)
+    result["phases_s"]["pass_cost"] = time.perf_counter() - clock
+    progress(result)
     for task in TASKS:
+        clock = time.perf_counter()
         ids, links = task_prompt(model, successor, task, answer_tokens, grid)
         found = {"without": [], "with": []}
         for round_ in range(warmup + runs):
@@ -172,6 +248,10 @@ def measure(model: Model, image_size: int, answer_tokens: int, warmup: int, runs
                 "tokens_per_pass": len(last["tokens"]) / last["passes"],
                 "drafted": last["drafted"],
                 "accepted": last["accepted"],
+                "verifications": last["verifications"],
+                "seconds": {
+                    k: summarize([r["seconds"][k] for r in results]) for k in last["seconds"]
+                },
             }
         plain_tokens, lookup_tokens = found["without"][-1]["tokens"], found["with"][-1]["tokens"]
         entry["identical"] = plain_tokens == lookup_tokens
@@ -179,4 +259,6 @@ def measure(model: Model, image_size: int, answer_tokens: int, warmup: int, runs
         medians = [entry[n]["decode_tps"]["median"] for n in ("with", "without")]
         entry["speedup"] = medians[0] / medians[1]
         result["tasks"][task] = entry
+        result["phases_s"][task] = time.perf_counter() - clock
+        progress(result)
     return result

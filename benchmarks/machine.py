@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
 from pathlib import Path
+
+from .gpu.bundle import MANIFEST, STASH
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("mlx", "mlx-vlm", "transformers", "torch", "numpy", "safetensors", "matplotlib")
@@ -34,13 +37,28 @@ def versions() -> dict:
 
 
 def git_state() -> dict:
-    """The commit measured, and whether the working tree differed from it."""
+    """The commit measured, and whether the working tree differed from it. A copy of the checkout
+    without git (as an offline GPU machine gets it) reports what `benchmarks.gpu.prepare`
+    recorded of the checkout it was run in, and says so."""
 
     def git(*args: str) -> str:
-        result = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-        return result.stdout.strip()
+        try:
+            result = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        except OSError:  # no git on this machine
+            return ""
+        return result.stdout.strip() if result.returncode == 0 else ""
 
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+    if commit := git("rev-parse", "HEAD"):
+        return {"commit": commit, "dirty": bool(git("status", "--porcelain"))}
+    for manifest in [*sorted(REPO.glob(".gpu/upload-*/manifest.json")), STASH / MANIFEST]:
+        if manifest.is_file():
+            prepared = json.loads(manifest.read_text())
+            return {
+                "commit": prepared.get("commit"),
+                "dirty": prepared.get("dirty"),
+                "from": f"{manifest} (no git here): the checkout the wheels were prepared in",
+            }
+    return {"commit": None, "dirty": None}
 
 
 def _cpu_model() -> str:

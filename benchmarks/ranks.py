@@ -232,7 +232,7 @@ def main(scale, ranks, variants, runs, warmup, image_size, vision_only, pin, out
     """The several-ranks scenario alone, on synthetic weights at SCALE."""
     import mlx.core as mx
 
-    from .weights import prepare
+    from .weights import on_disk, prepare
 
     log = lambda message: click.echo(message, err=True)  # noqa: E731
     counts = [int(n) for n in ranks.split(",")]
@@ -246,7 +246,7 @@ def main(scale, ranks, variants, runs, warmup, image_size, vision_only, pin, out
         click.echo(json.dumps(found.get("summary", found), indent=2))
         return
     folders = prepare(cache, scale, ["mimo-mlx"], [v for v in variants.split(",") if v], log=log)
-    ours = {v: p for (runtime, v), p in folders.paths.items() if runtime == "mimo-mlx"}
+    ours = {v: on_disk(w, cache, log) for (runtime, v), w in folders.paths.items()}
     found = measure(ours, counts, options, out, preload, dtype, log)
     (out / "ranks.json").write_text(json.dumps(found, indent=2) + "\n")
     (out / "ranks.md").write_text("\n".join(ranks_markdown(found)) + "\n")

@@ -1,17 +1,18 @@
 """The benchmark harness: `python -m benchmarks.run --scale small` (see benchmarks/README.md).
 
 For the same weights, prompt and image it measures mimo-mlx, mlx-vlm and transformers (PyTorch),
-each runtime and task in its own process: vision encode time per image size, time to first token,
-prefill and decode tokens/s, peak memory; plus mimo-mlx's decode overhead above the bare kernels,
-MLX op counts of one vision pass, and the backend's kernel bounds. Writes results.json,
-results.md and results.png to the output folder.
+each runtime and task in its own process with its own time limit: vision encode time per image
+size, time to first token, prefill and decode tokens/s, peak memory; plus mimo-mlx's decode
+overhead above the bare kernels, decode against the device's copy bandwidth, MLX op counts of
+one vision pass, and the backend's kernel bounds. A worker that crashes or outlives its limit is
+recorded with its exit status or signal, and the run goes on; each phase's time is printed as it
+goes. Writes results.json, results.md and results.png to the output folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from pathlib import Path
 import click
 
 from .machine import REPO, git_state, machine_info, versions
+from .processes import run_process
 from .ranks import measure as measure_ranks
 from .report import write_report
 from .settings import (
@@ -32,37 +34,46 @@ from .settings import (
     model_fits,
     openblas_preload,
     openblas_warning,
+    profile,
     settings,
     size_plans,
+    time_limit,
 )
 from .stats import pooled
-from .weights import VARIANTS, Folders, prepare
+from .weights import VARIANTS, Folders, complete, on_disk, plan
+from .worker import partial_path
+
+MIN_START_S = 5.0  # a worker is not started with less of the time budget left than this
 
 
-def run_worker(spec: dict, out: Path, name: str, preload: str | None, log) -> dict:
-    """Run one measurement in a fresh process; a failure is recorded with the end of its stderr."""
-    spec_path, result_path = out / "work" / f"{name}.spec.json", out / "work" / f"{name}.json"
-    spec_path.parent.mkdir(parents=True, exist_ok=True)
+def run_worker(
+    spec: dict, out: Path, name: str, preload: str | None, log, limit_s: float | None = None
+) -> dict:
+    """Run one measurement in a fresh process, killed after `limit_s` seconds. A failure is
+    recorded with how it ended, the end of its log and the progress it reported."""
+    work = out / "work"
+    spec_path, result_path = work / f"{name}.spec.json", work / f"{name}.json"
+    work.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2, default=str))
+    for stale in (result_path, partial_path(result_path)):
+        stale.unlink(missing_ok=True)
     env = dict(os.environ)
     if preload:
         env["LD_PRELOAD"] = preload
-    log(f"  {name} ...")
-    start = time.perf_counter()
-    with open(out / "work" / f"{name}.log", "w") as stderr:
-        code = subprocess.run(
-            [sys.executable, "-m", "benchmarks.worker", str(spec_path), str(result_path)],
-            cwd=REPO,
-            env=env,
-            stdout=stderr,
-            stderr=subprocess.STDOUT,
-        ).returncode
-    elapsed = time.perf_counter() - start
-    if code != 0 or not result_path.is_file():
-        tail = (out / "work" / f"{name}.log").read_text()[-2000:]
-        log(f"  {name} FAILED after {elapsed:.0f}s (exit {code})")
-        return {"error": f"exit {code}", "log_tail": tail}
-    log(f"  {name} done in {elapsed:.0f}s")
+    limit = f" (limit {limit_s:.0f} s)" if limit_s else ""
+    log(f"{name} ...{limit}")
+    command = [sys.executable, "-m", "benchmarks.worker", str(spec_path), str(result_path)]
+    ending = run_process(command, work / f"{name}.log", REPO, env, limit_s)
+    if not ending.ok or not result_path.is_file():
+        failure = ending.record()
+        if ending.ok:
+            failure["error"] = "exited 0 without writing a result"
+        failure["log_tail"] = (work / f"{name}.log").read_text(errors="replace")[-2000:]
+        if partial_path(result_path).is_file():
+            failure["partial"] = json.loads(partial_path(result_path).read_text())
+        log(f"{name} FAILED after {ending.seconds:.1f} s: {failure['error']}")
+        return failure
+    log(f"{name} done in {ending.seconds:.1f} s")
     return json.loads(result_path.read_text())
 
 
@@ -132,7 +143,14 @@ def run_worker(spec: dict, out: Path, name: str, preload: str | None, log) -> di
     help="Output folder (default benchmarks/results/SCALE-TIME).",
 )
 @click.option("--cache", type=click.Path(path_type=Path), default=CACHE, show_default=True)
-@click.option("--prepare-only", is_flag=True, help="Make the cached weight folders and stop.")
+@click.option(
+    "--time-budget",
+    type=click.FloatRange(min=1),
+    help="Seconds the whole run may take, the weights included: each worker's time limit is cut "
+    "to what is left, and workers that would start with less than 5 s left are recorded as not "
+    "run. The results are written either way (for a lent machine's command limit).",
+)
+@click.option("--prepare-only", is_flag=True, help="Make the cached weights and stop.")
 def main(
     scale,
     model,
@@ -153,6 +171,7 @@ def main(
     ranks,
     out,
     cache,
+    time_budget,
     prepare_only,
 ) -> None:
     """Benchmark mimo-mlx against mlx-vlm and transformers on the same weights and inputs."""
@@ -164,16 +183,18 @@ def main(
         )
     runtimes = [r for r in runtimes.split(",") if r]
     variants = [v for v in variants.split(",") if v]
-    log = lambda message: click.echo(message, err=True)  # noqa: E731
-    started = datetime.now(timezone.utc)
-    import mlx.core as mx
+    started, clock = datetime.now(timezone.utc), time.perf_counter()
+    log = lambda message: click.echo(  # noqa: E731
+        f"[{time.perf_counter() - clock:7.1f} s] {message}", err=True
+    )
+    import mlx.core as mx  # the driver only asks which device there is; workers compute
 
     cpu = mx.default_device() == mx.cpu
     if warning := openblas_warning(cpu, openblas):
         log(warning)
-    folders = prepare(cache, scale, runtimes, variants, model, mlx_model, log)
-    if prepare_only:
-        return
+    out = out or REPO / "benchmarks" / "results" / f"{scale}-{started:%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True, exist_ok=True)
+    folders = plan(cache, scale, runtimes, variants, model, mlx_model)
     overrides = dict(
         runs=runs,
         warmup=warmup,
@@ -184,73 +205,143 @@ def main(
     )
     if sizes:
         overrides["sizes"] = [int(s) for s in sizes.split(",")]
-    options = settings(scale, cpu, overrides)
-    out = out or REPO / "benchmarks" / "results" / f"{scale}-{started:%Y%m%d-%H%M%S}"
-    out.mkdir(parents=True, exist_ok=True)
     session = Session(
         out=out,
         folders=folders,
-        options=options,
+        options=settings(scale, cpu, overrides),
         preload=openblas_preload(openblas, cpu),
         mlx_dtype="float32" if cpu else "bfloat16",
         rounds=rounds,
-        config=json.loads(((folders.source or mlx_model) / "config.json").read_text()),
         log=log,
+        limits=lambda task: time_limit(scale, cpu, task),
+        deadline=None if time_budget is None else clock + time_budget,
     )
-    log(f"benchmarking at scale {scale}; results in {out}")
+    log(f"benchmarking at scale {scale} ({profile(scale, cpu)}); results in {out}")
+    weights = session.weights(scale, cache)
+    if "error" in weights:
+        log(f"no weights to measure: {weights['error']} (see {out / 'work'})")
+        raise SystemExit(1)
+    if prepare_only:
+        session.phase(None)
+        return
+    session.config = json.loads(((folders.source or mlx_model) / "config.json").read_text())
     wanted = set(scenarios)
-    results = {"vision": session.vision(runtimes, variants) if "vision" in wanted else {}}
-    results["generate"] = session.generate(runtimes, variants, cpu) if "generate" in wanted else {}
+    # Most wanted first: a run cut short by its time budget loses the last (and says so).
+    bounds = session.kernel_bounds(quick=scale == "tiny") if kernels else {}
+    results = {
+        "generate": session.generate(runtimes, variants, cpu) if "generate" in wanted else {}
+    }
+    if "mimo-mlx" in runtimes and "lookup" in wanted:
+        results["prompt_lookup"] = session.prompt_lookup(variants)
+    results["vision"] = session.vision(runtimes, variants) if "vision" in wanted else {}
     if "mimo-mlx" in runtimes:
         if "multiturn" in wanted:
             results["multiturn"] = session.multiturn(variants)
-        if "lookup" in wanted:
-            results["prompt_lookup"] = session.prompt_lookup(variants)
         if "ranks" in wanted:
-            results["ranks"] = session.ranks(variants, [int(n) for n in ranks.split(",") if n])
-    bounds = session.kernel_bounds(quick=scale == "tiny") if kernels else {}
+            counts = [int(n) for n in ranks.split(",") if n]
+            results["ranks"] = session.ranks(variants, counts, cache, cpu)
+    session.phase("report")
     report = {
         "scale": scale,
+        "profile": profile(scale, cpu),
         "started_utc": started.isoformat(timespec="seconds"),
         "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
         "git": git_state(),
         "machine": machine_info(),
         "versions": versions(),
         "settings": {**session.settings(runtimes, variants), "scenarios": scenarios},
+        "weights": weights,
         "results": results,
         "kernel_bounds": bounds,
         "skipped": session.skipped,
+        "phases_s": session.phases,
+        "time_budget_s": time_budget,
     }
     paths = write_report(report, out)
-    log("wrote " + ", ".join(str(p) for p in paths))
+    session.phase(None)
+    log(f"wrote {', '.join(str(p) for p in paths)} in {time.perf_counter() - clock:.1f} s in all")
 
 
 @dataclass
 class Session:
-    """One harness run: where results go, the weights, the settings; runs the workers."""
+    """One harness run: where results go, the weights, the settings, each worker's time limit
+    and the run's deadline; runs the workers and times the phases."""
 
     out: Path
     folders: Folders
     options: dict
     preload: str | None
     mlx_dtype: str
-    config: dict
     log: Callable[[str], None]
+    limits: Callable[[str], float]  # task -> seconds a worker may run
+    deadline: float | None = None  # time.perf_counter() by which the run must be done
+    config: dict = field(default_factory=dict)
     rounds: int = 1
     skipped: list[dict] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    _phase: tuple[str, float] | None = None
 
     def __post_init__(self) -> None:
         for (runtime, variant), reason in self.folders.skipped.items():
             self.skip(runtime, variant, "all", reason)
+
+    def phase(self, name: str | None) -> None:
+        """End the current phase (its time printed and kept) and begin `name` (None: none)."""
+        now = time.perf_counter()
+        if self._phase is not None:
+            done, began = self._phase
+            self.phases[done] = self.phases.get(done, 0.0) + now - began
+            self.log(f"== {done}: {now - began:.1f} s")
+        self._phase = None if name is None else (name, now)
+        if name is not None:
+            self.log(f"== {name}")
+
+    def weights(self, scale: str, cache: Path) -> dict:
+        """The synthetic checkpoint, drawn in a worker on the device (the driver keeps no device
+        memory) unless the cache has it; {} when the run reads the user's folders."""
+        source = self.folders.source
+        if not self.folders.synthetic or source is None:
+            return {}
+        self.phase("weights")
+        if complete(source):
+            self.log(f"weights: {source} (cached)")
+            return {"folder": str(source), "made": False}
+        spec = {"task": "weights", "scale": scale, "cache": str(cache)}
+        made = self.run(spec, "weights", None)
+        if "error" not in made:
+            self.log(
+                f"weights: {made['parameters'] / 1e6:,.0f} M parameters, "
+                f"{made['bytes'] / 1e6:,.0f} MB on {made['device']} in {made['seconds']:.1f} s"
+            )
+        return made
 
     def skip(self, runtime: str, variant: str, task: str, reason: str) -> None:
         self.skipped.append(
             {"runtime": runtime, "variant": variant, "task": task, "reason": reason}
         )
 
-    def run(self, spec: dict, name: str, runtime: str | None) -> dict:
-        preload = self.preload if runtime in MLX_RUNTIMES else None  # never into torch
-        return run_worker(spec, self.out, name, preload, self.log)
+    def left(self) -> float:
+        """Seconds left of the time budget (infinite without one)."""
+        return float("inf") if self.deadline is None else self.deadline - time.perf_counter()
+
+    def spent(self) -> str:
+        return f"not run: the time budget was spent ({max(0.0, self.left()):.0f} s left)"
+
+    def preload_for(self, runtime: str | None) -> str | None:
+        return self.preload if runtime in MLX_RUNTIMES else None  # never into torch
+
+    def run(self, spec: dict, name: str, preload: str | None) -> dict:
+        """One worker, under its task's time limit cut to the run's deadline."""
+        limit = self.limits(spec["task"])
+        if self.deadline is not None:
+            left = self.left()
+            if left < MIN_START_S:
+                reason = self.spent()
+                self.log(f"{name}: {reason}")
+                self.skip(spec.get("runtime", "-"), spec.get("variant", "-"), name, reason)
+                return {"error": reason, "not_run": True}
+            limit = min(limit, left)
+        return run_worker(spec, self.out, name, preload, self.log, limit)
 
     def in_rounds(self, jobs: dict[str, tuple[dict, str, str]]) -> dict:
         """Run each job (key -> (spec, worker name, runtime)) once per round, jobs taking turns
@@ -259,20 +350,21 @@ class Session:
         for number in range(1, self.rounds + 1):
             for key, (spec, name, runtime) in jobs.items():
                 label = f"{name}-round{number}" if self.rounds > 1 else name
-                collected[key].append(self.run(spec, label, runtime))
+                collected[key].append(self.run(spec, label, self.preload_for(runtime)))
         return {key: pooled(results) for key, results in collected.items()}
 
     def vision(self, runtimes: list[str], variants: list[str]) -> dict:
         """The float tower of each runtime (the 4-bit folders keep the same float tower)."""
+        self.phase("vision")
         jobs = {}
         for runtime in runtimes:
-            folder = self.folders.paths.get((runtime, "float"))
-            if "float" not in variants or folder is None:
+            weights = self.folders.paths.get((runtime, "float"))
+            if "float" not in variants or weights is None:
                 continue
             spec = {
                 "task": "vision",
                 "runtime": runtime,
-                "folder": str(folder),
+                "folder": str(weights.folder),
                 "dtype": self.mlx_dtype,
                 "sizes": size_plans(self.options),
                 "opcount": max(self.options["sizes"]) if runtime in MLX_RUNTIMES else None,
@@ -282,12 +374,13 @@ class Session:
 
     def generate(self, runtimes: list[str], variants: list[str], cpu: bool) -> dict:
         """Whole generations per runtime and variant, float ones only where the model fits."""
+        self.phase("generate")
         jobs = {}
         ram = machine_info()["ram_gb"] * 1e9
         for variant in variants:
             for runtime in runtimes:
-                folder = self.folders.paths.get((runtime, variant))
-                if folder is None:
+                weights = self.folders.paths.get((runtime, variant))
+                if weights is None:
                     continue
                 if variant == "float":
                     per_param = 4 if (cpu if runtime != "torch" else _torch_cpu()) else 2
@@ -302,7 +395,8 @@ class Session:
                 spec = {
                     "task": "generate",
                     "runtime": runtime,
-                    "folder": str(folder),
+                    "variant": variant,
+                    **weights.spec(),
                     "dtype": self.mlx_dtype,
                     "image_size": self.options["image"],
                     "text_tokens": self.options["text"],
@@ -314,7 +408,7 @@ class Session:
                 jobs[f"{runtime}/{variant}"] = (spec, f"generate-{runtime}-{variant}", runtime)
         results = self.in_rounds(jobs)
         for entry in results.values():  # ratios from the pooled medians, not one round's
-            if "overhead" in entry:
+            if "overhead" in entry and "error" not in entry:
                 over = entry["overhead"]
                 over["step_s"] = entry["decode_step_s"]["median"]
                 over["overhead"] = over["step_s"] / over["kernels_step_s"]["median"] - 1.0
@@ -322,15 +416,17 @@ class Session:
 
     def multiturn(self, variants: list[str]) -> dict:
         """mimo-mlx's second turn about the same image, with and without reuse, per variant."""
+        self.phase("multiturn")
         jobs = {}
         for variant in variants:
-            folder = self.folders.paths.get(("mimo-mlx", variant))
-            if folder is None:
+            weights = self.folders.paths.get(("mimo-mlx", variant))
+            if weights is None:
                 continue
             spec = {
                 "task": "multiturn",
                 "runtime": "mimo-mlx",
-                "folder": str(folder),
+                "variant": variant,
+                **weights.spec(),
                 "dtype": self.mlx_dtype,
                 "image_size": self.options["image"],
                 "answer_tokens": self.options["decode"],
@@ -348,10 +444,11 @@ class Session:
     def prompt_lookup(self, variants: list[str]) -> dict:
         """mimo-mlx with and without prompt lookup on a copy-heavy task and plain ones
         (benchmarks/lookup.py), per variant."""
+        self.phase("prompt lookup")
         jobs = {}
         for variant in variants:
-            folder = self.folders.paths.get(("mimo-mlx", variant))
-            if folder is None:
+            weights = self.folders.paths.get(("mimo-mlx", variant))
+            if weights is None:
                 continue
             if not self.options["lookup"]:
                 reason = "--lookup-tokens 0 (the default at full scale on a CPU: minutes a pass)"
@@ -360,7 +457,8 @@ class Session:
             spec = {
                 "task": "lookup",
                 "runtime": "mimo-mlx",
-                "folder": str(folder),
+                "variant": variant,
+                **weights.spec(),
                 "dtype": self.mlx_dtype,
                 "image_size": self.options["image"],
                 "answer_tokens": self.options["lookup"],
@@ -370,32 +468,40 @@ class Session:
             jobs[variant] = (spec, f"lookup-mimo-mlx-{variant}", "mimo-mlx")
         results = self.in_rounds(jobs)
         for entry in results.values():  # speedups from the pooled medians, not one round's
-            for task in entry.get("tasks", {}).values():
+            for task in entry.get("tasks", {}).values() if "error" not in entry else ():
                 medians = [task[k]["decode_tps"]["median"] for k in ("with", "without")]
                 task["speedup"] = medians[0] / medians[1]
         return results
 
-    def ranks(self, variants: list[str], counts: list[int]) -> dict:
-        """mimo-mlx's folders split across each number of ranks (`ranks.py`)."""
-        folders = {
-            v: self.folders.paths[("mimo-mlx", v)]
-            for v in variants
-            if ("mimo-mlx", v) in self.folders.paths
-        }
-        if not counts or not folders:
+    def ranks(self, variants: list[str], counts: list[int], cache: Path, cpu: bool) -> dict:
+        """mimo-mlx's folders split across each number of ranks (`ranks.py`); on a CPU only
+        (one GPU would hold every rank)."""
+        paths = self.folders.paths
+        pairs = {v: paths[("mimo-mlx", v)] for v in variants if ("mimo-mlx", v) in paths}
+        if not counts or not pairs:
             return {}
+        if not cpu:
+            for variant in pairs:
+                reason = "one device: ranks on one GPU would share it (run on several machines)"
+                self.skip("mimo-mlx", variant, "ranks", reason)
+            return {}
+        if self.left() < MIN_START_S:  # its launcher keeps its own limits: not started late
+            for variant in pairs:
+                self.skip("mimo-mlx", variant, "ranks", self.spent())
+            return {}
+        self.phase("ranks")
+        folders = {v: on_disk(w, cache, self.log) for v, w in pairs.items()}
         return measure_ranks(
             folders, counts, self.options, self.out, self.preload, self.mlx_dtype, self.log
         )
 
     def kernel_bounds(self, quick: bool) -> dict:
         """MLX's kernels as shipped, and (Linux CPU) with the system OpenBLAS preloaded."""
+        self.phase("kernel bounds")
         spec = {"task": "kernels", "options": {"quick": quick}}
-        bounds = {"mlx": run_worker(spec, self.out, "kernels", None, self.log)}
+        bounds = {"mlx": self.run(spec, "kernels", None)}
         if self.preload:
-            bounds["mlx_openblas"] = run_worker(
-                spec, self.out, "kernels-openblas", self.preload, self.log
-            )
+            bounds["mlx_openblas"] = self.run(spec, "kernels-openblas", self.preload)
         return bounds
 
     def settings(self, runtimes: list[str], variants: list[str]) -> dict:
@@ -409,15 +515,17 @@ class Session:
             "weights": {
                 "source": str(self.folders.source),
                 "synthetic": self.folders.synthetic,
-                "folders": {f"{r}/{v}": str(p) for (r, v), p in self.folders.paths.items()},
+                "folders": {f"{r}/{v}": w.spec() for (r, v), w in self.folders.paths.items()},
             },
             "config": self.config,
         }
 
 
 def _torch_cpu() -> bool:
-    import torch
-
+    try:
+        import torch
+    except ImportError:  # its worker fails and says so
+        return True
     return not (torch.backends.mps.is_available() or torch.cuda.is_available())
 
 

@@ -290,7 +290,7 @@ def markdown(report: dict) -> str:
     type=click.Choice(["tiny", "small", "full"]),
     default="tiny",
     show_default=True,
-    help="Synthetic weights (converted once into the cache, as the harness does).",
+    help="Synthetic weights (drawn once into the cache, as the harness does).",
 )
 @click.option(
     "--model",
@@ -321,7 +321,7 @@ def main(
     synthetic = model is None
     if synthetic:
         converted = prepare(cache, scale, ["mimo-mlx"], ["float"], log=log)
-        model = chat_folder(converted.paths[("mimo-mlx", "float")], cache / scale / "serve")
+        model = chat_folder(converted.paths[("mimo-mlx", "float")].folder, cache / scale / "serve")
     name = scale if synthetic else model.name
     out = out or REPO / "benchmarks" / "results" / f"serve-{name}-{started:%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)

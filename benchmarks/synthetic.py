@@ -3,9 +3,11 @@
 The real checkpoint cannot be downloaded on our machines; converter and loader benchmarks need one
 of the right size. `write_checkpoint` writes a bfloat16 safetensors checkpoint (sharded, with an
 index) for the published config with any number of decoder layers and vision blocks (all of them:
-`full=True`, 16.6 GB), streaming block by block so the generator itself stays small in memory.
-`scaled_config` gives the benchmark scales: `tiny` and `small` shrink widths too, `full` is the
-published model.
+`full=True`, 16.6 GB). The numbers are drawn with MLX on the default device, one shard (at most
+`max_shard_bytes`) in memory at a time: on a GPU the full model takes seconds, mostly the write.
+Each tensor's numbers come from its own key (the seed and its place in the sorted key list), so the
+same seed and config always give the same checkpoint. `scaled_config` gives the benchmark scales:
+`tiny` and `small` shrink widths too, `full` is the published model.
 
     python benchmarks/synthetic.py /tmp/synth --decoder-layers 2 --vision-blocks 2
     python benchmarks/synthetic.py /tmp/synth-small --scale small
@@ -19,12 +21,10 @@ import math
 from pathlib import Path
 
 import click
-import numpy as np
+import mlx.core as mx
 from mlx.utils import tree_flatten
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from mimo_mlx.convert.plan import OutputTensor
-from mimo_mlx.convert.writer import ShardedWriter
 from mimo_mlx.model.config import ModelConfig
 from mimo_mlx.model.mimo_vl import Model
 
@@ -77,7 +77,9 @@ MIMO_VL_7B_CONFIG = {
 }
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>")
 SPECIAL_TOKENS += ("<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-BLOCK_ELEMENTS = 1 << 24  # random numbers are made 64 MB of float32 at a time
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
+WEIGHT_STD = 0.02  # the published config's initializer_range
 
 
 # Benchmark scales: overrides of the published config. Head dims stay real where they can (128 in
@@ -176,14 +178,28 @@ def checkpoint_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return dict(sorted(shapes.items()))
 
 
-def _random_bf16(rng: np.random.Generator, count: int, name: str) -> np.ndarray:
-    """bfloat16 bit patterns: norm scales near 1, biases and weights small (uniform, std 0.02)."""
-    values = rng.random(count, dtype=np.float32)
-    values -= 0.5
-    values *= 0.02 * math.sqrt(12)
+def random_tensor(name: str, shape: tuple[int, ...], key: mx.array) -> mx.array:
+    """bfloat16, uniform with std WEIGHT_STD around 0 (norm scales around 1); lazy."""
+    half = WEIGHT_STD * math.sqrt(3)
+    values = mx.random.uniform(-half, half, shape, dtype=mx.bfloat16, key=key)
     if "norm" in name or name.endswith("ln_q.weight"):
-        values += 1.0
-    return (values.view(np.uint32) >> 16).astype(np.uint16)  # truncate float32 to bfloat16
+        values = values + 1.0
+    return values
+
+
+def shard_groups(shapes: dict[str, tuple[int, ...]], max_bytes: int) -> list[list[str]]:
+    """Tensor names packed in order into shards of at most `max_bytes` of bfloat16 (a larger
+    tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = 2 * math.prod(shape)
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
 
 
 def write_checkpoint(
@@ -207,17 +223,19 @@ def write_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     _write_tokenizer(folder)
-    specs = [(OutputTensor(name, "BF16", shape),) for name, shape in shapes.items()]
-    writer = ShardedWriter(folder, specs, max_shard_bytes)
-    rng = np.random.default_rng(seed)
-    for name, shape in shapes.items():
-        row = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
-        rows = shape[0] if len(shape) > 1 else 1
-        per_block = max(1, BLOCK_ELEMENTS // row)
-        for first in range(0, rows, per_block):
-            count = min(per_block, rows - first)
-            writer.write(name, _random_bf16(rng, count * row, name))
-    writer.close()
+    keys = dict(zip(shapes, mx.random.split(mx.random.key(seed), len(shapes)), strict=True))
+    shards = shard_groups(shapes, max_shard_bytes)
+    weight_map = {}
+    for number, names in enumerate(shards, start=1):
+        file = SHARD_NAME.format(number, len(shards))
+        arrays = {n: random_tensor(n, shapes[n], keys[n]) for n in names}
+        mx.eval(arrays)
+        mx.save_safetensors(str(folder / file), arrays, metadata={"format": "pt"})
+        del arrays
+        weight_map.update({n: file for n in names})
+    total = sum(2 * math.prod(s) for s in shapes.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
     return shapes
 
 

@@ -2,6 +2,8 @@
 
 A fresh process per runtime and task keeps peak-memory readings honest (nothing left over from
 another runtime) and lets a runtime that is missing or fails take down its own measurement only.
+A task that reports progress writes it beside the result (RESULT.partial.json) as it goes, so a
+process killed at its time limit still says how far it got.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -85,7 +88,7 @@ def measure_generate(spec: dict) -> dict:
     module = runner_module(spec["runtime"])
     config = json.loads((Path(spec["folder"]) / "config.json").read_text())
     start = time.perf_counter()
-    runner = module.Generate(Path(spec["folder"]), spec["dtype"])
+    runner = module.Generate(Path(spec["folder"]), spec["dtype"], spec.get("recipe"))
     load_s = time.perf_counter() - start
     pixels, grid = image_inputs(spec["image_size"])
     ids = prompt_ids(config, grid, spec["text_tokens"])
@@ -121,6 +124,7 @@ def measure_generate(spec: dict) -> dict:
             }
         ),
         "load_s": load_s,
+        "recipe": spec.get("recipe"),
         "prompt_tokens": int(ids.shape[1]),
         "image_size": spec["image_size"],
         "grid_thw": grid[0].tolist(),
@@ -135,6 +139,10 @@ def measure_generate(spec: dict) -> dict:
         "memory_method": memory.method,
         "tokens": tokens,
     }
+    if spec["runtime"] != "torch":
+        from .recipes import fingerprint
+
+        result["quantized_fingerprint"] = fingerprint(runner.model)
     if spec.get("overhead"):
         from .overhead import kernel_step_seconds
 
@@ -159,40 +167,105 @@ def _syncs(runtime: str, run) -> dict | None:
     return {"host_syncs": host_syncs(counts), "by_kind": dict(counts)}
 
 
-def measure_multiturn(spec: dict) -> dict:
+def mimo_model(spec: dict):
+    from .runners.mimo import load_variant
+
+    return load_variant(Path(spec["folder"]), spec["dtype"], spec.get("recipe"))
+
+
+def measure_multiturn(spec: dict, progress: Callable[[dict], None]) -> dict:
     """A second question about the same image, with and without the conversation's reuse."""
     from .multiturn import measure
 
     config = json.loads((Path(spec["folder"]) / "config.json").read_text())
-    model = runner_module("mimo-mlx").Generate(Path(spec["folder"]), spec["dtype"]).model
     return measure(
-        model, config, spec["image_size"], spec["answer_tokens"], spec["warmup"], spec["runs"]
+        mimo_model(spec),
+        config,
+        spec["image_size"],
+        spec["answer_tokens"],
+        spec["warmup"],
+        spec["runs"],
     )
 
 
-def measure_lookup(spec: dict) -> dict:
+def measure_lookup(spec: dict, progress: Callable[[dict], None]) -> dict:
     """Greedy decoding with and without prompt lookup, copy-heavy and plain tasks."""
     from .lookup import measure
 
-    model = runner_module("mimo-mlx").Generate(Path(spec["folder"]), spec["dtype"]).model
-    return measure(model, spec["image_size"], spec["answer_tokens"], spec["warmup"], spec["runs"])
+    start = time.perf_counter()
+    model = mimo_model(spec)
+    load_s = time.perf_counter() - start
+    progress({"load_s": load_s})
+    found = measure(
+        model,
+        spec["image_size"],
+        spec["answer_tokens"],
+        spec["warmup"],
+        spec["runs"],
+        progress=lambda partial: progress({"load_s": load_s, **partial}),
+    )
+    return {"load_s": load_s, **found}
+
+
+def make_weights(spec: dict) -> dict:
+    """The synthetic checkpoint for a scale, drawn on this process's default device."""
+    import mlx.core as mx
+
+    from .settings import model_parameters
+    from .synthetic import scaled_config
+    from .weights import complete, make_synthetic, synthetic_folder
+
+    cache, scale = Path(spec["cache"]), spec["scale"]
+    start = time.perf_counter()
+    made = not complete(synthetic_folder(cache, scale))
+    folder = make_synthetic(cache, scale, log=lambda message: print(message, flush=True))
+    shards = sorted(folder.glob("*.safetensors"))
+    return {
+        "folder": str(folder),
+        "made": made,  # False: a complete folder was already in the cache
+        "device": str(mx.default_device()),
+        "parameters": model_parameters(scaled_config(scale)),
+        "bytes": sum(f.stat().st_size for f in shards),
+        "shards": len(shards),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _without_progress(measure: Callable[[dict], dict]):
+    return lambda spec, progress: measure(spec)
+
+
+TASKS = {
+    "vision": _without_progress(measure_vision),
+    "generate": _without_progress(measure_generate),
+    "multiturn": measure_multiturn,
+    "lookup": measure_lookup,
+}
+
+
+def partial_path(result_path: str | Path) -> Path:
+    """Where a worker writes its progress (RESULT.partial.json)."""
+    path = Path(result_path)
+    return path.with_name(path.stem + ".partial.json")
 
 
 def main(spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     start = time.perf_counter()
+
+    def progress(partial: dict) -> None:
+        elapsed = {"progress_at_s": time.perf_counter() - start}
+        partial_path(result_path).write_text(json.dumps({**partial, **elapsed}, default=_plain))
+
     if spec["task"] == "kernels":
         from .kernels import kernel_bounds
 
         result = kernel_bounds(**spec.get("options", {}))
+    elif spec["task"] == "weights":
+        result = make_weights(spec)
     else:
-        measure = {
-            "vision": measure_vision,
-            "generate": measure_generate,
-            "multiturn": measure_multiturn,
-            "lookup": measure_lookup,
-        }[spec["task"]]
-        result = {"backend": backend(spec["runtime"], spec.get("dtype")), **measure(spec)}
+        measure = TASKS[spec["task"]]
+        result = {"backend": backend(spec["runtime"], spec.get("dtype")), **measure(spec, progress)}
     result["wall_s"] = time.perf_counter() - start
     result["ld_preload"] = os.environ.get("LD_PRELOAD", "")
     Path(result_path).write_text(json.dumps(result, indent=2, default=_plain))

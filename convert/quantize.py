@@ -39,13 +39,22 @@ class ErrorStats:
         return {"mean_abs": self.mean, "max_abs": self.max, "weights": self.count}
 
 
+def quantize_weight(
+    block: mx.array, spec: QuantSpec, dtype: str
+) -> tuple[mx.array, mx.array, mx.array]:
+    """What is stored for float32 rows `block` (rows, width): the packed weight, and the scales and
+    biases in the stored float type `dtype` (lazy). Every quantized tensor of a conversion is made
+    by this function, so a caller that needs the same weights in memory calls it too."""
+    packed, scales, biases = mx.quantize(block, spec.group_size, spec.bits, mode=MODE)
+    return packed, scales.astype(MX_DTYPES[dtype]), biases.astype(MX_DTYPES[dtype])
+
+
 def quantize_block(
     name: str, block: mx.array, spec: QuantSpec, dtype: str, stats: ErrorStats
 ) -> list[np.ndarray]:
     """(packed weight, scales, biases) of `block` (rows, width); the error is measured against the
     scales and biases as stored in `dtype`, i.e. exactly what the loaded model will compute with."""
-    packed, scales, biases = mx.quantize(block, spec.group_size, spec.bits, mode=MODE)
-    scales, biases = scales.astype(MX_DTYPES[dtype]), biases.astype(MX_DTYPES[dtype])
+    packed, scales, biases = quantize_weight(block, spec, dtype)
     restored = mx.dequantize(
         packed,
         scales.astype(mx.float32),

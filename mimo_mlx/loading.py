@@ -105,9 +105,22 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
     config = ModelConfig.from_hf(raw)
     weights = read_safetensors(folder, raw)
     weights = sanitize(weights, detect_layout(weights, raw), config.text.tie_word_embeddings)
-    model = Model(config)
+    return model_from_weights(raw, weights, folder, dtype=dtype, lazy=lazy)
+
+
+def model_from_weights(
+    raw: dict,
+    weights: dict[str, mx.array],
+    where: Path,
+    dtype: str | mx.Dtype | None = None,
+    lazy: bool = False,
+) -> Model:
+    """The model for config.json's contents `raw` and `weights` already under this package's names
+    and layouts (quantized ones with their scales and biases, as `raw["quantization"]` says),
+    checked as `load_model` checks a folder (`where` names the weights in its messages)."""
+    model = Model(ModelConfig.from_hf(raw))
     quantize_like(model, weights, raw.get("quantization"))
-    check_weights(model, weights, folder)
+    check_weights(model, weights, where)
     if dtype is not None:
         target = DTYPES[dtype] if isinstance(dtype, str) else dtype
         weights = {

@@ -2,6 +2,8 @@
 
 All three runtimes (mimo-mlx, mlx-vlm, transformers), both variants, the decode-overhead loop, the op
 count and the kernel bounds run for real; the checks are on the files written, not on timings.
+It is the path a full-scale GPU run takes: the weights drawn in a worker, the 4-bit variants made
+in memory, every worker under a time limit within a time budget.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ def results(tmp_path_factory) -> Path:
     command = [
         sys.executable, "-m", "benchmarks.run", "--scale", "tiny", "--sizes", "448",
         "--runs", "1", "--warmup", "0", "--decode-tokens", "4", "--text-tokens", "8",
-        "--no-openblas", "--cache", str(root / "cache"), "--out", str(out),
+        "--no-openblas", "--cache", str(root / "cache"), "--out", str(out), "--time-budget", "900",
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    for phase in ("weights", "kernel bounds", "vision", "generate", "prompt lookup", "report"):
+        assert f"] == {phase}: " in done.stderr  # each phase's time, printed as it ends
     return out
 
 
@@ -58,13 +62,34 @@ def test_json_holds_every_measurement(results):
         assert generate[key]["host_syncs"]["per_decode_step"] >= 1
     assert report["kernel_bounds"]["mlx"]["matmul_gflops_f32"]
     assert any(s["runtime"] == "torch" and s["variant"] == "4bit" for s in report["skipped"])
+    assert report["weights"]["made"] and report["weights"]["parameters"] > 0
+    assert {"weights", "kernel bounds", "vision", "generate"} <= report["phases_s"].keys()
+    for key in ("mimo-mlx/4bit", "mlx-vlm/4bit"):  # quantized in memory, by each one's recipe
+        assert generate[key]["recipe"] and generate[key]["quantized_fingerprint"]
+    fingerprints = {generate[k]["quantized_fingerprint"] for k in ("mimo-mlx/4bit", "mlx-vlm/4bit")}
+    assert len(fingerprints) == 1  # the same 4-bit weights in both runtimes
+    assert generate["mimo-mlx/float"]["quantized_fingerprint"] is None
+    copy = report["kernel_bounds"]["mlx"]["copy"]["bytes_per_s"]
+    assert copy > 0
+    bandwidth = report["decode_bandwidth"]
+    assert set(bandwidth) == expected
+    for key, row in bandwidth.items():
+        step = generate[key]["decode_step_s"]["median"]
+        assert row["fraction_of_copy"] == row["bytes_per_token"]["total"] / step / copy
+    assert bandwidth["mimo-mlx/4bit"]["bytes_per_token"]["weights"] < (
+        bandwidth["mimo-mlx/float"]["bytes_per_token"]["weights"] / 2
+    )
+    assert bandwidth["mimo-mlx/float"]["kernels_step_s"] > 0
 
 
 def test_markdown_and_chart_are_written(results):
     text = (results / "results.md").read_text()
     headings = ("## Vision tower", "## Generation", "## Decode overhead", "## Host syncs")
+    headings += ("## Decode against the bandwidth limit", "## A forward pass over k tokens")
+    headings += ("## Where prompt lookup's decode time went",)
     for heading in (*headings, "## Targets"):
         assert heading in text
+    assert "identical in mimo-mlx and mlx-vlm" in text and "Phases: weights " in text
     pytest.importorskip("matplotlib")
     assert (results / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

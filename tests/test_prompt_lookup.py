@@ -7,6 +7,10 @@ partly and wholly accepted drafts are all verified (the default policy drafts on
 lookup has been right). Sampling: a chi-square test of the first two tokens against the exact
 warped distribution (see `test_sampled_tokens_follow_the_warped_distribution`).
 
+Draft lengths follow the pass cost measured on the device (`generation.pass_cost`); these tests
+give a flat cost (every pass as cheap as one step), so what they check never depends on timings;
+test_pass_cost.py checks the sizing and the measurement.
+
 Copying is measured on `benchmarks.lookup.follow_chain` models: a tiny random model whose greedy
 choice after each token is a fixed successor, so a prompt holding the successor chain is copied.
 """
@@ -26,6 +30,7 @@ from benchmarks.lookup import chain, follow_chain, text_limit
 from mimo_mlx import MimoError, load_model
 from mimo_mlx.generation.lookup import MISS_LIMIT, NgramIndex, PromptLookup, accepted_count
 from mimo_mlx.generation.loop import generate_step, lookup_generate_step
+from mimo_mlx.generation.pass_cost import PassCost
 from mimo_mlx.generation.sampling import (
     apply_repetition_penalty,
     make_logits_processors,
@@ -34,6 +39,7 @@ from mimo_mlx.generation.sampling import (
 )
 
 IMAGE = TOKENS["image_token_id"]
+FLAT = PassCost.flat(11)  # drafts as long as the options allow, whatever the machine's load
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +63,7 @@ def plain(model, ids, vision=None, tokens=32, **kwargs):
 
 def looked_up(model, ids, vision=None, tokens=32, lookup=None, **kwargs):
     """lookup_generate_step's (tokens, log-probs, from_draft flags), the cache and the lookup."""
-    lookup = lookup or PromptLookup()
+    lookup = lookup or PromptLookup(cost=FLAT)
     cache = model.make_cache()
     prompt = model.prepare_prompt(ids, **(vision or {}), cache=cache)
     steps = lookup_generate_step(
@@ -70,7 +76,7 @@ def looked_up(model, ids, vision=None, tokens=32, lookup=None, **kwargs):
 
 def forced() -> PromptLookup:
     """A lookup that verifies a draft at every step where one is found (no backoff)."""
-    lookup = PromptLookup()
+    lookup = PromptLookup(cost=FLAT)
     lookup.drafting = True
     return lookup
 
@@ -216,7 +222,7 @@ def test_a_long_prompt_in_chunks_and_a_second_turn(chain_model):
     model, successor = chain_model
     ids, vision, links = copy_prompt(model, successor, answer=100, seed=3)
     tokens, _, cache = plain(model, ids, vision, tokens=100, prefill_step_size=7)
-    lookup = PromptLookup()
+    lookup = PromptLookup(cost=FLAT)
     ours, _, _, our_cache, _ = looked_up(
         model, ids, vision, tokens=100, lookup=lookup, prefill_step_size=7
     )
@@ -224,7 +230,7 @@ def test_a_long_prompt_in_chunks_and_a_second_turn(chain_model):
     turn = np.array([[7, 8, 9, links[0]]])  # text quoting the chain again
     context = np.concatenate([ids[0], tokens, turn[0]])
     expected = [t for t, _ in generate_step(turn, model, max_tokens=60, prompt_cache=cache)]
-    second = PromptLookup()
+    second = PromptLookup(cost=FLAT)
     steps = lookup_generate_step(
         turn, model, lookup=second, context=context, max_tokens=60, prompt_cache=our_cache
     )

@@ -3,6 +3,8 @@
 The model is a tiny checkpoint with the chat template and tokenizer, made to copy in memory
 (`benchmarks.lookup.follow_chain`): the prompt quotes the chain its answer follows, so drafts are
 accepted and the stats are not vacuous. The output must equal the output without lookup.
+The pass cost that sizes the drafts is a flat one here (`flat_cost`), so drafting never depends
+on the machine's load; test_pass_cost.py measures it for real.
 """
 
 from __future__ import annotations
@@ -19,9 +21,25 @@ from mimo_mlx import MimoError
 from mimo_mlx.cli import main as cli
 from mimo_mlx.conversation.conversation import Conversation
 from mimo_mlx.conversation.vision_cache import VisionCache
+from mimo_mlx.generation import loop
 from mimo_mlx.generation.loop import generate, stream_generate
+from mimo_mlx.generation.pass_cost import PassCost
 
 STATS = re.compile(r"prompt lookup: (\d+) of (\d+) drafted tokens accepted")
+
+
+@pytest.fixture(autouse=True)
+def flat_cost(monkeypatch) -> list[int]:
+    """Lookup measures the pass cost at its first draft: here every pass costs one step. Returns
+    the row counts it was asked for, one entry per measurement."""
+    asked = []
+
+    def measure(model, rows):
+        asked.append(rows)
+        return PassCost.flat(rows)
+
+    monkeypatch.setattr(loop, "measure_pass_cost", measure)
+    return asked
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +86,15 @@ def test_conversation_with_lookup_answers_every_turn_the_same(copier, images):
         ]
     assert [a.tokens for a in answers[True]] == [a.tokens for a in answers[False]]
     assert all(a.stats.accepted_tokens > 0 for a in answers[True])
+
+
+def test_a_conversation_measures_the_pass_cost_once(copier, flat_cost):
+    model, processor, prompt = copier
+    chat = Conversation(model, processor, vision_cache=VisionCache(), max_pixels=MAX_PIXELS)
+    assert chat.lookup_cost is None
+    for text in (prompt, "Once more, the same text.", "And again."):
+        chat.ask(text, max_tokens=30, prompt_lookup=True, prompt_lookup_num_tokens=6)
+    assert flat_cost == [7] and chat.lookup_cost == PassCost.flat(7)  # 6 drafted + 1 own token
 
 
 def test_stopping_inside_a_draft_counts_only_what_was_given(copier):

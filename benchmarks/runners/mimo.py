@@ -13,6 +13,7 @@ from mimo_mlx.generation.sampling import make_sampler
 from mimo_mlx.loading import load_model
 from mimo_mlx.model.mimo_vl import Model
 
+from .. import recipes
 from . import mlx_common
 from .base import MemoryReading
 
@@ -21,6 +22,15 @@ def lazy_model(folder: Path, dtype: str) -> Model:
     """mimo-mlx's model with weights read only when first used, so a caller can materialize the
     vision tower alone (the full float32 decoder does not fit in 24 GB; the tower does)."""
     return load_model(folder, dtype=dtype, lazy=True)
+
+
+def load_variant(folder: Path, dtype: str, recipe: str | None = None) -> Model:
+    """The whole model, evaluated: the folder as it is, or quantized in memory by `recipe`."""
+    if recipe is not None and recipe != recipes.MIMO_4BIT:
+        raise ValueError(f"mimo-mlx makes its 4-bit variant with {recipes.MIMO_4BIT}, not {recipe}")
+    loaded = recipes.mimo_4bit(folder, dtype) if recipe else lazy_model(folder, dtype)
+    mx.eval(loaded.parameters())
+    return loaded
 
 
 class Vision:
@@ -43,9 +53,8 @@ class Vision:
 
 
 class Generate:
-    def __init__(self, folder: Path, dtype: str):
-        self.model = lazy_model(folder, dtype)
-        mx.eval(self.model.parameters())
+    def __init__(self, folder: Path, dtype: str, recipe: str | None = None):
+        self.model = load_variant(folder, dtype, recipe)
         self.sampler = make_sampler(0.0)
 
     def generate(

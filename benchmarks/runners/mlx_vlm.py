@@ -10,6 +10,7 @@ import numpy as np
 from mlx_vlm.generate.ar import generate_step
 from mlx_vlm.utils import load_model
 
+from .. import recipes
 from . import mlx_common
 from .base import MemoryReading
 
@@ -42,8 +43,10 @@ class Vision:
 
 
 class Generate:
-    def __init__(self, folder: Path, dtype: str):
-        self.model = lazy_model(folder, dtype)
+    def __init__(self, folder: Path, dtype: str, recipe: str | None = None):
+        if recipe is not None and recipe != recipes.MLX_VLM_4BIT:
+            raise ValueError(f"mlx-vlm makes its 4-bit variant with {recipes.MLX_VLM_4BIT}")
+        self.model = recipes.mlx_vlm_4bit(folder, dtype) if recipe else lazy_model(folder, dtype)
         mx.eval(self.model.parameters())
 
     def generate(

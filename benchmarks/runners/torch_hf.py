@@ -111,7 +111,9 @@ class _Timestamps(BaseStreamer):
 
 
 class Generate:
-    def __init__(self, folder: Path, dtype: str | None = None):
+    def __init__(self, folder: Path, dtype: str | None = None, recipe: str | None = None):
+        if recipe is not None:
+            raise ValueError("transformers runs the float weights only")
         self.device, self.dtype = pick_device()
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             folder, dtype=self.dtype, attn_implementation=ATTENTION

@@ -36,6 +36,7 @@ from ..generation.loop import (
     make_constraint,
     stream_prompt,
 )
+from ..generation.pass_cost import PassCost
 from ..generation.sampling import LogitsProcessor, Sampler
 from ..inputs.messages import Message, with_media
 from ..inputs.processor import ImageInput, ModelInputs, PreparedMedia, Processor, _as_list
@@ -97,6 +98,7 @@ class Conversation:
             raise MimoError(f"max_kv_size must be between 1 and the model's context, {context}")
         self.max_kv_size = max_kv_size or context
         self.drop_old_turns = drop_old_turns
+        self.lookup_cost: PassCost | None = None  # measured by the first turn that drafts
         self.reset()
 
     def reset(self) -> None:
@@ -282,7 +284,7 @@ class Conversation:
                 raise MimoError("give json_schema or output_format, not both")
             output_format = json_format(json_schema)
         started = time.perf_counter() if started is None else started
-        lookup = PromptLookup.from_options(pop_lookup_options(sampling))
+        lookup = PromptLookup.from_options(pop_lookup_options(sampling), cost=self.lookup_cost)
         sampler, logits_processors = _sampling(
             SamplingOptions(**sampling), sampler, logits_processors
         )
@@ -318,6 +320,8 @@ class Conversation:
                 generated.append(response.token)
                 yield response
         finally:
+            if lookup is not None:
+                self.lookup_cost = lookup.cost  # the next turns need not measure it again
             # Whatever happened (done, stopped early, interrupted anywhere), the cache holds a
             # prefix of this prompt and the answer as far as it got; the history says the same.
             self._tokens = np.concatenate([identity, generated])

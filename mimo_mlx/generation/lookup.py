@@ -16,6 +16,12 @@ deterministic draft d that is the standard speculative rule: d is accepted with 
 and on rejection the token is distributed as p with d removed and renormalized. Greedy: the argmax,
 token for token.
 
+How long a draft is depends on what a pass over more tokens costs on this device (`pass_cost`):
+the first time a draft is wanted the cost is measured (or the caller gives it), and each draft is
+as long as the expected tokens per unit of cost are highest, for the acceptance rate seen so far.
+Where no draft length can pay (MLX's CPU 4-bit matmul costs a decode step per row) the lookup
+never drafts: decoding is plain decoding and costs what it costs without lookup.
+
 When drafts keep failing (`MISS_LIMIT` verifications in a row with nothing accepted) drafting stops:
 decoding goes on as plain pipelined steps, and the lookup is only tried on the host against the
 tokens as they come (a free probe). Once it would have been right `HIT_LIMIT` times in a row,
@@ -26,6 +32,7 @@ a draft needs the token on the host first, so a step that verifies waits for its
 
 from __future__ import annotations
 
+import time
 import warnings
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
@@ -36,9 +43,11 @@ import mlx.nn as nn
 from ..model.backend import device_kind, release_cache
 from ..model.cache import PromptCache
 from ..options import LookupOptions
+from .pass_cost import PassCost
 
 MISS_LIMIT = 2  # verifications in a row that accept nothing before drafting stops
 HIT_LIMIT = 2  # host-side lookups in a row that would have been right before it resumes
+PRIOR = (3, 1)  # accepted and rejected drafts assumed before any is verified: acceptance 0.75
 
 Step = Callable[..., tuple[mx.array, mx.array]]
 """step(history, input_ids=(1, L)) -> (token sampled after each input (L,), log-probs (L, vocab)),
@@ -129,23 +138,33 @@ class PromptLookup:
     passes: forward passes that produced tokens (the prompt's last one included), so
     tokens / passes is the tokens per pass; verifications: passes that checked a draft.
     `drafting` starts False (watching); set it before decoding to verify from the first token.
+    `cost` sizes the drafts (`pass_cost.PassCost`); None: measured when a draft is first wanted
+    (by `decode`'s `measure`), then kept, so a caller can hand it to the next turn's lookup.
+    `seconds` says where the time went: drafting (host lookups), verifying (from queueing a
+    verification pass to its tokens on the host), trimming (the cache), measuring (the cost).
     """
 
-    def __init__(self, num_tokens: int = 10, ngram_size: int = 2) -> None:
+    def __init__(
+        self, num_tokens: int = 10, ngram_size: int = 2, cost: PassCost | None = None
+    ) -> None:
         LookupOptions(prompt_lookup_num_tokens=num_tokens, max_matching_ngram_size=ngram_size)
-        self.num_tokens, self.ngram_size = num_tokens, ngram_size
+        self.num_tokens, self.ngram_size, self.cost = num_tokens, ngram_size, cost
         self.drafted = self.accepted = self.passes = self.verifications = 0
+        self.confirmed, self.rejected = PRIOR  # draft tokens confirmed, drafts cut short
+        self.seconds = dict.fromkeys(("drafting", "verifying", "trimming", "measuring"), 0.0)
         self.drafting = False  # start by watching: nothing is drafted until lookups prove right
         self.misses = self.hits = 0
         self.index = NgramIndex(ngram_size)
         self._prediction: tuple[int, int] | None = None  # (token, where it was copied from)
 
     @classmethod
-    def from_options(cls, options: LookupOptions) -> PromptLookup | None:
-        """The lookup the options ask for; None when they leave it off."""
+    def from_options(
+        cls, options: LookupOptions, cost: PassCost | None = None
+    ) -> PromptLookup | None:
+        """The lookup the options ask for (drafts sized by `cost`); None when they leave it off."""
         if not options.enabled:
             return None
-        return cls(num_tokens=options.num_tokens, ngram_size=options.ngram_size)
+        return cls(num_tokens=options.num_tokens, ngram_size=options.ngram_size, cost=cost)
 
     def begin(self, context: Iterable[int], blocked: Iterable[int] = ()) -> None:
         """Index the tokens already seen (the whole prompt, earlier turns included); `blocked`
@@ -162,12 +181,16 @@ class PromptLookup:
         cache: PromptCache,
         max_tokens: int,
         history: mx.array | None = None,
+        measure: Callable[[int], PassCost] | None = None,
     ) -> Iterator[tuple[int, mx.array, bool]]:
         """Yield (token, log-probabilities, from_draft) for up to `max_tokens` tokens, starting
         with `token` (1,) / `logprobs` (1, vocab) from the prompt's last pass (not yet fed).
+        `measure(rows)` gives the pass cost when none was given (without either, drafts are
+        `num_tokens` long).
 
         If the caller stops early, the cache is trimmed to hold no token it was not given.
         """
+        clock = time.perf_counter
         # `token` is always the model's own choice (from the prompt, a plain step, or the one
         # after a verified draft); accepted draft tokens go straight to `pending`.
         start, yielded, pending, verify = cache.offset, 0, [], self.drafting
@@ -178,19 +201,26 @@ class PromptLookup:
                 more, draft, source = decided < max_tokens, [], -1
                 if verify:  # read this token first: the draft continues it
                     value = token.item()
+                    if more and self.cost is None and measure is not None:
+                        self._measure(measure)
+                    began = clock()
                     self.index.append(value)
                     if more:
-                        limit = min(self.num_tokens, max_tokens - decided - 1)
+                        limit = self._limit(max_tokens - decided - 1)
                         draft, source = self.index.propose(limit)
+                    self.seconds["drafting"] += clock() - began
                 if more:  # one pass: this token and the draft (plain: queued before the read)
                     if history is not None:
                         history = mx.concatenate([history, token.astype(history.dtype)])
                     inputs = mx.array([[value, *draft]]) if draft else token[:, None]
+                    queued_at = clock()
                     queued = step(history, input_ids=inputs)  # being evaluated
                     self.passes += 1
                 if not verify:
                     value = token.item()
+                    began = clock()
                     verify = self._watch(value)
+                    self.seconds["drafting"] += clock() - began
                 elif not draft:
                     verify = False  # nothing to copy here: plain steps from now on
                 pending.append((value, logprobs[0], False))
@@ -207,8 +237,11 @@ class PromptLookup:
                     continue
                 sampled, rows = queued
                 chosen = sampled.tolist()
+                began = clock()
+                self.seconds["verifying"] += began - queued_at
                 count = accepted_count(draft, chosen)
                 cache.trim(len(draft) - count)  # the rejected tail, rotary bookkeeping included
+                self.seconds["trimming"] += clock() - began
                 self._verified(len(draft), count, source)
                 for i in range(count):
                     self.index.append(draft[i])
@@ -222,9 +255,34 @@ class PromptLookup:
             if excess > 0:
                 cache.trim(excess)
 
+    def _measure(self, measure: Callable[[int], PassCost]) -> None:
+        """Measure the pass cost (once); say so if no draft can pay here."""
+        began = time.perf_counter()
+        self.cost = measure(self.num_tokens + 1)
+        self.seconds["measuring"] += time.perf_counter() - began
+        if not self.cost.pays:
+            rows = len(self.cost.ratios)
+            warnings.warn(
+                f"prompt lookup drafts nothing here: a pass over {rows} tokens costs "
+                f"{self.cost.ratios[-1]:.1f} decode steps on this device (measured), so no "
+                "draft can be faster; decoding goes on as without it",
+                stacklevel=4,
+            )
+
+    def _limit(self, room: int) -> int:
+        """How many tokens to draft now, at most `room`: the length the pass cost and the
+        acceptance so far favour."""
+        limit = min(self.num_tokens, room)
+        if self.cost is None:
+            return limit
+        acceptance = self.confirmed / (self.confirmed + self.rejected)
+        return self.cost.draft_length(acceptance, limit)
+
     def _verified(self, drafted: int, accepted: int, source: int) -> None:
         """Count a verification; after MISS_LIMIT that accept nothing, stop drafting."""
         self.drafted += drafted
+        self.confirmed += accepted
+        self.rejected += accepted < drafted
         self.verifications += 1
         self.index.cursor = source + accepted + 1
         self.misses = self.misses + 1 if accepted == 0 else 0
@@ -243,7 +301,8 @@ class PromptLookup:
             self.hits = self.hits + 1 if token == guess else 0
             self.index.cursor = source + 1
         self.index.append(token)
-        if not self.drafting and self.hits >= HIT_LIMIT:
+        never = self.cost is not None and not self.cost.pays  # no draft can pay on this device
+        if not self.drafting and self.hits >= HIT_LIMIT and not never:
             self.drafting, self.misses = True, 0
         found = self._predict()
         return self.drafting and found

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,6 +31,7 @@ from ..options import (
 )
 from .constrained import Constraint, OutputFormat, Thinking, json_format
 from .lookup import PromptLookup, warn_if_no_faster
+from .pass_cost import measure_pass_cost
 from .sampling import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler
 
 DEFAULT_PREFILL_STEP = 512
@@ -135,7 +137,9 @@ def lookup_generate_step(
     with generation_settings(model) as stream:
         step = _stepper(model, cache, sampler, processors, stream, constraint)
         token, logprobs = _prefill(prompt, model, cache, step, history, prefill_step_size, stream)
-        yield from lookup.decode(step, token, logprobs, cache, max_tokens, history)
+        yield from lookup.decode(
+            step, token, logprobs, cache, max_tokens, history, partial(measure_pass_cost, model)
+        )
 
 
 def _history(prompt: Prompt, context, processors) -> mx.array | None:

@@ -44,4 +44,17 @@ def section(report: dict) -> list[str]:
             "tokens / TTFT, decode tok/s = (tokens - 1) / (last - first token time). "
             f"Greedy tokens equal to mimo-mlx's of the same variant: {same}.",
         ]
+    ours, theirs = (
+        res.get(k, {}).get("quantized_fingerprint") for k in ("mimo-mlx/4bit", "mlx-vlm/4bit")
+    )
+    if ours and theirs:
+        lines.append(
+            "4-bit weights (quantized in memory by each converter's default recipe): "
+            + ("identical in mimo-mlx and mlx-vlm." if ours == theirs else "they DIFFER.")
+        )
+    lines += [
+        f"{key} failed: {entry['error']} (see work/generate-{key.replace('/', '-')}.log)"
+        for key, entry in res.items()
+        if "error" in entry
+    ]
     return lines

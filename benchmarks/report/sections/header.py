@@ -18,7 +18,8 @@ def section(report: dict) -> list[str]:
         f"# mimo-mlx benchmark: scale `{report['scale']}`",
         "",
         f"`{report['command']}` at {report['started_utc']}, commit `{commit}`"
-        + (" (uncommitted changes)" if report["git"]["dirty"] else ""),
+        + (" (uncommitted changes)" if report["git"]["dirty"] else "")
+        + (" (as prepared: no git on this machine)" if report["git"].get("from") else ""),
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, {m['os']}.",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".",
@@ -31,4 +32,26 @@ def section(report: dict) -> list[str]:
             if s.get("rounds", 1) > 1
             else "."
         ),
+        *_timing(report),
     ]
+
+
+def _timing(report: dict) -> list[str]:
+    """How the weights were made and how long each phase took."""
+    lines = []
+    made = report.get("weights") or {}
+    if made.get("made"):
+        lines.append(
+            f"Weights: {made['parameters'] / 1e6:,.0f} M parameters drawn on {made['device']} "
+            f"and written ({made['bytes'] / 1e6:,.0f} MB) in {made['seconds']:.1f} s."
+        )
+    if phases := report.get("phases_s"):
+        total = sum(phases.values())
+        budget = report.get("time_budget_s")
+        lines.append(
+            "Phases: "
+            + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items())
+            + f"; {total:.0f} s in all"
+            + (f" (time budget {budget:.0f} s)." if budget else ".")
+        )
+    return lines
