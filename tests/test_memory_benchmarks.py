@@ -30,3 +30,34 @@ def test_the_default_video_is_65536_patches():
 def test_vision_memory_refuses_an_image_and_a_video():
     result = CliRunner().invoke(vision_memory.main, ["--size", "448", "--video", "4"])
     assert result.exit_code != 0 and "not both" in result.output
+
+
+def test_vision_memory_one_graph_is_the_before_of_the_same_pass(tmp_path):
+    """--schedule one-graph measures the pass as one lazy graph (before #22), warmed up and timed
+    over --runs passes, so a GPU run can set it beside the backend's schedule."""
+    out = tmp_path / "one-graph.json"
+    result = CliRunner().invoke(
+        vision_memory.main,
+        [
+            "--size",
+            "56",
+            "--depth",
+            "1",
+            "--schedule",
+            "one-graph",
+            "--runs",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    measured = json.loads(out.read_text())
+    assert measured["schedule_name"] == "one-graph"
+    assert measured["schedule"] == {
+        "group_patches": 0,
+        "blocks_per_eval": 0,
+        "rows": 0,
+        "score_budget": 0,
+    }
+    assert len(measured["runs_s"]) == 2 and min(measured["runs_s"]) <= measured["seconds"]
