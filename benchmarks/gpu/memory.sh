@@ -12,7 +12,7 @@ python=${PYTHON:-python3}
 measure() {
   local name=$1 started=$SECONDS
   shift
-  if timeout 150 "$python" -m "$@" --out "$out/$name.json" >"$out/$name.log" 2>&1; then
+  if timeout "${LIMIT:-60}" "$python" -m "$@" --out "$out/$name.json" >"$out/$name.log" 2>&1; then
     echo "memory: $name in $((SECONDS - started)) s"
   else
     echo "memory: $name FAILED (exit $?) after $((SECONDS - started)) s: $(tail -n 1 "$out/$name.log")"
