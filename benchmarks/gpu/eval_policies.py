@@ -1,0 +1,164 @@
+"""How a vision pass evaluated as it goes spends time and memory, by evaluation policy, on this
+backend: `python -m benchmarks.gpu.eval_policies --out policies.json`.
+
+The tower's schedule (`vision.encode`) evaluates the hidden states after every few blocks so that a
+GPU backend, which frees a buffer only once the command using it has completed, does not hold every
+block's intermediates at once. Each evaluation is a host sync: the device idles while the host
+builds the next stretch's graph. This probe runs MiMo-VL's full-width tower (random weights) at a
+few image sizes under several policies, each pass through the tower's own pieces (`layout`,
+`embed`, `plan`, the blocks' `__call__`, `merge`), and reports the median time and the peak above
+the weights:
+
+- one-graph: the whole pass as one lazy graph (before #22);
+- sync-N: `mx.eval` after every N blocks (what `encode` does with blocks_per_eval=N);
+- sync-N+synchronize: the same, then `mx.synchronize()` (every command completed, so every freed
+  buffer returned, before the next stretch is built);
+- lag-N: `mx.async_eval` after every N blocks, then wait for the stretch before it: the device
+  runs one stretch while the host builds the next, at most two in flight;
+- block: one block alone (a windowed and a full-attention one) over an evaluated input, the least
+  any whole-block schedule can hold.
+
+A policy that fails is recorded with its error and the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mimo_mlx.model.backend import device_kind
+from mimo_mlx.model.config import VisionConfig
+from mimo_mlx.model.vision import VisionModel
+
+from ..machine import git_state, machine_info, versions
+from ..vision_memory import pass_grid
+
+
+def run_pass(tower: VisionModel, pixels: mx.array, grid: np.ndarray, policy: str, every: int):
+    """One pass under `policy`, evaluated; returns nothing (the features are dropped)."""
+    if policy == "one-graph":
+        mx.eval(tower(pixels, grid))
+        return
+    layout = tower.layout(grid)
+    x = tower.embed(pixels, layout)
+    previous, last = None, len(tower.blocks) - 1
+    for i, block in enumerate(tower.blocks):
+        x = block(x, layout.cos, layout.sin, tower.plan(i, layout))
+        if (i + 1) % every or i == last:
+            continue
+        if policy == "lag":
+            mx.async_eval(x)
+            if previous is not None:
+                mx.eval(previous)
+            previous = x
+        else:
+            mx.eval(x)
+            if policy == "sync+synchronize":
+                mx.synchronize()
+    mx.eval(tower.merge(x, layout))
+
+
+def measure(tower, pixels, grid, weights: int, runs: int, policy: str, every: int) -> dict:
+    run_pass(tower, pixels, grid, policy, every)  # warm-up: kernels compiled, buffers sized
+    seconds, peak = [], 0
+    for _ in range(runs):
+        mx.synchronize()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        run_pass(tower, pixels, grid, policy, every)
+        seconds.append(time.perf_counter() - start)
+        peak = max(peak, mx.get_peak_memory())
+    return {
+        "seconds": float(np.median(seconds)),
+        "runs_s": seconds,
+        "above_weights": peak - weights,
+    }
+
+
+def block_alone(tower, pixels, grid, weights: int, index: int) -> dict:
+    """Peak of block `index` alone over its evaluated input (and the layout's tables)."""
+    layout = tower.layout(grid)
+    x = tower.embed(pixels, layout)
+    mx.eval(x, layout.cos, layout.sin)
+    plan = tower.plan(index, layout)
+    mx.eval(tower.blocks[index](x, layout.cos, layout.sin, plan))  # warm-up
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    start = time.perf_counter()
+    mx.eval(tower.blocks[index](x, layout.cos, layout.sin, plan))
+    seconds = time.perf_counter() - start
+    return {
+        "block": index,
+        "seconds": seconds,
+        "above_input": mx.get_peak_memory() - before,
+        "input_bytes": x.nbytes,
+    }
+
+
+@click.command()
+@click.option("--sizes", default="448,1024,1344", show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--depth", type=click.IntRange(min=1), help="Blocks (default: MiMo-VL's 32).")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the results here as JSON.")
+def main(sizes: str, runs: int, depth: int | None, out: Path | None) -> None:
+    """Time and peak memory of one vision pass under several evaluation policies."""
+    config = VisionConfig()
+    if depth is not None:
+        config = VisionConfig(depth=depth, fullatt_block_indexes=tuple(range(3, depth, 4)))
+    dtype = mx.float32 if device_kind() == "cpu" else mx.bfloat16
+    tower = VisionModel(config)
+    tower.set_dtype(dtype)
+    mx.eval(tower.parameters())
+    weights = sum(v.nbytes for _, v in tree_flatten(tower.parameters()))
+    policies = [("one-graph", 0), ("sync", 1), ("sync", 2), ("sync", 4), ("sync+synchronize", 1)]
+    policies += [("lag", 1), ("lag", 2), ("lag", 4)]
+    results = []
+    for size in (int(s) for s in sizes.split(",")):
+        grid = pass_grid(size, None)
+        patches = int(np.prod(grid))
+        pixels = mx.random.normal((patches, config.patch_dim)).astype(dtype)
+        mx.eval(pixels)
+        for policy, every in policies:
+            name = policy if policy == "one-graph" else f"{policy}-{every}"
+            try:
+                row = measure(tower, pixels, grid, weights, runs, policy, every or 1)
+            except Exception as err:  # noqa: BLE001 - a probe records any failure and goes on
+                row = {"error": f"{type(err).__name__}: {err}"}
+            results.append({"size": size, "patches": patches, "policy": name, **row})
+            click.echo(json.dumps(results[-1]), err=True)
+        for index in sorted({0, *config.fullatt_block_indexes[:1]}):
+            try:
+                row = block_alone(tower, pixels, grid, weights, index)
+            except Exception as err:  # noqa: BLE001
+                row = {"block": index, "error": f"{type(err).__name__}: {err}"}
+            results.append({"size": size, "patches": patches, "policy": "block", **row})
+            click.echo(json.dumps(results[-1]), err=True)
+        del pixels
+    report = {
+        "command": " ".join(["python -m benchmarks.gpu.eval_policies", *sys.argv[1:]]),
+        "machine": machine_info(),
+        "versions": versions(),
+        "git": git_state(),
+        "device": device_kind(),
+        "dtype": str(dtype),
+        "depth": config.depth,
+        "vision_weight_bytes": weights,
+        "results": results,
+    }
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
