@@ -200,7 +200,7 @@ def test_a_video_past_its_token_budget_comes_with_a_note(folder, tmp_path):
 
 def test_an_image_as_a_video_is_refused(folder, photo):
     result = run("--model", folder, "--video", photo, "--prompt", "x")
-    assert result.exit_code == 1 and "pass it with --image" in result.output
+    assert result.exit_code == 1 and "not a video: give it as an image" in result.output
 
 
 def test_a_folder_as_an_image_is_refused(folder, tmp_path):

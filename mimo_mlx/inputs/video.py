@@ -384,7 +384,7 @@ def read_video(
     """
     source = Path(source)
     if source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
-        raise MimoError(f"{source} is an image, not a video: pass it with --image (images=[...])")
+        raise MimoError(f"{source} is an image, not a video: give it as an image")
     limits = pixel_range(config, min_pixels, max_pixels, VIDEO_PIXEL_NAMES)
     if fps <= 0 or max_frames < 1:
         raise MimoError(f"need fps > 0 and max_frames >= 1, got fps={fps}, max_frames={max_frames}")
