@@ -218,3 +218,36 @@ def test_sixteen_bit_images_scale_the_same_way_when_shrunk():
         Image.fromarray(values), "PNG", max_pixels=224 * 168
     )
     assert np.abs(unnormalized(pixels) - unnormalized(exact_pixels)).mean() < 1.0
+
+
+def modes_to_convert() -> dict[str, Image.Image]:
+    base = picture(400, 300)
+    rgba = base.copy()
+    rgba.putalpha(Image.linear_gradient("L").resize(base.size))
+    palette = base.convert("P")
+    palette.info["transparency"] = 3
+    deep = Image.fromarray(np.linspace(0, 65535, 400 * 300).reshape(300, 400).astype(np.uint16))
+    return {
+        "RGB": base,
+        "RGBA": rgba,
+        "LA": rgba.convert("LA"),
+        "P": palette,
+        "L": base.convert("L"),
+        "1": base.convert("1"),
+        "I;16": deep,
+        "CMYK": base.convert("CMYK"),
+    }
+
+
+@pytest.mark.parametrize("mode", sorted(modes_to_convert()))
+def test_band_by_band_conversion_and_reduction_equal_the_whole(mode, monkeypatch):
+    """Large images are converted (and reduced) a band of rows at a time to hold less; the
+    pixels are the same as converting (reducing) the whole image at once."""
+    image = modes_to_convert()[mode]
+    whole = image_files.to_rgb(image)
+    reduced_whole = image_files._reduced(image, 3)
+    monkeypatch.setattr(image_files, "STRIP_PIXELS", 400 * 7)  # bands of 7 rows (6 when reducing)
+    np.testing.assert_array_equal(np.asarray(image_files.to_rgb(image)), np.asarray(whole))
+    np.testing.assert_array_equal(
+        np.asarray(image_files._reduced(image, 3)), np.asarray(reduced_whole)
+    )

@@ -35,6 +35,7 @@ MAX_IMAGE_PIXELS = 16384 * 16384
 phone cameras reach 200 MP (16320 x 12240); a 268 MP RGB image decodes to 0.8 GB."""
 
 MAX_ASPECT_RATIO = 200  # smart_resize's limit: thinner images cannot keep their shape on the grid
+STRIP_PIXELS = 1 << 22  # larger images are converted and reduced 4 MP of rows at a time
 REDUCING_GAP = 3
 """A shrunk decode stays at least this many times the target size on each side: PIL's own advice
 for `reducing_gap` (from 3 on, "indistinguishable from fair resampling in most cases")."""
@@ -185,16 +186,38 @@ def to_rgb(image: Image.Image, scale_deep: bool | None = None) -> Image.Image:
     white. One deliberate difference: 16/32-bit integer images holding values above 255 are
     scaled to 8 bits (x / 257) where PIL, and so transformers, would clip them to near-white
     (`scale_deep` decides instead, for an image shrunk from one whose values were looked at).
+    An image over `STRIP_PIXELS` is converted a band of rows at a time, which gives the same
+    pixels (each step is per pixel) but holds only the image, its RGB copy and one band.
     """
-    if image.mode in _SIXTEEN_BIT_MODES:
+    deep = scale_deep
+    if deep is None:
+        deep = image.mode in _SIXTEEN_BIT_MODES and image.getextrema()[1] > 255
+    width, height = image.size
+    if width * height <= STRIP_PIXELS:
+        return _to_rgb(image, deep)
+    converted = Image.new("RGB", image.size)
+    for top, bottom in _strips(width, height):
+        converted.paste(_to_rgb(image.crop((0, top, width, bottom)), deep), (0, top))
+    return converted
+
+
+def _to_rgb(image: Image.Image, deep: bool) -> Image.Image:
+    if image.mode in _SIXTEEN_BIT_MODES and deep:
         values = np.asarray(image)
-        if scale_deep if scale_deep is not None else values.size and values.max() > 255:
-            scaled = np.round(np.clip(values.astype(np.float64), 0, 65535) / 257)
-            image = Image.fromarray(scaled.astype(np.uint8))
+        scaled = np.round(np.clip(values.astype(np.float64), 0, 65535) / 257)
+        image = Image.fromarray(scaled.astype(np.uint8))
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
+
+
+def _strips(width: int, height: int, multiple: int = 1) -> Iterator[tuple[int, int]]:
+    """(top, bottom) rows of bands of about `STRIP_PIXELS`, each a multiple of `multiple` tall
+    (but the last)."""
+    rows = max(multiple, STRIP_PIXELS // width // multiple * multiple)
+    for top in range(0, height, rows):
+        yield top, min(height, top + rows)
 
 
 def check_image_size(width: int, height: int, factor: int = 28, name: str = "image") -> None:
@@ -266,15 +289,33 @@ class EncodedImage:
 
 
 def _reduced(image: Image.Image, factor: int) -> Image.Image:
-    """`image` box-reduced by `factor` (1: as it is), then RGB as `to_rgb` makes it."""
+    """`image` box-reduced by `factor` (1: as it is), then RGB as `to_rgb` makes it. The image is
+    reduced a band of rows at a time, so its converted copies are never full size: box averages
+    of bands whose heights are multiples of `factor` are the whole image's."""
     deep = image.mode in _SIXTEEN_BIT_MODES and image.getextrema()[1] > 255
-    if factor >= 2:
-        if image.mode == "1":
-            image = image.convert("L")
-        elif image.mode == "P":
-            transparent = image.info.get("transparency") is not None
-            image = image.convert("RGBA" if transparent else "RGB")
-        elif image.mode in _SIXTEEN_BIT_MODES:
-            image = image.convert("I")
-        image = image.reduce(factor)
-    return to_rgb(image, scale_deep=deep)
+    if factor < 2:
+        return to_rgb(image, scale_deep=deep)
+    width, height = image.size
+    pieces = [
+        _reducible(image.crop((0, top, width, bottom))).reduce(factor)
+        for top, bottom in _strips(width, height, multiple=factor)
+    ]
+    reduced = Image.new(pieces[0].mode, (-(-width // factor), -(-height // factor)))
+    top = 0
+    for piece in pieces:
+        reduced.paste(piece, (0, top))
+        top += piece.height
+    return to_rgb(reduced, scale_deep=deep)
+
+
+def _reducible(image: Image.Image) -> Image.Image:
+    """`image` in a mode `Image.reduce` takes: transparency as an alpha band (reduce averages
+    colours weighted by it), 1-bit as grey, 16-bit as 32-bit."""
+    if image.mode == "P" or image.info.get("transparency") is not None:
+        transparent = image.info.get("transparency") is not None or "A" in image.getbands()
+        return image.convert("RGBA" if transparent else "RGB")
+    if image.mode == "1":
+        return image.convert("L")
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return image.convert("I")
+    return image
