@@ -42,6 +42,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 DEFAULT_MAX_REQUEST_PIXELS = 2 * 8192 * 8192  # two of the largest images, ten 12 MP photos
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _VIDEO_SUFFIXES = {"mp4": ".mp4", "webm": ".webm", "quicktime": ".mov", "x-matroska": ".mkv"}
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")  # Python's default repr of an object
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,8 @@ class MediaPolicy:
 @dataclass
 class ResolvedMedia:
     """A request's messages with every `MediaRef` replaced (an `EncodedImage`, or a video path),
-    `remove()` for the temporary files made, and `scrub(message)` to take their paths out of an
-    error message."""
+    `remove()` for the temporary files made, and `scrub(message)` to take their paths (and any
+    object's repr, which shows a memory address) out of an error message."""
 
     messages: list[dict]
     temporary: dict[str, str] = field(default_factory=dict)  # path -> the request's field
@@ -78,7 +79,7 @@ class ResolvedMedia:
     def scrub(self, message: str) -> str:
         for path, param in self.temporary.items():
             message = message.replace(path, f"the video of '{param}'")
-        return message
+        return _OBJECT_REPR.sub("the data", message)
 
 
 async def resolve_media(request: ChatRequest, policy: MediaPolicy) -> ResolvedMedia:
