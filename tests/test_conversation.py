@@ -283,6 +283,9 @@ def test_a_conversation_keeps_features_not_pixels(ours, images):
     (features,) = chat._features.values()
     assert features.shape[0] == int(np.prod(media[0].grid_thw)) // 4
     assert chat.nbytes == chat.cache.nbytes + features.nbytes
+    history = chat.processor.prepare_messages([*chat.messages, {"role": "user", "content": "?"}])
+    with pytest.raises(MimoError, match="encoded by a Conversation"):  # not a model error
+        next(mimo_mlx.stream_generate(chat.model, chat.processor, "", inputs=history))
 
 
 def test_a_format_1_file_with_pixels_still_loads(ours, images, tmp_path, monkeypatch):

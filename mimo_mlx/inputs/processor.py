@@ -92,6 +92,13 @@ class ModelInputs:
     notices: tuple[str, ...] = ()  # what preparing this prompt's new media changed (a budget)
 
     def vision_kwargs(self) -> dict[str, Any]:
+        held = [m for m in self.media if m.pixel_values is None]
+        if held:
+            raise MimoError(
+                f"{len(held)} image(s) or video(s) of these inputs were encoded by a "
+                "Conversation, which keeps their features, not their pixels: continue that "
+                "conversation, or give the images themselves"
+            )
         return {
             "pixel_values": self.pixel_values,
             "image_grid_thw": self.image_grid_thw,
