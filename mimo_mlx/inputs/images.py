@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import MimoError
 from ..options import DEFAULT_MAX_PIXELS
@@ -135,15 +134,6 @@ def load_processor_config(model_dir: str | Path) -> ImageProcessorConfig:
     if not isinstance(raw, dict):
         raise MimoError(f"{path} must hold a JSON object")
     return ImageProcessorConfig.from_dict(raw)
-
-
-def undecodable(err: Exception) -> str:
-    """What PIL said about data it could not decode, in words, without the Python object it read
-    from (PIL names an in-memory file as `<_io.BytesIO object at 0x7f...>`)."""
-    if isinstance(err, UnidentifiedImageError):
-        return "its format is not one PIL reads (PNG, JPEG, WebP, GIF, BMP, TIFF, ...)"
-    text = re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(err)).strip()
-    return text or type(err).__name__
 
 
 def smart_resize(
