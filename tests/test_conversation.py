@@ -288,6 +288,21 @@ def test_a_conversation_keeps_features_not_pixels(ours, images):
         next(mimo_mlx.stream_generate(chat.model, chat.processor, "", inputs=history))
 
 
+def test_another_conversation_reuses_the_features_a_history_carries(ours, images, tmp_path):
+    """Messages taken from a conversation carry their images' features (for the model that
+    computed them): a new conversation given them runs no vision tower; another model cannot
+    use them and says so."""
+    chat = conversation(ours, vision_cache=VisionCache())
+    chat.ask("Describe this picture.", images=[pil(images[0])], max_tokens=4)
+    turn = [*chat.messages, {"role": "user", "content": "And?"}]
+    fresh = conversation(ours, vision_cache=VisionCache())
+    answer = [r.token for r in fresh.stream_messages(turn, max_tokens=4)]
+    assert fresh.vision_cache.misses == 0 and answer
+    other = mimo_mlx.load(write_model_folder(tmp_path / "other", seed=22))
+    with pytest.raises(MimoError, match="encoded by another model"):
+        list(conversation(other).stream_messages(turn, max_tokens=2))
+
+
 def test_a_format_1_file_with_pixels_still_loads(ours, images, tmp_path, monkeypatch):
     """Files written before features were kept hold the pixels: they load, and continue as the
     conversation that wrote them would."""

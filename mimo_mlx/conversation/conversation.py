@@ -359,7 +359,10 @@ class Conversation:
         features this conversation never saw, from an old saved file, keeps its pixels)."""
         keys = {m.key for m in inputs.media}
         self._features = {k: f for k, f in self._features.items() if k in keys}
-        media = tuple(m.without_pixels() if m.key in self._features else m for m in inputs.media)
+        media = tuple(
+            m.encoded(self._features[m.key], self.model) if m.key in self._features else m
+            for m in inputs.media
+        )
         self._inputs = dataclasses.replace(inputs, media=media)
 
     # ---------------------------------------------------------------- the prompt of a turn
@@ -424,11 +427,19 @@ class Conversation:
         )
 
     def _media_features(self, media: list[PreparedMedia]) -> list[mx.array]:
-        """Features of each item: this conversation's own, else the vision cache's (which
-        encodes what it lacks); all kept for the turn's history."""
+        """Features of each item: this conversation's own, those the item carries from this
+        model (another conversation's history), else the vision cache's (which encodes what it
+        lacks); all kept for the turn's history."""
+        for item in media:
+            carried = item.features_for(self.model)
+            if item.key not in self._features and carried is not None:
+                self._features[item.key] = carried
         missing = [m for m in media if m.key not in self._features]
         if any(m.pixel_values is None for m in missing):
-            raise MimoError("an image of this conversation has neither pixels nor features")
+            raise MimoError(
+                "an image of these messages was encoded by another model and kept no pixels: "
+                "give the image itself"
+            )
         for item, features in zip(
             missing, self.vision_cache.features(self.model, missing), strict=True
         ):

@@ -169,6 +169,7 @@ def load_conversation(path: str | Path, model: Model) -> SavedConversation:
         for k, item in enumerate(media)
         if f"media.{k}.features" in arrays
     }
+    media = [m.encoded(features[m.key], model) if m.key in features else m for m in media]
     tokens = np.asarray(arrays["tokens"], dtype=np.int64)
     stored = dict(meta.get("kv_cache", {}))  # format 1: a float cache
     quantized = stored.pop("quantized", False)

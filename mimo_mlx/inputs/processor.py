@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import secrets
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -54,6 +55,10 @@ class PreparedMedia:
     sizes: tuple[tuple[int, int], tuple[int, int]] | None = None  # images: (upright, resized)
     notice: str | None = None  # videos: what the token budget changed, if anything
     known_key: str | None = field(default=None, repr=False, compare=False)
+    # Once encoded (a conversation's history): the merged vision features, and a weak reference
+    # to the model that computed them (features are only ever reused with that model).
+    features: Any = field(default=None, repr=False, compare=False)
+    encoder: Any = field(default=None, repr=False, compare=False)
 
     @cached_property
     def key(self) -> str:
@@ -66,10 +71,20 @@ class PreparedMedia:
         digest.update(np.ascontiguousarray(self.pixel_values).data)
         return digest.hexdigest()
 
-    def without_pixels(self) -> PreparedMedia:
-        """The item as a conversation keeps it once its features are computed: key, grid and
-        sizes, no pixels (they are 4 bytes per value, twice per patch)."""
-        return dataclasses.replace(self, pixel_values=None, known_key=self.key)
+    def encoded(self, features: Any, model: Any) -> PreparedMedia:
+        """The item as a conversation keeps it once `model` has encoded it: key, grid, sizes
+        and the features, no pixels (they are 4 bytes per value, twice per patch)."""
+        return dataclasses.replace(
+            self,
+            pixel_values=None,
+            known_key=self.key,
+            features=features,
+            encoder=weakref.ref(model),
+        )
+
+    def features_for(self, model: Any) -> Any:
+        """The features `model` computed for this item, if it did; else None."""
+        return self.features if self.encoder is not None and self.encoder() is model else None
 
 
 @dataclass(frozen=True)
@@ -96,8 +111,8 @@ class ModelInputs:
         if held:
             raise MimoError(
                 f"{len(held)} image(s) or video(s) of these inputs were encoded by a "
-                "Conversation, which keeps their features, not their pixels: continue that "
-                "conversation, or give the images themselves"
+                "Conversation, which keeps their features, not their pixels: continue them in a "
+                "Conversation, or give the images themselves"
             )
         return {
             "pixel_values": self.pixel_values,
