@@ -140,10 +140,12 @@ def test_an_allowed_origin_gets_preflights_and_cors_headers(open_to_app):
         "Origin": APP,
         "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "content-type,authorization,x-stainless-os",
+        "Access-Control-Request-Private-Network": "true",  # Chrome: a site calling 127.0.0.1
     }
     response = raw(server, "OPTIONS", CHAT, preflight)
     assert response.status == 200
     assert response.getheader("access-control-allow-origin") == APP
+    assert response.getheader("access-control-allow-private-network") == "true"
     assert "POST" in response.getheader("access-control-allow-methods")
     assert "x-stainless-os" in response.getheader("access-control-allow-headers")
     headers = {

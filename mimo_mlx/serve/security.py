@@ -74,6 +74,7 @@ class AccessPolicy:
                     allow_origins=list(self.origins),
                     allow_methods=["GET", "POST"],
                     allow_headers=["*"],  # clients add their own (x-stainless-*, ...)
+                    allow_private_network=True,  # a public site calling 127.0.0.1 (Chrome asks)
                     max_age=600,
                 )
             )
