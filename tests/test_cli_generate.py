@@ -196,6 +196,7 @@ def test_a_video_past_its_token_budget_comes_with_a_note(folder, tmp_path):
     refused = run(*args, "--video-max-tokens", "100")
     assert refused.exit_code == 1
     assert "--video-max-tokens (100) is less than one pair of frames" in refused.output
+    assert "raise --video-max-tokens or lower --video-min-pixels" in refused.output
 
 
 def test_an_image_as_a_video_is_refused(folder, photo):

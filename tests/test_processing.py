@@ -410,8 +410,11 @@ def test_frames_shrink_first_then_fewer_are_kept():
     fewer = plan_video(512, 720, 1280)
     assert (fewer.frames, fewer.size, fewer.tokens(CONFIG)) == (272, (224, 420), 16320)
     assert "and 272 of the 512 frames kept, evenly spaced" in fewer.notice
-    with pytest.raises(MimoError, match="less than one pair of frames .* 420x224 .*120 tokens"):
+    with pytest.raises(
+        MimoError, match="less than one pair of frames .* 420x224 .*120 tokens"
+    ) as caught:
         plan_video(4, 720, 1280, max_tokens=119)
+    assert "raise video_max_tokens or lower video_min_pixels" in str(caught.value)  # no CLI flags
 
 
 def test_a_plan_never_passes_its_budget_and_shrinks_before_it_drops_frames():

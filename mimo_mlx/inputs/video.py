@@ -156,8 +156,8 @@ def plan_video(
     if kept == 0:
         raise MimoError(
             f"video_max_tokens ({max_tokens}) is less than one pair of frames at the smallest "
-            f"frame size, {floor[1]}x{floor[0]} ({per_patch} tokens); raise --video-max-tokens "
-            "or lower --video-min-pixels"
+            f"frame size, {floor[1]}x{floor[0]} ({per_patch} tokens); raise video_max_tokens "
+            "or lower video_min_pixels"
         )
     shrunk = f"frames shrunk to {floor[1]}x{floor[0]} (video_min_pixels)"
     if kept >= frames:  # a size between the floor and the allowance rounded up past it
