@@ -350,7 +350,7 @@ def refuse_lone_surrogates(body: Any) -> None:
     while stack:
         value, where = stack.pop()
         if isinstance(value, str):
-            if _SURROGATE.search(value):
+            if not value.isascii() and _SURROGATE.search(value):  # isascii: O(1), no scan
                 name = where or "the request body"
                 raise APIError(
                     f"'{name}' holds a lone UTF-16 surrogate (half of a character), which is not "
