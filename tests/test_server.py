@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -279,6 +280,18 @@ def test_media_the_server_was_not_allowed_to_read(server, photo):
         assert caught.value.body["code"] in ("fetch_disabled", "local_files_disabled")
 
 
+def test_a_video_that_does_not_decode_names_the_field_not_the_temporary_file(server):
+    part = {"type": "video_url", "video_url": {"url": GARBAGE_VIDEO}}
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client(server).chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": [part]}], stream=stream
+            )
+        message = caught.value.body["message"]
+        assert "messages[0].content[0].video_url.url" in message
+        assert not LEAKS.search(message), message
+
+
 def test_a_prompt_past_the_context_is_a_400(server):
     words = "hello world " * 3000
     with pytest.raises(openai.BadRequestError) as caught:
@@ -298,6 +311,7 @@ def _png(size, mode="RGB") -> bytes:
     return buffer.getvalue()
 
 
+GARBAGE_VIDEO = "data:video/mp4;base64," + base64.b64encode(b"\x00" * 64).decode()
 BAD_VALUES = {
     "temperature": ["hot", -1, 2.5, True, [], {}],
     "top_p": [-0.5, 1.5, "x", False],
@@ -348,8 +362,12 @@ BAD_VALUES = {
         [{"role": "user", "content": "half a smile: \ud83d"}],
         [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}],
         [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/\ud800"}}]}],
+        [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": GARBAGE_VIDEO}}]}],
     ],
 }
+# What no error message may show: an object's repr (a memory address), a temporary file, the
+# command line's wording for its own flags.
+LEAKS = re.compile(r" at 0x[0-9a-fA-F]+|mimo-mlx-\w+\.|Traceback|--image\b|--video\b")
 
 
 def _bad_images(rng: random.Random) -> list[str]:
@@ -461,6 +479,7 @@ def test_hundreds_of_bad_requests_then_a_good_one(server, local):
             assert response.status_code == status, (path, body[:200], response.text)
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"} and error["message"]
+            assert not LEAKS.search(error["message"]), error["message"]
             assert "Traceback" not in response.text
     assert server.process.poll() is None
     assert server.health()["requests"]["failed"] == 0  # no internal error among them
