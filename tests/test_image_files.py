@@ -5,6 +5,7 @@ exact ones."""
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
@@ -86,7 +87,7 @@ def test_other_formats_are_refused_by_name_and_no_other_reader_runs(
     with pytest.raises(MimoError, match=expected):
         EncodedImage.open(data, "it", max_pixels=10**8)
     with pytest.raises(MimoError, match=expected):
-        image_from_url(f"data:image/png;base64,{__import__('base64').b64encode(data).decode()}")
+        image_from_url(f"data:image/png;base64,{base64.b64encode(data).decode()}")
 
 
 def test_the_command_line_refuses_an_eps_file_by_name(tmp_path, ghostscript_never_runs):
