@@ -104,8 +104,13 @@ def second_turn(model, processor, image, answer_tokens: int, reuse: bool) -> dic
     started = time.perf_counter()
     if reuse:
         stream = chat.stream_messages(turn, max_tokens=1, temp=0.0)
-    else:
-        inputs = processor.prepare_messages(turn, max_pixels=DEFAULT_MAX_PIXELS)
+    else:  # the image itself: a conversation keeps only its features, not its pixels
+        fresh = [
+            {**m, "content": [{"type": "image", "image": image} if p["type"] == "image" else p
+                              for p in m["content"]]} if isinstance(m["content"], list) else m
+            for m in turn
+        ]  # fmt: skip
+        inputs = processor.prepare_messages(fresh, max_pixels=DEFAULT_MAX_PIXELS)
         stream = stream_generate(model, processor, "", inputs=inputs, max_tokens=1, temp=0.0)
     first = next(iter(stream))
     ttft = time.perf_counter() - started

@@ -196,11 +196,12 @@ def test_a_video_past_its_token_budget_comes_with_a_note(folder, tmp_path):
     refused = run(*args, "--video-max-tokens", "100")
     assert refused.exit_code == 1
     assert "--video-max-tokens (100) is less than one pair of frames" in refused.output
+    assert "raise --video-max-tokens or lower --video-min-pixels" in refused.output
 
 
 def test_an_image_as_a_video_is_refused(folder, photo):
     result = run("--model", folder, "--video", photo, "--prompt", "x")
-    assert result.exit_code == 1 and "pass it with --image" in result.output
+    assert result.exit_code == 1 and "not a video: give it as an image" in result.output
 
 
 def test_a_folder_as_an_image_is_refused(folder, tmp_path):

@@ -21,6 +21,7 @@ import mimo_mlx
 from mimo_mlx.conversation.conversation import Conversation
 from mimo_mlx.conversation.vision_cache import VisionCache
 from mimo_mlx.errors import MimoError
+from mimo_mlx.inputs.messages import Media
 
 VIDEO_LIMITS = dict(video_min_pixels=28 * 28 * 4, video_max_pixels=28 * 28 * 16)
 
@@ -96,15 +97,25 @@ def hf_turn(reference, chat: Conversation, prompt_media: list, **options) -> lis
         pieces.append(chunk)
     ids = hf_processor.tokenizer("<|vision_end|>".join(pieces), return_tensors="pt")["input_ids"]
     np.testing.assert_array_equal(inputs.input_ids, ids.numpy())
-    np.testing.assert_array_equal(inputs.pixel_values, image["pixel_values"])
+    # The conversation keeps no pixels once encoded: preprocess its media again to compare them.
+    ours = [
+        chat.processor.preprocess(
+            Media("image" if isinstance(m, Image.Image) else "video", m), opts
+        )
+        for m in prompt_media
+        for opts in [chat.prompt_options]
+    ]
+    ours_images = np.concatenate([m.pixel_values for m in ours if m.kind == "image"])
+    np.testing.assert_array_equal(ours_images, image["pixel_values"])
     hf_inputs = dict(
         input_ids=ids,
         pixel_values=torch.tensor(image["pixel_values"]),
         image_grid_thw=torch.tensor(image["image_grid_thw"]),
     )
     if inputs.video_grid_thw is not None:
+        ours_videos = np.concatenate([m.pixel_values for m in ours if m.kind == "video"])
         hf_inputs.update(
-            pixel_values_videos=torch.tensor(inputs.pixel_values_videos),
+            pixel_values_videos=torch.tensor(ours_videos),
             video_grid_thw=torch.tensor(inputs.video_grid_thw),
             second_per_grid_ts=torch.tensor(inputs.second_per_grid_ts),
         )
@@ -154,9 +165,10 @@ def test_divergence_inside_an_earlier_answer(ours, reference, images):
     assert_same_tokens([r.token for r in responses], hf_turn(reference, chat, [first]))
 
 
-def test_trim_before_an_image_encodes_it_again_from_the_cache(ours, reference, images):
+def test_trim_before_an_image_reuses_its_features(ours, reference, images):
     """An earlier user message edited before its image: everything from there is recomputed and
-    the image's features come from the vision cache, without running the tower."""
+    the image's features come from those the conversation kept (not its pixels), without
+    running the tower."""
     chat = conversation(ours, vision_cache=VisionCache())
     first = pil(images[0])
     chat.ask("Describe this picture.", images=[first], max_tokens=8)
@@ -168,7 +180,8 @@ def test_trim_before_an_image_encodes_it_again_from_the_cache(ours, reference, i
     responses = list(chat.stream_messages(edited, max_tokens=NEW_TOKENS))
     image_at = int(np.argmax(chat._inputs.input_ids[0] == chat.model.config.image_token_id))
     assert 0 < responses[-1].cached_tokens < image_at  # "<|im_start|>system\nYou are" is shared
-    assert (chat.vision_cache.misses, chat.vision_cache.hits) == (1, 1)
+    assert (chat.vision_cache.misses, chat.vision_cache.hits) == (1, 0)
+    assert all(m.pixel_values is None for m in chat._inputs.media)
     assert_same_tokens([r.token for r in responses], hf_turn(reference, chat, [first]))
 
 
@@ -258,6 +271,62 @@ def test_a_file_named_anything_loads(ours, tmp_path, name):
     assert again.cached_tokens == chat.cached_tokens and again.messages == chat.messages
 
 
+def test_a_conversation_keeps_features_not_pixels(ours, images):
+    """Between turns a conversation holds its KV cache, its images' vision features and token
+    ids: no preprocessed pixels (two float32 copies of every patch, once), and counts it all."""
+    chat = conversation(ours, vision_cache=VisionCache())
+    chat.ask("Describe this picture.", images=[pil(images[0])], max_tokens=4)
+    parts = [p for m in chat.messages if isinstance(m["content"], list) for p in m["content"]]
+    media = [p["image"] for p in parts if p["type"] == "image"]
+    assert len(media) == 1 and media[0].pixel_values is None
+    assert chat._inputs.pixel_values is None and chat._inputs.media[0].pixel_values is None
+    (features,) = chat._features.values()
+    assert features.shape[0] == int(np.prod(media[0].grid_thw)) // 4
+    assert chat.nbytes == chat.cache.nbytes + features.nbytes
+    history = chat.processor.prepare_messages([*chat.messages, {"role": "user", "content": "?"}])
+    with pytest.raises(MimoError, match="encoded by a Conversation"):  # not a model error
+        next(mimo_mlx.stream_generate(chat.model, chat.processor, "", inputs=history))
+
+
+def test_another_conversation_reuses_the_features_a_history_carries(ours, images, tmp_path):
+    """Messages taken from a conversation carry their images' features (for the model that
+    computed them): a new conversation given them runs no vision tower; another model cannot
+    use them and says so."""
+    chat = conversation(ours, vision_cache=VisionCache())
+    chat.ask("Describe this picture.", images=[pil(images[0])], max_tokens=4)
+    turn = [*chat.messages, {"role": "user", "content": "And?"}]
+    fresh = conversation(ours, vision_cache=VisionCache())
+    answer = [r.token for r in fresh.stream_messages(turn, max_tokens=4)]
+    assert fresh.vision_cache.misses == 0 and answer
+    other = mimo_mlx.load(write_model_folder(tmp_path / "other", seed=22))
+    with pytest.raises(MimoError, match="encoded by another model"):
+        list(conversation(other).stream_messages(turn, max_tokens=2))
+
+
+def test_a_format_1_file_with_pixels_still_loads(ours, images, tmp_path, monkeypatch):
+    """Files written before features were kept hold the pixels: they load, and continue as the
+    conversation that wrote them would."""
+    chat = conversation(ours, vision_cache=VisionCache())
+    photo = pil(images[0])
+    chat.ask("Describe this picture.", images=[photo], max_tokens=8)
+    with_pixels = chat.processor.preprocess(Media("image", photo), chat.prompt_options)
+    old = Conversation.load(chat.save(tmp_path / "now.safetensors"), *ours)
+    old.messages = [
+        {**m, "content": [{"type": "image", "image": with_pixels} if p["type"] == "image" else p
+                          for p in m["content"]]} if isinstance(m["content"], list) else m
+        for m in old.messages
+    ]  # fmt: skip
+    old._features = {}
+    monkeypatch.setattr("mimo_mlx.conversation.file.FORMAT", 1)
+    path = old.save(tmp_path / "format1.safetensors")
+    monkeypatch.undo()
+    legacy = Conversation.load(path, *ours)
+    assert legacy._features == {}
+    expected = chat.ask("Compare.", images=[pil(images[1])], max_tokens=NEW_TOKENS)
+    resumed = legacy.ask("Compare.", images=[pil(images[1])], max_tokens=NEW_TOKENS)
+    assert resumed.tokens == expected.tokens
+
+
 def test_a_file_from_another_model_is_refused(ours, folder, tmp_path):
     chat = conversation(ours)
     chat.ask("Hi", max_tokens=3)
@@ -278,7 +347,7 @@ def test_a_file_of_another_format_or_no_conversation_is_refused(
     monkeypatch.setattr("mimo_mlx.conversation.file.FORMAT", 99)
     path = chat.save(tmp_path / "future.safetensors")
     monkeypatch.undo()
-    with pytest.raises(MimoError, match="format 99; this mimo-mlx .* reads formats 1 and 2"):
+    with pytest.raises(MimoError, match="format 99; this mimo-mlx .* reads formats 1, 2, 3"):
         Conversation.load(path, *ours)
     with pytest.raises(MimoError, match="not a mimo-mlx conversation file"):
         Conversation.load(next(folder.glob("*.safetensors")), *ours)
@@ -316,4 +385,11 @@ def test_the_pool_keeps_within_its_bytes(ours):
     pool = ConversationPool(*ours, max_bytes=1)
     for i in range(3):
         list(pool.stream([{"role": "user", "content": f"Story {i}."}], max_tokens=3))
-        assert len(pool) == 1  # only the one in use stays
+        assert len(pool) == 0 and pool.nbytes == 0  # not even the one just used fits
+    pool = ConversationPool(*ours, max_bytes=2**30)
+    list(pool.stream([{"role": "user", "content": "Story 0."}], max_tokens=3))
+    pool.max_bytes = budget = int(2.5 * pool.nbytes)  # about two such conversations
+    for i in range(1, 5):
+        list(pool.stream([{"role": "user", "content": f"Story {i}."}], max_tokens=3))
+        assert 1 <= len(pool) <= 2 and pool.nbytes <= budget
+    assert pool.stats()["bytes"] == pool.nbytes and pool.stats()["limit"] == budget

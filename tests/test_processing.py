@@ -410,8 +410,11 @@ def test_frames_shrink_first_then_fewer_are_kept():
     fewer = plan_video(512, 720, 1280)
     assert (fewer.frames, fewer.size, fewer.tokens(CONFIG)) == (272, (224, 420), 16320)
     assert "and 272 of the 512 frames kept, evenly spaced" in fewer.notice
-    with pytest.raises(MimoError, match="less than one pair of frames .* 420x224 .*120 tokens"):
+    with pytest.raises(
+        MimoError, match="less than one pair of frames .* 420x224 .*120 tokens"
+    ) as caught:
         plan_video(4, 720, 1280, max_tokens=119)
+    assert "raise video_max_tokens or lower video_min_pixels" in str(caught.value)  # no CLI flags
 
 
 def test_a_plan_never_passes_its_budget_and_shrinks_before_it_drops_frames():
@@ -549,7 +552,7 @@ def test_images_beyond_pils_bomb_limit_load_without_a_warning(tmp_path, monkeypa
 def test_images_beyond_our_limit_are_refused_with_our_message(tmp_path, monkeypatch):
     path = tmp_path / "huge.png"
     random_image(60, 60).save(path)
-    monkeypatch.setattr("mimo_mlx.inputs.images.MAX_IMAGE_PIXELS", 3000)
+    monkeypatch.setattr("mimo_mlx.inputs.image_files.MAX_IMAGE_PIXELS", 3000)
     with pytest.raises(MimoError, match="60x60 pixels .* above the 0 MP mimo-mlx decodes"):
         load_image(path)
 
@@ -575,7 +578,7 @@ def test_max_frames_one_keeps_one_frame(video_file):
 def test_an_image_given_as_a_video_points_to_images(tmp_path):
     path = tmp_path / "photo.jpg"
     random_image(60, 80).save(path)
-    with pytest.raises(MimoError, match="is an image, not a video: pass it with --image"):
+    with pytest.raises(MimoError, match="is an image, not a video: give it as an image"):
         load_video(path)
 
 

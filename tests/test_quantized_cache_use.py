@@ -55,10 +55,17 @@ def pil(path) -> Image.Image:
         return image.convert("RGB")
 
 
-def from_scratch(ours, chat: Conversation, **cache) -> list[int]:
+def from_scratch(ours, chat: Conversation, photo, **cache) -> list[int]:
     """The greedy answer to `chat`'s last prompt, computed afresh (one prefill) with a cache
-    stored as `cache` says."""
-    steps = stream_generate(*ours, "", inputs=chat._inputs, max_tokens=TOKENS, temp=0.0, **cache)
+    stored as `cache` says. A conversation keeps its images' features, not their pixels: the
+    prompt is prepared again from its messages with the picture itself."""
+    prompt = [
+        {**m, "content": [{"type": "image", "image": pil(photo)} if p["type"] == "image" else p
+                          for p in m["content"]]} if isinstance(m["content"], list) else m
+        for m in chat.messages[:-1]
+    ]  # fmt: skip
+    inputs = chat.processor.prepare_messages(prompt, max_pixels=MAX_PIXELS)
+    steps = stream_generate(*ours, "", inputs=inputs, max_tokens=TOKENS, temp=0.0, **cache)
     return [step.token for step in steps]
 
 
@@ -69,10 +76,10 @@ def from_scratch(ours, chat: Conversation, **cache) -> list[int]:
 def test_each_turn_equals_a_fresh_quantized_generation(ours, photo, cache):
     chat = Conversation(*ours, vision_cache=VisionCache(), max_pixels=MAX_PIXELS, **cache)
     first = chat.ask("Describe this picture.", images=[pil(photo)], max_tokens=TOKENS, temp=0.0)
-    assert chat.cache.quantized and first.tokens == from_scratch(ours, chat, **cache)
+    assert chat.cache.quantized and first.tokens == from_scratch(ours, chat, photo, **cache)
     second = chat.ask("And what colour is it?", max_tokens=TOKENS, temp=0.0)
     assert second.stats.cached_tokens > first.stats.prompt_tokens
-    assert second.tokens == from_scratch(ours, chat, **cache)
+    assert second.tokens == from_scratch(ours, chat, photo, **cache)
     # The history edited inside the first answer: trimmed back to there, and still exact.
     answer = chat.messages[1]["content"]
     edited = [chat.messages[0], {"role": "assistant", "content": answer[: len(answer) // 2]}]
@@ -80,7 +87,7 @@ def test_each_turn_equals_a_fresh_quantized_generation(ours, photo, cache):
     held = chat.cached_tokens
     responses = list(chat.stream_messages(turn, max_tokens=TOKENS, temp=0.0))
     assert 0 < responses[-1].cached_tokens < held
-    assert [r.token for r in responses] == from_scratch(ours, chat, **cache)
+    assert [r.token for r in responses] == from_scratch(ours, chat, photo, **cache)
 
 
 def test_save_and_load_a_quantized_conversation(ours, photo, tmp_path):
@@ -90,7 +97,7 @@ def test_save_and_load_a_quantized_conversation(ours, photo, tmp_path):
     with open(path, "rb") as file:  # safetensors: 8-byte header length, then the JSON header
         header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
     meta = json.loads(header["__metadata__"]["mimo_mlx.conversation"])
-    assert meta["format"] == 2
+    assert meta["format"] == 3  # 2 added the quantized cache, 3 features for pixels
     assert meta["kv_cache"] == dict(
         kv_bits=4, kv_group_size=64, quantized_kv_start=0, quantized=True
     )
@@ -245,7 +252,7 @@ def test_the_server_stores_caches_as_its_flag_and_each_request_say(folder, photo
             answers[bits] = reply.choices[0].message
             if bits is None:  # one conversation of < 256 tokens, in 8 bits: 28% of float32's
                 float32_bytes = 2 * 256 * (2 * 2 * 64 * 4)  # layers x step x (k, v) x heads x D
-                assert server.health()["cache"]["bytes"] < 0.3 * float32_bytes
+                assert server.health()["cache"]["kv_bytes"] < 0.3 * float32_bytes
         with pytest.raises(openai.BadRequestError, match="kv_bits"):
             client.chat.completions.create(
                 model="x", messages=messages, max_tokens=2, extra_body={"kv_bits": 3}

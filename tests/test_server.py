@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -138,6 +139,35 @@ def test_a_streamed_answer_equals_the_whole_one(server, photo, local):
     )
 
 
+def test_logprob_bytes_are_each_tokens_real_bytes(server, photo, local):
+    """A token may hold part of a character (its text alone is U+FFFD): its bytes are the real
+    ones, so joining them rebuilds the answer."""
+    reply = client(server).chat.completions.create(
+        model="tiny",
+        messages=image_question(photo),
+        max_tokens=TOKENS,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=1,
+    )
+    result = mimo_mlx.generate(
+        *local,
+        PROMPT,
+        images=[Image.open(photo)],
+        max_tokens=TOKENS,
+        temp=0.0,
+        max_pixels=MAX_PIXELS,
+    )
+    tokenizer = local[1].tokenizer
+    answer = [t for t in result.tokens if t not in tokenizer.eos_token_ids]
+    entries = reply.choices[0].logprobs.content
+    assert [e.bytes for e in entries] == [list(tokenizer.token_bytes(t)) for t in answer]
+    assert [e.top_logprobs[0].bytes for e in entries] == [e.bytes for e in entries]  # greedy
+    text = b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace")
+    assert text == tokenizer.decode(answer)
+    assert all(e.bytes != list("\ufffd".encode()) for e in entries if e.token == "\ufffd")
+
+
 def test_turn_two_reuses_turn_ones_tokens(server, photo):
     api = client(server)
     first_turn = image_question(photo, "Describe the colours.")
@@ -250,6 +280,18 @@ def test_media_the_server_was_not_allowed_to_read(server, photo):
         assert caught.value.body["code"] in ("fetch_disabled", "local_files_disabled")
 
 
+def test_a_video_that_does_not_decode_names_the_field_not_the_temporary_file(server):
+    part = {"type": "video_url", "video_url": {"url": GARBAGE_VIDEO}}
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client(server).chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": [part]}], stream=stream
+            )
+        message = caught.value.body["message"]
+        assert "messages[0].content[0].video_url.url" in message
+        assert not LEAKS.search(message), message
+
+
 def test_a_prompt_past_the_context_is_a_400(server):
     words = "hello world " * 3000
     with pytest.raises(openai.BadRequestError) as caught:
@@ -269,6 +311,7 @@ def _png(size, mode="RGB") -> bytes:
     return buffer.getvalue()
 
 
+GARBAGE_VIDEO = "data:video/mp4;base64," + base64.b64encode(b"\x00" * 64).decode()
 BAD_VALUES = {
     "temperature": ["hot", -1, 2.5, True, [], {}],
     "top_p": [-0.5, 1.5, "x", False],
@@ -278,14 +321,15 @@ BAD_VALUES = {
     "max_tokens": [0, -10, 10**12, 3.5, "ten", True],
     "max_completion_tokens": [0, -1, 10**9],
     "repetition_penalty": [0, -1, 100, "x"],
-    "stop": [5, [1, 2], ["a"] * 5, [""], {"a": 1}],
+    "stop": [5, [1, 2], ["a"] * 5, [""], {"a": 1}, "\ud800", ["ok", "x\udfff"]],
     "stream": ["yes", 1, []],
     "logprobs": ["true", 1],
     "top_logprobs": [-1, 50, "3"],
     "min_pixels": [0, -5, 10**12, "x"],
     "max_pixels": [0, -5, 10**12, 1.5],
     "n": [2, 0, 10],
-    "model": ["gpt-4", 5, ""],
+    "model": ["gpt-4", 5, "", "tiny\udc00"],
+    "user": ["\ud83d"],  # a lone surrogate, even in a field the server ignores
     "stream_options": ["x", 5, {"include_usage": True}],
     "tools": [
         [{"type": "function", "function": {"name": "no spaces"}}],
@@ -315,8 +359,15 @@ BAD_VALUES = {
         [{"role": "user", "content": [{"type": "text"}]}],
         [{"role": "tool", "content": "x"}],
         [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        [{"role": "user", "content": "half a smile: \ud83d"}],
+        [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/\ud800"}}]}],
+        [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": GARBAGE_VIDEO}}]}],
     ],
 }
+# What no error message may show: an object's repr (a memory address), a temporary file, the
+# command line's wording for its own flags.
+LEAKS = re.compile(r" at 0x[0-9a-fA-F]+|mimo-mlx-\w+\.|Traceback|--image\b|--video\b")
 
 
 def _bad_images(rng: random.Random) -> list[str]:
@@ -344,14 +395,20 @@ def bad_requests(rng: random.Random, count: int):
     good = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
     images = _bad_images(rng)
     for _ in range(count):
-        kinds = ["field", "field", "field", "image", "json", "route", "auth", "context", "big"]
-        kind = rng.choices(kinds, weights=[1] * 8 + [0.2])[0]
+        kinds = ["field", "field", "field", "image", "json", "route", "auth", "context", "access"]
+        kind = rng.choices([*kinds, "big"], weights=[1] * 9 + [0.2])[0]
         body = dict(good)
         if kind == "field":
             name = rng.choice(sorted(BAD_VALUES))
             body[name] = value = rng.choice(BAD_VALUES[name])
-            unknown_model = name == "model" and isinstance(value, str) and value
-            yield "POST", chat, json.dumps(body).encode(), auth, 404 if unknown_model else 400
+            unknown_model = name == "model" and isinstance(value, str) and value.isascii()
+            yield (
+                "POST",
+                chat,
+                json.dumps(body).encode(),
+                auth,
+                404 if unknown_model and value else 400,
+            )
         elif kind == "image":
             part = {"type": "image_url", "image_url": {"url": rng.choice(images)}}
             body["messages"] = [{"role": "user", "content": [part, {"type": "text", "text": "?"}]}]
@@ -391,10 +448,20 @@ def bad_requests(rng: random.Random, count: int):
             header = rng.choice(
                 [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic eA=="}]
             )
-            yield "POST", chat, text_of(good), header, 401
+            yield "POST", chat, text_of(good), {**header, "Content-Type": "application/json"}, 401
         elif kind == "context":
             body["messages"] = [{"role": "user", "content": "hello world " * 3000}]
             yield "POST", chat, json.dumps(body).encode(), auth, 400
+        elif kind == "access":  # what web pages send: refused before the key is even looked at
+            yield rng.choice(
+                [
+                    ("POST", chat, text_of(good), {**auth, "Origin": "http://evil.example"}, 403),
+                    ("POST", chat, text_of(good), {**auth, "Host": "evil.example"}, 403),
+                    ("GET", "/v1/models", b"", {**auth, "Host": "evil.example:80"}, 403),
+                    ("POST", chat, text_of(good), {**auth, "Content-Type": "text/plain"}, 415),
+                    ("OPTIONS", chat, b"", {"Origin": "http://evil.example"}, 403),
+                ]
+            )
         else:  # past --max-body-bytes
             body["messages"] = [{"role": "user", "content": "x" * (1 << 20)}]
             yield "POST", chat, json.dumps(body).encode(), auth, 413
@@ -412,6 +479,7 @@ def test_hundreds_of_bad_requests_then_a_good_one(server, local):
             assert response.status_code == status, (path, body[:200], response.text)
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"} and error["message"]
+            assert not LEAKS.search(error["message"]), error["message"]
             assert "Traceback" not in response.text
     assert server.process.poll() is None
     assert server.health()["requests"]["failed"] == 0  # no internal error among them

@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import random
+import socket
 import threading
 import time
 
@@ -15,9 +16,10 @@ import pytest
 from PIL import Image
 
 from mimo_mlx.generation.answer_stream import AnswerStream
+from mimo_mlx.inputs.image_files import EncodedImage
 from mimo_mlx.inputs.template import split_thinking
 from mimo_mlx.serve.completions import parse_completion_request
-from mimo_mlx.serve.media import MediaPolicy, decode_image, fetch, resolve_media
+from mimo_mlx.serve.media import MediaPolicy, ResolvedMedia, fetch, resolve_media
 from mimo_mlx.serve.names import model_names
 from mimo_mlx.serve.requests import APIError, Limits, parse_chat_request
 from mimo_mlx.serve.tools import parse_chat
@@ -256,7 +258,7 @@ def test_reasoning_goes_apart_and_blocks_are_joined():
 # ---------------------------------------------------------------- media
 
 
-def resolve(url: str, kind="image", **policy):
+def resolve(url: str, kind="image", **policy) -> ResolvedMedia:
     request = parse_chat_request(
         {
             "messages": [
@@ -268,11 +270,20 @@ def resolve(url: str, kind="image", **policy):
     return anyio.run(resolve_media, request, MediaPolicy(**policy))
 
 
-def test_a_data_url_becomes_an_rgb_image():
-    messages, cleanup = resolve(png_data_url(mode="RGBA"))
-    image = messages[0]["content"][0]["image"]
-    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (64, 48)
-    cleanup()
+def refused_media(url: str, kind="image", **policy) -> APIError:
+    with pytest.raises(APIError) as caught:
+        resolve(url, kind, **policy)
+    assert caught.value.status == 400 and " at 0x" not in caught.value.message
+    return caught.value
+
+
+def test_a_data_url_is_checked_from_its_header_and_decoded_later():
+    resolved = resolve(png_data_url(mode="RGBA"))
+    image = resolved.messages[0]["content"][0]["image"]
+    assert isinstance(image, EncodedImage) and (image.format, image.size) == ("PNG", (64, 48))
+    decoded, size = image.decode(lambda h, w: (h, w))
+    assert decoded.mode == "RGB" and decoded.size == size == (64, 48)
+    resolved.remove()
 
 
 @pytest.mark.parametrize(
@@ -289,57 +300,94 @@ def test_a_data_url_becomes_an_rgb_image():
     ],
 )
 def test_bad_or_forbidden_images_are_400s(url, code_or_words):
-    with pytest.raises(APIError) as caught:
-        resolve(url)
-    error = caught.value
-    assert error.status == 400 and error.param == "messages[0].content[0].image_url.url"
+    error = refused_media(url)
+    assert error.param == "messages[0].content[0].image_url.url"
     assert code_or_words == error.code or code_or_words in error.message
 
 
-def test_an_undecodable_image_is_said_in_words():
-    """PIL names data in memory as `<_io.BytesIO object at 0x...>`: that never reaches a client."""
-    truncated = base64.b64decode(png_data_url(size=(64, 48)).partition(",")[2])[:60]
-    for data, words in (
-        (b"not an image", "its format is not one PIL reads (PNG, JPEG,"),
-        (truncated, "not a readable image: "),
-    ):
-        with pytest.raises(APIError) as caught:
-            decode_image(data, max_pixels=10**6, param="p")
-        message = caught.value.message
-        assert words in message and "object at 0x" not in message and "BytesIO" not in message
-
-
-def test_too_many_pixels_are_refused_before_decoding():
+def test_too_many_pixels_are_refused_from_the_header():
     big = Image.new("1", (20000, 20000))  # 400 MP, a few kB as PNG
     buffer = io.BytesIO()
     big.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    assert refused_media(url, max_image_pixels=64 * 10**6).code == "image_too_large"
+    error = refused_media(png_data_url(size=(64, 48)), max_image_pixels=64 * 48 - 1)
+    assert error.code == "image_too_large" and "--max-image-pixels" in error.message
+
+
+def test_a_request_s_images_are_bounded_together_and_by_count():
+    two = parse_chat_request(
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": png_data_url()}}] * 2,
+                }
+            ]
+        },
+        LIMITS,
+    )
+    policy = MediaPolicy(max_request_pixels=2 * 64 * 48 - 1)
     with pytest.raises(APIError) as caught:
-        decode_image(buffer.getvalue(), max_pixels=64 * 10**6, param="p")
-    assert caught.value.code == "image_too_large"  # past PIL's own bomb limit
-    small = base64.b64decode(png_data_url(size=(64, 48)).partition(",")[2])
-    with pytest.raises(APIError, match="--max-image-pixels"):
-        decode_image(small, max_pixels=64 * 48 - 1, param="p")  # past the server's
+        anyio.run(resolve_media, two, policy)
+    assert caught.value.code == "images_too_large" and "--max-request-pixels" in str(caught.value)
+    assert caught.value.param == "messages[0].content[1].image_url.url"
+    assert len(anyio.run(resolve_media, two, MediaPolicy()).messages[0]["content"]) == 2
+    many = {"messages": two_messages(17)}
+    with pytest.raises(APIError) as caught:
+        parse_chat_request(many, LIMITS)
+    assert caught.value.code == "too_many_images" and "--max-images" in caught.value.message
 
 
-def test_local_files_only_when_allowed(tmp_path):
-    path = tmp_path / "photo.png"
-    Image.new("RGB", (40, 30), "red").save(path)
-    messages, _ = resolve(str(path), allow_local_files=True)
-    assert messages[0]["content"][0]["image"].size == (40, 30)
-    with pytest.raises(APIError, match="no such image"):
-        resolve(str(tmp_path / "missing.png"), allow_local_files=True)
-    frames = tmp_path / "frames"
+def two_messages(images: int) -> list[dict]:
+    """A conversation with `images` images over two user turns (all turns count)."""
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    first = images // 2
+    return [
+        {"role": "user", "content": [part] * first},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [part] * (images - first)},
+    ]
+
+
+def test_local_files_only_inside_the_allowed_folder(tmp_path):
+    root, outside = tmp_path / "shared", tmp_path / "private"
+    root.mkdir()
+    outside.mkdir()
+    for folder in (root, outside):
+        Image.new("RGB", (40, 30), "red").save(folder / "photo.png")
+    (root / "link.png").symlink_to(outside / "photo.png")
+    for url in (str(root / "photo.png"), "photo.png", f"file://{root}/photo.png"):
+        resolved = resolve(url, local_root=root)
+        assert resolved.messages[0]["content"][0]["image"].size == (40, 30)
+    answers = set()
+    for url in (
+        str(outside / "photo.png"),  # exists, outside
+        str(root / "missing.png"),  # inside, missing
+        "../private/photo.png",
+        str(root / "link.png"),  # a link leading out
+        "/etc/hostname",
+        "photo\x00.png",
+    ):
+        error = refused_media(url, local_root=root)
+        assert error.code == "local_file_unavailable"
+        answers.add(error.message)
+    assert len(answers) == 1  # whether it exists is not said
+    frames = root / "frames"
     frames.mkdir()
-    messages, _ = resolve(f"file://{frames}", kind="video", allow_local_files=True)
-    assert messages[0]["content"][0]["video"] == frames
+    resolved = resolve(f"file://{frames}", kind="video", local_root=root)
+    assert resolved.messages[0]["content"][0]["video"] == frames
 
 
 def test_a_data_url_video_is_a_temporary_file_removed_afterwards():
     url = "data:video/mp4;base64," + base64.b64encode(b"\x00" * 100).decode()
-    messages, cleanup = resolve(url, kind="video")
-    path = messages[0]["content"][0]["video"]
+    resolved = resolve(url, kind="video")
+    path = resolved.messages[0]["content"][0]["video"]
     assert path.suffix == ".mp4" and path.read_bytes() == b"\x00" * 100
-    cleanup()
+    message = resolved.scrub(f"{path} could not be decoded (<av.Stream object at 0x7f00aa>)")
+    assert str(path) not in message and "messages[0].content[0].video_url.url" in message
+    assert "0x7f" not in message
+    resolved.remove()
     assert not path.exists()
 
 
@@ -347,6 +395,12 @@ class _Files(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         if self.path == "/slow":
             time.sleep(3)
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", f"http://[::1]:{self.server.server_address[1]}/small")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = b"x" * 5000 if self.path == "/big" else b"small"
         self.send_response(404 if self.path == "/missing" else 200)
         self.send_header("Content-Length", str(len(body)))
@@ -368,17 +422,71 @@ def files():
     server.shutdown()
 
 
+PRIVATE_OK = MediaPolicy(
+    allow_fetch=True, allow_fetch_private=True, fetch_max_bytes=1000, fetch_timeout=0.5
+)
+
+
 @pytest.mark.parametrize(
-    "path, code", [("/big", "media_too_large"), ("/slow", "fetch_timeout"), ("/missing", None)]
+    "path, code",
+    [("/big", "media_too_large"), ("/slow", "fetch_failed"), ("/missing", "fetch_failed")],
 )
 def test_fetching_is_bounded_in_size_and_time(files, path, code):
-    policy = MediaPolicy(allow_fetch=True, fetch_max_bytes=1000, fetch_timeout=0.5)
     started = time.monotonic()
     with pytest.raises(APIError) as caught:
-        anyio.run(fetch, files + path, policy, "url")
+        anyio.run(fetch, files + path, PRIVATE_OK, "url")
     assert caught.value.code == code and caught.value.status == 400
     assert time.monotonic() - started < 2.5
-    assert anyio.run(fetch, files + "/small", policy, "url") == b"small"
+    assert anyio.run(fetch, files + "/small", PRIVATE_OK, "url") == b"small"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_fetch_failures_all_read_the_same(files):
+    """A closed port, a slow answer and a 404 give one message: no port scanning through it."""
+    closed = f"http://127.0.0.1:{free_port()}/x"
+    messages = set()
+    for url in (closed, files + "/slow", files + "/missing"):
+        with pytest.raises(APIError) as caught:
+            anyio.run(fetch, url, PRIVATE_OK, "url")
+        messages.add(caught.value.message.replace(url, "URL"))
+    assert len(messages) == 1
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1", "localhost", "[::1]", "10.0.0.1", "169.254.169.254", "192.168.1.1", "0",
+     "2130706433", "[::ffff:127.0.0.1]", "100.64.0.1"],
+)  # fmt: skip
+def test_private_addresses_are_not_fetched_by_default(host):
+    policy = MediaPolicy(allow_fetch=True, fetch_timeout=2)
+    with pytest.raises(APIError) as caught:
+        anyio.run(fetch, f"http://{host}:9/photo.png", policy, "url")
+    assert caught.value.code == "fetch_failed" and "public address" in caught.value.message
+
+
+def test_every_redirect_is_checked_and_the_checked_address_is_used(files, monkeypatch):
+    """A public first hop may redirect to a private address: refused. And the connection goes
+    to the address that was checked, never to a second lookup's answer."""
+    port = files.rsplit(":", 1)[1]
+    monkeypatch.setattr("mimo_mlx.serve.media._is_public", lambda address: address == "127.0.0.1")
+    lookups = []
+
+    async def resolver(host, port, **kwargs):
+        lookups.append(host)
+        found = "127.0.0.1" if host in ("127.0.0.1", "checked.test") else "::1"
+        return [(socket.AF_INET6 if ":" in found else socket.AF_INET, 1, 6, "", (found, port))]
+
+    monkeypatch.setattr("mimo_mlx.serve.media.anyio.getaddrinfo", resolver)
+    policy = MediaPolicy(allow_fetch=True, fetch_timeout=2)
+    assert anyio.run(fetch, f"http://checked.test:{port}/small", policy, "url") == b"small"
+    with pytest.raises(APIError, match="public address"):
+        anyio.run(fetch, files + "/redirect", policy, "url")
+    assert lookups == ["checked.test", "127.0.0.1", "::1"]
 
 
 def test_model_names_strict_or_not(tmp_path):

@@ -47,6 +47,9 @@ class Pool:
     def __len__(self) -> int:
         return 0
 
+    def stats(self) -> dict:
+        return {"conversations": 0, "bytes": 0}
+
     def stream(self, messages, max_tokens, **options):
         name = messages[0]["content"]
         self.order.append(name)
@@ -158,6 +161,33 @@ def test_a_full_queue_refuses_at_once(engine):
     error = run(main)
     assert error.status == 503 and error.code == "server_overloaded"
     assert engine.stats()["requests"]["rejected"] == 1
+
+
+def test_a_place_is_reserved_before_the_request_is_read(engine):
+    """A request takes its place as soon as it is parsed; while it reads its media, the queue
+    counts it, and a request beyond the places left is refused at once. Places given back are
+    free again; a place is used once."""
+
+    async def main():
+        running = job("running", max_tokens=1000)
+        engine.submit(running)
+        await running.events.get()
+        first, second = engine.reserve(), engine.reserve()
+        assert engine.stats()["queue"]["reading"] == 2
+        with pytest.raises(APIError) as caught:
+            engine.reserve()
+        engine.release(second)
+        engine.release(second)  # twice: no effect
+        engine.submit(job("w1"), first)
+        with pytest.raises(ValueError):
+            engine.submit(job("w2"), first)
+        queue = engine.stats()["queue"]
+        engine.cancel(running)
+        return caught.value, queue
+
+    error, queue = run(main)
+    assert error.status == 503 and engine.stats()["requests"]["rejected"] == 1
+    assert queue["reading"] == 0 and queue["waiting"] == 1
 
 
 def test_cancelling_stops_generation_within_one_step(engine):

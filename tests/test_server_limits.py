@@ -28,8 +28,14 @@ STORY = [{"role": "user", "content": "Tell me a long story."}]
 
 
 @pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "photo.png"
+def shared(tmp_path_factory):
+    """The folder the server may read local files from."""
+    return tmp_path_factory.mktemp("shared")
+
+
+@pytest.fixture(scope="module")
+def photo(shared):
+    path = shared / "photo.png"
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(path)
     return path
@@ -69,10 +75,11 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(folder, tmp_path_factory):
+def server(folder, shared, tmp_path_factory):
     flags = ["--queue-size", "1", "--request-timeout", str(TIME_LIMIT_S), "--max-pixels"]
-    flags += [str(MAX_PIXELS), "--allow-fetch", "--allow-local-files", "--fetch-max-bytes"]
+    flags += [str(MAX_PIXELS), "--allow-fetch", "--allow-fetch-private", "--fetch-max-bytes"]
     flags += ["100KiB", "--fetch-timeout", "1", "--video-min-pixels", "3136"]
+    flags += ["--allow-local-files", str(shared)]
     flags += ["--video-max-pixels", "3136", "--max-frames", "4"]
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     with ServerProcess(folder, log, *flags) as running:
@@ -182,7 +189,8 @@ def test_a_full_queue_is_refused_at_once(server):
             waiting.close()
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "server_overloaded"
-    wait_for(lambda: server.health()["queue"] == {"waiting": 0, "running": 0, "capacity": 1})
+    idle = {"waiting": 0, "reading": 0, "running": 0, "capacity": 1}
+    wait_for(lambda: server.health()["queue"] == idle)
     after = server.health()["requests"]
     assert after["rejected"] == before["rejected"] + 1
     assert after["cancelled"] == before["cancelled"] + 2  # the waiting one never ran
@@ -205,7 +213,7 @@ def test_fetched_and_local_images_answer_as_a_data_url_does(server, photo, files
 
 
 @pytest.mark.parametrize(
-    "path, code", [("/big.png", "media_too_large"), ("/slow.png", "fetch_timeout")]
+    "path, code", [("/big.png", "media_too_large"), ("/slow.png", "fetch_failed")]
 )
 def test_fetching_is_bounded(server, files, path, code):
     part = {"type": "image_url", "image_url": {"url": files + path}}
@@ -217,12 +225,14 @@ def test_fetching_is_bounded(server, files, path, code):
     assert caught.value.body["code"] == code and time.monotonic() - started < 2.5
 
 
-def test_a_video_of_frames_on_disk(server, tmp_path):
+def test_a_video_of_frames_on_disk(server, shared):
     rng = np.random.default_rng(2)
+    frames = shared / "frames"
+    frames.mkdir()
     for i in range(4):
         frame = rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)
-        Image.fromarray(frame).save(tmp_path / f"frame{i:02d}.png")
-    part = {"type": "video_url", "video_url": {"url": str(tmp_path)}}
+        Image.fromarray(frame).save(frames / f"frame{i:02d}.png")
+    part = {"type": "video_url", "video_url": {"url": "frames"}}  # relative to the folder
     reply = client(server).chat.completions.create(
         model=server.health()["model"],
         messages=[{"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}],

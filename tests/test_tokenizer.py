@@ -161,3 +161,57 @@ def test_streaming_decodes_small_windows(ours, monkeypatch):
     monkeypatch.undo()
     assert "".join(pieces) + tail == ours.decode(ids)
     assert len(ids) > 200 and max(sizes) <= 12
+
+
+# --- text that spells control tokens, the bytes of tokens, counting long texts ----------------
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_control_tokens_as_plain_text_match_transformers_split_special_tokens(ours, theirs, text):
+    plain = ours.encode(text, parse_special=False)
+    assert plain == theirs.encode(text, add_special_tokens=False, split_special_tokens=True)
+    assert not set(plain) & {ours.token_id(t) for t in ours.special_tokens}
+    assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)  # mode restored
+
+
+def test_the_special_tokens_are_the_flagged_added_tokens(ours):
+    assert "<|im_start|>" in ours.special_tokens and "<|image_pad|>" in ours.special_tokens
+    assert "<think>" not in ours.special_tokens  # an added token, but not a control token
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_bytes_join_into_the_text(ours, text):
+    """Byte-level tokens may each hold part of a character: alone they decode to U+FFFD, but
+    their bytes are the real ones, so a client can rebuild the text from them."""
+    ids = ours.encode(text)
+    assert b"".join(ours.token_bytes(i) for i in ids) == ours.decode(ids).encode()
+
+
+def test_a_character_split_across_tokens_has_its_real_bytes(ours):
+    ids = ours.encode("中")
+    assert len(ids) > 1 and all(ours.decode([i]) == "\ufffd" for i in ids)
+    assert b"".join(ours.token_bytes(i) for i in ids).decode() == "中"
+
+
+def test_max_token_bytes_bounds_every_token(ours):
+    longest = max(len(ours.token_bytes(i)) for i in range(ours.vocab_size))
+    assert ours.max_token_bytes == longest
+
+
+def test_surely_exceeds_never_refuses_what_fits_and_stops_early(ours, monkeypatch):
+    rng = random.Random(5)
+    words = ["hello", "world", "图片", "\n", "  ", "<|im_start|>", "x" * 40, "😀", "The"]
+    for _ in range(60):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(0, 3000)))
+        count, limit = len(ours.encode(text)), rng.randint(1, 3000)
+        found = ours.surely_exceeds(text, limit)
+        assert found is None or count >= found > limit
+        if count > 4 * limit + 200:
+            assert found is not None
+    encoded = []
+    original = ours.encode
+    monkeypatch.setattr(ours, "encode", lambda t, **k: encoded.append(len(t)) or original(t, **k))
+    huge = "hello world, how are you today? " * 40_000  # 1.3 MB, 400k tokens here
+    assert ours.surely_exceeds(huge, 2000) > 2000 and not encoded  # bytes alone tell
+    assert ours.surely_exceeds(huge, 100_000) > 100_000  # bytes alone cannot tell
+    assert sum(encoded) < len(huge) // 2  # it stopped once past the limit

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import signal
 import socket
+from pathlib import Path
 
 import click
 
@@ -22,6 +23,7 @@ from ..options import (
     pop_cache_options,
     pop_prompt_options,
 )
+from ..serve.requests import DEFAULT_MAX_IMAGES  # no server dependency: fast --help
 from .main import (
     _follow,
     _load,
@@ -53,6 +55,27 @@ class ByteSize(click.ParamType):
         return size
 
 
+def _origins(values: tuple[str, ...]) -> tuple[str, ...]:
+    """--cors-origin values: '*', 'null', or scheme://host[:port] (no path)."""
+    origins = []
+    for value in values:
+        origin = value.strip().rstrip("/")
+        scheme, _, rest = origin.partition("://")
+        if origin not in ("*", "null") and not (scheme in ("http", "https") and rest):
+            raise click.BadParameter(
+                f"{value!r} is not an origin; give scheme://host[:port], like "
+                "https://app.example.com or http://localhost:3000 (or '*')",
+                param_hint="--cors-origin",
+            )
+        if "/" in rest:
+            raise click.BadParameter(
+                f"{value!r}: an origin has no path (https://app.example.com)",
+                param_hint="--cors-origin",
+            )
+        origins.append(origin)
+    return tuple(origins)
+
+
 @click.command()
 @model_as_for_generate
 @click.option(
@@ -80,15 +103,42 @@ class ByteSize(click.ParamType):
     "$MIMO_MLX_API_KEY).",
 )
 @click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Also answer requests that call the server by this name (Host header), e.g. a LAN "
+    "name; repeatable. Always answered: 127.0.0.1, localhost, ::1 and the --host address.",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    metavar="ORIGIN",
+    callback=lambda ctx, param, values: _origins(values),
+    help="Let web pages from this origin (https://app.example.com) call the server from a "
+    "browser: preflights are answered and CORS headers added; repeatable; '*' allows every "
+    "site (a warning says so). Off: requests carrying any Origin are refused.",
+)
+@click.option(
     "--allow-fetch",
     is_flag=True,
-    help="Fetch http(s) image and video URLs (within --fetch-max-bytes and --fetch-timeout). "
-    "Off: only base64 data: URLs are read.",
+    help="Fetch http(s) image and video URLs from public addresses (within --fetch-max-bytes "
+    "and --fetch-timeout). Off: only base64 data: URLs are read.",
+)
+@click.option(
+    "--allow-fetch-private",
+    is_flag=True,
+    help="With --allow-fetch, also fetch from loopback, private and link-local addresses "
+    "(this machine and its network).",
 )
 @click.option(
     "--allow-local-files",
-    is_flag=True,
-    help="Open local paths (and file:// URLs) that requests name, as this user can.",
+    "local_root",
+    metavar="DIR",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Open local paths (and file:// URLs) that requests name, inside this folder only; "
+    "relative paths start there.",
 )
 @click.option(
     "--fetch-max-bytes",
@@ -104,14 +154,30 @@ class ByteSize(click.ParamType):
     default=10.0,
     show_default=True,
     metavar="SECONDS",
-    help="With --allow-fetch: seconds a URL may take to return the whole image or video.",
+    help="With --allow-fetch: seconds a URL may take to return the whole image or video, "
+    "redirects included.",
 )
 @click.option(
     "--max-image-pixels",
     type=click.IntRange(1),
     default=8192 * 8192,
     show_default=True,
-    help="Refuse images with more pixels than this before decoding them.",
+    help="Refuse images with more pixels than this, from their header, before decoding them.",
+)
+@click.option(
+    "--max-request-pixels",
+    type=click.IntRange(1),
+    default=2 * 8192 * 8192,
+    show_default=True,
+    help="Refuse a request whose images hold more pixels than this together (from their "
+    "headers): it bounds the decoding one request costs.",
+)
+@click.option(
+    "--max-images",
+    type=click.IntRange(1),
+    default=DEFAULT_MAX_IMAGES,
+    show_default=True,
+    help="Most images and videos one request may hold, its whole conversation counted.",
 )
 @click.option(
     "--max-tokens",
@@ -127,7 +193,8 @@ class ByteSize(click.ParamType):
     type=ByteSize(),
     default="2GiB",
     show_default=True,
-    help="Memory for cached conversations (least recently used dropped first).",
+    help="Memory kept between requests: cached conversations (their KV caches and image "
+    "features) and encoded images; least recently used dropped first.",
 )
 @click.option(
     "--max-kv-size",
@@ -165,11 +232,16 @@ def serve(
     host,
     port,
     api_key,
+    allowed_hosts,
+    cors_origins,
     allow_fetch,
-    allow_local_files,
+    allow_fetch_private,
+    local_root,
     fetch_max_bytes,
     fetch_timeout,
     max_image_pixels,
+    max_request_pixels,
+    max_images,
     max_tokens,
     cache_bytes,
     max_kv_size,
@@ -188,17 +260,20 @@ def serve(
 
     POST /v1/chat/completions (streaming or not; tools, response_format), POST /v1/completions
     (raw text prompts), GET /v1/models, GET /health. By default it listens on 127.0.0.1 only,
-    needs no key and reads images only from base64 data: URLs; --allow-local-files,
-    --allow-fetch, --api-key and --host change that. Prompt, sampling and cache flags set the
-    defaults that requests override (a request's kv_bits, kv_group_size and quantized_kv_start
-    choose how its conversation's cache is stored). Under mlx.launch the model is split across
-    the ranks and rank 0 serves (each request from a fresh cache: reuse across requests is not
-    split across ranks).
+    answers only requests that call it by its own name and come from no web page, needs no key
+    and reads images only from base64 data: URLs; --host, --allowed-host, --cors-origin,
+    --allow-fetch, --allow-local-files and --api-key change that. Prompt, sampling and cache
+    flags set the defaults that requests override (a request's kv_bits, kv_group_size and
+    quantized_kv_start choose how its conversation's cache is stored). Under mlx.launch the model
+    is split across the ranks and rank 0 serves (each request from a fresh cache: reuse across
+    requests is not split across ranks).
     """
     import importlib.util  # noqa: PLC0415
 
     if api_key is not None and not api_key.strip():
         raise click.BadParameter("the key is empty", param_hint="--api-key")
+    if allow_fetch_private and not allow_fetch:
+        raise click.BadParameter("it needs --allow-fetch", param_hint="--allow-fetch-private")
     if not all(importlib.util.find_spec(name) for name in ("starlette", "uvicorn", "httpx2")):
         raise MimoError('the server needs its extra: pip install "mimo-mlx[serve]"')
     from ..distributed.group import launch_rank, launched  # noqa: PLC0415
@@ -206,6 +281,7 @@ def serve(
     from ..serve.app import build_server, serve_forever  # noqa: PLC0415
     from ..serve.media import MediaPolicy  # noqa: PLC0415  (fast --help)
     from ..serve.names import model_names  # noqa: PLC0415
+    from ..serve.security import AccessPolicy  # noqa: PLC0415
 
     if launched() and max_kv_size is not None:  # every rank runs this command: all stop here
         raise MimoError(
@@ -224,6 +300,12 @@ def serve(
             "the model",
             err=True,
         )
+    if "*" in cors_origins:
+        click.echo(
+            "warning: --cors-origin '*': any web page you visit can use this server through your "
+            "browser" + ("" if api_key else " (set --api-key to require a key)"),
+            err=True,
+        )
     model_path = model_path or DEFAULT_MODEL
     model, processor = _load(model_path, group)
     pool = None
@@ -240,8 +322,16 @@ def serve(
         names=model_names(model_path, resolve_model(model_path), model_name),
         api_key=api_key,
         media=MediaPolicy(
-            allow_fetch, allow_local_files, fetch_max_bytes, fetch_timeout, max_image_pixels
+            allow_fetch,
+            allow_fetch_private,
+            local_root,
+            fetch_max_bytes,
+            fetch_timeout,
+            max_image_pixels,
+            max_request_pixels,
         ),
+        max_images=max_images,
+        access=AccessPolicy.for_server(host, allowed_hosts, cors_origins),
         max_tokens=max_tokens,
         cache_bytes=cache_bytes,
         max_kv_size=max_kv_size,

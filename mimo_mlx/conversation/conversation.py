@@ -106,12 +106,19 @@ class Conversation:
         self.messages: list[Message] = []
         self.cache = self.model.make_cache(**vars(self.cache_options))
         self._tokens = np.zeros(0, dtype=np.int64)  # identity of each cached token
-        self._inputs: ModelInputs | None = None  # the last turn's
+        self._inputs: ModelInputs | None = None  # the last turn's (without pixels)
+        self._features: dict[str, mx.array] = {}  # media key -> merged vision features
         self.answer_start = 0  # where the last answer's tokens begin in the cache
 
     @property
     def cached_tokens(self) -> int:
         return len(self._tokens)
+
+    @property
+    def nbytes(self) -> int:
+        """What this conversation holds: its KV cache and the vision features of its media.
+        Pixels are not kept once a turn has encoded them."""
+        return self.cache.nbytes + sum(f.nbytes for f in self._features.values())
 
     @property
     def opens_thinking(self) -> bool:
@@ -133,7 +140,7 @@ class Conversation:
             "drop_old_turns": self.drop_old_turns,
         }
         self._settle()
-        saved = SavedConversation(self.messages, self._tokens, self.cache, options)
+        saved = SavedConversation(self.messages, self._tokens, self.cache, options, self._features)
         return save_conversation(saved, self.model, path)
 
     @classmethod
@@ -161,6 +168,7 @@ class Conversation:
         }
         chat = cls(model, processor, **settings)
         chat.messages, chat._tokens, chat.cache = saved.messages, saved.tokens, saved.cache
+        chat._features = dict(saved.features)
         return chat
 
     def ask(self, content: str | list, images=(), videos=(), **kwargs) -> GenerationResult:
@@ -223,6 +231,8 @@ class Conversation:
         conversation holds, so one turn can be offered to several conversations."""
         options = PromptOptions(**{**vars(self.prompt_options), **prompt_options})
         messages, inputs = self._fitted(list(messages), options, tools)
+        # A conversation encodes media item by item (`media`); the stacked copies go now.
+        inputs = dataclasses.replace(inputs, pixel_values=None, pixel_values_videos=None)
         return Turn(messages, inputs, token_identity(inputs, self.model.config))
 
     def prepare_text(self, prompt: str) -> Turn:
@@ -230,12 +240,15 @@ class Conversation:
         completion, as /v1/completions asks for); its answer is not added to `messages`."""
         if not isinstance(prompt, str) or not prompt:
             raise MimoError("the prompt is empty")
-        ids = np.array([self.processor.tokenizer.encode(prompt)], dtype=np.int64)
-        if ids.shape[1] >= self.max_kv_size:
+        # A prompt surely too long is refused before it is tokenized at all.
+        found = self.processor.tokenizer.surely_exceeds(prompt, self.max_kv_size - 1)
+        ids = None if found else np.array([self.processor.tokenizer.encode(prompt)], np.int64)
+        length = found or ids.shape[1]
+        if length >= self.max_kv_size:
             raise ContextFull(
-                f"the prompt is {ids.shape[1]} tokens but at most {self.max_kv_size} fit "
-                "(--max-kv-size, or the model's context)",
-                tokens=ids.shape[1],
+                f"the prompt is {'at least ' if found else ''}{length} tokens but at most "
+                f"{self.max_kv_size} fit (--max-kv-size, or the model's context)",
+                tokens=length,
                 limit=self.max_kv_size,
             )
         return Turn([], ModelInputs(ids, text=prompt), ids[0].copy(), raw=True)
@@ -258,6 +271,7 @@ class Conversation:
         if length:
             other.cache = self.cache.copy(length)
         other._tokens = self._tokens[: other.cache.offset].copy()
+        other._features = dict(self._features)  # shared arrays; the next turn keeps its own
         other.answer_start = 0
         return other
 
@@ -326,7 +340,8 @@ class Conversation:
             # prefix of this prompt and the answer as far as it got; the history says the same.
             self._tokens = np.concatenate([identity, generated])
             self._settle()
-            self.messages = with_media(messages, inputs.media)
+            self._keep_features(inputs)
+            self.messages = with_media(messages, self._inputs.media)
             if turn.raw:
                 pass  # a plain completion is not a chat turn
             elif generated:
@@ -343,16 +358,33 @@ class Conversation:
         length = self.cache.truncate(len(self._tokens))
         self._tokens = self._tokens[:length]
 
+    def _keep_features(self, inputs: ModelInputs) -> None:
+        """Keep the vision features of this turn's media, not their pixels (an item whose
+        features this conversation never saw, from an old saved file, keeps its pixels)."""
+        keys = {m.key for m in inputs.media}
+        self._features = {k: f for k, f in self._features.items() if k in keys}
+        media = tuple(
+            m.encoded(self._features[m.key], self.model) if m.key in self._features else m
+            for m in inputs.media
+        )
+        self._inputs = dataclasses.replace(inputs, media=media)
+
     # ---------------------------------------------------------------- the prompt of a turn
 
     def _fitted(
         self, messages: list[Message], options: PromptOptions, tools: Sequence[dict] | None
     ) -> tuple[list[Message], ModelInputs]:
         """The messages and their inputs, leaving room for at least one answer token."""
+        limit = self.max_kv_size - 1
         while True:
-            inputs = self.processor.prepare_messages(messages, tools=tools, **vars(options))
-            length = inputs.input_ids.shape[1]
-            if length < self.max_kv_size:
+            try:
+                inputs = self.processor.prepare_messages(
+                    messages, tools=tools, max_tokens=limit, **vars(options)
+                )
+                length, at_least = inputs.input_ids.shape[1], ""
+            except ContextFull as err:  # surely too long, found before tokenizing all of it
+                length, at_least = err.tokens, "at least "
+            if length <= limit:
                 return messages, inputs
             shorter = _without_oldest_exchange(messages) if self.drop_old_turns else None
             if shorter is None:
@@ -362,7 +394,7 @@ class Conversation:
                     else "the last message alone does not fit: shorten it or send smaller media"
                 )
                 raise ContextFull(
-                    f"the conversation is {length} tokens but at most {self.max_kv_size} fit "
+                    f"the conversation is {at_least}{length} tokens but at most {self.max_kv_size} fit "
                     f"(--max-kv-size, or the model's context); {advice}",
                     tokens=length,
                     limit=self.max_kv_size,
@@ -386,7 +418,7 @@ class Conversation:
         suffix = identity[keep:]
         starts = np.flatnonzero((suffix < 0) & (np.concatenate([[1], suffix[:-1]]) != suffix))
         new_media = [by_code[int(suffix[i])] for i in starts]  # one per placeholder run, in order
-        features = self.vision_cache.features(self.model, new_media)
+        features = self._media_features(new_media)
         images = [m for m in new_media if m.kind == "image"]
         videos = [m for m in new_media if m.kind == "video"]
         return self.model.prepare_prompt(
@@ -397,6 +429,26 @@ class Conversation:
             cache=self.cache,
             vision_features=mx.concatenate(features) if features else None,
         )
+
+    def _media_features(self, media: list[PreparedMedia]) -> list[mx.array]:
+        """Features of each item: this conversation's own, those the item carries from this
+        model (another conversation's history), else the vision cache's (which encodes what it
+        lacks); all kept for the turn's history."""
+        for item in media:
+            carried = item.features_for(self.model)
+            if item.key not in self._features and carried is not None:
+                self._features[item.key] = carried
+        missing = [m for m in media if m.key not in self._features]
+        if any(m.pixel_values is None for m in missing):
+            raise MimoError(
+                "an image of these messages was encoded by another model and kept no pixels: "
+                "give the image itself"
+            )
+        for item, features in zip(
+            missing, self.vision_cache.features(self.model, missing), strict=True
+        ):
+            self._features[item.key] = features
+        return [self._features[m.key] for m in media]
 
 
 def media_code(key: str) -> int:

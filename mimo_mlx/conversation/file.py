@@ -1,11 +1,12 @@
 """A conversation saved to one file and resumed later, in this process or another, identically.
 
 The file is safetensors (never pickle): every layer's keys and values, the rotary bookkeeping, the
-identity of each cached token, the preprocessed pixels of the conversation's images and videos,
-and JSON metadata (the messages, the options, the file format and the model's fingerprint). A file
-written by another model (or the same weights in another dtype) or in another format is refused.
-A quantized cache is saved as it is held (packed values, scales and biases, see `model.cache`);
-the metadata says how it is stored (`kv_cache`).
+identity of each cached token, the encoded vision features of the conversation's images and
+videos (files of formats 1 and 2 hold their preprocessed pixels instead, and still load), and JSON
+metadata (the messages, the options, the file format and the model's fingerprint). A file written
+by another model (or the same weights in another dtype) or in another format is refused. A
+quantized cache is saved as it is held (packed values, scales and biases, see `model.cache`); the
+metadata says how it is stored (`kv_cache`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from ..inputs.processor import PreparedMedia
 from ..model.cache import PromptCache
 from ..model.mimo_vl import Model
 
-FORMAT = 2  # 2: quantized caches (`kv_cache` in the metadata); format 1 files read as float
-READABLE_FORMATS = (1, 2)
+FORMAT = 3  # 3: encoded features, not pixels; 2: quantized caches (`kv_cache`); 1: float caches
+READABLE_FORMATS = (1, 2, 3)
 METADATA_KEY = "mimo_mlx.conversation"
 
 
@@ -61,6 +62,7 @@ class SavedConversation:
     tokens: np.ndarray  # identity of each cached token
     cache: PromptCache
     options: dict[str, Any]  # Conversation's settings: prompt options, max_kv_size, drop_old_turns
+    features: dict[str, mx.array] = dataclasses.field(default_factory=dict)  # by media key
 
 
 def save_conversation(saved: SavedConversation, model: Model, path: str | Path) -> Path:
@@ -74,8 +76,11 @@ def save_conversation(saved: SavedConversation, model: Model, path: str | Path) 
                 arrays[f"kv.{i}.{name}"] = array
     for j, (_, next_positions) in enumerate(saved.cache.marks):
         arrays[f"rope.{j}"] = mx.array(next_positions)
-    for k, item in enumerate(media):
-        arrays[f"media.{k}.pixels"] = mx.array(item.pixel_values)
+    for k, item in enumerate(media):  # encoded features where known, else the pixels
+        if item.key in saved.features:
+            arrays[f"media.{k}.features"] = saved.features[item.key]
+        else:
+            arrays[f"media.{k}.pixels"] = mx.array(item.pixel_values)
     meta = {
         "format": FORMAT,
         "mimo_mlx": _version(),
@@ -151,16 +156,20 @@ def load_conversation(path: str | Path, model: Model) -> SavedConversation:
         raise MimoError(
             f"{path} was written by mimo-mlx {meta.get('mimo_mlx', '?')} in conversation format "
             f"{meta.get('format')}; this mimo-mlx ({_version()}) reads formats "
-            f"{' and '.join(map(str, READABLE_FORMATS))}"
+            f"{', '.join(map(str, READABLE_FORMATS))}"
         )
     if meta.get("model") != model_fingerprint(model):
         raise MimoError(
             f"{path} was saved with another model (or the same weights in another dtype); load "
             "it with the model that saved it, or start a new conversation"
         )
-    media = [
-        _prepared(record, arrays[f"media.{k}.pixels"]) for k, record in enumerate(meta["media"])
-    ]
+    media = [_prepared(record, arrays, k) for k, record in enumerate(meta["media"])]
+    features = {
+        item.key: arrays[f"media.{k}.features"]
+        for k, item in enumerate(media)
+        if f"media.{k}.features" in arrays
+    }
+    media = [m.encoded(features[m.key], model) if m.key in features else m for m in media]
     tokens = np.asarray(arrays["tokens"], dtype=np.int64)
     stored = dict(meta.get("kv_cache", {}))  # format 1: a float cache
     quantized = stored.pop("quantized", False)
@@ -181,7 +190,7 @@ def load_conversation(path: str | Path, model: Model) -> SavedConversation:
     if cache.offset != len(tokens):
         raise MimoError(f"{path} is damaged: its cache and its tokens disagree")
     return SavedConversation(
-        _with_prepared(meta["messages"], media), tokens, cache, meta["options"]
+        _with_prepared(meta["messages"], media), tokens, cache, meta["options"], features
     )
 
 
@@ -234,15 +243,19 @@ def _media_record(item: PreparedMedia) -> dict:
     }
 
 
-def _prepared(record: dict, pixels: mx.array) -> PreparedMedia:
+def _prepared(record: dict, arrays: dict[str, mx.array], k: int) -> PreparedMedia:
     sizes = tuple(tuple(s) for s in record["sizes"]) if record["sizes"] else None
+    pixels = arrays.get(f"media.{k}.pixels")
     item = PreparedMedia(
         record["kind"],
-        np.asarray(pixels, dtype=np.float32),
+        None if pixels is None else np.asarray(pixels, dtype=np.float32),
         tuple(record["grid_thw"]),
         record["second_per_grid_t"],
         sizes,
+        known_key=None if pixels is not None else record["key"],
     )
+    if pixels is None and f"media.{k}.features" not in arrays:
+        raise MimoError("the conversation file lacks an image's pixels and features: it is damaged")
     if item.key != record["key"]:
         raise MimoError("the conversation file's media do not match their keys: it is damaged")
     return item

@@ -4,10 +4,16 @@ A client re-sends its whole conversation with every request. The pool offers the
 each conversation it holds and continues the one that shares the longest prefix with it, so turn 2
 reuses turn 1's tokens and images whichever client sent it. Where continuing would trim tokens
 before that conversation's last answer (two clients with the same start, a client that edited its
-history), the conversation is forked at the shared prefix instead, and kept. Conversations are dropped,
-least recently used first, once their caches pass the budget (counting the bytes each cache holds,
-quantized or not); the vision cache is shared. A request may ask for its cache to be stored
-otherwise than the pool's default (kv_bits, ...): it continues only a conversation stored that way.
+history), the conversation is forked at the shared prefix instead, and kept. A request may ask for
+its cache to be stored otherwise than the pool's default (kv_bits, ...): it continues only a
+conversation stored that way.
+
+The budget bounds everything kept between requests: each conversation's KV cache (the bytes it
+holds, quantized or not) and the vision features of its images (never their pixels), and the
+pool's own vision cache, which may use a quarter of it. After each request, conversations are
+dropped, least recently used first, until the total fits; the one just used too if it alone does
+not (features shared between a conversation and the vision cache count twice: the bound errs on
+the safe side).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from ..inputs.processor import Processor
 from ..model.mimo_vl import Model
 from ..options import CacheOptions, pop_cache_options, pop_prompt_options
 from .conversation import Conversation
-from .vision_cache import VisionCache, shared_vision_cache
+from .vision_cache import VisionCache
 
 DEFAULT_POOL_BYTES = 2 * 2**30  # about 14k cached tokens of MiMo-VL-7B in bfloat16
 
@@ -45,7 +51,8 @@ class ConversationPool:
         """`kv_bits`, `kv_group_size` and `quantized_kv_start` are the default cache options
         (requests may ask for others); `prompt_options` the default prompt options."""
         self.max_bytes = max_bytes
-        cache = vision_cache if vision_cache is not None else shared_vision_cache()
+        cache = vision_cache if vision_cache is not None else VisionCache(max_bytes // 4)
+        self.vision_cache = cache
         self._blank = Conversation(
             model,
             processor,
@@ -65,7 +72,20 @@ class ConversationPool:
 
     @property
     def nbytes(self) -> int:
-        return sum(entry.cache.nbytes for entry in self._entries)
+        """Bytes held between requests: conversations (KV and vision features) and the vision
+        cache."""
+        return sum(entry.nbytes for entry in self._entries) + self.vision_cache.nbytes
+
+    def stats(self) -> dict:
+        """What /health reports about the memory kept."""
+        kv = sum(entry.cache.nbytes for entry in self._entries)
+        return {
+            "conversations": len(self._entries),
+            "bytes": self.nbytes,
+            "limit": self.max_bytes,
+            "kv_bytes": kv,
+            "vision_bytes": self.nbytes - kv,
+        }
 
     @property
     def opens_thinking(self) -> bool:
@@ -92,7 +112,7 @@ class ConversationPool:
                 yield from chat.stream_turn(turn, **options)
             finally:
                 self._running = None
-                self._evict(keep=chat)
+                self._evict()
 
     def stream_text(self, prompt: str, **options) -> Iterator[GenerationResponse]:
         """Complete a plain text `prompt` (no chat template), reusing cached tokens as `stream`
@@ -105,7 +125,7 @@ class ConversationPool:
                 yield from chat.stream_turn(turn, **options)
             finally:
                 self._running = None
-                self._evict(keep=chat)
+                self._evict()
 
     def _conversation_for(self, turn, stored: CacheOptions) -> Conversation:
         scored = [
@@ -127,7 +147,6 @@ class ConversationPool:
         self._entries.append(chat)
         return chat
 
-    def _evict(self, keep: Conversation) -> None:
-        while self.nbytes > self.max_bytes and len(self._entries) > 1:
-            oldest = next(entry for entry in self._entries if entry is not keep)
-            self._entries.remove(oldest)
+    def _evict(self) -> None:
+        while self.nbytes > self.max_bytes and self._entries:
+            self._entries.pop(0)  # least recently used first; the one just used is last

@@ -348,6 +348,10 @@ class LeaderPool:
     def __len__(self) -> int:
         return 0
 
+    def stats(self) -> dict:
+        """Nothing is kept between requests (for /health)."""
+        return {"conversations": 0, "bytes": 0, "limit": 0, "kv_bytes": 0, "vision_bytes": 0}
+
     def stream(self, messages: Sequence[dict], **options) -> Iterator[GenerationResponse]:
         refuse_structured(options)
         tools = options.pop("tools", None)

@@ -11,22 +11,26 @@ natural images. Video frames go through the same steps (see ``video.py``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import re
-import threading
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import MimoError
 from ..options import DEFAULT_MAX_PIXELS
+from .image_files import (  # noqa: F401  (load_image, to_rgb, ... are this module's API too)
+    MAX_ASPECT_RATIO,
+    MAX_IMAGE_PIXELS,
+    EncodedImage,
+    check_image_size,
+    load_image,
+    to_rgb,
+)
 
 DEFAULT_MIN_PIXELS = 3136
 """The checkpoint's min_pixels (56 x 56 = 4 patches of 28 x 28)."""
@@ -34,14 +38,8 @@ DEFAULT_MIN_PIXELS = 3136
 CHECKPOINT_MAX_PIXELS = 12_845_056
 """The published preprocessor_config.json's max_pixels: 16,384 merged tokens for one image."""
 
-MAX_IMAGE_PIXELS = 16384 * 16384
-"""Largest image decoded (268 MP). PIL refuses images above 179 MP as decompression bombs, but
-phone cameras reach 200 MP (16320 x 12240); a 268 MP RGB image decodes to 0.8 GB."""
-
-MAX_ASPECT_RATIO = 200  # smart_resize's limit: thinner images cannot keep their shape on the grid
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 @dataclass(frozen=True)
@@ -136,90 +134,6 @@ def load_processor_config(model_dir: str | Path) -> ImageProcessorConfig:
     if not isinstance(raw, dict):
         raise MimoError(f"{path} must hold a JSON object")
     return ImageProcessorConfig.from_dict(raw)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB the way transformers' ``convert_to_rgb`` does.
-
-    Transparency (an alpha band, or a palette/grey ``transparency`` entry) is composited onto
-    white. One deliberate difference: 16/32-bit integer images holding values above 255 are
-    scaled to 8 bits (x / 257) where PIL, and so transformers, would clip them to near-white.
-    """
-    if image.mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image)
-        if values.size and values.max() > 255:
-            scaled = np.round(np.clip(values.astype(np.float64), 0, 65535) / 257)
-            image = Image.fromarray(scaled.astype(np.uint8))
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
-
-
-def check_image_size(width: int, height: int, factor: int = 28, name: str = "image") -> None:
-    """Raise MimoError if an image is too small or too thin to become a patch grid."""
-    if min(width, height) < factor:
-        raise MimoError(
-            f"{name} is {width}x{height} pixels; each side must be at least {factor} pixels"
-        )
-    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-        raise MimoError(
-            f"{name} is {width}x{height} pixels; its aspect ratio "
-            f"{max(width, height) / min(width, height):.0f}:1 exceeds {MAX_ASPECT_RATIO}:1; "
-            "crop it first"
-        )
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as upright RGB: first frame, EXIF orientation applied, alpha on white."""
-    path = Path(path)
-    if path.is_dir():
-        raise MimoError(
-            f"{path} is a folder, not an image (a folder of video frames goes to --video)"
-        )
-    if not path.is_file():
-        raise MimoError(f"image not found: {path}")
-    try:
-        with _own_pixel_limit(), Image.open(path) as opened:
-            width, height = opened.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise MimoError(
-                    f"{path} is {width}x{height} pixels ({width * height / 1e6:.0f} MP), above the "
-                    f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP mimo-mlx decodes; scale it down first"
-                )
-            opened.load()  # decode now so a truncated file fails here, not mid-preprocessing
-            image = ImageOps.exif_transpose(opened)
-    except UnidentifiedImageError as err:
-        raise MimoError(f"{path} is not a readable image: {undecodable(err)}") from None
-    except (OSError, ValueError, SyntaxError) as err:  # PIL reports corrupt data with these
-        raise MimoError(f"{path} could not be decoded as an image: {undecodable(err)}") from None
-    check_image_size(image.width, image.height, name=str(path))
-    return to_rgb(image)
-
-
-def undecodable(err: Exception) -> str:
-    """What PIL said about data it could not decode, in words, without the Python object it read
-    from (PIL names an in-memory file as `<_io.BytesIO object at 0x7f...>`)."""
-    if isinstance(err, UnidentifiedImageError):
-        return "its format is not one PIL reads (PNG, JPEG, WebP, GIF, BMP, TIFF, ...)"
-    text = re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(err)).strip()
-    return text or type(err).__name__
-
-
-_PIL_LIMIT_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _own_pixel_limit() -> Iterator[None]:
-    """PIL's decompression-bomb check off (and its warning silenced) while `load_image`, which
-    applies MAX_IMAGE_PIXELS itself, opens a file."""
-    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            yield
-        finally:
-            Image.MAX_IMAGE_PIXELS = previous
 
 
 def smart_resize(
@@ -340,3 +254,30 @@ def preprocess_images(
         all_patches.append(patches)
         grids.append(grid)
     return np.concatenate(all_patches, axis=0), np.stack(grids)
+
+
+def preprocess_encoded(
+    image: EncodedImage,
+    config: ImageProcessorConfig = DEFAULT_CONFIG,
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """An image held undecoded (the server's) -> (pixel_values, grid (3,), upright (width, height)).
+
+    The grid is the full image's, as `preprocess_images` computes it. The pixels are the same
+    bit for bit unless the image is over `REDUCING_GAP` (3) times the resized size on both sides;
+    such an image is shrunk while it decodes (`EncodedImage.decode`), which moves resized pixels
+    by less than 1/255 on average (measured; tests/test_image_files.py holds the bound).
+    """
+    lo, hi = pixel_range(config, min_pixels, max_pixels)
+
+    def target(height: int, width: int) -> tuple[int, int]:
+        check_image_size(width, height, config.factor, name=image.name)
+        return smart_resize(height, width, config.factor, lo, hi)
+
+    decoded, (width, height) = image.decode(target)
+    resized_height, resized_width = target(height, width)
+    pixels = resize_rgb(decoded, resized_height, resized_width, config.resample)
+    patches, grid = patchify(normalize(pixels[None], config), config)
+    return patches, grid, (width, height)

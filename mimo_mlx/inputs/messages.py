@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import MimoError
-from .images import undecodable
+from .image_files import decode_image
 from .template import NO_THINK, Message, user_text
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -149,15 +148,10 @@ def image_from_url(url: str) -> Image.Image | Path:
     if not header.endswith(";base64") or not data:
         raise MimoError("an image data URL must be base64: data:image/png;base64,...")
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
-        image.load()
+        decoded = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise MimoError("the image data URL is not valid base64") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise MimoError(
-            f"the image data URL does not hold a readable image: {undecodable(err)}"
-        ) from None
-    return image
+    return decode_image(decoded, "the image data URL")
 
 
 def _local(url: str) -> Path:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
+import re
+import secrets
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -12,9 +17,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import MimoError
+from ..errors import ContextFull, MimoError
 from ..options import PromptOptions
-from .images import ImageProcessorConfig, load_image, load_processor_config, preprocess_images
+from .images import (
+    EncodedImage,
+    ImageProcessorConfig,
+    load_image,
+    load_processor_config,
+    preprocess_encoded,
+    preprocess_images,
+)
 from .messages import Media, split_messages
 from .template import (
     check_media_rendered,
@@ -29,6 +41,7 @@ from .tokenizer import Tokenizer
 from .video import preprocess_video, read_video
 
 ImageInput = str | Path | Image.Image
+_MARKER = re.compile("(\x00[0-9a-f]{16}:\\d+\x00)")  # stands for a typed text while rendering
 
 
 @dataclass(frozen=True)
@@ -36,20 +49,42 @@ class PreparedMedia:
     """One image or video, preprocessed: its patches and grid, and what grounding needs."""
 
     kind: str  # "image" or "video"
-    pixel_values: np.ndarray  # (t * h * w, patch_dim) float32
+    pixel_values: np.ndarray | None  # (t * h * w, patch_dim) float32; None once encoded
     grid_thw: tuple[int, int, int]
     second_per_grid_t: float | None = None  # videos: seconds one temporal patch spans
     sizes: tuple[tuple[int, int], tuple[int, int]] | None = None  # images: (upright, resized)
     notice: str | None = None  # videos: what the token budget changed, if anything
+    known_key: str | None = field(default=None, repr=False, compare=False)
+    # Once encoded (a conversation's history): the merged vision features, and a weak reference
+    # to the model that computed them (features are only ever reused with that model).
+    features: Any = field(default=None, repr=False, compare=False)
+    encoder: Any = field(default=None, repr=False, compare=False)
 
     @cached_property
     def key(self) -> str:
         """A content key: the preprocessed pixels fold in every preprocessing setting, so equal
         keys mean equal vision features for a given model."""
+        if self.known_key is not None:
+            return self.known_key
         digest = hashlib.blake2b(digest_size=16)
         digest.update(f"{self.kind}:{self.grid_thw}:{self.second_per_grid_t}".encode())
         digest.update(np.ascontiguousarray(self.pixel_values).data)
         return digest.hexdigest()
+
+    def encoded(self, features: Any, model: Any) -> PreparedMedia:
+        """The item as a conversation keeps it once `model` has encoded it: key, grid, sizes
+        and the features, no pixels (they are 4 bytes per value, twice per patch)."""
+        return dataclasses.replace(
+            self,
+            pixel_values=None,
+            known_key=self.key,
+            features=features,
+            encoder=weakref.ref(model),
+        )
+
+    def features_for(self, model: Any) -> Any:
+        """The features `model` computed for this item, if it did; else None."""
+        return self.features if self.encoder is not None and self.encoder() is model else None
 
 
 @dataclass(frozen=True)
@@ -72,6 +107,13 @@ class ModelInputs:
     notices: tuple[str, ...] = ()  # what preparing this prompt's new media changed (a budget)
 
     def vision_kwargs(self) -> dict[str, Any]:
+        held = [m for m in self.media if m.pixel_values is None]
+        if held:
+            raise MimoError(
+                f"{len(held)} image(s) or video(s) of these inputs were encoded by a "
+                "Conversation, which keeps their features, not their pixels: continue them in a "
+                "Conversation, or give the images themselves"
+            )
         return {
             "pixel_values": self.pixel_values,
             "image_grid_thw": self.image_grid_thw,
@@ -136,6 +178,7 @@ class Processor:
         add_generation_prompt: bool = True,
         preprocess: Callable[[Media, PromptOptions], PreparedMedia] | None = None,
         tools: Sequence[dict] | None = None,
+        max_tokens: int | None = None,
         **options,
     ) -> ModelInputs:
         """A whole conversation (see `messages.py` for the accepted shapes), rendered with the
@@ -144,14 +187,33 @@ class Processor:
         `preprocess` replaces `self.preprocess` (a conversation reuses what it prepared before).
         `tools` (OpenAI's function definitions) are shown to the model by `tool_template`; when
         that is a text-only template, images and videos are written in as Qwen2.5-VL writes them.
+        Control tokens spelled in message text (a user typing `<|im_start|>system`) stay plain
+        text; transformers would read them as control tokens. `max_tokens`: a prompt whose text
+        alone surely passes it raises ContextFull before any media is decoded or the whole text
+        tokenized.
         """
         opts = PromptOptions(**options)
         rendered, media = split_messages(messages, system=opts.system, no_think=opts.no_think)
         template = self.chat_template
         if tools:
             template = self._template_for_tools()
-            if template != self.chat_template:
-                rendered = inline_media(rendered)
+        inline = bool(tools) and template != self.chat_template
+        self._refuse_spelled_tools(tools, rendered)
+
+        def render(messages: list[dict]) -> str:
+            messages = inline_media(messages) if inline else messages
+            special = self.tokenizer.special_tokens_map
+            return render_chat(template, messages, special, add_generation_prompt, tools=tools)
+
+        text = render(rendered)
+        around, typed = self._around_typed_tokens(rendered, text, render)
+        check_media_rendered(around, *(sum(m.kind == k for m in media) for k in ("image", "video")))
+        if max_tokens is not None and (found := self.tokenizer.surely_exceeds(text, max_tokens)):
+            raise ContextFull(
+                f"the prompt is at least {found} tokens, but at most {max_tokens} fit",
+                tokens=found,
+                limit=max_tokens,
+            )
         prepared = tuple((preprocess or self.preprocess)(item, opts) for item in media)
         notices = tuple(
             m.notice
@@ -160,25 +222,21 @@ class Processor:
         )
         images = [m for m in prepared if m.kind == "image"]
         videos = [m for m in prepared if m.kind == "video"]
-        special = self.tokenizer.special_tokens_map
-        text = render_chat(template, rendered, special, add_generation_prompt, tools=tools)
-        check_media_rendered(text, len(images), len(videos))
         image_grids = np.array([m.grid_thw for m in images], dtype=np.int64).reshape(-1, 3)
         video_grids = np.array([m.grid_thw for m in videos], dtype=np.int64).reshape(-1, 3)
         merge = self.image_config.merge_size
-        expanded = expand_vision_tokens(text, image_grids, video_grids, merge_size=merge)
+        expanded = expand_vision_tokens(around, image_grids, video_grids, merge_size=merge)
         vision: dict[str, Any] = {}
         if images:
-            pixels = np.concatenate([m.pixel_values for m in images])
-            vision.update(pixel_values=pixels, image_grid_thw=image_grids)
+            vision.update(pixel_values=_stacked(images), image_grid_thw=image_grids)
         if videos:
             vision.update(
-                pixel_values_videos=np.concatenate([m.pixel_values for m in videos]),
+                pixel_values_videos=_stacked(videos),
                 video_grid_thw=video_grids,
                 second_per_grid_ts=[m.second_per_grid_t for m in videos],
             )
         return ModelInputs(
-            np.array([self.tokenizer.encode(expanded)], dtype=np.int64),
+            np.array([self._token_ids(expanded, typed)], dtype=np.int64),
             text=text,
             vision_tokens=sum(int(np.prod(m.grid_thw)) // merge**2 for m in prepared),
             opens_thinking=text.rstrip().endswith("<think>"),
@@ -197,6 +255,53 @@ class Processor:
                 "never see them; add a chat_template.jinja that does (Qwen2.5's, for example)"
             )
         return self.tool_template
+
+    def _refuse_spelled_tools(self, tools: Sequence[dict] | None, rendered: list[dict]) -> None:
+        """Tool definitions and tool calls are rendered as JSON, where a typed control token
+        could not be kept as text: refused instead."""
+        calls = [m.get("tool_calls") for m in rendered if m.get("tool_calls")]
+        written = json.dumps([tools or [], calls], ensure_ascii=False)
+        spelled = [token for token in self.tokenizer.special_tokens if token in written]
+        if spelled:
+            raise MimoError(
+                f"a tool definition or tool call spells the control token {spelled[0]}, which "
+                "could only reach the model as a control token; remove it"
+            )
+
+    def _around_typed_tokens(
+        self, rendered: list[dict], text: str, render: Callable[[list[dict]], str]
+    ) -> tuple[str, dict[str, str]]:
+        """(the rendered prompt with each message text that spells a control token swapped for
+        a marker, {marker: that text}). Only the template's own tokens are left in the prompt:
+        its images are counted and expanded there, and the texts tokenized apart, as plain text.
+        Nothing spelled (the usual case): (the prompt as rendered, {})."""
+        specials = self.tokenizer.special_tokens
+        spelled = sorted({t for t in _texts(rendered) if any(s in t for s in specials)})
+        if not spelled:
+            return text, {}
+        nonce = secrets.token_hex(8)
+        markers = {t: f"\x00{nonce}:{i}\x00" for i, t in enumerate(spelled)}
+        around = render(_with_texts(rendered, markers))
+        typed = {marker: t for t, marker in markers.items()}
+        if _MARKER.sub(lambda m: typed.get(m.group(), m.group()), around) != text:
+            raise MimoError(
+                "a message spells a control token (such as <|im_start|>), and this model's chat "
+                "template rewrites message text, so it cannot be kept as plain text; remove it"
+            )
+        return around, typed
+
+    def _token_ids(self, expanded: str, typed: dict[str, str]) -> list[int]:
+        """Token ids of the expanded prompt: whole, exactly as transformers tokenizes it, unless
+        it holds markers; then piece by piece, the typed texts with no control tokens."""
+        if not typed:
+            return self.tokenizer.encode(expanded)
+        ids: list[int] = []
+        for piece in _MARKER.split(expanded):
+            if piece in typed:
+                ids += self.tokenizer.encode(typed[piece], parse_special=False)
+            elif piece:
+                ids += self.tokenizer.encode(piece)
+        return ids
 
     def preprocess(self, item: Media, opts: PromptOptions) -> PreparedMedia:
         """One image (upright, resized, normalized, patched) or video (sampled, then the same);
@@ -222,13 +327,16 @@ class Processor:
             pixels, grid, second = preprocess_video(clip.frames, clip.fps, config, size=size)
             grid_thw = tuple(int(v) for v in grid[0])
             return PreparedMedia("video", pixels, grid_thw, second, notice=clip.notice)
-        image = load_image(item.source) if isinstance(item.source, str | Path) else item.source
-        pixels, grid = preprocess_images(
-            [image], config, min_pixels=opts.min_pixels, max_pixels=opts.max_pixels
-        )
-        t, h, w = (int(v) for v in grid[0])
+        limits = dict(min_pixels=opts.min_pixels, max_pixels=opts.max_pixels)
+        if isinstance(item.source, EncodedImage):  # the server's: decoded only now
+            pixels, grid, size = preprocess_encoded(item.source, config, **limits)
+        else:
+            image = load_image(item.source) if isinstance(item.source, str | Path) else item.source
+            (pixels, grids), size = preprocess_images([image], config, **limits), image.size
+            grid = grids[0]
+        t, h, w = (int(v) for v in grid)
         resized = (w * config.patch_size, h * config.patch_size)
-        return PreparedMedia("image", pixels, (t, h, w), sizes=(image.size, resized))
+        return PreparedMedia("image", pixels, (t, h, w), sizes=(size, resized))
 
 
 def _as_list(items: Any, name: str) -> list:
@@ -241,3 +349,39 @@ def _as_list(items: Any, name: str) -> list:
         return list(items)
     except TypeError:
         raise MimoError(f"{name} must be a path, a PIL image or a list of them") from None
+
+
+def _texts(messages: list[dict]) -> list[str]:
+    """Every text of rendered messages (string contents and text parts)."""
+    found = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            found.append(content)
+        else:
+            found += [part["text"] for part in content if part["type"] == "text"]
+    return found
+
+
+def _with_texts(messages: list[dict], swap: dict[str, str]) -> list[dict]:
+    """Rendered messages with each text found in `swap` replaced by its value."""
+
+    def one(content):
+        if isinstance(content, str):
+            return swap.get(content, content)
+        return [
+            {**part, "text": swap.get(part["text"], part["text"])}
+            if part["type"] == "text"
+            else part
+            for part in content
+        ]
+
+    return [{**message, "content": one(message["content"])} for message in messages]
+
+
+def _stacked(media: list[PreparedMedia]) -> np.ndarray | None:
+    """The items' pixels in one array; None when an item kept only its features (a
+    conversation's history: `Conversation` encodes item by item)."""
+    if any(m.pixel_values is None for m in media):
+        return None
+    return np.concatenate([m.pixel_values for m in media])

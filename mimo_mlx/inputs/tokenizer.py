@@ -2,13 +2,16 @@
 
 Behaves like transformers' Qwen2Tokenizer for what generation needs: no BOS is added, control
 tokens written in the text (`<|im_start|>`, `<|image_pad|>`, ...) encode to their ids, decoding is
-the backend's decode.
+the backend's decode. `encode(text, parse_special=False)` reads control-token text as plain text
+instead: what people type must never become a control token (see `processor.py`).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,19 @@ _NAMED_SPECIAL_TOKENS = (
 # ChatML ends a turn with <|im_end|>; base checkpoints end documents with <|endoftext|>.
 _ALWAYS_STOP = ("<|im_end|>", "<|endoftext|>")
 _REPLACEMENT_CHAR = "\ufffd"
+# Counting a long text's tokens piece by piece: pieces of this many characters, cut after a
+# newline (else a space); a cut can change the count near it, by this many tokens at most.
+_COUNT_PIECE_CHARS = 1 << 16
+_COUNT_SLACK_PER_CUT = 8
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table): char -> byte value."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = [b for b in range(256) if b not in kept]
+    table = {chr(b): b for b in kept}
+    table.update({chr(256 + n): b for n, b in enumerate(shifted)})
+    return table
 
 
 def read_json_config(path: Path) -> dict[str, Any]:
@@ -116,7 +132,9 @@ class Tokenizer:
         backend.no_truncation()
         backend.no_padding()
         config = dict(config or {})
-        backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
+        self._split_special = bool(config.get("split_special_tokens", False))
+        backend.encode_special_tokens = self._split_special
+        self._mode_lock = threading.Lock()  # encode_special_tokens is the backend's, shared
         self.special_tokens_map: dict[str, str] = _named_special_tokens(
             config, dict(special_tokens_map or {})
         )
@@ -152,9 +170,80 @@ class Tokenizer:
         """Number of ids, added tokens included."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; control tokens in the text map to their ids, no BOS/EOS is added."""
-        return self._backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`, no BOS/EOS added. Control tokens written in the text map to their
+        ids, unless `parse_special` is False: then they are tokenized as the plain text they are."""
+        if parse_special:
+            return self._backend.encode(text, add_special_tokens=False).ids
+        with self._mode_lock:
+            self._backend.encode_special_tokens = True
+            try:
+                return self._backend.encode(text, add_special_tokens=False).ids
+            finally:
+                self._backend.encode_special_tokens = self._split_special
+
+    @cached_property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The text of every control token (added tokens flagged special: `<|im_start|>`, ...)."""
+        added = self._backend.get_added_tokens_decoder().values()
+        return tuple(token.content for token in added if token.special)
+
+    @cached_property
+    def _byte_level(self) -> dict[str, int] | None:
+        """Byte-level BPE's char -> byte table, when tokenizer.json decodes that way."""
+        decoder = json.loads(self._backend.to_str()).get("decoder") or {}
+        kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", ())]
+        return byte_level_alphabet() if "ByteLevel" in kinds else None
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for. A byte-level token may hold part of a character
+        (decoding it alone gives U+FFFD); its bytes are still the real ones, so the bytes of
+        consecutive tokens join into the text."""
+        token_id = int(token_id)
+        piece = self._backend.id_to_token(token_id)
+        table = self._byte_level
+        if token_id not in self._added and piece is not None and table:
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        return self.decode([token_id]).encode("utf-8", "surrogatepass")
+
+    @cached_property
+    def _added(self) -> frozenset[int]:
+        return frozenset(self._backend.get_added_tokens_decoder())
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token stands for: a text of n bytes is at least n / this tokens."""
+        table = self._byte_level
+        vocab = self._backend.get_vocab(with_added_tokens=True)
+        return max(
+            (
+                len(piece) if table and i not in self._added else len(piece.encode())
+                for piece, i in vocab.items()
+            ),
+            default=1,
+        )
+
+    def surely_exceeds(self, text: str, limit: int) -> int | None:
+        """A token count `text` reaches when it surely encodes to more than `limit` tokens, found
+        without encoding a text longer than about `limit` tokens; None when it may fit.
+
+        Bytes bound the count from both sides (a token stands for 1 to `max_token_bytes` bytes).
+        In between, pieces are counted until the count passes the limit by more than a cut can
+        change it."""
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size <= limit:
+            return None
+        if size > limit * self.max_token_bytes:
+            return -(-size // self.max_token_bytes)
+        count, cuts = 0, 0
+        for piece in _pieces(text, _COUNT_PIECE_CHARS):
+            count += len(self.encode(piece))
+            surely = count - _COUNT_SLACK_PER_CUT * cuts
+            if surely > limit:
+                return surely
+            cuts += 1
+        return None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; `skip_special_tokens` drops tokens flagged special (not `<think>`)."""
@@ -189,3 +278,19 @@ class Tokenizer:
         ids.update(self._backend.token_to_id(name) for name in names if name)
         ids.discard(None)
         return frozenset(ids)
+
+
+def _pieces(text: str, size: int) -> Iterable[str]:
+    """`text` in pieces of about `size` characters, each cut after a newline where there is one
+    near the end, else after a space, else anywhere."""
+    start = 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            for separator in ("\n", " "):
+                cut = text.rfind(separator, start + size // 2, end)
+                if cut >= 0:
+                    end = cut + 1
+                    break
+        yield text[start:end]
+        start = end

@@ -156,8 +156,8 @@ def plan_video(
     if kept == 0:
         raise MimoError(
             f"video_max_tokens ({max_tokens}) is less than one pair of frames at the smallest "
-            f"frame size, {floor[1]}x{floor[0]} ({per_patch} tokens); raise --video-max-tokens "
-            "or lower --video-min-pixels"
+            f"frame size, {floor[1]}x{floor[0]} ({per_patch} tokens); raise video_max_tokens "
+            "or lower video_min_pixels"
         )
     shrunk = f"frames shrunk to {floor[1]}x{floor[0]} (video_min_pixels)"
     if kept >= frames:  # a size between the floor and the allowance rounded up past it
@@ -384,7 +384,7 @@ def read_video(
     """
     source = Path(source)
     if source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
-        raise MimoError(f"{source} is an image, not a video: pass it with --image (images=[...])")
+        raise MimoError(f"{source} is an image, not a video: give it as an image")
     limits = pixel_range(config, min_pixels, max_pixels, VIDEO_PIXEL_NAMES)
     if fps <= 0 or max_frames < 1:
         raise MimoError(f"need fps > 0 and max_frames >= 1, got fps={fps}, max_frames={max_frames}")

@@ -5,18 +5,22 @@
     GET  /v1/models             the served model (GET /v1/models/{id} for one)
     GET  /health                liveness, the queue and request counts (never needs the key)
 
-Requests are checked here (`requests`), their images read (`media`), then queued for the
-one generation thread (`serving.Engine`). A chat completion answers with a status chosen after the
-first token: an error found before generation starts (a prompt past the context, an image the
-processor refuses, the time limit reached in the queue) is a proper 4xx/5xx; once streaming, a
-failure is an error event. The connection is watched throughout: a client that goes away cancels
-its request, waiting or generating. Every error is OpenAI's shape; no traceback reaches a client.
+Before any route runs, `security` refuses foreign Host names and web origins and non-JSON POSTs.
+A request is then checked (`requests`), takes its place in the queue (503 at once if none is
+left), has its media read under the policy but not decoded (`media`) and its size bounded
+(`bounds`), and waits for the one generation thread (`engine.Engine`), which decodes its images
+one at a time. A chat completion answers with a status chosen after the first token: an error
+found before generation starts (a prompt past the context, an image the processor refuses, the
+time limit reached in the queue) is a proper 4xx/5xx; once streaming, a failure is an error event.
+The connection is watched throughout: a client that goes away cancels its request, waiting or
+generating. Every error is OpenAI's shape; no traceback reaches a client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -29,21 +33,31 @@ from typing import Any
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ..conversation.pool import ConversationPool
+from ..inputs.images import pixel_range
 from ..inputs.processor import Processor
 from ..model.mimo_vl import Model
 from ..options import DEFAULT_MAX_TOKENS, pop_cache_options, pop_prompt_options
+from .bounds import PromptBounds
 from .completions import parse_completion_request, text_completion_body
 from .engine import Delta, Engine, Failed, Finished, Job, queue_timeout
 from .media import MediaPolicy, read_at_most, resolve_media
 from .names import ModelNames
-from .requests import APIError, ChatRequest, Limits, error_body
+from .requests import (
+    DEFAULT_MAX_IMAGES,
+    APIError,
+    ChatRequest,
+    Limits,
+    error_body,
+    refuse_lone_surrogates,
+)
 from .responses import chunk_body, completion_body, model_card, usage_chunk_body
+from .security import AccessPolicy
 from .tools import parse_chat, tool_call_entries
 
 log = logging.getLogger("mimo_mlx.serve")
@@ -61,12 +75,14 @@ class ServerSettings:
 
     model_id: str
     limits: Limits
+    bounds: PromptBounds
     api_key: str | None = None
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # seconds from arrival to the last token
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_tokens: int = DEFAULT_MAX_TOKENS  # for requests that do not say
     sampling: dict[str, Any] = field(default_factory=dict)  # defaults for requests
     media: MediaPolicy = field(default_factory=MediaPolicy)
+    access: AccessPolicy = field(default_factory=AccessPolicy)
 
 
 def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
@@ -94,41 +110,59 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
         # Checking a JSON schema compiles it (milliseconds; bounded by llguidance's limits):
         # off the event loop, so other connections are served meanwhile.
         parsed = await anyio.to_thread.run_sync(parse_chat, body, settings.limits)
-        messages, remove_files = await resolve_media(parsed, settings.media)
-        job = Job(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
-            messages=messages,
-            options=_generation_options(parsed, settings),
-            deadline=arrived + settings.request_timeout,
-            loop=asyncio.get_running_loop(),
-            stop=parsed.stop,
-            top_logprobs=parsed.top_logprobs,
-            on_done=remove_files,
-            **_tool_parsing(parsed),
-        )
+        del body
+        place = engine.reserve()  # 503 now if the queue is full, before any media is read
         try:
-            engine.submit(job)
-        except APIError:
-            remove_files()
+            media = await resolve_media(parsed, settings.media)
+        except BaseException:
+            engine.release(place)
             raise
-        return ChatCompletion(engine, job, parsed, settings.model_id)
+        try:
+            settings.bounds.check(media.messages, parsed.prompt)
+            job = Job(
+                id=f"chatcmpl-{uuid.uuid4().hex}",
+                messages=media.messages,
+                options=_generation_options(parsed, settings),
+                deadline=arrived + settings.request_timeout,
+                loop=asyncio.get_running_loop(),
+                stop=parsed.stop,
+                top_logprobs=parsed.top_logprobs,
+                on_done=media.remove,
+                scrub=media.scrub,
+                **_tool_parsing(parsed),
+            )
+            engine.submit(job, place)
+        except BaseException:
+            engine.release(place)
+            media.remove()
+            raise
+        # The answer needs the request's options, not its messages (their data URLs).
+        answer = dataclasses.replace(parsed, messages=[])
+        return ChatCompletion(engine, job, answer, settings.model_id)
 
     async def completions(request: Request) -> TextCompletion:
         _authorize(request, settings.api_key)
         arrived = time.monotonic()
         body = await _read_json(request, settings.max_body_bytes)
         parsed = parse_completion_request(body, settings.limits)
-        max_tokens = parsed.max_tokens if parsed.max_tokens is not None else settings.max_tokens
-        job = Job(
-            id=f"cmpl-{uuid.uuid4().hex}",
-            messages=[],
-            prompt=parsed.prompt,
-            options={"max_tokens": max_tokens, **settings.sampling, **parsed.sampling},
-            deadline=arrived + settings.request_timeout,
-            loop=asyncio.get_running_loop(),
-            stop=parsed.stop,
-        )
-        engine.submit(job)
+        del body
+        place = engine.reserve()
+        try:
+            settings.bounds.check_text(parsed.prompt)
+            max_tokens = parsed.max_tokens if parsed.max_tokens is not None else settings.max_tokens
+            job = Job(
+                id=f"cmpl-{uuid.uuid4().hex}",
+                messages=[],
+                prompt=parsed.prompt,
+                options={"max_tokens": max_tokens, **settings.sampling, **parsed.sampling},
+                deadline=arrived + settings.request_timeout,
+                loop=asyncio.get_running_loop(),
+                stop=parsed.stop,
+            )
+            engine.submit(job, place)
+        except BaseException:
+            engine.release(place)
+            raise
         return TextCompletion(engine, job, parsed, settings.model_id)
 
     @contextlib.asynccontextmanager
@@ -147,7 +181,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
         ],
+        middleware=settings.access.middleware(),
         exception_handlers={
+            ClientDisconnect: _client_gone,
             APIError: _api_error,
             HTTPException: _http_error,
             Exception: _internal_error,
@@ -208,9 +244,11 @@ async def _read_json(request: Request, limit: int) -> Any:
     )
     body = await read_at_most(request.headers, request.stream(), too_large, limit)
     try:
-        return json.loads(body, parse_constant=_no_constant)
+        decoded = json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError) as err:
         raise APIError(f"the request body is not valid JSON ({err})", code="invalid_json") from None
+    refuse_lone_surrogates(decoded)
+    return decoded
 
 
 def _no_constant(name: str) -> Any:
@@ -223,6 +261,14 @@ def _error_response(error: APIError) -> JSONResponse:
 
 async def _api_error(request: Request, error: Exception) -> JSONResponse:
     return _error_response(error)
+
+
+async def _client_gone(request: Request, error: Exception) -> Response:
+    """A client that hung up while sending its request: nobody to answer; one line in the log."""
+    log.info(
+        "a client went away while sending its request (%s %s)", request.method, request.url.path
+    )
+    return Response(status_code=400)
 
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
@@ -430,6 +476,8 @@ def build_server(
     max_body_bytes: int,
     options: dict[str, Any],
     pool: Any = None,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    access: AccessPolicy | None = None,
 ) -> tuple[Engine, ServerSettings]:
     """The engine (a conversation pool over the model) and the settings for `create_app`.
     `options`: prompt and cache options (the pool's defaults) and sampling options (requests'
@@ -442,12 +490,21 @@ def build_server(
         pool = ConversationPool(
             model, processor, max_bytes=cache_bytes, max_kv_size=max_kv_size, **prompt, **cache
         )
-    pixels = [processor.image_config.max_pixels, prompt.get("max_pixels") or 0]
+    config = processor.image_config
+    pixels = [config.max_pixels, prompt.get("max_pixels") or 0]
     context = max_kv_size or model.config.text.max_position_embeddings
-    limits = Limits(names.names, context, max(pixels), any_model=not names.strict)
+    limits = Limits(
+        names.names, context, max(pixels), any_model=not names.strict, max_images=max_images
+    )
+    low, high = pixel_range(config, prompt.get("min_pixels"), prompt.get("max_pixels"))
+    bounds = PromptBounds(
+        context - 1, processor.tokenizer.max_token_bytes, config.factor, low, high
+    )
     settings = ServerSettings(
         model_id=names.id,
         limits=limits,
+        bounds=bounds,
+        access=access or AccessPolicy(),
         api_key=api_key,
         request_timeout=request_timeout,
         max_body_bytes=max_body_bytes,

@@ -71,8 +71,9 @@ class Job:
     `options` go to `ConversationPool.stream` (max_tokens, sampling and prompt options), or
     with a `prompt` (a plain text completion, no chat template) to `stream_text`;
     `deadline` is on `time.monotonic()`; `top_logprobs` None means no log-probabilities.
-    `on_done` runs once when the job is over (it removes temporary media files). With
-    `tool_names`, calls to those tools are taken out of the answer (`max_calls`: then it ends).
+    `on_done` runs once when the job is over (it removes temporary media files); `scrub` takes
+    what a client must not read (temporary paths) out of an error message. With `tool_names`,
+    calls to those tools are taken out of the answer (`max_calls`: then it ends).
     """
 
     id: str
@@ -86,6 +87,7 @@ class Job:
     tool_names: tuple[str, ...] | None = None
     max_calls: int | None = None
     prompt: str | None = None
+    scrub: Callable[[str], str] = str
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     state: str = "queued"  # queued -> running -> done
     cancelled: str | None = None  # why it was cancelled, read by the generation thread
@@ -98,13 +100,24 @@ class Job:
             pass
 
 
+class Reservation:
+    """A place in the queue, taken before a request's media are read (`Engine.reserve`)."""
+
+    held = True
+
+
 class Engine:
-    """The generation thread and its bounded queue; `stats()` for /health."""
+    """The generation thread and its bounded queue; `stats()` for /health.
+
+    A request takes its place in the queue (`reserve`) as soon as it is parsed, before its media
+    are read or any of its work is done: a full queue answers 503 at once, whatever the request
+    holds. `submit` then queues the job in that place; `release` gives it back on an error."""
 
     def __init__(self, pool: ConversationPool, tokenizer: Tokenizer, queue_size: int) -> None:
         self.pool, self.tokenizer, self.queue_size = pool, tokenizer, queue_size
         self._waiting: deque[Job] = deque()
         self._running: Job | None = None
+        self._reserved = 0  # places taken by requests still reading their media
         self._cond = threading.Condition()
         self._closed = False
         self.counts: Counter[str] = Counter()
@@ -131,20 +144,41 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def submit(self, job: Job) -> None:
-        """Queue a job; APIError 503 at once when the queue is full or the server is stopping."""
+    def reserve(self) -> Reservation:
+        """A place in the queue; APIError 503 at once when none is left or the server is
+        stopping."""
         with self._cond:
             if self._closed:
                 raise shutting_down()
-            if len(self._waiting) >= self.queue_size:
+            if len(self._waiting) + self._reserved >= self.queue_size:
                 self.counts["rejected"] += 1
                 raise APIError(
-                    f"the server is busy: {len(self._waiting)} requests are already waiting "
-                    f"(--queue-size {self.queue_size}); retry later",
+                    f"the server is busy: {len(self._waiting) + self._reserved} requests are "
+                    f"already waiting (--queue-size {self.queue_size}); retry later",
                     503,
                     "server_error",
                     code="server_overloaded",
                 )
+            self._reserved += 1
+            return Reservation()
+
+    def release(self, reservation: Reservation) -> None:
+        """Give a place back unused (the request failed before it was queued)."""
+        with self._cond:
+            if reservation.held:
+                reservation.held = False
+                self._reserved -= 1
+
+    def submit(self, job: Job, reservation: Reservation | None = None) -> None:
+        """Queue a job, in its reserved place or a new one (APIError 503 if none is left)."""
+        reservation = reservation if reservation is not None else self.reserve()
+        with self._cond:
+            if not reservation.held:
+                raise ValueError("this place in the queue was already used or given back")
+            reservation.held = False
+            self._reserved -= 1
+            if self._closed:
+                raise shutting_down()
             self._waiting.append(job)
             self._cond.notify()
 
@@ -171,11 +205,12 @@ class Engine:
             return {
                 "queue": {
                     "waiting": len(self._waiting),
+                    "reading": self._reserved,
                     "running": int(self._running is not None),
                     "capacity": self.queue_size,
                 },
                 "requests": {name: self.counts[name] for name in OUTCOMES},
-                "cache": {"conversations": len(self.pool), "bytes": self.pool.nbytes},
+                "cache": self.pool.stats(),
                 "peak_memory_gb": self.peak_memory,
             }
 
@@ -259,7 +294,7 @@ class Engine:
                     break  # finish_reason "length", as when max_tokens runs out
         except MimoError as err:
             log.info("%s: refused: %s", job.id, err)
-            return "invalid", Failed(client_error(err))
+            return "invalid", Failed(client_error(err, job.scrub))
         finally:
             stream.close()  # the pool keeps the answer as far as it got
         if job.cancelled:
@@ -313,9 +348,13 @@ class Engine:
         if top:
             ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
             pairs = sorted(zip(logprobs[ids].tolist(), ids.tolist(), strict=True), reverse=True)
-            best = [(self.tokenizer.decode([i]), value) for value, i in pairs]
+            best = [(*self._token(i), value) for value, i in pairs]
         chosen = logprobs[response.token].item()
-        return [logprob_entry(self.tokenizer.decode([response.token]), chosen, best)]
+        return [logprob_entry(*self._token(response.token), chosen, best)]
+
+    def _token(self, token_id: int) -> tuple[str, bytes]:
+        """A token's text as it decodes alone, and its real bytes (part of a character, maybe)."""
+        return self.tokenizer.decode([token_id]), self.tokenizer.token_bytes(token_id)
 
 
 _REASONS = {
@@ -349,14 +388,19 @@ def queue_timeout() -> APIError:
     )
 
 
-def client_error(err: MimoError) -> APIError:
-    """A library error caused by the request, as a 400; a prompt past the context says so."""
+def client_error(err: MimoError, scrub: Callable[[str], str] = str) -> APIError:
+    """A library error caused by the request, as a 400; a prompt past the context says so.
+    `scrub` takes server-side details (temporary paths) out of the message."""
     if isinstance(err, ContextFull):
-        return APIError(
-            f"the prompt is {err.tokens} tokens, but at most {err.limit} fit in this server's context "
-            "(the model's, or --max-kv-size); send a shorter conversation, or fewer or smaller "
-            "images (max_pixels)",
-            param="messages",
-            code="context_length_exceeded",
-        )
-    return APIError(str(err), param="messages")
+        return context_exceeded(err.tokens, err.limit)
+    return APIError(scrub(str(err)), param="messages")
+
+
+def context_exceeded(tokens: int, limit: int) -> APIError:
+    return APIError(
+        f"the prompt is at least {tokens} tokens, but at most {limit} fit in this server's "
+        "context (the model's, or --max-kv-size); send a shorter conversation, or fewer or "
+        "smaller images (max_pixels)",
+        param="messages",
+        code="context_length_exceeded",
+    )

@@ -10,6 +10,7 @@ silently ignored. Tools and response_format are checked by `tools.py` (`tools.pa
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,6 +20,8 @@ if TYPE_CHECKING:  # MLX stays out of request checking
     from ..generation.constrained import OutputFormat
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+DEFAULT_MAX_IMAGES = 16  # per request, the whole conversation counted (videos too)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can carry half a UTF-16 pair
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
@@ -71,6 +74,7 @@ class Limits:
     context: int  # the model's context, in tokens
     max_pixels: int | None = None  # the largest per-request max_pixels (the checkpoint's)
     any_model: bool = False  # answer whatever model a request names (one model is served)
+    max_images: int = DEFAULT_MAX_IMAGES  # images and videos in one request, all turns counted
 
 
 @dataclass(frozen=True)
@@ -338,6 +342,30 @@ def _cache_options(body: dict, limits: Limits) -> dict[str, Any]:
     return {name: value for name, value in found.items() if value is not None}
 
 
+def refuse_lone_surrogates(body: Any) -> None:
+    """Every string of a decoded JSON body (keys too) must be text: JSON's escapes can carry half
+    of a UTF-16 surrogate pair, which no tokenizer, path or URL can take. APIError 400 names
+    the field."""
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and _SURROGATE.search(value):  # isascii: O(1), no scan
+                name = where or "the request body"
+                raise APIError(
+                    f"'{name}' holds a lone UTF-16 surrogate (half of a character), which is not "
+                    "text; send valid Unicode",
+                    param=where or None,
+                    code="invalid_value",
+                )
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, where or "the request body"))
+                stack.append((item, f"{where}.{key}" if where else key))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
+
+
 def check_model(body: dict, limits: Limits) -> str | None:
     """The request's `model`: one of the names the server answers to (any, unless it was
     started with --model-name), else APIError 404 as OpenAI answers a model it does not have."""
@@ -372,6 +400,14 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
             "'messages' is required", param="messages", code="missing_required_parameter"
         )
     messages = _messages(body["messages"])
+    media = sum(part["type"] != "text" for message in messages for part in message["content"])
+    if media > limits.max_images:
+        raise APIError(
+            f"the conversation holds {media} images and videos; this server takes at most "
+            f"{limits.max_images} per request (--max-images)",
+            param="messages",
+            code="too_many_images",
+        )
     _refuse_unsupported(body)
     max_tokens = _integer(body, "max_completion_tokens", 1, limits.context)
     if max_tokens is None:

@@ -41,15 +41,19 @@ def timings_body(
     }
 
 
-def logprob_entry(token: str, logprob: float, top: list[tuple[str, float]] | None) -> dict:
-    """One token of `logprobs.content`; `top` as (token, logprob) pairs when asked."""
+def logprob_entry(
+    token: str, token_bytes: bytes, logprob: float, top: list[tuple[str, bytes, float]] | None
+) -> dict:
+    """One token of `logprobs.content`: its text, its bytes (a byte-level token may hold part of
+    a character: its text is then U+FFFD but its bytes are real, and consecutive tokens' bytes
+    join into the answer) and its log-probability; `top` as (text, bytes, logprob) when asked."""
 
-    def item(text: str, value: float) -> dict:
+    def item(text: str, data: bytes, value: float) -> dict:
         value = value if math.isfinite(value) else NEGLIGIBLE_LOGPROB
-        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": value, "bytes": list(data)}
 
-    entry = item(token, logprob)
-    entry["top_logprobs"] = [item(text, value) for text, value in top or ()]
+    entry = item(token, token_bytes, logprob)
+    entry["top_logprobs"] = [item(*pair) for pair in top or ()]
     return entry
 
 
