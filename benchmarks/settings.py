@@ -22,6 +22,10 @@ CACHE = REPO / "benchmarks" / ".cache"
 # Several ranks: each rank's peak memory within this much of its share of the weights.
 MEMORY_SLACK = 0.15
 MB = 1e6
+# A vision pass's peak over the tower's weights at MiMo-VL's widths in bfloat16 (#22): image side ->
+# bytes, and the 128-frame video at the default video pixels by its patch count.
+IMAGE_BOUNDS = {1024: 0.6e9, 1344: 1.0e9}
+VIDEO_BOUNDS = {65536: 1.5e9}
 
 # lookup: the prompt-lookup scenario's answer length; None: twice `decode`, at least 32.
 DEFAULTS = dict(

@@ -38,10 +38,7 @@ from mimo_mlx.model.windows import frame_groups
 from mimo_mlx.options import DEFAULT_VIDEO_MAX_PIXELS
 
 from .machine import git_state, machine_info, versions
-
-# Peak above the weights, bytes: image side -> bound; videos by patch count.
-IMAGE_BOUNDS = {1024: 0.6e9, 1344: 1.0e9}
-VIDEO_BOUNDS = {65536: 1.5e9}
+from .settings import IMAGE_BOUNDS, VIDEO_BOUNDS
 
 
 def pass_grid(size: int | None, frames: int | None) -> np.ndarray:
