@@ -112,3 +112,58 @@ def test_the_cost_is_measured_once_when_a_draft_is_first_wanted(chain_model):  #
     assert ours == plain(model, ids, vision, tokens=40)[0]
     assert lookup.cost is not None and len(lookup.cost.ratios) == 5  # 4 drafted + its own
     assert lookup.seconds["measuring"] > 0 and lookup.seconds["drafting"] > 0
+
+
+def test_a_cost_raised_to_what_decoding_saw_keeps_its_shape():
+    probe = PassCost((1.0, 1.2, 1.4, 1.6), measured=(1, 4))
+    seen = probe.scaled(3, 7.0)  # a pass over 3 rows took 7 steps: 5x what the probe promised
+    assert seen.ratios == pytest.approx((1.0, 6.0, 7.0, 8.0)) and seen.measured == (1, 4)
+    assert not seen.pays  # 4 tokens at best for 8 steps
+    assert probe.scaled(3, 1.0) is probe  # cheaper than promised: the probe stands
+
+
+def test_lookup_stops_drafting_when_verification_passes_cost_more_than_measured(
+    chain_model,  # noqa: F811
+    monkeypatch,
+):
+    """A measured cost that promised cheap passes, on a model whose passes over several tokens
+    each take 0.25 s more (as on MLX's CUDA backend, where a pass at a new cache length builds
+    its kernels): after two such verifications lookup warns and decodes plainly; the tokens are
+    plain decoding's."""
+    model, successor = chain_model
+    ids, vision, links = copy_prompt(model, successor, answer=60)
+    expected, _, _ = plain(model, ids, vision, tokens=60)
+    promised = PassCost((1.0,) * 11, measured=(1, 11))
+    call = type(model).__call__
+
+    def slow(self, input_ids, *args, **kwargs):
+        if input_ids.shape[1] > 1 and kwargs.get("cache") is not None and kwargs["cache"].offset:
+            time.sleep(0.25)
+        return call(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "__call__", slow)
+    lookup = PromptLookup(cost=promised)
+    with pytest.warns(UserWarning, match="stopped drafting"):
+        ours, _, from_draft, _, lookup = looked_up(model, ids, vision, tokens=60, lookup=lookup)
+    assert ours == expected == links[:60]
+    assert lookup.verifications == 2 and not lookup.cost.pays
+    assert lookup.step_s is not None and lookup.step_s < 0.25
+
+
+def test_verifications_raise_a_measured_cost_only_from_the_least_of_two():
+    """The first verification alone changes nothing (it may include compiling its kernels); the
+    least of the last two raises a measured cost, never lowers it; a fixed cost stays."""
+    lookup = PromptLookup(cost=PassCost((1.0, 1.1, 1.2), measured=(1, 3)))
+    lookup._plain_step(0.010)
+    lookup._plain_step(0.020)  # the fastest plain step is the step's time
+    lookup._verification_took(3, 0.300)  # 30 steps: compiling, say
+    assert lookup.cost.ratios == (1.0, 1.1, 1.2)
+    lookup._verification_took(3, 0.024)  # 2.4 steps: 2x what the probe promised
+    assert lookup.cost.ratios == pytest.approx((1.0, 2.2, 2.4)) and lookup.cost.pays
+    lookup._verification_took(3, 0.012)  # cheaper than the cost now says: it stays
+    assert lookup.cost.ratios == pytest.approx((1.0, 2.2, 2.4))
+    fixed = PromptLookup(cost=PassCost.flat(3))
+    fixed._plain_step(0.010)
+    for seconds in (0.5, 0.5):
+        fixed._verification_took(3, seconds)
+    assert fixed.cost == PassCost.flat(3)

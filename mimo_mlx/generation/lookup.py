@@ -20,7 +20,11 @@ How long a draft is depends on what a pass over more tokens costs on this device
 the first time a draft is wanted the cost is measured (or the caller gives it), and each draft is
 as long as the expected tokens per unit of cost are highest, for the acceptance rate seen so far.
 Where no draft length can pay (MLX's CPU 4-bit matmul costs a decode step per row) the lookup
-never drafts: decoding is plain decoding and costs what it costs without lookup.
+never drafts: decoding is plain decoding and costs what it costs without lookup. A measured cost
+is also checked against decoding itself: each verification's time over the fastest plain step
+seen is what that pass really cost, and when two verifications in a row cost more than the cost
+promised, the cost is raised to it (`PassCost.scaled`); drafts then shorten, or stop where none
+can pay (a pass can cost more than its matmuls say: see `pass_cost`).
 
 When drafts keep failing (`MISS_LIMIT` verifications in a row with nothing accepted) drafting stops:
 decoding goes on as plain pipelined steps, and the lookup is only tried on the host against the
@@ -152,6 +156,8 @@ class PromptLookup:
         self.drafted = self.accepted = self.passes = self.verifications = 0
         self.confirmed, self.rejected = PRIOR  # draft tokens confirmed, drafts cut short
         self.seconds = dict.fromkeys(("drafting", "verifying", "trimming", "measuring"), 0.0)
+        self.step_s: float | None = None  # the fastest plain decode step seen, host to host
+        self._observed: list[float] = []  # each verification's time in plain steps
         self.drafting = False  # start by watching: nothing is drafted until lookups prove right
         self.misses = self.hits = 0
         self.index = NgramIndex(ngram_size)
@@ -194,13 +200,14 @@ class PromptLookup:
         # `token` is always the model's own choice (from the prompt, a plain step, or the one
         # after a verified draft); accepted draft tokens go straight to `pending`.
         start, yielded, pending, verify = cache.offset, 0, [], self.drafting
+        read_at = None  # when the last plain step's token reached the host
         self.passes += 1
         try:
             while True:
                 decided = yielded + len(pending) + 1  # tokens decided, this one included
                 more, draft, source = decided < max_tokens, [], -1
                 if verify:  # read this token first: the draft continues it
-                    value = token.item()
+                    value, read_at = token.item(), None  # not a pipelined step: not timed
                     if more and self.cost is None and measure is not None:
                         self._measure(measure)
                     began = clock()
@@ -219,6 +226,9 @@ class PromptLookup:
                 if not verify:
                     value = token.item()
                     began = clock()
+                    if read_at is not None:  # a plain step after a plain step: its time
+                        self._plain_step(began - read_at)
+                    read_at = began
                     verify = self._watch(value)
                     self.seconds["drafting"] += clock() - began
                 elif not draft:
@@ -239,6 +249,8 @@ class PromptLookup:
                 chosen = sampled.tolist()
                 began = clock()
                 self.seconds["verifying"] += began - queued_at
+                self._verification_took(len(draft) + 1, began - queued_at)
+                read_at = None
                 count = accepted_count(draft, chosen)
                 cache.trim(len(draft) - count)  # the rejected tail, rotary bookkeeping included
                 self.seconds["trimming"] += clock() - began
@@ -265,6 +277,29 @@ class PromptLookup:
             warnings.warn(
                 f"prompt lookup drafts nothing here: a pass over {rows} tokens costs "
                 f"{self.cost.ratios[-1]:.1f} decode steps on this device (measured), so no "
+                "draft can be faster; decoding goes on as without it",
+                stacklevel=4,
+            )
+
+    def _plain_step(self, seconds: float) -> None:
+        self.step_s = seconds if self.step_s is None else min(self.step_s, seconds)
+
+    def _verification_took(self, rows: int, seconds: float) -> None:
+        """Check a measured cost against a verification pass over `rows` tokens that took
+        `seconds`; the least of the last two (one may include compiling its kernels) raises the
+        cost when above it. A cost given as fixed (no measured counts: `PassCost.flat`) stays."""
+        cost = self.cost
+        if cost is None or not cost.measured or self.step_s is None or rows > len(cost.ratios):
+            return
+        self._observed = [*self._observed[-1:], seconds / self.step_s]
+        if len(self._observed) < 2:
+            return
+        paid = self.cost.pays
+        self.cost = self.cost.scaled(rows, min(self._observed))
+        if paid and not self.cost.pays:
+            warnings.warn(
+                f"prompt lookup stopped drafting: a verification pass over {rows} tokens cost "
+                f"{min(self._observed):.1f} decode steps here (measured while decoding), so no "
                 "draft can be faster; decoding goes on as without it",
                 stacklevel=4,
             )

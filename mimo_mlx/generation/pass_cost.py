@@ -62,6 +62,19 @@ class PassCost:
                 best, best_value = n, value
         return best
 
+    def scaled(self, rows: int, observed: float) -> PassCost:
+        """This cost raised to what a pass over `rows` rows was seen to cost in decoding
+        (`observed` steps): every count above one scaled by observed / ratios[rows - 1], where
+        that is above 1 (the probe's shape, the level decoding saw). A whole pass costs more than
+        the probe's one matmul where something besides the weight read grows with the rows or
+        with a new shape: on MLX's CUDA backend a pass over several tokens at a cache length not
+        seen before cost 30-50 decode steps (benchmarks/gpu/pass_offsets.py)."""
+        factor = observed / self.ratios[rows - 1]
+        if factor <= 1:
+            return self
+        ratios = (1.0, *(r * factor for r in self.ratios[1:]))
+        return PassCost(ratios, self.measured)
+
     @property
     def pays(self) -> bool:
         """Whether any draft could pay, even one that is always accepted."""
