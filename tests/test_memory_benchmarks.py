@@ -61,3 +61,26 @@ def test_vision_memory_one_graph_is_the_before_of_the_same_pass(tmp_path):
         "score_budget": 0,
     }
     assert len(measured["runs_s"]) == 2 and min(measured["runs_s"]) <= measured["seconds"]
+
+
+def test_every_evaluation_policy_of_the_gpu_probe_computes_the_same_features():
+    """benchmarks/gpu/eval_policies.py times the tower under policies that differ only in when
+    they evaluate: each must give the one-graph pass's features (windows and full attention)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from benchmarks.gpu.eval_policies import POLICIES, run_pass
+    from mimo_mlx.model.config import VisionConfig
+    from mimo_mlx.model.vision import VisionModel
+
+    config = VisionConfig(
+        depth=4, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=40,
+        fullatt_block_indexes=(1, 3),
+    )  # fmt: skip
+    tower = VisionModel(config)
+    grid = np.array([[1, 12, 8]])
+    pixels = mx.random.normal((96, config.patch_dim), key=mx.random.key(0))
+    expected = np.array(run_pass(tower, pixels, grid, "one-graph", 0))
+    for policy, every in POLICIES[1:]:
+        ours = np.array(run_pass(tower, pixels, grid, policy, every))
+        np.testing.assert_allclose(ours, expected, atol=1e-5, err_msg=f"{policy}-{every}")

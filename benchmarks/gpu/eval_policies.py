@@ -15,6 +15,8 @@ the weights:
   buffer returned, before the next stretch is built);
 - lag-N: `mx.async_eval` after every N blocks, then wait for the stretch before it: the device
   runs one stretch while the host builds the next, at most two in flight;
+- half-sync-1, half-lag-1: the same with a stretch of half a block (`VisionBlock.attend`, then
+  `VisionBlock.feed_forward`), so that two stretches in flight hold about one block;
 - block: one block alone (a windowed and a full-attention one) over an evaluated input, the least
   any whole-block schedule can hold.
 
@@ -40,29 +42,57 @@ from mimo_mlx.model.vision import VisionModel
 from ..machine import git_state, machine_info, versions
 from ..vision_memory import pass_grid
 
+POLICIES = (
+    ("one-graph", 0),
+    ("sync", 1),
+    ("sync", 2),
+    ("sync", 4),
+    ("sync+synchronize", 1),
+    ("lag", 1),
+    ("lag", 2),
+    ("lag", 4),
+    ("half-sync", 1),
+    ("half-lag", 1),
+)
 
-def run_pass(tower: VisionModel, pixels: mx.array, grid: np.ndarray, policy: str, every: int):
-    """One pass under `policy`, evaluated; returns nothing (the features are dropped)."""
+
+def run_pass(
+    tower: VisionModel, pixels: mx.array, grid: np.ndarray, policy: str, every: int
+) -> mx.array:
+    """One pass under `policy`: its features, evaluated."""
     if policy == "one-graph":
-        mx.eval(tower(pixels, grid))
-        return
+        features = tower(pixels, grid)
+        mx.eval(features)
+        return features
     layout = tower.layout(grid)
     x = tower.embed(pixels, layout)
     previous, last = None, len(tower.blocks) - 1
-    for i, block in enumerate(tower.blocks):
-        x = block(x, layout.cos, layout.sin, tower.plan(i, layout))
-        if (i + 1) % every or i == last:
-            continue
-        if policy == "lag":
+
+    def evaluate(x: mx.array) -> mx.array | None:
+        if policy.endswith("lag"):
             mx.async_eval(x)
             if previous is not None:
                 mx.eval(previous)
-            previous = x
+            return x
+        mx.eval(x)
+        if policy == "sync+synchronize":
+            mx.synchronize()
+        return None
+
+    for i, block in enumerate(tower.blocks):
+        plan = tower.plan(i, layout)
+        if policy.startswith("half"):
+            x = block.attend(x, layout.cos, layout.sin, plan)
+            previous = evaluate(x)
+            x = block.feed_forward(x)
         else:
-            mx.eval(x)
-            if policy == "sync+synchronize":
-                mx.synchronize()
-    mx.eval(tower.merge(x, layout))
+            x = block(x, layout.cos, layout.sin, plan)
+        if (i + 1) % every or i == last:
+            continue
+        previous = evaluate(x)
+    features = tower.merge(x, layout)
+    mx.eval(features)
+    return features
 
 
 def measure(tower, pixels, grid, weights: int, runs: int, policy: str, every: int) -> dict:
@@ -120,15 +150,13 @@ def main(sizes: str, runs: int, depth: int | None, out: Path | None) -> None:
     tower.set_dtype(dtype)
     mx.eval(tower.parameters())
     weights = sum(v.nbytes for _, v in tree_flatten(tower.parameters()))
-    policies = [("one-graph", 0), ("sync", 1), ("sync", 2), ("sync", 4), ("sync+synchronize", 1)]
-    policies += [("lag", 1), ("lag", 2), ("lag", 4)]
     results = []
     for size in (int(s) for s in sizes.split(",")):
         grid = pass_grid(size, None)
         patches = int(np.prod(grid))
         pixels = mx.random.normal((patches, config.patch_dim)).astype(dtype)
         mx.eval(pixels)
-        for policy, every in policies:
+        for policy, every in POLICIES:
             name = policy if policy == "one-graph" else f"{policy}-{every}"
             try:
                 row = measure(tower, pixels, grid, weights, runs, policy, every or 1)

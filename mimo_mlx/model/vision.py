@@ -143,7 +143,14 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(config)
 
     def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, plan: AttentionPlan) -> mx.array:
-        x = x + self.attn(self.norm1(x), cos, sin, plan)
+        return self.feed_forward(self.attend(x, cos, sin, plan))
+
+    def attend(self, x: mx.array, cos: mx.array, sin: mx.array, plan: AttentionPlan) -> mx.array:
+        """The block's first residual line: x + attention(norm1(x))."""
+        return x + self.attn(self.norm1(x), cos, sin, plan)
+
+    def feed_forward(self, x: mx.array) -> mx.array:
+        """The block's second residual line, token by token: x + mlp(norm2(x))."""
         return x + self.mlp(self.norm2(x))
 
 
@@ -307,7 +314,7 @@ def _attention_half(x, block: VisionBlock, layout: Layout, plan: AttentionPlan, 
 
 def _mlp_half(x, block: VisionBlock, rows: int) -> mx.array:
     """x + mlp(norm2(x)), evaluated."""
-    return _in_rows(lambda r: x[r] + block.mlp(block.norm2(x[r])), x.shape[0], rows)
+    return _in_rows(lambda r: block.feed_forward(x[r]), x.shape[0], rows)
 
 
 def _in_rows(piece, n: int, rows: int, axis: int = 0):
