@@ -14,14 +14,14 @@ def section(report: dict) -> list[str]:
         "## Generation (one image in the prompt, greedy, fixed token count)",
         "",
         "| runtime | variant | device / dtype | prompt tokens | TTFT s | prefill tok/s "
-        "| decode tok/s | peak GB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| decode tok/s | peak to first token GB | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     tokens = {}
     for key, entry in res.items():
         runtime, variant = key.split("/")
         if "error" in entry:
-            lines.append(f"| {runtime} | {variant} | failed: {entry['error']} | | | | | |")
+            lines.append(f"| {runtime} | {variant} | failed: {entry['error']} | | | | | | |")
             continue
         b = entry["backend"]
         tokens[key] = entry["tokens"]
@@ -29,7 +29,7 @@ def section(report: dict) -> list[str]:
             f"| {runtime} | {variant} | {b['device']} / {b['dtype']} | {entry['prompt_tokens']} | "
             f"{fmt(entry['ttft_s']['median'])} | {fmt(entry['prefill_tps']['median'])} | "
             f"{fmt(entry['decode_tps']['median'])} ({100 * entry['decode_tps']['spread']:.0f}%) | "
-            f"{entry['peak_memory_bytes'] / GB:.2f} |"
+            f"{_gb(entry.get('ttft_peak_memory_bytes'))} | {entry['peak_memory_bytes'] / GB:.2f} |"
         )
     if tokens:
         entry = next(e for e in res.values() if "error" not in e)
@@ -41,7 +41,8 @@ def section(report: dict) -> list[str]:
             "",
             f"Image {entry['image_size']}x{entry['image_size']}, {entry['decode_tokens']} "
             "decoded tokens; TTFT includes vision encoding and prefill, prefill tok/s = prompt "
-            "tokens / TTFT, decode tok/s = (tokens - 1) / (last - first token time). "
+            "tokens / TTFT, decode tok/s = (tokens - 1) / (last - first token time); peak to "
+            "first token: the vision pass and the prefill (weights included). "
             f"Greedy tokens equal to mimo-mlx's of the same variant: {same}.",
         ]
     ours, theirs = (
@@ -58,3 +59,7 @@ def section(report: dict) -> list[str]:
         if "error" in entry
     ]
     return lines
+
+
+def _gb(value: int | None) -> str:
+    return "-" if value is None else f"{value / GB:.2f}"
