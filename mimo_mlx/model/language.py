@@ -197,6 +197,7 @@ class TextModel(nn.Module):
         cache: list[LayerCache] | None = None,
         keep: int = 0,
         layers_per_eval: int = 0,
+        mask: mx.array | None = None,
     ) -> mx.array:
         """embeds (B, L, C) at positions (3, B, L) -> final hidden states (B, L, C), or of the
         last `keep` tokens only (B, keep, C): the last layer then computes just the keys and
@@ -207,12 +208,15 @@ class TextModel(nn.Module):
         every this many layers (0: never; the layers themselves never evaluate).
 
         positions may also be (B,) or an int: each row is text continuing from that position.
+        mask: a boolean (B, 1, L, keys) mask replacing the causal rule (a batch's padding, see
+        `BatchCache.attention_mask`).
         """
         kernel = rope_kernel(device_kind())
         rotate = self._rope(positions, embeds.dtype, embeds.shape[1], kernel)
         # Causal over the new tokens; MLX aligns the causal mask to the end of a longer cached key
         # list (and of the keys when the last layer keeps only the last queries).
-        mask = "causal" if embeds.shape[1] > 1 else None
+        if mask is None:
+            mask = "causal" if embeds.shape[1] > 1 else None
         cache = cache or [None] * len(self.layers)
         x = embeds
         last = len(self.layers) - 1

@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import MimoError
 from ..options import CacheOptions
 from .backend import device_kind
+from .batch_cache import BatchCache
 from .cache import PromptCache, check_cache_options
 from .config import ModelConfig
 from .language import TextModel
@@ -91,14 +92,15 @@ class Model(nn.Module):
     def __call__(
         self,
         input_ids: mx.array | np.ndarray,
-        cache: PromptCache | None = None,
+        cache: PromptCache | BatchCache | None = None,
         *,
         positions: np.ndarray | None = None,
         vision_features: mx.array | None = None,
         logits_to_keep: int = 0,
         layers_per_eval: int = 0,
     ) -> mx.array:
-        """Logits (B, L, vocab) of tokens (B, L) appended to `cache` (None: a fresh sequence).
+        """Logits (B, L, vocab) of tokens (B, L) appended to `cache` (None: a fresh sequence; a
+        `BatchCache`: one text token for each of several sequences decoded together).
 
         positions: (3, B, L) M-RoPE positions from `prepare_prompt`; None means text continuing
         the cache, which needs no host data (decode steps can be pipelined).
@@ -126,7 +128,8 @@ class Model(nn.Module):
             same = bool(np.all(starts == starts[0]))
             rope = int(starts[0]) if same else mx.array(starts.astype(np.int32))
         layers = None if cache is None else cache.layers
-        hidden = self.model(embeds, rope, layers, logits_to_keep, layers_per_eval)
+        mask = None if cache is None else cache.attention_mask(ids.shape[1])
+        hidden = self.model(embeds, rope, layers, logits_to_keep, layers_per_eval, mask)
         return self.logits(hidden)
 
     def prepare_prompt(
