@@ -18,7 +18,8 @@ import mimo_mlx
 from mimo_mlx.conversation.pool import ConversationPool
 from mimo_mlx.errors import ContextFull
 from mimo_mlx.generation.loop import GenerationResponse
-from mimo_mlx.serve.engine import Delta, Engine, Failed, Finished, Job, Started
+from mimo_mlx.serve.engine import Engine
+from mimo_mlx.serve.events import Delta, Failed, Finished, Job, Started
 from mimo_mlx.serve.requests import APIError
 
 STEP_S = 0.005

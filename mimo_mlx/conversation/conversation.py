@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import ContextFull, MimoError
-from ..generation.constrained import OutputFormat, json_format
+from ..generation.constrained import Constraint, OutputFormat, json_format
 from ..generation.lookup import PromptLookup
 from ..generation.loop import (
     DEFAULT_PREFILL_STEP,
@@ -39,7 +39,8 @@ from ..generation.loop import (
 from ..generation.sampling import LogitsProcessor, Sampler
 from ..inputs.messages import Message, with_media
 from ..inputs.processor import ImageInput, ModelInputs, PreparedMedia, Processor, _as_list
-from ..model.mimo_vl import Model
+from ..model.cache import PromptCache
+from ..model.mimo_vl import Model, Prompt
 from ..options import (
     DEFAULT_MAX_TOKENS,
     CacheOptions,
@@ -62,6 +63,23 @@ class Turn:
     inputs: ModelInputs
     identity: np.ndarray
     raw: bool = False
+
+
+@dataclass(frozen=True)
+class TurnStart:
+    """A turn ready to generate (`Conversation.begin_turn`): `prompt()` runs the vision tower on
+    the media the cache lacks (cached features reused) and returns the prompt continuing
+    `cache`, which already holds `cached_tokens` of it. `context` is the whole prompt's ids, for
+    logits processors; timings count from `started`."""
+
+    prompt: Callable[[], Prompt]
+    cache: PromptCache
+    cached_tokens: int
+    max_tokens: int
+    constraint: Constraint | None
+    context: np.ndarray
+    sampling: SamplingOptions
+    started: float
 
 
 class Conversation:
@@ -289,6 +307,52 @@ class Conversation:
         """Stream the answer to a prepared turn, continuing this conversation's cache. The answer
         follows `output_format` (`generation.constrained`), or is JSON valid against
         `json_schema`."""
+        lookup = PromptLookup.from_options(pop_lookup_options(sampling))
+        start = self.begin_turn(
+            turn,
+            started=started,
+            max_tokens=max_tokens,
+            json_schema=json_schema,
+            output_format=output_format,
+            **sampling,
+        )
+        sampler, logits_processors = _sampling(start.sampling, sampler, logits_processors)
+        generated: list[int] = []
+        mx.reset_peak_memory()
+        try:  # end_turn runs however this ends: pixels never outlive the turn
+            for response in stream_prompt(
+                self.model,
+                self.processor.tokenizer,
+                start.prompt(),
+                self.cache,
+                started=start.started,
+                max_tokens=start.max_tokens,
+                sampler=sampler,
+                logits_processors=logits_processors,
+                prefill_step_size=prefill_step_size,
+                cached_tokens=start.cached_tokens,
+                lookup=lookup,
+                context=start.context,
+                constraint=start.constraint,
+            ):
+                generated.append(response.token)
+                yield response
+        finally:
+            self.end_turn(turn, generated)
+
+    def begin_turn(
+        self,
+        turn: Turn,
+        *,
+        started: float | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        json_schema: dict | None = None,
+        output_format: OutputFormat | None = None,
+        **sampling,
+    ) -> TurnStart:
+        """Get ready to answer `turn`: the cache trimmed to what the turn shares with it, and
+        what generating the rest needs (`TurnStart`). `end_turn` must follow, whatever happens;
+        `stream_turn` does both around its generation, a batch around its row."""
         if max_tokens < 1:
             raise MimoError(f"max_tokens must be at least 1, got {max_tokens}")
         if json_schema is not None:
@@ -296,56 +360,44 @@ class Conversation:
                 raise MimoError("give json_schema or output_format, not both")
             output_format = json_format(json_schema)
         started = time.perf_counter() if started is None else started
-        lookup = PromptLookup.from_options(pop_lookup_options(sampling))
-        sampler, logits_processors = _sampling(
-            SamplingOptions(**sampling), sampler, logits_processors
-        )
-        messages, inputs, identity = turn.messages, turn.inputs, turn.identity
-        tokenizer = self.processor.tokenizer
-        constraint = make_constraint(self.model, tokenizer, output_format, inputs)
+        options = SamplingOptions(**sampling)
+        inputs, identity = turn.inputs, turn.identity
+        constraint = make_constraint(self.model, self.processor.tokenizer, output_format, inputs)
         self._settle()
         keep = self._reusable(identity)
         self.cache.trim(self.cache.offset - keep)
         self._tokens = self._tokens[:keep]
-        prompt = self._suffix_prompt(inputs, identity, keep)
         self._inputs = inputs
         self.answer_start = len(identity)
-        budget = min(max_tokens, self.max_kv_size - len(identity))
-        generated: list[int] = []
-        mx.reset_peak_memory()
-        try:
-            for response in stream_prompt(
-                self.model,
-                self.processor.tokenizer,
-                prompt,
-                self.cache,
-                started=started,
-                max_tokens=budget,
-                sampler=sampler,
-                logits_processors=logits_processors,
-                prefill_step_size=prefill_step_size,
-                cached_tokens=keep,
-                lookup=lookup,
-                context=inputs.input_ids[0],
-                constraint=constraint,
-            ):
-                generated.append(response.token)
-                yield response
-        finally:
-            # Whatever happened (done, stopped early, interrupted anywhere), the cache holds a
-            # prefix of this prompt and the answer as far as it got; the history says the same.
-            self._tokens = np.concatenate([identity, generated])
-            self._settle()
-            self._keep_features(inputs)
-            self.messages = with_media(messages, self._inputs.media)
-            if turn.raw:
-                pass  # a plain completion is not a chat turn
-            elif generated:
-                answer = [t for t in generated if t not in self.processor.tokenizer.eos_token_ids]
-                text = self.processor.tokenizer.decode(answer, skip_special_tokens=True)
-                self.messages.append({"role": "assistant", "content": text})
-            else:
-                self.messages.pop()  # no answer at all: as if the turn was never sent
+        return TurnStart(
+            prompt=lambda: self._suffix_prompt(inputs, identity, keep),
+            cache=self.cache,
+            cached_tokens=keep,
+            max_tokens=min(max_tokens, self.max_kv_size - len(identity)),
+            constraint=constraint,
+            context=inputs.input_ids[0],
+            sampling=options,
+            started=started,
+        )
+
+    def end_turn(self, turn: Turn, generated: Sequence[int]) -> None:
+        """After `begin_turn`: the history takes the turn and the answer as far as it got (none:
+        as if the turn was never sent); the cache holds the same, however generation ended."""
+        messages, inputs, identity = turn.messages, turn.inputs, turn.identity
+        # Whatever happened (done, stopped early, interrupted anywhere), the cache holds a
+        # prefix of this prompt and the answer as far as it got; the history says the same.
+        self._tokens = np.concatenate([identity, generated])
+        self._settle()
+        self._keep_features(inputs)
+        self.messages = with_media(messages, self._inputs.media)
+        if turn.raw:
+            pass  # a plain completion is not a chat turn
+        elif generated:
+            answer = [t for t in generated if t not in self.processor.tokenizer.eos_token_ids]
+            text = self.processor.tokenizer.decode(answer, skip_special_tokens=True)
+            self.messages.append({"role": "assistant", "content": text})
+        else:
+            self.messages.pop()  # no answer at all: as if the turn was never sent
 
     def _settle(self) -> None:
         """Make the cache and `_tokens` agree: both cut to what both hold. A turn stopped
