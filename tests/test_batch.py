@@ -17,7 +17,7 @@ from test_generate import MAX_PIXELS, sample_images, write_model_folder
 
 import mimo_mlx
 from mimo_mlx import MimoError
-from mimo_mlx.generation.batch import BatchGenerator, batch_generate
+from mimo_mlx.generation.batch import BatchGenerator, batch_generate, prompt_steps
 from mimo_mlx.generation.loop import stream_generate
 from mimo_mlx.model.batch_cache import BatchCache
 from mimo_mlx.model.cache import PromptCache
@@ -69,21 +69,16 @@ def solo(model, processor, request: dict) -> tuple[list[int], np.ndarray]:
 
 
 def insert(batch: BatchGenerator, model, processor, request: dict) -> int:
-    """Queue a request as `batch_generate` does: prepared now, its vision pass inside `next`."""
+    """Queue a request as `batch_generate` does: prepared now, its vision pass inside `next`, in
+    pieces of at most 8 merged tokens (the video's two temporal patches one at a time)."""
     request = dict(request)
-    prompt, images, videos = (
-        request.pop("prompt"),
-        request.pop("images", ()),
-        request.pop("videos", ()),
-    )
-    max_tokens = request.pop("max_tokens")
+    prompt, images = request.pop("prompt"), request.pop("images", ())
+    videos, max_tokens = request.pop("videos", ()), request.pop("max_tokens")
     inputs = processor.prepare(prompt, images, videos, **request)
     cache = model.make_cache()
-
-    def prepare():
-        return model.prepare_prompt(inputs.input_ids, **inputs.vision_kwargs(), cache=cache)
-
-    return batch.insert(prepare, prompt_cache=cache, max_tokens=max_tokens)
+    return batch.insert(
+        lambda: prompt_steps(model, inputs, cache, 8), prompt_cache=cache, max_tokens=max_tokens
+    )
 
 
 def run(batch: BatchGenerator, outputs: dict, until=lambda: False) -> None:

@@ -106,8 +106,9 @@ def test_concurrent_requests_decode_together_with_their_solo_answers(server, loc
 
     def watch() -> None:
         barrier.wait()
-        while len(got) < len(requests):
+        while any(thread.is_alive() for thread in threads[:-1]):
             most[0] = max(most[0], server.health()["queue"]["running"])
+            time.sleep(0.01)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
     threads.append(threading.Thread(target=watch))

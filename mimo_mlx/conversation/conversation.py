@@ -69,10 +69,11 @@ class Turn:
 class TurnStart:
     """A turn ready to generate (`Conversation.begin_turn`): `prompt()` runs the vision tower on
     the media the cache lacks (cached features reused) and returns the prompt continuing
-    `cache`, which already holds `cached_tokens` of it. `context` is the whole prompt's ids, for
-    logits processors; timings count from `started`."""
+    `cache`, which already holds `cached_tokens` of it; `prompt_steps(max_tokens)` does the same
+    a piece of the tower at a time (None after each, then the prompt: see `BatchGenerator`).
+    `context` is the whole prompt's ids, for logits processors; timings count from `started`."""
 
-    prompt: Callable[[], Prompt]
+    prompt_steps: Callable[..., Iterator[Prompt | None]]
     cache: PromptCache
     cached_tokens: int
     max_tokens: int
@@ -80,6 +81,10 @@ class TurnStart:
     context: np.ndarray
     sampling: SamplingOptions
     started: float
+
+    def prompt(self) -> Prompt:
+        *_, prompt = self.prompt_steps()
+        return prompt
 
 
 class Conversation:
@@ -370,7 +375,9 @@ class Conversation:
         self._inputs = inputs
         self.answer_start = len(identity)
         return TurnStart(
-            prompt=lambda: self._suffix_prompt(inputs, identity, keep),
+            prompt_steps=lambda max_tokens=None: self._suffix_prompt(
+                inputs, identity, keep, max_tokens
+            ),
             cache=self.cache,
             cached_tokens=keep,
             max_tokens=min(max_tokens, self.max_kv_size - len(identity)),
@@ -459,17 +466,25 @@ class Conversation:
             keep -= 1
         return keep
 
-    def _suffix_prompt(self, inputs: ModelInputs, identity: np.ndarray, keep: int):
+    def _suffix_prompt(
+        self, inputs: ModelInputs, identity: np.ndarray, keep: int, max_tokens: int | None = None
+    ) -> Iterator[Prompt | None]:
         """The prompt from token `keep` on: the vision features of the media that start there
-        (from the vision cache) and positions continuing the cache."""
+        (from the vision cache) and positions continuing the cache. Yields None after each
+        piece of the vision tower (`VisionCache.features_in_steps`, pieces of at most
+        `max_tokens` merged tokens; None: one pass for everything), then the prompt."""
         by_code = {media_code(m.key): m for m in inputs.media}
         suffix = identity[keep:]
         starts = np.flatnonzero((suffix < 0) & (np.concatenate([[1], suffix[:-1]]) != suffix))
         new_media = [by_code[int(suffix[i])] for i in starts]  # one per placeholder run, in order
-        features = self._media_features(new_media)
+        for step in self._media_features(new_media, max_tokens):
+            if step is None:
+                yield None
+            else:
+                features = step
         images = [m for m in new_media if m.kind == "image"]
         videos = [m for m in new_media if m.kind == "video"]
-        return self.model.prepare_prompt(
+        yield self.model.prepare_prompt(
             inputs.input_ids[:, keep:],
             image_grid_thw=_grids(images),
             video_grid_thw=_grids(videos),
@@ -478,10 +493,14 @@ class Conversation:
             vision_features=mx.concatenate(features) if features else None,
         )
 
-    def _media_features(self, media: list[PreparedMedia]) -> list[mx.array]:
+    def _media_features(
+        self, media: list[PreparedMedia], max_tokens: int | None = None
+    ) -> Iterator[list[mx.array] | None]:
         """Features of each item: this conversation's own, those the item carries from this
         model (another conversation's history), else the vision cache's (which encodes what it
-        lacks); all kept for the turn's history."""
+        lacks); all kept for the turn's history. Yields None after each piece of the tower
+        (pieces of at most `max_tokens` merged tokens, `VisionCache.features_in_steps`; None:
+        one pass), then the features."""
         for item in media:
             carried = item.features_for(self.model)
             if item.key not in self._features and carried is not None:
@@ -492,11 +511,17 @@ class Conversation:
                 "an image of these messages was encoded by another model and kept no pixels: "
                 "give the image itself"
             )
-        for item, features in zip(
-            missing, self.vision_cache.features(self.model, missing), strict=True
-        ):
+        if max_tokens is None:
+            encoded = self.vision_cache.features(self.model, missing)
+        else:
+            for step in self.vision_cache.features_in_steps(self.model, missing, max_tokens):
+                if step is not None:
+                    encoded = step
+                    break
+                yield None
+        for item, features in zip(missing, encoded, strict=True):
             self._features[item.key] = features
-        return [self._features[m.key] for m in media]
+        yield [self._features[m.key] for m in media]
 
 
 def media_code(key: str) -> int:

@@ -40,7 +40,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import MimoError
-from ..inputs.processor import ImageInput, Processor
+from ..inputs.processor import ImageInput, ModelInputs, Processor
 from ..inputs.tokenizer import Tokenizer
 from ..model.backend import generation_settings, release_cache
 from ..model.batch_cache import BatchCache
@@ -176,8 +176,10 @@ class BatchGenerator:
         """Queue a sequence; its uid. The arguments are `generate_step`'s and `stream_prompt`'s.
 
         `prompt` is a `Prompt` prepared against `prompt_cache` (or a fresh cache), or a function
-        returning one, which runs inside `next` as one unit of work (the vision tower, so it
-        interleaves with decoding too). A given `prompt_cache` is extended as `generate_step`
+        that returns one, or an iterator that yields None after each unit of its work and then
+        the prompt (`prompt_steps`: a video's vision pass, a few frames at a time). It runs
+        inside `next`, a unit per step, so it interleaves with decoding too. A given
+        `prompt_cache` is extended as `generate_step`
         extends it: once the sequence finishes or is removed, it holds the prompt and the answer
         so far (while the sequence decodes, the batch holds its tokens). Timings count from
         `started` (default now); `cached_tokens` says how many prompt tokens the cache held.
@@ -266,11 +268,19 @@ class BatchGenerator:
 
     def _prefill(self, seq: _Sequence) -> Iterator:
         """The sequence's prefill in units: its prompt (the vision pass, when a function makes
-        it), then `generate_step`'s chunks; the last yields (first token, log-probabilities)."""
+        it, in the pieces its iterator yields), then `generate_step`'s chunks; the last yields
+        (first token, log-probabilities)."""
         prompt = seq.source
         if not isinstance(prompt, Prompt):
             prompt = prompt()
-            yield None
+            if isinstance(prompt, Prompt):
+                yield None  # making it was this step's work
+            else:  # an iterator: None after each unit, then the prompt
+                for step in prompt:
+                    if step is not None:
+                        prompt = step
+                        break
+                    yield None
         if prompt.length == 0:
             raise MimoError("the prompt is empty")
         if prompt.input_ids.shape[0] != 1:
@@ -356,7 +366,7 @@ def batch_generate(
     """
     requests = [_request(item, options) for item in prompts]
     started = time.perf_counter()
-    prepared = [_prepare(model, processor, request) for request in requests]
+    prepared = [_prepare(model, processor, r, prefill_step_size) for r in requests]
     results: dict[int, list[GenerationResponse]] = {}
     with BatchGenerator(
         model, processor.tokenizer, max_batch=max_batch, prefill_step_size=prefill_step_size
@@ -388,7 +398,7 @@ def _request(item: str | dict, shared: dict) -> dict:
     return request
 
 
-def _prepare(model: Model, processor: Processor, request: dict):
+def _prepare(model: Model, processor: Processor, request: dict, prefill_step_size: int):
     """(inputs, BatchGenerator.insert's arguments) for one prompt of `batch_generate`."""
     request = dict(request)
     prompt = request.pop("prompt")
@@ -412,12 +422,8 @@ def _prepare(model: Model, processor: Processor, request: dict):
     if processors is None:
         processors = make_logits_processors(sampling.repetition_penalty)
     cache = model.make_cache()
-
-    def prepare() -> Prompt:
-        return model.prepare_prompt(inputs.input_ids, **inputs.vision_kwargs(), cache=cache)
-
     settings = dict(
-        prompt=prepare,
+        prompt=lambda: prompt_steps(model, inputs, cache, prefill_step_size),
         prompt_cache=cache,
         max_tokens=max_new_tokens(model, inputs.input_ids.shape[1], max_tokens),
         sampler=sampler,
@@ -425,3 +431,34 @@ def _prepare(model: Model, processor: Processor, request: dict):
         constraint=constraint,
     )
     return inputs, settings
+
+
+def prompt_steps(
+    model: Model, inputs: ModelInputs, cache: PromptCache, max_tokens: int
+) -> Iterator[Prompt | None]:
+    """`model.prepare_prompt` for `inputs` continuing `cache`, its vision pass in pieces of at
+    most `max_tokens` merged tokens (`Model.encode_pieces`): None after each evaluated piece,
+    then the prompt (see `BatchGenerator.insert`)."""
+    pieces = []
+    for pixels, grids in (
+        (inputs.pixel_values, inputs.image_grid_thw),
+        (inputs.pixel_values_videos, inputs.video_grid_thw),
+    ):
+        if pixels is None:
+            continue
+        for piece in model.encode_pieces(pixels, grids, max_tokens):
+            mx.eval(piece)
+            pieces.append(piece)
+            yield None
+    ids = inputs.input_ids
+    features = None
+    if pieces:  # images, then videos: into prompt order, as `prepare_prompt` puts them
+        features = mx.concatenate(pieces)[mx.array(model.placeholder_order(ids))]
+    yield model.prepare_prompt(
+        ids,
+        image_grid_thw=inputs.image_grid_thw,
+        video_grid_thw=inputs.video_grid_thw,
+        second_per_grid_ts=inputs.second_per_grid_ts,
+        cache=cache,
+        vision_features=features,
+    )

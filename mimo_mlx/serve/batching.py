@@ -96,8 +96,9 @@ class BatchLoop:
         sampler = make_sampler(
             options.temp, options.top_p, options.min_p, top_k=options.top_k, seed=options.seed
         )
+        step = self.engine.prefill_step_size
         uid = batch.insert(
-            start.prompt,
+            lambda: start.prompt_steps(step),  # a video's vision pass a few frames at a time
             prompt_cache=start.cache,
             max_tokens=start.max_tokens,
             sampler=sampler,
