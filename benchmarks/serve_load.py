@@ -341,7 +341,9 @@ def main(
     try:
         for batch in batches:
             flags = ["--max-batch", str(batch), "--queue-size", str(max(clients))]
-            flags += ["--request-timeout", str(timeout), "--allow-local-files"]
+            flags += ["--request-timeout", str(timeout)]
+            if frames is not None:  # the probe's video: a folder of frames under `out`
+                flags += ["--allow-local-files", str(out)]
             servers[batch] = Server(model, out / f"server-max-batch-{batch}.log", flags, preload)
         images = [picture_url(image_size, seed) for seed in range(distinct_images)]
         for server in servers.values():
