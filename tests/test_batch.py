@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_generate import MAX_PIXELS, sample_images, write_model_folder
+from tiny_models import WIDE_HEADS
 
 import mimo_mlx
 from mimo_mlx import MimoError
@@ -318,3 +319,60 @@ def test_batch_cache_pads_rows_and_hands_them_back():
             for got, want in zip(layer, expected, strict=True):
                 np.testing.assert_array_equal(np.array(got), want)
     assert short.next_positions(1).tolist() == [3 + 5]
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """Heads of 128 dimensions: every group size (32, 64, 128) divides them."""
+    folder = tmp_path_factory.mktemp("tiny-batch-kv")
+    return mimo_mlx.load(write_model_folder(folder, seed=72, sizes=WIDE_HEADS))
+
+
+def test_quantized_caches_decode_in_a_batch_as_alone(wide, media):
+    """Rows with 8-bit caches (a text and an image: rows of different lengths, padded), 4-bit
+    ones (groups of 64; one quantized only from its 30th token on, when it moves into the other's
+    batch) and a float row: each gives its solo tokens and log-probabilities, bit for bit, and
+    the caches handed back are stored as they would be alone."""
+    model, processor = wide
+    images, _ = media
+    prompts = [
+        dict(prompt="Tell me a story.", kv_bits=8, max_tokens=14),
+        dict(prompt="What is in this picture?", images=images[:1], kv_bits=8, max_tokens=14)
+        | PIXELS,
+        dict(prompt="Hello there, how are you?", kv_bits=4, quantized_kv_start=30, max_tokens=14),
+        dict(prompt="Hi", max_tokens=14),
+        dict(prompt="Write a poem.", kv_bits=4, max_tokens=14),
+    ]
+    expected = [solo(model, processor, request) for request in prompts]
+    with BatchGenerator(model, processor.tokenizer, max_batch=5) as batch:
+        caches, uids = [], []
+        for request in prompts:
+            request = dict(request)
+            prompt, images_ = request.pop("prompt"), request.pop("images", ())
+            max_tokens = request.pop("max_tokens")
+            cache_options = {k: request.pop(k) for k in list(request) if k.startswith(("kv", "q"))}
+            inputs = processor.prepare(prompt, images_, **request)
+            cache = model.make_cache(**cache_options)
+            uids.append(
+                batch.insert(
+                    lambda i=inputs, c=cache: prompt_steps(model, i, c, 8),
+                    prompt_cache=cache,
+                    max_tokens=max_tokens,
+                )
+            )
+            caches.append(cache)
+        outputs: dict[int, list] = {}
+        rows = []
+        while batch.has_work:
+            for item in batch.next():
+                assert item.error is None, item.error
+                outputs.setdefault(item.uid, []).append(item.response)
+            rows.append({str(k): len(g.rows) for k, g in batch._groups.items()})
+    assert {"None": 1, "(8, 64)": 2, "(4, 64)": 2} in rows  # every kind decoded side by side
+    for uid, (tokens, logprobs) in zip(uids, expected, strict=True):
+        assert [r.token for r in outputs[uid]] == tokens
+        np.testing.assert_array_equal(
+            np.stack([np.array(r.logprobs) for r in outputs[uid]]), logprobs
+        )
+    assert [c.quantized for c in caches] == [True, True, True, False, True]
+    assert caches[2].offset > 30  # it crossed quantized_kv_start inside the batch

@@ -17,7 +17,9 @@ whole length. A sequence's prefill is `generate`'s own (the same chunks, the sam
 `PromptCache`), so images, videos and cached prefixes work as they do alone; it then joins the
 batch (`model.batch_cache.BatchCache`), where every step feeds one token of each row through one
 forward pass. Each row keeps its own sampler, logits processors, structured-output constraint,
-token budget and end tokens.
+token budget, end tokens and cache options: rows whose caches are quantized (`kv_bits`) decode in
+a batch of their own kind, one forward pass per kind in a step, and a row reaching its
+`quantized_kv_start` moves to a quantized batch then, as its cache would be quantized alone.
 
 Exactness: a greedy sequence's tokens are its solo `generate` tokens wherever the backend computes
 each row of a batched matmul as it computes that row alone, and masked padding adds exact zeros.
@@ -33,7 +35,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -43,10 +45,10 @@ from ..errors import MimoError
 from ..inputs.processor import ImageInput, ModelInputs, Processor
 from ..inputs.tokenizer import Tokenizer
 from ..model.backend import generation_settings, release_cache
-from ..model.batch_cache import BatchCache
+from ..model.batch_cache import BatchCache, storage_of
 from ..model.cache import PromptCache
 from ..model.mimo_vl import Model, Prompt
-from ..options import DEFAULT_MAX_TOKENS, pop_lookup_options, split_options
+from ..options import DEFAULT_MAX_TOKENS, pop_cache_options, pop_lookup_options, split_options
 from .constrained import Constraint, json_format
 from .loop import (
     DEFAULT_PREFILL_STEP,
@@ -97,6 +99,14 @@ class _Sequence:
         return self.sampler is greedy and not self.processors and self.constraint is None
 
 
+@dataclass(eq=False)
+class _Group:
+    """Decoding sequences whose caches are stored alike, and the batch cache holding them."""
+
+    cache: BatchCache
+    rows: list[_Sequence] = field(default_factory=list)
+
+
 class BatchGenerator:
     """Sequences that join and leave between steps, decoded together, at most `max_batch` at a
     time (the others wait, in order). Use it from one thread; as a context manager it also
@@ -117,8 +127,9 @@ class BatchGenerator:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.prefill_step_size = max_batch, prefill_step_size
         self._waiting: deque[_Sequence] = deque()  # the first may be part-way through prefill
-        self._rows: list[_Sequence] = []  # decoding, in the batch cache's row order
-        self._cache = BatchCache(len(model.model.layers))
+        # Decoding sequences, by how their caches are stored (`BatchCache.storage`): one batch
+        # cache each, its rows in order. Usually one; a step runs one forward pass per group.
+        self._groups: dict[tuple[int, int] | None, _Group] = {}
         self._uids = iter(range(2**62))
         self._stream: mx.Stream | None = None
         self._settings = None
@@ -141,6 +152,11 @@ class BatchGenerator:
             settings.__exit__(None, None, None)
 
     @property
+    def _rows(self) -> list[_Sequence]:
+        """The decoding sequences, group by group (the order of a step's rows)."""
+        return [seq for group in self._groups.values() for seq in group.rows]
+
+    @property
     def has_work(self) -> bool:
         """Whether any sequence waits or decodes."""
         return bool(self._waiting or self._rows)
@@ -157,8 +173,8 @@ class BatchGenerator:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the batch's cache holds (padding included; prefilling caches apart)."""
-        return self._cache.nbytes
+        """Bytes the batch's caches hold (padding included; prefilling caches apart)."""
+        return sum(group.cache.nbytes for group in self._groups.values())
 
     def insert(
         self,
@@ -223,9 +239,10 @@ class BatchGenerator:
         failed = self._prefill_unit()
         if failed is not None:
             out.append(failed)
-        if not self._rows:
+        if not self._groups:
             return out
-        rows = list(self._rows)
+        self._quantize_due()
+        rows = self._rows
         fed, errors = self._decode(rows)  # queued; the tokens below are read meanwhile
         done = []
         for seq, (token, logprobs) in zip(rows, fed, strict=True):
@@ -262,9 +279,38 @@ class BatchGenerator:
         if first is not None:
             self._waiting.popleft()
             seq.token, seq.logprobs = first
-            self._cache.add(seq.cache)
-            self._rows.append(seq)
+            self._join(seq)
         return None
+
+    def _join(self, seq: _Sequence) -> None:
+        """The sequence's tokens join the batch that stores them as its cache does."""
+        storage = storage_of(seq.cache)
+        group = self._groups.get(storage)
+        if group is None:
+            layers = len(self.model.model.layers)
+            group = self._groups[storage] = _Group(BatchCache(layers, storage))
+        group.cache.add(seq.cache)
+        group.rows.append(seq)
+
+    def _quantize_due(self) -> None:
+        """Rows whose caches are to be quantized from now on (kv_bits, `quantized_kv_start`
+        reached) move to a quantized batch, as `generate_step` would quantize them alone."""
+        group = self._groups.get(None)
+        if group is None:
+            return
+        lengths = group.cache.lengths
+        due = [
+            seq
+            for seq, length in zip(group.rows, lengths, strict=True)
+            if seq.cache.options.kv_bits is not None
+            and length >= seq.cache.options.quantized_kv_start
+        ]
+        if not due:
+            return
+        self._leave(due)
+        for seq in due:
+            seq.cache.quantize()
+            self._join(seq)
 
     def _prefill(self, seq: _Sequence) -> Iterator:
         """The sequence's prefill in units: its prompt (the vision pass, when a function makes
@@ -302,13 +348,20 @@ class BatchGenerator:
         """Feed every row's next token through one pass; each row's next (token, log-probs),
         queued, and the rows whose own processing failed (uid -> error)."""
         errors: dict[int, Exception] = {}
-        offsets = self._cache.lengths  # each row's own cache offset, as `generate_step` sees it
+        groups = [group for group in self._groups.values() if group.rows]
+        # Each row's own cache offset, as `generate_step` sees it.
+        offsets = np.concatenate([group.cache.lengths for group in groups])
         ids = mx.concatenate([seq.token for seq in rows])[:, None]  # (B, 1)
         for seq in rows:
             if seq.history is not None:
                 seq.history = mx.concatenate([seq.history, seq.token])
         with mx.stream(self._stream or mx.default_stream(mx.default_device())):
-            logits = self.model(ids, cache=self._cache)[:, 0].astype(mx.float32)  # (B, vocab)
+            parts, start = [], 0
+            for group in groups:
+                end = start + len(group.rows)
+                parts.append(self.model(ids[start:end], cache=group.cache)[:, 0])
+                start = end
+            logits = (parts[0] if len(parts) == 1 else mx.concatenate(parts)).astype(mx.float32)
             if all(seq.plain_greedy for seq in rows):
                 tokens = mx.argmax(logits, axis=-1)  # greedy reads the logits, as alone
                 logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -341,9 +394,16 @@ class BatchGenerator:
     def _leave(self, done: list[_Sequence]) -> None:
         """Rows leave the batch; their caches get their tokens back, evaluated now so that they
         hold nothing of the batch's arrays."""
-        index = {id(seq): i for i, seq in enumerate(self._rows)}
-        handed = self._cache.remove([index[id(seq)] for seq in done])
-        self._rows = [seq for seq in self._rows if seq not in done]
+        handed = []
+        for storage, group in list(self._groups.items()):
+            index = {id(seq): i for i, seq in enumerate(group.rows)}
+            leaving = [index[id(seq)] for seq in done if id(seq) in index]
+            if not leaving:
+                continue
+            handed += group.cache.remove(leaving)
+            group.rows = [seq for seq in group.rows if seq not in done]
+            if not group.rows:
+                del self._groups[storage]
         mx.eval([cache.state for cache in handed])
 
 
@@ -360,8 +420,8 @@ def batch_generate(
     """Answer several prompts together; the results in order (see `BatchGenerator`).
 
     Each prompt is a string, or a dict of `stream_generate`'s arguments for that prompt alone
-    (`prompt`, `images`, `videos`, `max_tokens`, sampling, prompt options, `json_schema`) that
-    override the shared `options`. Every sequence's answer is its `generate` answer (greedy: token
+    (`prompt`, `images`, `videos`, `max_tokens`, sampling, prompt and cache options,
+    `json_schema`) that override the shared `options`. Every sequence's answer is its `generate` answer (greedy: token
     for token; sampled with a `seed`: the same draws). Prompt lookup is not available in a batch.
     """
     requests = [_request(item, options) for item in prompts]
@@ -410,6 +470,7 @@ def _prepare(model: Model, processor: Processor, request: dict, prefill_step_siz
     processors = request.pop("logits_processors", None)
     if pop_lookup_options(request).enabled:
         raise MimoError("prompt lookup is not available in a batch; generate that prompt alone")
+    cache_options = pop_cache_options(request)  # kv_bits, ...: how this prompt's cache is stored
     prompt_options, sampling = split_options(request)  # refuses unknown options
     inputs = processor.prepare(prompt, images, videos, **vars(prompt_options))
     check_context(model, inputs)
@@ -421,7 +482,7 @@ def _prepare(model: Model, processor: Processor, request: dict, prefill_step_siz
         )
     if processors is None:
         processors = make_logits_processors(sampling.repetition_penalty)
-    cache = model.make_cache()
+    cache = model.make_cache(**cache_options)
     settings = dict(
         prompt=lambda: prompt_steps(model, inputs, cache, prefill_step_size),
         prompt_cache=cache,

@@ -12,6 +12,12 @@ The attention mask hides the padding (its scores are -inf: exact zeros after the
 each row keeps its own rotary position, its token count plus its rope delta. A sequence leaves
 with `remove`, which hands its tokens (prompt and answer so far) back to its own PromptCache, as
 if it had been generated alone; columns that are padding in every remaining row are dropped.
+
+A batch stores its rows one way: in the model's dtype, or quantized with one (bits, group size)
+(`storage`). Quantized rows pad with zero words, scales and biases, which the mask hides as it
+hides float padding; each token is quantized on its own, so a row's stored keys and values are
+the ones it would hold alone. A sequence whose cache becomes quantized part-way
+(`quantized_kv_start`) moves to a quantized batch then (`generation.batch.BatchGenerator`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from .cache import KVCache, PromptCache
+from .cache import KVCache, LayerCache, PromptCache, QuantizedKVCache
 
 
 class BatchCache:
@@ -32,8 +38,11 @@ class BatchCache:
     `next_positions` and `attention_mask`, as it reads a PromptCache's.
     """
 
-    def __init__(self, num_layers: int) -> None:
-        self.layers = [KVCache() for _ in range(num_layers)]
+    def __init__(self, num_layers: int, storage: tuple[int, int] | None = None) -> None:
+        """`storage`: None for keys and values in the model's dtype, or (bits, group size) for
+        quantized ones (`storage_of` a sequence's cache says which it joins)."""
+        self.storage = storage
+        self.layers = [self._empty() for _ in range(num_layers)]
         self.padding = np.zeros(0, np.int64)  # (B,) padding columns before each row's tokens
         self._deltas = np.zeros(0, np.int64)  # (B,) next text position minus token count
         self._owners: list[PromptCache] = []  # each row's own cache
@@ -70,8 +79,14 @@ class BatchCache:
         columns = np.arange(self.offset + 1)
         return mx.array(columns[None] >= self.padding[:, None])[:, None, None, :]
 
+    def _empty(self) -> LayerCache:
+        if self.storage is None:
+            return KVCache()
+        return QuantizedKVCache(*self.storage)
+
     def quantize_if_due(self) -> None:
-        """A batch's rows keep the storage they joined with (see `add`)."""
+        """A batch's rows keep the storage they joined with (see `add`); a row that is due to
+        be quantized moves to a quantized batch before the step."""
 
     def record_positions(self, positions: np.ndarray) -> None:
         raise ValueError("a batch decodes text only: prefill each prompt in its own PromptCache")
@@ -80,6 +95,11 @@ class BatchCache:
         """Take `cache`'s tokens in as a new last row (it keeps none meanwhile); its index."""
         if cache.offset == 0:
             raise ValueError("an empty cache cannot join a batch: prefill its prompt first")
+        if storage_of(cache) != self.storage:
+            raise ValueError(
+                f"a cache stored as {storage_of(cache)} cannot join a batch stored as "
+                f"{self.storage}"
+            )
         deltas = cache.rope_deltas
         offset, length = self.offset, cache.offset
         width = max(offset, length)
@@ -89,7 +109,7 @@ class BatchCache:
                 old = [_pad_left(part, width - offset) for part in mine.state]
                 new = [mx.concatenate([o, n]) for o, n in zip(old, new, strict=True)]
             mine.state = tuple(new)  # every layer now holds `width` columns
-        cache.layers = [KVCache() for _ in cache.layers]
+        cache.layers = [layer.copy(0) for layer in cache.layers]  # empty, stored as before
         self.padding = np.append(self.padding + (width - offset), width - length)
         self._deltas = np.append(self._deltas, 0 if deltas is None else int(deltas[0]))
         self._owners.append(cache)
@@ -109,7 +129,7 @@ class BatchCache:
         self._owners = [self._owners[i] for i in keep]
         self._deltas = self._deltas[keep]
         if not keep:
-            self.layers = [KVCache() for _ in self.layers]
+            self.layers = [self._empty() for _ in self.layers]
             self.padding = np.zeros(0, np.int64)
             return handed
         drop = int(self.padding[keep].min())  # columns that are padding in every kept row
@@ -118,6 +138,13 @@ class BatchCache:
             layer.state = tuple(part[index][:, :, drop:] for part in layer.state)
         self.padding = self.padding[keep] - drop
         return handed
+
+
+def storage_of(cache: PromptCache) -> tuple[int, int] | None:
+    """How `cache`'s layers store keys and values now: None (the model's dtype) or (bits, group
+    size)."""
+    layer = cache.layers[0]
+    return (layer.bits, layer.group_size) if isinstance(layer, QuantizedKVCache) else None
 
 
 def _pad_left(part: mx.array, count: int) -> mx.array:

@@ -106,7 +106,7 @@ def quantized_attention(
     """`attention` with quantized keys and values, through `mx.quantized_matmul` (as mlx-lm's
     `quantized_scaled_dot_product_attention`). mask: None, "causal" (aligned to the end of the
     keys, as MLX's fused attention aligns it), or a boolean or additive array that broadcasts
-    to (L, N)."""
+    to (L, N) or, as the fused attention takes it, to (B, H, L, N)."""
     batch, heads, length, head_dim = queries.shape
     kv_heads = keys.packed.shape[1]
     groups = heads // kv_heads
@@ -118,6 +118,9 @@ def quantized_attention(
     if isinstance(mask, str):  # "causal"
         count = scores.shape[-1]
         mask = mx.arange(count - length, count)[:, None] >= mx.arange(count)[None]  # (L, N)
+    if mask is not None and mask.ndim == 4:  # (B, H or 1, L, N); the scores split the heads
+        heads_axis = (kv_heads, groups) if mask.shape[1] > 1 else (1, 1)
+        mask = mask.reshape(mask.shape[0], *heads_axis, *mask.shape[2:])
     if mask is not None and mask.dtype == mx.bool_:
         scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
     elif mask is not None:
