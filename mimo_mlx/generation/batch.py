@@ -421,8 +421,9 @@ def batch_generate(
 
     Each prompt is a string, or a dict of `stream_generate`'s arguments for that prompt alone
     (`prompt`, `images`, `videos`, `max_tokens`, sampling, prompt and cache options,
-    `json_schema`) that override the shared `options`. Every sequence's answer is its `generate` answer (greedy: token
-    for token; sampled with a `seed`: the same draws). Prompt lookup is not available in a batch.
+    `json_schema`) that override the shared `options`. Every sequence's answer is its `generate`
+    answer (greedy: token for token; sampled with a `seed`: the same draws). Prompt lookup is not
+    available in a batch.
     """
     requests = [_request(item, options) for item in prompts]
     started = time.perf_counter()
