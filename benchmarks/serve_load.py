@@ -1,22 +1,23 @@
 """A bounded load run against `mimo-mlx serve` on 127.0.0.1 (see benchmarks/README.md).
 
     python -m benchmarks.serve_load --scale tiny                  # synthetic weights, seconds
-    python -m benchmarks.serve_load --scale small --requests 64 --concurrency 4
+    python -m benchmarks.serve_load --scale small --clients 1,2,4,8 --max-batch 1,4
     python -m benchmarks.serve_load --model ~/models/mimo-vl-7b-rl-4bit
 
-Starts the server as a subprocess on a free local port, then sends a fixed number of chat
-completions (an image and a question each; streamed, greedy, a fixed token budget) with a fixed
-number in flight at once, and reports requests/s, generated tokens/s, p50/p95 time to first token
-and latency, the errors (there must be none: the command fails otherwise) and the server's peak
-memory. Writes results.json and results.md like the harness. The server generates one request at
-a time (see mimo_mlx/serve/engine.py): concurrency shows as queueing in TTFT, not as batching.
+Starts one server subprocess per `--max-batch` value (1: one request at a time; more: batched),
+each on a free local port, then for each client count sends a fixed number of chat completions (an
+image and a question each; streamed, greedy, a fixed token budget) with that many in flight, to
+each server in turn (interleaved, so a machine shared with other work loads both alike). Reports
+requests/s, generated tokens/s, p50/p95 time to first token and latency, p50/p95 time between
+tokens, errors (there must be none: the command fails otherwise) and peak memory, and the batched
+servers' figures as ratios of the one-at-a-time server's. A probe then measures, per server, how
+much a running answer's time between tokens grows while a video request is prefilled.
+Writes results.json and results.md like the harness.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import os
 import socket
@@ -30,20 +31,14 @@ from pathlib import Path
 import click
 import httpx2
 import numpy as np
-from PIL import Image
 
 from .machine import REPO, git_state, machine_info, versions
 from .multiturn import CHATML, EOS, byte_level_tokenizer
+from .serve_client import gaps, load, picture_url, probe_run, request_body, video_frames
 from .settings import CACHE, OPENBLAS, openblas_warning
 from .stats import summarize
 from .weights import prepare
 
-QUESTIONS = (
-    "Describe this picture in detail.",
-    "What colour is the largest object?",
-    "Is there any text in the image? Read it.",
-    "How many distinct shapes can you see?",
-)
 START_TIMEOUT_S = 600
 
 
@@ -64,14 +59,6 @@ def chat_folder(source: Path, folder: Path) -> Path:
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
     (folder / "chat_template.jinja").write_text(CHATML)
     return folder
-
-
-def picture_url(size: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    smooth = rng.integers(0, 256, (size // 16 + 1, size // 16 + 1, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(smooth).resize((size, size), Image.BILINEAR).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 class Server:
@@ -145,70 +132,6 @@ class Server:
                 self.process.wait()
 
 
-async def one_request(http: httpx2.AsyncClient, body: dict) -> dict:
-    """Send one streamed completion; its TTFT, latency, tokens, or the error."""
-    started = time.perf_counter()
-    first = None
-    usage, finish, error = None, None, None
-    try:
-        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                return {"error": f"HTTP {response.status_code}: {response.text[:300]}"}
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                first = first or time.perf_counter()
-                event = json.loads(line[6:])
-                if "error" in event:
-                    error = event["error"].get("message")
-                if event.get("usage"):
-                    usage = event["usage"]
-                for choice in event.get("choices", ()):
-                    finish = choice.get("finish_reason") or finish
-    except (httpx2.HTTPError, json.JSONDecodeError) as err:
-        return {"error": f"{type(err).__name__}: {err}"}
-    if error or usage is None or first is None:
-        return {"error": error or "the stream ended without usage"}
-    return {
-        "ttft_s": first - started,
-        "latency_s": time.perf_counter() - started,
-        "completion_tokens": usage["completion_tokens"],
-        "prompt_tokens": usage["prompt_tokens"],
-        "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
-        "finish_reason": finish,
-    }
-
-
-def request_body(index: int, images: list[str], max_tokens: int) -> dict:
-    question = f"{QUESTIONS[index % len(QUESTIONS)]} (request {index})"
-    content = [{"type": "image_url", "image_url": {"url": images[index % len(images)]}}]
-    return {
-        "messages": [{"role": "user", "content": [*content, {"type": "text", "text": question}]}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-
-
-async def load(
-    url: str, bodies: list[dict], concurrency: int, timeout: float
-) -> tuple[list, float]:
-    """Every body sent, `concurrency` at a time; (results in order, wall seconds)."""
-    gate = asyncio.Semaphore(concurrency)
-    limits = httpx2.Limits(max_connections=concurrency)
-    async with httpx2.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
-
-        async def gated(body: dict) -> dict:
-            async with gate:
-                return await one_request(http, body)
-
-        started = time.perf_counter()
-        results = await asyncio.gather(*(gated(body) for body in bodies))
-        return results, time.perf_counter() - started
-
-
 def percentiles(values: list[float]) -> dict:
     if not values:
         return {"p50": None, "p95": None, **summarize(values)}
@@ -220,6 +143,9 @@ def summarize_run(results: list[dict], wall_s: float) -> dict:
     done = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     tokens = sum(r["completion_tokens"] for r in done)
+    between = [g for r in done for g in gaps(r["arrivals_s"])]
+    inter = percentiles(between)
+    inter.pop("values")  # every gap of every request: too many to keep
     return {
         "requests": len(results),
         "completed": len(done),
@@ -231,6 +157,7 @@ def summarize_run(results: list[dict], wall_s: float) -> dict:
         "tokens_per_s": tokens / wall_s,
         "ttft_s": percentiles([r["ttft_s"] for r in done]),
         "latency_s": percentiles([r["latency_s"] for r in done]),
+        "inter_token_s": inter,
         "prompt_tokens_mean": float(np.mean([r["prompt_tokens"] for r in done])) if done else None,
         "cached_tokens_mean": float(np.mean([r["cached_tokens"] for r in done])) if done else None,
         "finish_reasons": {
@@ -240,16 +167,33 @@ def summarize_run(results: list[dict], wall_s: float) -> dict:
     }
 
 
+def ratios(runs: list[dict]) -> list[dict]:
+    """Each batched server's figures over the one-at-a-time server's, per client count."""
+    base = {r["clients"]: r for r in runs if r["max_batch"] == 1}
+    out = []
+    for run in runs:
+        alone = base.get(run["clients"])
+        if run["max_batch"] == 1 or alone is None or not alone["tokens_per_s"]:
+            continue
+        p95, alone_p95 = run["ttft_s"]["p95"], alone["ttft_s"]["p95"]
+        out.append({
+            "max_batch": run["max_batch"],
+            "clients": run["clients"],
+            "tokens_per_s": run["tokens_per_s"] / alone["tokens_per_s"],
+            "ttft_p95": p95 / alone_p95 if p95 and alone_p95 else None,
+        })  # fmt: skip
+    return out
+
+
 def markdown(report: dict) -> str:
     s, r = report["settings"], report["results"]
     machine = report["machine"]
     commit = (report["git"]["commit"] or "unknown")[:12]
     dirty = " (uncommitted changes)" if report["git"]["dirty"] else ""
 
-    def ms(entry: dict, key: str) -> str:
-        return "-" if entry[key] is None else f"{1000 * entry[key]:.0f}"
+    def ms(value) -> str:
+        return "-" if value is None else f"{1000 * value:.0f}"
 
-    rss = r["server_peak_rss_gb"]
     lines = [
         f"# mimo-mlx serve under load: {s['weights']}",
         "",
@@ -257,31 +201,80 @@ def markdown(report: dict) -> str:
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']} GB RAM, "
         f"{machine['os']}. MLX {report['versions'].get('mlx')}; OpenBLAS preloaded: "
-        f"{s['openblas_preload'] or 'no'}.",
-        f"{s['requests']} requests, {s['concurrency']} in flight, each one {s['image_size']}x"
-        f"{s['image_size']} image (of {s['distinct_images']} distinct) and a question, streamed, "
-        f"greedy, at most {s['max_tokens']} tokens; {s['warmup']} warm-up requests before.",
+        f"{s['openblas_preload'] or 'no'}. Load average (1 min) at the start "
+        f"{report['load_average']['start']:.1f}, at the end {report['load_average']['end']:.1f}.",
+        f"Per run: {s['requests']} requests, each one {s['image_size']}x{s['image_size']} image "
+        f"(of {s['distinct_images']} distinct) and a question, streamed, greedy, at most "
+        f"{s['max_tokens']} tokens; {s['warmup']} warm-up requests per server first. Servers "
+        "interleaved: for each client count, each server in turn.",
         "",
-        "| requests/s | tokens/s | TTFT p50 ms | TTFT p95 ms | latency p50 ms | latency p95 ms "
-        "| errors | MLX peak GB | server RSS peak GB |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | {ms(r['ttft_s'], 'p50')} | "
-        f"{ms(r['ttft_s'], 'p95')} | {ms(r['latency_s'], 'p50')} | {ms(r['latency_s'], 'p95')} | "
-        f"{r['errors']} | {r['server']['peak_memory_gb']:.2f} | "
-        f"{'-' if rss is None else f'{rss:.2f}'} |",
-        "",
-        f"{r['completed']} of {r['requests']} completed in {r['wall_s']:.1f} s, "
-        f"{r['completion_tokens']} tokens generated (finish reasons: {r['finish_reasons']}); "
-        f"prompts averaged {r['prompt_tokens_mean'] or 0:.0f} tokens, "
-        f"{r['cached_tokens_mean'] or 0:.0f} of them reused from the server's cache. TTFT is "
-        "the time to the first streamed event, queueing included; tokens/s counts generated "
-        "tokens over the whole run. MLX peak: the most any request needed "
-        "(`mx.get_peak_memory`, weights included); RSS sampled every 50 ms (psutil).",
-        f"Server counts afterwards: {r['server']['requests']}.",
+        "| --max-batch | clients | requests/s | tokens/s | TTFT p50 ms | TTFT p95 ms | "
+        "inter-token p50 ms | inter-token p95 ms | errors | MLX peak GB | RSS peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    if r["error_samples"]:
-        lines += ["", "Errors (first few):", *[f"- {e}" for e in r["error_samples"]]]
+    for run in r["runs"]:
+        rss = run["server_peak_rss_gb"]
+        lines.append(
+            f"| {run['max_batch']} | {run['clients']} | {run['requests_per_s']:.2f} | "
+            f"{run['tokens_per_s']:.1f} | {ms(run['ttft_s']['p50'])} | {ms(run['ttft_s']['p95'])} "
+            f"| {ms(run['inter_token_s']['p50'])} | {ms(run['inter_token_s']['p95'])} | "
+            f"{run['errors']} | {run['mlx_peak_gb']:.2f} | {'-' if rss is None else f'{rss:.2f}'} |"
+        )
+    if r["ratios"]:
+        lines += [
+            "",
+            "| --max-batch | clients | tokens/s vs one at a time | TTFT p95 vs one at a time |",
+        ]
+        lines += ["|---|---|---|---|"]
+        for ratio in r["ratios"]:
+            ttft = "-" if ratio["ttft_p95"] is None else f"{ratio['ttft_p95']:.2f}x"
+            lines.append(
+                f"| {ratio['max_batch']} | {ratio['clients']} | {ratio['tokens_per_s']:.2f}x | {ttft} |"
+            )
+    if r["probe"]:
+        lines += [
+            "",
+            f"Probe: a text answer of {s['probe_tokens']} tokens runs; after its 8th token a video "
+            f"of {s['probe_frames']} {s['probe_size']}x{s['probe_size']} frames arrives. The "
+            "running answer's time between tokens before, and the longest while the video was "
+            "read, encoded and prefilled (until its first token):",
+            "",
+            "| --max-batch | video prompt tokens | video TTFT ms | running gap before p50 ms | "
+            "longest gap during ms | gaps during |",
+            "|---|---|---|---|---|---|",
+        ]
+        for batch, p in r["probe"].items():
+            if "error" in p:
+                lines.append(f"| {batch} | error: {p['error']} | | | | |")
+                continue
+            lines.append(
+                f"| {batch} | {p['video_prompt_tokens']} | {ms(p['video_ttft_s'])} | "
+                f"{ms(p['gap_before_p50_s'])} | {ms(p['gap_during_max_s'])} | {p['gaps_during']} |"
+            )
+    lines += [
+        "",
+        "TTFT: request sent to its first streamed event (after the first token), queueing "
+        "included. Inter-token: time between consecutive token events of one stream (the "
+        "requests ask for log-probabilities, so each token is one event), over every stream of "
+        "the run. tokens/s: generated tokens over the run's wall time. MLX peak: the server's "
+        "`mx.get_peak_memory` after the run (the most since it started, weights included); RSS "
+        "sampled every 50 ms during the run (psutil).",
+        f"Server counts afterwards: {r['counts']}.",
+    ]
+    errors = [e for run in r["runs"] for e in run["error_samples"]]
+    if errors:
+        lines += ["", "Errors (first few):", *[f"- {e}" for e in errors[:5]]]
     return "\n".join(lines) + "\n"
+
+
+def _numbers(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"{text!r}: give positive integers, e.g. 1,2,4,8")
+    return values
 
 
 @click.command()
@@ -297,23 +290,40 @@ def markdown(report: dict) -> str:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="A servable model folder (with tokenizer and chat template) instead of synthetic weights.",
 )
-@click.option("--requests", "count", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--concurrency", type=click.IntRange(1), default=4, show_default=True)
+@click.option(
+    "--clients", default="1,2,4,8", show_default=True, help="Requests in flight, per run."
+)
+@click.option(
+    "--max-batch",
+    "batches",
+    default="1,4",
+    show_default=True,
+    help="One server per value (1: one request at a time, the baseline of the ratios).",
+)
+@click.option(
+    "--requests", "count", type=click.IntRange(1), default=16, show_default=True, help="Per run."
+)
 @click.option("--max-tokens", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--image-size", type=click.IntRange(28), default=224, show_default=True)
 @click.option("--distinct-images", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--warmup", type=click.IntRange(0), default=2, show_default=True)
+@click.option("--probe/--no-probe", default=True, show_default=True, help="The video probe.")
+@click.option("--probe-frames", type=click.IntRange(2), default=8, show_default=True)
+@click.option("--probe-size", type=click.IntRange(28), default=448, show_default=True)
+@click.option("--probe-tokens", type=click.IntRange(16), default=96, show_default=True)
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Per request, s.")
 @click.option("--openblas/--no-openblas", default=None, help="Preload the system OpenBLAS.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--cache", type=click.Path(path_type=Path), default=CACHE, show_default=True)
 def main(
-    scale, model, count, concurrency, max_tokens, image_size, distinct_images, warmup, timeout,
-    openblas, out, cache,
+    scale, model, clients, batches, count, max_tokens, image_size, distinct_images, warmup, probe,
+    probe_frames, probe_size, probe_tokens, timeout, openblas, out, cache,
 ) -> None:  # fmt: skip
-    """Load-test `mimo-mlx serve` on 127.0.0.1 with concurrent streamed requests."""
+    """Load-test `mimo-mlx serve` on 127.0.0.1: batched and one-at-a-time servers, interleaved."""
     log = lambda message: click.echo(message, err=True)  # noqa: E731
+    clients, batches = _numbers(clients), sorted(set(_numbers(batches)))
     started = datetime.now(timezone.utc)
+    load_start = os.getloadavg()[0]
     linux = sys.platform.startswith("linux")
     if warning := openblas_warning(linux, openblas):
         log(warning)
@@ -325,23 +335,47 @@ def main(
     name = scale if synthetic else model.name
     out = out or REPO / "benchmarks" / "results" / f"serve-{name}-{started:%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
-    flags = ["--queue-size", str(max(concurrency, 1)), "--request-timeout", str(timeout)]
-    server = Server(model, out / "server.log", flags, preload)
+    frames = video_frames(out / "video", probe_frames, probe_size) if probe else None
+    servers: dict[int, Server] = {}
+    runs, probes, counts = [], {}, {}
     try:
-        server.wait_until_up()
+        for batch in batches:
+            flags = ["--max-batch", str(batch), "--queue-size", str(max(clients))]
+            flags += ["--request-timeout", str(timeout)]
+            if frames is not None:  # the probe's video: a folder of frames under `out`
+                flags += ["--allow-local-files", str(out)]
+            servers[batch] = Server(model, out / f"server-max-batch-{batch}.log", flags, preload)
         images = [picture_url(image_size, seed) for seed in range(distinct_images)]
-        bodies = [request_body(i, images, max_tokens) for i in range(count)]
-        warm = [request_body(count + i, images, max_tokens) for i in range(warmup)]
-        log(f"server up at {server.url}; {warmup} warm-up requests, then {count} requests")
-        asyncio.run(load(server.url, warm, 1, timeout))
-        server.sample_rss()
-        results, wall_s = asyncio.run(load(server.url, bodies, concurrency, timeout))
-        summary = summarize_run(results, wall_s)
-        summary["per_request"] = results
-        summary["server"] = server.health()
-        summary["server_peak_rss_gb"] = server.peak_rss / 1e9 if server.peak_rss else None
+        for server in servers.values():
+            server.wait_until_up()
+            server.sample_rss()
+            warm = [request_body(10_000 + i, images, max_tokens) for i in range(warmup)]
+            asyncio.run(load(server.url, warm, 1, timeout))
+        log(f"servers up: {', '.join(s.url for s in servers.values())}")
+        for n, concurrent in enumerate(clients):
+            bodies = [request_body(1000 * n + i, images, max_tokens) for i in range(count)]
+            for batch, server in servers.items():
+                log(f"--max-batch {batch}: {count} requests, {concurrent} in flight")
+                server.peak_rss = 0
+                results, wall_s = asyncio.run(load(server.url, bodies, concurrent, timeout))
+                summary = summarize_run(results, wall_s)
+                health = server.health()
+                summary.update(
+                    max_batch=batch,
+                    clients=concurrent,
+                    per_request=results,
+                    mlx_peak_gb=health["peak_memory_gb"],
+                    server_peak_rss_gb=server.peak_rss / 1e9 if server.peak_rss else None,
+                )
+                runs.append(summary)
+        for batch, server in servers.items():
+            if probe:
+                log(f"--max-batch {batch}: probe")
+                probes[batch] = asyncio.run(probe_run(server.url, frames, probe_tokens, timeout))
+            counts[batch] = server.health()["requests"]
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
     report = {
         "benchmark": "serve_load",
         "started_utc": started.isoformat(timespec="seconds"),
@@ -349,26 +383,31 @@ def main(
         "git": git_state(),
         "machine": machine_info(),
         "versions": versions(),
+        "load_average": {"start": load_start, "end": os.getloadavg()[0]},
         "settings": {
             "weights": f"synthetic `{scale}` ({model})" if synthetic else str(model),
             "requests": count,
-            "concurrency": concurrency,
+            "clients": clients,
+            "max_batch": batches,
             "max_tokens": max_tokens,
             "image_size": image_size,
             "distinct_images": distinct_images,
             "warmup": warmup,
+            "probe_frames": probe_frames,
+            "probe_size": probe_size,
+            "probe_tokens": probe_tokens,
             "timeout_s": timeout,
             "openblas_preload": preload,
-            "server_flags": flags,
         },
-        "results": summary,
+        "results": {"runs": runs, "ratios": ratios(runs), "probe": probes, "counts": counts},
     }
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "results.md").write_text(markdown(report))
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}")
     click.echo(markdown(report))
-    if summary["errors"]:
-        raise click.ClickException(f"{summary['errors']} of {count} requests failed")
+    failed = sum(run["errors"] for run in runs) + sum("error" in p for p in probes.values())
+    if failed:
+        raise click.ClickException(f"{failed} requests failed")
 
 
 if __name__ == "__main__":

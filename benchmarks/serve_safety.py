@@ -282,7 +282,7 @@ def run_all(folder: Path, out: Path, preload: str | None, settings: dict) -> dic
     small = {"max_pixels": settings["small_pixels"]}
     plans = [
         ("huge_images", []),
-        ("huge_images_queue_full", ["--queue-size", "1"]),
+        ("huge_images_queue_full", ["--max-batch", "1", "--queue-size", "1"]),
         ("huge_text", []),
         ("distinct_images", ["--cache-bytes", settings["cache_bytes"]]),
     ]

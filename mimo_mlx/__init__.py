@@ -14,7 +14,7 @@ The package is one folder per subsystem, each importing only those below it (eac
     inputs                 tokenizer, chat template, image and video preprocessing, Processor
     convert, loading       checkpoint -> MLX folder; a folder or hub id -> (model, processor)
     grounding              boxes and points back on the user's image
-    generation             generate_step -> stream_generate -> generate, sampling, prompt lookup
+    generation             generate_step -> stream_generate -> generate, batches, sampling, lookup
     conversation           multi-turn reuse, saved conversations, the server's pool
     distributed, serve     several processes as one model; the OpenAI-compatible server
     cli                    the command line
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 # Public name -> module that defines it.
 _EXPORTS = {
+    "BatchGenerator": "generation.batch",
     "CacheOptions": "options",
     "Conversation": "conversation.conversation",
     "GenerationResponse": "generation.loop",
@@ -39,6 +40,7 @@ _EXPORTS = {
     "Prompt": "model.mimo_vl",
     "PromptOptions": "options",
     "SamplingOptions": "options",
+    "batch_generate": "generation.batch",
     "generate": "generation.loop",
     "generate_step": "generation.loop",
     "load": "loading",
@@ -48,6 +50,7 @@ _EXPORTS = {
     "stream_generate": "generation.loop",
 }
 __all__ = [
+    "BatchGenerator",
     "CacheOptions",
     "Conversation",
     "GenerationResponse",
@@ -60,6 +63,7 @@ __all__ = [
     "Prompt",
     "PromptOptions",
     "SamplingOptions",
+    "batch_generate",
     "generate",
     "generate_step",
     "load",
@@ -72,6 +76,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .conversation.conversation import Conversation
     from .errors import MimoError
+    from .generation.batch import BatchGenerator, batch_generate
     from .generation.loop import (
         GenerationResponse,
         GenerationResult,

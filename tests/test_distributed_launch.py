@@ -369,13 +369,14 @@ def test_serve_under_mlx_launch_answers_as_one_process_and_stops_on_ctrl_c(folde
         raise AssertionError("a rank outlived Ctrl-C by a minute")
 
 
-def test_serve_refuses_what_it_cannot_split_yet(folders):
+@pytest.mark.parametrize("flag, value", [("--max-kv-size", "512"), ("--max-batch", "2")])
+def test_serve_refuses_what_it_cannot_split_yet(folders, flag, value):
     _, stderr = launch(
         2, sys.executable, "-m", "mimo_mlx", "serve", "--model", str(folders["float32"]),
-        "--max-kv-size", "512",
+        flag, value,
     )  # fmt: skip
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert errors and all("--max-kv-size is not available under mlx.launch" in e for e in errors)
+    assert errors and all(f"{flag} is not available under mlx.launch" in e for e in errors)
     assert "Traceback" not in stderr
 
 

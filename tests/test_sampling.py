@@ -118,6 +118,24 @@ def test_seeded_sampling_is_reproducible():
     np.testing.assert_array_equal(np.array(sampler(logits)), first)
 
 
+def test_a_seeded_sampler_keeps_its_own_random_state():
+    """make_sampler(seed=s) draws what the global state draws after mx.random.seed(s), however
+    its draws interleave with another sampler's (as rows of one batch do)."""
+    logits = mx.array(np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32))
+    expected = {}
+    for seed in (3, 4):
+        mx.random.seed(seed)
+        alone = make_sampler(temp=0.9, top_p=0.95)
+        expected[seed] = [alone(logits).item() for _ in range(20)]
+    mine, theirs = make_sampler(temp=0.9, top_p=0.95, seed=3), make_sampler(0.9, 0.95, seed=4)
+    drawn = {3: [], 4: []}
+    for _ in range(20):
+        drawn[3].append(mine(logits).item())
+        drawn[4].append(theirs(logits).item())
+        mx.random.categorical(logits)  # the global state moves on: the seeded ones do not care
+    assert drawn == expected and drawn[3] != drawn[4]
+
+
 def test_half_precision_logits_are_upcast():
     logits = _logits()
     ours = np.array(make_warper(temp=0.5, top_k=10)(mx.array(logits).astype(mx.bfloat16)))

@@ -31,7 +31,9 @@ def started(folder, tmp_path, *flags) -> ServerProcess:
 
 @pytest.fixture(scope="module")
 def server(folder, tmp_path_factory):
-    with started(folder, tmp_path_factory.mktemp("bounds"), "--queue-size", "1") as running:
+    # One at a time: the full queue below is one request generating and one waiting.
+    flags = ["--max-batch", "1", "--queue-size", "1"]
+    with started(folder, tmp_path_factory.mktemp("bounds"), *flags) as running:
         yield running
 
 

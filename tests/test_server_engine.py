@@ -18,7 +18,8 @@ import mimo_mlx
 from mimo_mlx.conversation.pool import ConversationPool
 from mimo_mlx.errors import ContextFull
 from mimo_mlx.generation.loop import GenerationResponse
-from mimo_mlx.serve.engine import Delta, Engine, Failed, Finished, Job, Started
+from mimo_mlx.serve.engine import Engine
+from mimo_mlx.serve.events import Delta, Failed, Finished, Job, Started
 from mimo_mlx.serve.requests import APIError
 
 STEP_S = 0.005
@@ -306,3 +307,40 @@ def test_a_template_that_opens_thinking_puts_the_answer_in_reasoning(tmp_path):
     deltas = [e for e in found if isinstance(e, Delta)]
     assert "".join(d.reasoning for d in deltas) == expected.thinking
     assert "".join(d.content for d in deltas) == expected.answer == ""
+
+
+def test_a_cancelled_job_leaves_the_batch_within_a_step_and_the_other_goes_on(tmp_path):
+    """On the real pool, two jobs batched (--max-batch 2): one is cancelled mid-answer. Its
+    conversation goes back to the pool holding at most the tokens it was sent plus the step in
+    flight, the batch runs the other alone at once, and the other's answer is its solo answer."""
+    model, processor = mimo_mlx.load(write_model_folder(tmp_path / "model", seed=21))
+    expected = mimo_mlx.generate(model, processor, "Count to ten.", max_tokens=60, temp=0.0)
+    pool = ConversationPool(model, processor)
+    engine = Engine(pool, processor.tokenizer, queue_size=1, max_batch=2)
+    engine.start()
+
+    async def main():
+        leaving = job("Tell me a long story.", max_tokens=2000, top_logprobs=0)
+        staying = job("Count to ten.", max_tokens=60)
+        for each in (leaving, staying):
+            each.options["temp"] = 0.0
+            engine.submit(each)
+        sent = 0
+        while sent < 10:  # every token has a delta: its log-probability
+            event = await asyncio.wait_for(leaving.events.get(), 30)
+            sent += isinstance(event, Delta)
+        engine.cancel(leaving)
+        rest = await events(staying)
+        return sent, rest
+
+    try:
+        sent, rest = run(main)
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert stats["requests"]["cancelled"] == 1 and stats["queue"]["running"] == 0
+    story = next(c for c in pool._entries if "story" in str(c.messages[0]))
+    answered = len(story._tokens) - story.answer_start
+    # Sent, plus the token the step in flight fed and the one it drew (not sent), at most.
+    assert sent <= answered <= sent + 2
+    assert "".join(e.content for e in rest if isinstance(e, Delta)) == expected.answer

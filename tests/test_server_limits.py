@@ -1,8 +1,9 @@
 """The server under pressure: clients that go away, a full queue, the time limit; and the media
 it reads only when told to (fetched URLs, local files, a video).
 
-The server runs the tiny model with a 64k context so one answer can last several seconds, with one
-place in the queue, a 3-second time limit, and fetching and local files allowed.
+The server runs the tiny model with a 64k context so one answer can last several seconds, one
+request at a time with one place in the queue, a 3-second time limit, and fetching and local files
+allowed.
 """
 
 from __future__ import annotations
@@ -76,8 +77,11 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(folder, shared, tmp_path_factory):
-    flags = ["--queue-size", "1", "--request-timeout", str(TIME_LIMIT_S), "--max-pixels"]
-    flags += [str(MAX_PIXELS), "--allow-fetch", "--allow-fetch-private", "--fetch-max-bytes"]
+    # One request at a time: the queue's limit is what these tests press on (test_batching's
+    # server presses on it with a batch).
+    flags = ["--max-batch", "1", "--queue-size", "1", "--request-timeout", str(TIME_LIMIT_S)]
+    flags += ["--max-pixels", str(MAX_PIXELS), "--allow-fetch", "--allow-fetch-private"]
+    flags += ["--fetch-max-bytes"]
     flags += ["100KiB", "--fetch-timeout", "1", "--video-min-pixels", "3136"]
     flags += ["--allow-local-files", str(shared)]
     flags += ["--video-max-pixels", "3136", "--max-frames", "4"]
@@ -189,7 +193,7 @@ def test_a_full_queue_is_refused_at_once(server):
             waiting.close()
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "server_overloaded"
-    idle = {"waiting": 0, "reading": 0, "running": 0, "capacity": 1}
+    idle = {"waiting": 0, "reading": 0, "running": 0, "capacity": 1, "max_batch": 1}
     wait_for(lambda: server.health()["queue"] == idle)
     after = server.health()["requests"]
     assert after["rejected"] == before["rejected"] + 1

@@ -203,11 +203,22 @@ def _origins(values: tuple[str, ...]) -> tuple[str, ...]:
     help="Most tokens one conversation may hold. [default: the model's context]",
 )
 @click.option(
+    "--max-batch",
+    "--decode-concurrency",
+    "max_batch",
+    type=click.IntRange(1),
+    default=None,
+    help="Requests generated at once: they share every decode step (continuous batching), and "
+    "a new one joins between two steps; 1 generates one at a time. [default: 4; 1 under "
+    "mlx.launch]",
+)
+@click.option(
     "--queue-size",
     type=click.IntRange(1),
     default=16,
     show_default=True,
-    help="Requests that may wait while one generates; more are refused at once with 503.",
+    help="Requests that may wait while --max-batch others generate; more are refused at once "
+    "with 503.",
 )
 @click.option(
     "--request-timeout",
@@ -245,6 +256,7 @@ def serve(
     max_tokens,
     cache_bytes,
     max_kv_size,
+    max_batch,
     queue_size,
     request_timeout,
     max_body_bytes,
@@ -264,8 +276,9 @@ def serve(
     and reads images only from base64 data: URLs; --host, --allowed-host, --cors-origin,
     --allow-fetch, --allow-local-files and --api-key change that. Prompt, sampling and cache
     flags set the defaults that requests override (a request's kv_bits, kv_group_size and
-    quantized_kv_start choose how its conversation's cache is stored). Under mlx.launch the model
-    is split across the ranks and rank 0 serves (each request from a fresh cache: reuse across
+    quantized_kv_start choose how its conversation's cache is stored). Up to --max-batch requests
+    generate together, sharing each decode step. Under mlx.launch the model is split across the
+    ranks and rank 0 serves, one request at a time (each from a fresh cache: reuse across
     requests is not split across ranks).
     """
     import importlib.util  # noqa: PLC0415
@@ -279,6 +292,7 @@ def serve(
     from ..distributed.group import launch_rank, launched  # noqa: PLC0415
     from ..loading import resolve_model  # noqa: PLC0415
     from ..serve.app import build_server, serve_forever  # noqa: PLC0415
+    from ..serve.engine import DEFAULT_MAX_BATCH  # noqa: PLC0415
     from ..serve.media import MediaPolicy  # noqa: PLC0415  (fast --help)
     from ..serve.names import model_names  # noqa: PLC0415
     from ..serve.security import AccessPolicy  # noqa: PLC0415
@@ -287,6 +301,11 @@ def serve(
         raise MimoError(
             "--max-kv-size is not available under mlx.launch yet (each request runs from a fresh "
             "cache there, up to the model's context); run without it"
+        )
+    if launched() and max_batch is not None and max_batch > 1:
+        raise MimoError(
+            "--max-batch is not available under mlx.launch yet (the ranks generate one request "
+            "at a time there); run without it"
         )
     group = _start_group(group_timeout, handle_signals=launch_rank() != 0)
     if group is not None and group.rank > 0:
@@ -335,6 +354,7 @@ def serve(
         max_tokens=max_tokens,
         cache_bytes=cache_bytes,
         max_kv_size=max_kv_size,
+        max_batch=1 if group is not None else (max_batch or DEFAULT_MAX_BATCH),
         queue_size=queue_size,
         request_timeout=request_timeout,
         max_body_bytes=max_body_bytes,

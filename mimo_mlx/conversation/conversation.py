@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import ContextFull, MimoError
-from ..generation.constrained import OutputFormat, json_format
+from ..generation.constrained import Constraint, OutputFormat, json_format
 from ..generation.lookup import PromptLookup
 from ..generation.loop import (
     DEFAULT_PREFILL_STEP,
@@ -40,7 +40,8 @@ from ..generation.pass_cost import PassCost
 from ..generation.sampling import LogitsProcessor, Sampler
 from ..inputs.messages import Message, with_media
 from ..inputs.processor import ImageInput, ModelInputs, PreparedMedia, Processor, _as_list
-from ..model.mimo_vl import Model
+from ..model.cache import PromptCache
+from ..model.mimo_vl import Model, Prompt
 from ..options import (
     DEFAULT_MAX_TOKENS,
     CacheOptions,
@@ -63,6 +64,28 @@ class Turn:
     inputs: ModelInputs
     identity: np.ndarray
     raw: bool = False
+
+
+@dataclass(frozen=True)
+class TurnStart:
+    """A turn ready to generate (`Conversation.begin_turn`): `prompt()` runs the vision tower on
+    the media the cache lacks (cached features reused) and returns the prompt continuing
+    `cache`, which already holds `cached_tokens` of it; `prompt_steps(max_tokens)` does the same
+    a piece of the tower at a time (None after each, then the prompt: see `BatchGenerator`).
+    `context` is the whole prompt's ids, for logits processors; timings count from `started`."""
+
+    prompt_steps: Callable[..., Iterator[Prompt | None]]
+    cache: PromptCache
+    cached_tokens: int
+    max_tokens: int
+    constraint: Constraint | None
+    context: np.ndarray
+    sampling: SamplingOptions
+    started: float
+
+    def prompt(self) -> Prompt:
+        *_, prompt = self.prompt_steps()
+        return prompt
 
 
 class Conversation:
@@ -291,6 +314,54 @@ class Conversation:
         """Stream the answer to a prepared turn, continuing this conversation's cache. The answer
         follows `output_format` (`generation.constrained`), or is JSON valid against
         `json_schema`."""
+        lookup = PromptLookup.from_options(pop_lookup_options(sampling), cost=self.lookup_cost)
+        start = self.begin_turn(
+            turn,
+            started=started,
+            max_tokens=max_tokens,
+            json_schema=json_schema,
+            output_format=output_format,
+            **sampling,
+        )
+        sampler, logits_processors = _sampling(start.sampling, sampler, logits_processors)
+        generated: list[int] = []
+        mx.reset_peak_memory()
+        try:  # end_turn runs however this ends: pixels never outlive the turn
+            for response in stream_prompt(
+                self.model,
+                self.processor.tokenizer,
+                start.prompt(),
+                self.cache,
+                started=start.started,
+                max_tokens=start.max_tokens,
+                sampler=sampler,
+                logits_processors=logits_processors,
+                prefill_step_size=prefill_step_size,
+                cached_tokens=start.cached_tokens,
+                lookup=lookup,
+                context=start.context,
+                constraint=start.constraint,
+            ):
+                generated.append(response.token)
+                yield response
+        finally:
+            if lookup is not None:
+                self.lookup_cost = lookup.cost  # the next turns need not measure it again
+            self.end_turn(turn, generated)
+
+    def begin_turn(
+        self,
+        turn: Turn,
+        *,
+        started: float | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        json_schema: dict | None = None,
+        output_format: OutputFormat | None = None,
+        **sampling,
+    ) -> TurnStart:
+        """Get ready to answer `turn`: the cache trimmed to what the turn shares with it, and
+        what generating the rest needs (`TurnStart`). `end_turn` must follow, whatever happens;
+        `stream_turn` does both around its generation, a batch around its row."""
         if max_tokens < 1:
             raise MimoError(f"max_tokens must be at least 1, got {max_tokens}")
         if json_schema is not None:
@@ -298,58 +369,46 @@ class Conversation:
                 raise MimoError("give json_schema or output_format, not both")
             output_format = json_format(json_schema)
         started = time.perf_counter() if started is None else started
-        lookup = PromptLookup.from_options(pop_lookup_options(sampling), cost=self.lookup_cost)
-        sampler, logits_processors = _sampling(
-            SamplingOptions(**sampling), sampler, logits_processors
-        )
-        messages, inputs, identity = turn.messages, turn.inputs, turn.identity
-        tokenizer = self.processor.tokenizer
-        constraint = make_constraint(self.model, tokenizer, output_format, inputs)
+        options = SamplingOptions(**sampling)
+        inputs, identity = turn.inputs, turn.identity
+        constraint = make_constraint(self.model, self.processor.tokenizer, output_format, inputs)
         self._settle()
         keep = self._reusable(identity)
         self.cache.trim(self.cache.offset - keep)
         self._tokens = self._tokens[:keep]
-        prompt = self._suffix_prompt(inputs, identity, keep)
         self._inputs = inputs
         self.answer_start = len(identity)
-        budget = min(max_tokens, self.max_kv_size - len(identity))
-        generated: list[int] = []
-        mx.reset_peak_memory()
-        try:
-            for response in stream_prompt(
-                self.model,
-                self.processor.tokenizer,
-                prompt,
-                self.cache,
-                started=started,
-                max_tokens=budget,
-                sampler=sampler,
-                logits_processors=logits_processors,
-                prefill_step_size=prefill_step_size,
-                cached_tokens=keep,
-                lookup=lookup,
-                context=inputs.input_ids[0],
-                constraint=constraint,
-            ):
-                generated.append(response.token)
-                yield response
-        finally:
-            if lookup is not None:
-                self.lookup_cost = lookup.cost  # the next turns need not measure it again
-            # Whatever happened (done, stopped early, interrupted anywhere), the cache holds a
-            # prefix of this prompt and the answer as far as it got; the history says the same.
-            self._tokens = np.concatenate([identity, generated])
-            self._settle()
-            self._keep_features(inputs)
-            self.messages = with_media(messages, self._inputs.media)
-            if turn.raw:
-                pass  # a plain completion is not a chat turn
-            elif generated:
-                answer = [t for t in generated if t not in self.processor.tokenizer.eos_token_ids]
-                text = self.processor.tokenizer.decode(answer, skip_special_tokens=True)
-                self.messages.append({"role": "assistant", "content": text})
-            else:
-                self.messages.pop()  # no answer at all: as if the turn was never sent
+        return TurnStart(
+            prompt_steps=lambda max_tokens=None: self._suffix_prompt(
+                inputs, identity, keep, max_tokens
+            ),
+            cache=self.cache,
+            cached_tokens=keep,
+            max_tokens=min(max_tokens, self.max_kv_size - len(identity)),
+            constraint=constraint,
+            context=inputs.input_ids[0],
+            sampling=options,
+            started=started,
+        )
+
+    def end_turn(self, turn: Turn, generated: Sequence[int]) -> None:
+        """After `begin_turn`: the history takes the turn and the answer as far as it got (none:
+        as if the turn was never sent); the cache holds the same, however generation ended."""
+        messages, inputs, identity = turn.messages, turn.inputs, turn.identity
+        # Whatever happened (done, stopped early, interrupted anywhere), the cache holds a
+        # prefix of this prompt and the answer as far as it got; the history says the same.
+        self._tokens = np.concatenate([identity, generated])
+        self._settle()
+        self._keep_features(inputs)
+        self.messages = with_media(messages, self._inputs.media)
+        if turn.raw:
+            pass  # a plain completion is not a chat turn
+        elif generated:
+            answer = [t for t in generated if t not in self.processor.tokenizer.eos_token_ids]
+            text = self.processor.tokenizer.decode(answer, skip_special_tokens=True)
+            self.messages.append({"role": "assistant", "content": text})
+        else:
+            self.messages.pop()  # no answer at all: as if the turn was never sent
 
     def _settle(self) -> None:
         """Make the cache and `_tokens` agree: both cut to what both hold. A turn stopped
@@ -411,17 +470,25 @@ class Conversation:
             keep -= 1
         return keep
 
-    def _suffix_prompt(self, inputs: ModelInputs, identity: np.ndarray, keep: int):
+    def _suffix_prompt(
+        self, inputs: ModelInputs, identity: np.ndarray, keep: int, max_tokens: int | None = None
+    ) -> Iterator[Prompt | None]:
         """The prompt from token `keep` on: the vision features of the media that start there
-        (from the vision cache) and positions continuing the cache."""
+        (from the vision cache) and positions continuing the cache. Yields None after each
+        piece of the vision tower (`VisionCache.features_in_steps`, pieces of at most
+        `max_tokens` merged tokens; None: one pass for everything), then the prompt."""
         by_code = {media_code(m.key): m for m in inputs.media}
         suffix = identity[keep:]
         starts = np.flatnonzero((suffix < 0) & (np.concatenate([[1], suffix[:-1]]) != suffix))
         new_media = [by_code[int(suffix[i])] for i in starts]  # one per placeholder run, in order
-        features = self._media_features(new_media)
+        for step in self._media_features(new_media, max_tokens):
+            if step is None:
+                yield None
+            else:
+                features = step
         images = [m for m in new_media if m.kind == "image"]
         videos = [m for m in new_media if m.kind == "video"]
-        return self.model.prepare_prompt(
+        yield self.model.prepare_prompt(
             inputs.input_ids[:, keep:],
             image_grid_thw=_grids(images),
             video_grid_thw=_grids(videos),
@@ -430,10 +497,14 @@ class Conversation:
             vision_features=mx.concatenate(features) if features else None,
         )
 
-    def _media_features(self, media: list[PreparedMedia]) -> list[mx.array]:
+    def _media_features(
+        self, media: list[PreparedMedia], max_tokens: int | None = None
+    ) -> Iterator[list[mx.array] | None]:
         """Features of each item: this conversation's own, those the item carries from this
         model (another conversation's history), else the vision cache's (which encodes what it
-        lacks); all kept for the turn's history."""
+        lacks); all kept for the turn's history. Yields None after each piece of the tower
+        (pieces of at most `max_tokens` merged tokens, `VisionCache.features_in_steps`; None:
+        one pass), then the features."""
         for item in media:
             carried = item.features_for(self.model)
             if item.key not in self._features and carried is not None:
@@ -444,11 +515,17 @@ class Conversation:
                 "an image of these messages was encoded by another model and kept no pixels: "
                 "give the image itself"
             )
-        for item, features in zip(
-            missing, self.vision_cache.features(self.model, missing), strict=True
-        ):
+        if max_tokens is None:
+            encoded = self.vision_cache.features(self.model, missing)
+        else:
+            for step in self.vision_cache.features_in_steps(self.model, missing, max_tokens):
+                if step is not None:
+                    encoded = step
+                    break
+                yield None
+        for item, features in zip(missing, encoded, strict=True):
             self._features[item.key] = features
-        return [self._features[m.key] for m in media]
+        yield [self._features[m.key] for m in media]
 
 
 def media_code(key: str) -> int:

@@ -26,7 +26,7 @@ from ..inputs.messages import Message
 from ..inputs.processor import Processor
 from ..model.mimo_vl import Model
 from ..options import CacheOptions, pop_cache_options, pop_prompt_options
-from .conversation import Conversation
+from .conversation import Conversation, Turn, TurnStart
 from .vision_cache import VisionCache
 
 DEFAULT_POOL_BYTES = 2 * 2**30  # about 14k cached tokens of MiMo-VL-7B in bfloat16
@@ -69,6 +69,10 @@ class ConversationPool:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def model(self) -> Model:
+        return self._blank.model
 
     @property
     def nbytes(self) -> int:
@@ -127,7 +131,39 @@ class ConversationPool:
                 self._running = None
                 self._evict()
 
-    def _conversation_for(self, turn, stored: CacheOptions) -> Conversation:
+    def begin(
+        self, messages: Sequence[Message] | None = None, prompt: str | None = None, **options
+    ) -> tuple[Conversation, Turn, TurnStart]:
+        """A turn taken out of the pool to run in a batch: the chat `messages` (or a plain text
+        `prompt`) prepared and given to the best-matching conversation, which leaves the pool
+        until `end` brings it back (a running turn is never continued by another). `options` as
+        for `stream`, less the sampler and processors the caller makes from `TurnStart.sampling`
+        (and prompt lookup, which a batch does not do), and cache options over the pool's."""
+        stored = CacheOptions(**{**vars(self._blank.cache_options), **pop_cache_options(options)})
+        with self._lock:
+            tools = options.pop("tools", None)
+            if prompt is not None:
+                turn = self._blank.prepare_text(prompt)
+            else:
+                turn = self._blank.prepare(messages, tools, **pop_prompt_options(options))
+            chat = self._conversation_for(turn, stored, keep=False)
+            try:
+                return chat, turn, chat.begin_turn(turn, **options)
+            except BaseException:
+                self._entries.append(chat)
+                raise
+
+    def end(self, chat: Conversation, turn: Turn, generated: Sequence[int]) -> None:
+        """A turn from `begin` is over (`generated`: its answer as far as it got, its cache
+        holding as much): the conversation returns to the pool as the most recently used."""
+        with self._lock:
+            chat.end_turn(turn, generated)
+            self._entries.append(chat)
+            self._evict()
+
+    def _conversation_for(self, turn, stored: CacheOptions, keep: bool = True) -> Conversation:
+        """The conversation to continue with `turn`, among those stored as `stored` says; it
+        stays in the pool (as the most recently used) unless `keep` is False."""
         scored = [
             (entry.shared_prefix(turn), entry)
             for entry in self._entries
@@ -144,7 +180,8 @@ class ConversationPool:
         else:
             chat = best
             self._entries.remove(best)
-        self._entries.append(chat)
+        if keep:
+            self._entries.append(chat)
         return chat
 
     def _evict(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -53,6 +53,29 @@ class VisionCache:
                 found[key] = features
                 self._put((owner, key), features)
         return [found[item.key] for item in media]
+
+    def features_in_steps(
+        self, model: Model, media: Sequence[PreparedMedia], max_tokens: int
+    ) -> Iterator[list[mx.array] | None]:
+        """`features`, a piece of the tower at a time (`Model.encode_pieces`: an image, or a run
+        of a video's frames of at most `max_tokens` merged tokens): yields None after each
+        evaluated piece, then the features of each item. The same rows as `features` gives."""
+        owner = _model_id(model, self)
+        found = {item.key: self._get((owner, item.key)) for item in media}
+        missing = {item.key: item for item in media if found[item.key] is None}
+        self.hits += len(media) - len(missing)
+        self.misses += len(missing)
+        for key, item in missing.items():
+            grid = np.array([item.grid_thw], dtype=np.int64)
+            pieces = []
+            for piece in model.encode_pieces(item.pixel_values, grid, max_tokens):
+                mx.eval(piece)
+                pieces.append(piece)
+                yield None
+            found[key] = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
+            mx.eval(found[key])
+            self._put((owner, key), found[key])
+        yield [found[item.key] for item in media]
 
     def drop_model(self, owner: int) -> None:
         with self._lock:

@@ -231,6 +231,14 @@ def _prefill(prompt: Prompt, model: Model, cache, step, history, step_size: int,
     The last token rides with its chunk rather than a pass of its own: one pass over the weights
     fewer before the first token. Each chunk is evaluated as the backend's memory plan says
     (`backend.prefill_schedule`)."""
+    *_, first = prefill_chunks(prompt, model, cache, step, history, step_size, stream)
+    return first
+
+
+def prefill_chunks(prompt: Prompt, model: Model, cache, step, history, step_size: int, stream):
+    """`_prefill` one chunk at a time: yields None after each evaluated chunk but the last, then
+    the first token and its log-probabilities (queued). A batch interleaves these chunks with
+    the decode steps of sequences already running."""
     text = model.config.text
     plan = prefill_schedule(
         device_kind(),
@@ -246,7 +254,8 @@ def _prefill(prompt: Prompt, model: Model, cache, step, history, step_size: int,
             model(**prompt.chunk(start, start + step_size), cache=cache, layers_per_eval=plan)
         mx.eval(cache.state)  # keep the graph one chunk deep
         start += step_size
-    return step(history, logits_to_keep=1, layers_per_eval=plan, **prompt.chunk(start))
+        yield None
+    yield step(history, logits_to_keep=1, layers_per_eval=plan, **prompt.chunk(start))
 
 
 @dataclass(frozen=True)
@@ -407,9 +416,7 @@ def stream_prompt(
     tokens of the whole prompt already); timings count from `started`. `context` is the whole
     prompt's ids (default: `prompt`'s): logits processors see them all, and with a `lookup` drafts
     are copied from them. A `constraint` (`make_constraint`) shapes the answer."""
-    prompt_tokens = cached_tokens + prompt.length
-    detokenizer = tokenizer.detokenizer()
-    stop = tokenizer.eos_token_ids
+    responses = ResponseStream(tokenizer, prompt.length, cached_tokens, started, max_tokens)
     settings = dict(
         max_tokens=max_tokens,
         sampler=sampler,
@@ -423,35 +430,65 @@ def stream_prompt(
         steps = ((t, lp, False) for t, lp in run)
     else:
         steps = lookup_generate_step(prompt, model, lookup=lookup, context=context, **settings)
-    first = prompt_tps = 0.0
-    for n, (token, logprobs, from_draft) in enumerate(steps, start=1):
+    for token, logprobs, from_draft in steps:
+        response = responses.add(token, logprobs, from_draft, lookup)
+        yield response
+        if response.finish_reason:
+            break
+
+
+class ResponseStream:
+    """Turns one sequence's tokens into `GenerationResponse`s: its text (detokenized as it
+    goes), when it finishes (an end token of the tokenizer, or `max_tokens`) and its timings,
+    counted from `started`. `prompt_length` tokens were computed, after `cached_tokens` reused."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_length: int,
+        cached_tokens: int,
+        started: float,
+        max_tokens: int,
+    ) -> None:
+        self.detokenizer = tokenizer.detokenizer()
+        self.stop = tokenizer.eos_token_ids
+        self.prompt_length, self.cached_tokens = prompt_length, cached_tokens
+        self.started, self.max_tokens = started, max_tokens
+        self.count = 0  # tokens so far
+        self.first = self.prompt_tps = 0.0
+
+    def add(
+        self, token: int, logprobs: mx.array, from_draft: bool = False, lookup=None
+    ) -> GenerationResponse:
+        """The response for the next token."""
         now = time.perf_counter()
+        self.count += 1
+        n = self.count
         if n == 1:
-            first = now - started
-            prompt_tps = prompt.length / first
-        finish = "stop" if token in stop else ("length" if n == max_tokens else None)
-        text = detokenizer.add_token(token) if token not in stop else ""
+            self.first = now - self.started
+            self.prompt_tps = self.prompt_length / self.first
+        stop = token in self.stop
+        finish = "stop" if stop else ("length" if n >= self.max_tokens else None)
+        text = self.detokenizer.add_token(token) if not stop else ""
         if finish:
-            text += detokenizer.finalize()
-        decode_time = now - started - first
-        yield GenerationResponse(
+            text += self.detokenizer.finalize()
+        decode_time = now - self.started - self.first
+        return GenerationResponse(
             text=text,
             token=token,
             logprobs=logprobs,
             from_draft=from_draft,
-            prompt_tokens=prompt_tokens,
-            prompt_tps=prompt_tps,
+            prompt_tokens=self.cached_tokens + self.prompt_length,
+            prompt_tps=self.prompt_tps,
             generation_tokens=n,
             generation_tps=(n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
-            time_to_first_token=first,
+            time_to_first_token=self.first,
             finish_reason=finish,
-            cached_tokens=cached_tokens,
+            cached_tokens=self.cached_tokens,
             drafted_tokens=lookup.drafted if lookup else 0,
             accepted_tokens=lookup.accepted if lookup else 0,
         )
-        if finish:
-            break
 
 
 def _sampling(

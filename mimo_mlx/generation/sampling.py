@@ -104,20 +104,35 @@ def make_sampler(
     min_p: float = 0.0,
     min_tokens_to_keep: int = 1,
     top_k: int = 0,
+    seed: int | None = None,
 ) -> Sampler:
     """A function from (B, vocab) logits or log-probabilities to (B,) sampled ids (mlx-lm's names).
 
     temp 0 is greedy (argmax; the filters do not matter then). top_p 0 or 1, top_k 0 and min_p 0
     disable their filter. MiMo's recommendation: temp 0.3, top_p 0.95; greedy for evaluations.
+
+    Without a `seed` the draws come from MLX's global random state (`mx.random.seed`). With one,
+    the sampler keeps a random state of its own: its draws are the ones the global state would
+    give after `mx.random.seed(seed)`, whatever else draws meanwhile (several sequences sampled
+    in one batch each get their own).
     """
-    SamplingOptions(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)  # validates, one message each
+    SamplingOptions(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)  # validates
     if not (isinstance(min_tokens_to_keep, int) and min_tokens_to_keep >= 1):
         raise MimoError(f"min_tokens_to_keep must be an integer >= 1, got {min_tokens_to_keep!r}")
     if temp == 0:
         return greedy
     # The warps are deterministic: compile them into one graph; the random draw stays outside.
     warp = mx.compile(make_warper(temp, top_p, min_p, min_tokens_to_keep, top_k))
-    return lambda logits: mx.random.categorical(warp(logits), axis=-1)
+    if seed is None:
+        return lambda logits: mx.random.categorical(warp(logits), axis=-1)
+    state = [mx.random.key(seed)]
+
+    def sample(logits: mx.array) -> mx.array:
+        # As MLX's global state does for each draw: split, keep one half, draw with the other.
+        state[0], key = mx.random.split(state[0])
+        return mx.random.categorical(warp(logits), axis=-1, key=key)
+
+    return sample
 
 
 def apply_repetition_penalty(logits: mx.array, tokens: mx.array, penalty: float) -> mx.array:

@@ -230,6 +230,11 @@ class PromptCache:
         deltas = self.rope_deltas
         return self.offset + (np.zeros(batch, np.int64) if deltas is None else deltas)
 
+    def attention_mask(self, length: int) -> None:
+        """No mask beyond the causal rule: every row attends to every cached token (compare
+        `BatchCache.attention_mask`)."""
+        return None
+
     def record_positions(self, positions: np.ndarray) -> None:
         """Note explicit (3, B, L) positions of tokens about to be appended at `offset`."""
         positions = np.asarray(positions)

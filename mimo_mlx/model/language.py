@@ -106,7 +106,7 @@ def quantized_attention(
     """`attention` with quantized keys and values, through `mx.quantized_matmul` (as mlx-lm's
     `quantized_scaled_dot_product_attention`). mask: None, "causal" (aligned to the end of the
     keys, as MLX's fused attention aligns it), or a boolean or additive array that broadcasts
-    to (L, N)."""
+    to (L, N) or, as the fused attention takes it, to (B, H, L, N)."""
     batch, heads, length, head_dim = queries.shape
     kv_heads = keys.packed.shape[1]
     groups = heads // kv_heads
@@ -118,6 +118,9 @@ def quantized_attention(
     if isinstance(mask, str):  # "causal"
         count = scores.shape[-1]
         mask = mx.arange(count - length, count)[:, None] >= mx.arange(count)[None]  # (L, N)
+    if mask is not None and mask.ndim == 4:  # (B, H or 1, L, N); the scores split the heads
+        heads_axis = (kv_heads, groups) if mask.shape[1] > 1 else (1, 1)
+        mask = mask.reshape(mask.shape[0], *heads_axis, *mask.shape[2:])
     if mask is not None and mask.dtype == mx.bool_:
         scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
     elif mask is not None:
@@ -197,6 +200,7 @@ class TextModel(nn.Module):
         cache: list[LayerCache] | None = None,
         keep: int = 0,
         layers_per_eval: int = 0,
+        mask: mx.array | None = None,
     ) -> mx.array:
         """embeds (B, L, C) at positions (3, B, L) -> final hidden states (B, L, C), or of the
         last `keep` tokens only (B, keep, C): the last layer then computes just the keys and
@@ -207,12 +211,15 @@ class TextModel(nn.Module):
         every this many layers (0: never; the layers themselves never evaluate).
 
         positions may also be (B,) or an int: each row is text continuing from that position.
+        mask: a boolean (B, 1, L, keys) mask replacing the causal rule (a batch's padding, see
+        `BatchCache.attention_mask`).
         """
         kernel = rope_kernel(device_kind())
         rotate = self._rope(positions, embeds.dtype, embeds.shape[1], kernel)
         # Causal over the new tokens; MLX aligns the causal mask to the end of a longer cached key
         # list (and of the keys when the last layer keeps only the last queries).
-        mask = "causal" if embeds.shape[1] > 1 else None
+        if mask is None:
+            mask = "causal" if embeds.shape[1] > 1 else None
         cache = cache or [None] * len(self.layers)
         x = embeds
         last = len(self.layers) - 1

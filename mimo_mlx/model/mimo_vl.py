@@ -14,7 +14,7 @@ be fed through that call in chunks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import MimoError
 from ..options import CacheOptions
 from .backend import device_kind
+from .batch_cache import BatchCache
 from .cache import PromptCache, check_cache_options
 from .config import ModelConfig
 from .language import TextModel
@@ -91,14 +92,15 @@ class Model(nn.Module):
     def __call__(
         self,
         input_ids: mx.array | np.ndarray,
-        cache: PromptCache | None = None,
+        cache: PromptCache | BatchCache | None = None,
         *,
         positions: np.ndarray | None = None,
         vision_features: mx.array | None = None,
         logits_to_keep: int = 0,
         layers_per_eval: int = 0,
     ) -> mx.array:
-        """Logits (B, L, vocab) of tokens (B, L) appended to `cache` (None: a fresh sequence).
+        """Logits (B, L, vocab) of tokens (B, L) appended to `cache` (None: a fresh sequence; a
+        `BatchCache`: one text token for each of several sequences decoded together).
 
         positions: (3, B, L) M-RoPE positions from `prepare_prompt`; None means text continuing
         the cache, which needs no host data (decode steps can be pipelined).
@@ -126,7 +128,8 @@ class Model(nn.Module):
             same = bool(np.all(starts == starts[0]))
             rope = int(starts[0]) if same else mx.array(starts.astype(np.int32))
         layers = None if cache is None else cache.layers
-        hidden = self.model(embeds, rope, layers, logits_to_keep, layers_per_eval)
+        mask = None if cache is None else cache.attention_mask(ids.shape[1])
+        hidden = self.model(embeds, rope, layers, logits_to_keep, layers_per_eval, mask)
         return self.logits(hidden)
 
     def prepare_prompt(
@@ -173,7 +176,7 @@ class Model(nn.Module):
             vision_features = self.encode_vision(
                 pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
             )
-            vision_features = vision_features[mx.array(self._prompt_order(ids))]
+            vision_features = vision_features[mx.array(self.placeholder_order(ids))]
         elif vision_features.shape[0] != before[-1]:
             raise MimoError(
                 f"{vision_features.shape[0]} vision feature rows for {before[-1]} placeholders"
@@ -204,7 +207,27 @@ class Model(nn.Module):
         grids = np.concatenate([np.asarray(g).reshape(-1, 3) for _, g in parts])
         return encode(self.visual, pixels, grids, tower_schedule(self.visual, grids, device_kind()))
 
-    def _prompt_order(self, ids: np.ndarray) -> np.ndarray:
+    def encode_pieces(
+        self, pixel_values: mx.array | np.ndarray, grid_thw: np.ndarray, max_tokens: int
+    ) -> Iterator[mx.array]:
+        """`encode_vision`'s rows for images or videos with grids `grid_thw` (n, 3), from several
+        passes of the tower: each item alone, and a video a run of whole temporal patches at a
+        time, at most `max_tokens` merged tokens (or one temporal patch). Attention never
+        crosses frames, so a run of frames encodes as it does within the whole video. Yields
+        each piece, lazily; in order, they are the rows of one pass over everything."""
+        grids = np.asarray(grid_thw).reshape(-1, 3)
+        unit = self.config.vision.merge_unit
+        start = 0
+        for t, h, w in grids.tolist():
+            frame = h * w  # patches per temporal patch
+            per_piece = max(1, max_tokens * unit // frame)
+            for first in range(0, t, per_piece):
+                last = min(t, first + per_piece)
+                rows = pixel_values[start + first * frame : start + last * frame]
+                yield self.encode_vision(rows, np.array([[last - first, h, w]]))
+            start += t * frame
+
+    def placeholder_order(self, ids: np.ndarray) -> np.ndarray:
         """Rows of (image features + video features) for each placeholder, in prompt order."""
         flat = ids.reshape(-1)
         image = flat == self.config.image_token_id

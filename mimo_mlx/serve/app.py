@@ -45,7 +45,8 @@ from ..model.mimo_vl import Model
 from ..options import DEFAULT_MAX_TOKENS, pop_cache_options, pop_prompt_options
 from .bounds import PromptBounds
 from .completions import parse_completion_request, text_completion_body
-from .engine import Delta, Engine, Failed, Finished, Job, queue_timeout
+from .engine import Engine
+from .events import Delta, Failed, Finished, Job, queue_timeout
 from .media import MediaPolicy, read_at_most, resolve_media
 from .names import ModelNames
 from .requests import (
@@ -472,6 +473,7 @@ def build_server(
     cache_bytes: int,
     max_kv_size: int | None,
     queue_size: int,
+    max_batch: int = 1,
     request_timeout: float,
     max_body_bytes: int,
     options: dict[str, Any],
@@ -482,7 +484,8 @@ def build_server(
     """The engine (a conversation pool over the model) and the settings for `create_app`.
     `options`: prompt and cache options (the pool's defaults) and sampling options (requests'
     defaults). `names`: what requests may call the model (`names.model_names`). `pool` replaces
-    the conversation pool (under mlx.launch: `lockstep.LeaderPool`)."""
+    the conversation pool (under mlx.launch: `lockstep.LeaderPool`, which runs one request at a
+    time: `max_batch` 1). `max_batch` requests generate at once (see `serve.engine`)."""
     options = dict(options)
     prompt = pop_prompt_options(options)
     cache = pop_cache_options(options)
@@ -512,7 +515,7 @@ def build_server(
         sampling={k: v for k, v in options.items() if v is not None},
         media=media,
     )
-    return Engine(pool, processor.tokenizer, queue_size), settings
+    return Engine(pool, processor.tokenizer, queue_size, max_batch), settings
 
 
 def serve_forever(

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..inputs.image_files import EncodedImage
 from ..inputs.images import smart_resize
-from .engine import context_exceeded
+from .events import context_exceeded
 
 
 @dataclass(frozen=True)
