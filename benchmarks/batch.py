@@ -41,7 +41,7 @@ from .serve_client import QUESTIONS
 from .serve_load import chat_folder
 from .settings import CACHE, OPENBLAS, openblas_preload
 from .stats import summarize
-from .weights import prepare
+from .weights import on_disk, prepare
 
 
 def step_costs(models: dict, sizes: list[int], context: int, rounds: int, steps: int) -> dict:
@@ -207,7 +207,11 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     converted = prepare(cache, scale, ["mimo-mlx"], variants, log=log)
     loaded = {
-        v: mimo_mlx.load(chat_folder(converted.paths[("mimo-mlx", v)], cache / scale / f"chat-{v}"))
+        v: mimo_mlx.load(
+            chat_folder(
+                on_disk(converted.paths[("mimo-mlx", v)], cache, log), cache / scale / f"chat-{v}"
+            )
+        )
         for v in variants
     }
     log(f"decode step by batch size: {sizes}, {variants}")
