@@ -395,7 +395,7 @@ def main(scale, model, openblas, out, cache, **settings) -> None:
     synthetic = model is None
     if synthetic:
         converted = prepare(cache, scale, ["mimo-mlx"], ["float"], log=log)
-        model = chat_folder(converted.paths[("mimo-mlx", "float")], cache / scale / "serve")
+        model = chat_folder(converted.paths[("mimo-mlx", "float")].folder, cache / scale / "serve")
     name = scale if synthetic else model.name
     out = out or REPO / "benchmarks" / "results" / f"serve-safety-{name}-{started:%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
