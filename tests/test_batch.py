@@ -209,6 +209,35 @@ def test_a_long_prefill_is_interleaved_with_running_decodes(tiny):
         assert batch.active == 2
 
 
+def test_a_decoding_sequence_keeps_nothing_of_its_prompt(tiny, media):
+    """Once a sequence has joined the batch, its prepared inputs (pixels, features) are freed
+    at once, not left to the garbage collector: a server runs many sequences one after another,
+    and what waited for a collection grew its process by about 5 MB a request (896x896 images)."""
+    import gc
+    import weakref
+
+    model, processor = tiny
+    images, _ = media
+    inputs = processor.prepare("What is in this picture?", images[:1], (), **PIXELS)
+    alive = weakref.ref(inputs)
+    cache = model.make_cache()
+    gc.disable()
+    try:
+        with BatchGenerator(model, processor.tokenizer) as batch:
+            batch.insert(
+                lambda inputs=inputs: prompt_steps(model, inputs, cache, 8),
+                prompt_cache=cache,
+                max_tokens=30,
+            )
+            del inputs
+            while not batch.active:
+                batch.next()
+            batch.next()
+            assert batch.active == 1 and alive() is None
+    finally:
+        gc.enable()
+
+
 def test_the_prompt_cache_gets_the_answer_back(tiny, media):
     """A cache given to `insert` ends as `generate_step` leaves it: the prompt and the answer,
     rotary bookkeeping included, bit for bit; and nothing of the batch stays behind."""

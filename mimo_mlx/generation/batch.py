@@ -81,7 +81,7 @@ class BatchResponse:
 @dataclass(eq=False)
 class _Sequence:
     uid: int
-    source: Prompt | Callable[[], Prompt]
+    source: Prompt | Callable[[], Prompt] | None  # None once prefilled: its pixels go
     cache: PromptCache
     max_tokens: int
     sampler: Sampler
@@ -278,6 +278,10 @@ class BatchGenerator:
             return BatchResponse(seq.uid, error=err)
         if first is not None:
             self._waiting.popleft()
+            # Its frame holds the prompt (pixels, features) and refers back to `seq`: closed
+            # now, so that nothing of it waits for the garbage collector.
+            seq.prefill.close()
+            seq.prefill = seq.source = None
             seq.token, seq.logprobs = first
             self._join(seq)
         return None
