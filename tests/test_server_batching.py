@@ -81,15 +81,20 @@ def image_question(photo, text: str) -> list[dict]:
     return [{"role": "user", "content": [part, {"type": "text", "text": text}]}]
 
 
+ANSWER = 160  # tokens per answer in the concurrent test
+
+
 def test_concurrent_requests_decode_together_with_their_solo_answers(server, local, photo):
     """Three requests at once (an image, greedy text, seeded sampling) run in one batch, and
-    each answer is the one the library gives the request alone."""
+    each answer is the one the library gives the request alone. The answers are long enough
+    (ANSWER tokens) that the watcher, polling /health, sees the three run together however fast
+    the tiny model decodes."""
     requests = [
-        (image_question(photo, "What is in this picture?"), dict(max_tokens=40, temperature=0)),
-        ([{"role": "user", "content": "Count to ten."}], dict(max_tokens=40, temperature=0)),
+        (image_question(photo, "What is in this picture?"), dict(max_tokens=ANSWER, temperature=0)),
+        ([{"role": "user", "content": "Count to ten."}], dict(max_tokens=ANSWER, temperature=0)),
         (
             [{"role": "user", "content": "Hello there"}],
-            dict(max_tokens=40, temperature=1.0, top_p=0.9, seed=7),
+            dict(max_tokens=ANSWER, temperature=1.0, top_p=0.9, seed=7),
         ),
     ]
     expected = []
