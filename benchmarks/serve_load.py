@@ -61,6 +61,21 @@ def chat_folder(source: Path, folder: Path) -> Path:
     return folder
 
 
+def synthetic_server_folder(cache: Path, scale: str, log) -> Path:
+    """A servable folder over the harness's synthetic float checkpoint at `scale` (drawn once
+    into `cache`)."""
+    converted = prepare(cache, scale, ["mimo-mlx"], ["float"], log=log)
+    return chat_folder(converted.paths[("mimo-mlx", "float")].folder, cache / scale / "serve")
+
+
+def server_preload(openblas: bool | None, log) -> str | None:
+    """The system OpenBLAS to preload into a server on Linux (warned about where missing)."""
+    linux = sys.platform.startswith("linux")
+    if warning := openblas_warning(linux, openblas):
+        log(warning)
+    return OPENBLAS if linux and openblas is not False and Path(OPENBLAS).is_file() else None
+
+
 class Server:
     """`mimo-mlx serve` on a free 127.0.0.1 port, its log in `log_path`; RSS sampled."""
 
@@ -324,14 +339,10 @@ def main(
     clients, batches = _numbers(clients), sorted(set(_numbers(batches)))
     started = datetime.now(timezone.utc)
     load_start = os.getloadavg()[0]
-    linux = sys.platform.startswith("linux")
-    if warning := openblas_warning(linux, openblas):
-        log(warning)
-    preload = OPENBLAS if linux and openblas is not False and Path(OPENBLAS).is_file() else None
+    preload = server_preload(openblas, log)
     synthetic = model is None
     if synthetic:
-        converted = prepare(cache, scale, ["mimo-mlx"], ["float"], log=log)
-        model = chat_folder(converted.paths[("mimo-mlx", "float")].folder, cache / scale / "serve")
+        model = synthetic_server_folder(cache, scale, log)
     name = scale if synthetic else model.name
     out = out or REPO / "benchmarks" / "results" / f"serve-{name}-{started:%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)

@@ -46,9 +46,8 @@ from mimo_mlx.inputs.image_files import EncodedImage, decode_image
 from mimo_mlx.inputs.images import ImageProcessorConfig, preprocess_encoded, preprocess_images
 
 from .machine import REPO, git_state, machine_info, versions
-from .serve_load import Server, chat_folder
-from .settings import CACHE, OPENBLAS, openblas_warning
-from .weights import prepare
+from .serve_load import Server, server_preload, synthetic_server_folder
+from .settings import CACHE
 
 MB = 1e6
 
@@ -388,14 +387,10 @@ def main(scale, model, openblas, out, cache, **settings) -> None:
     """Measure what hostile requests cost `mimo-mlx serve` on 127.0.0.1."""
     log = lambda message: click.echo(message, err=True)  # noqa: E731
     started = datetime.now(timezone.utc)
-    linux = sys.platform.startswith("linux")
-    if warning := openblas_warning(linux, openblas):
-        log(warning)
-    preload = OPENBLAS if linux and openblas is not False and Path(OPENBLAS).is_file() else None
+    preload = server_preload(openblas, log)
     synthetic = model is None
     if synthetic:
-        converted = prepare(cache, scale, ["mimo-mlx"], ["float"], log=log)
-        model = chat_folder(converted.paths[("mimo-mlx", "float")].folder, cache / scale / "serve")
+        model = synthetic_server_folder(cache, scale, log)
     name = scale if synthetic else model.name
     out = out or REPO / "benchmarks" / "results" / f"serve-safety-{name}-{started:%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,10 @@ def pass_grid(size: int | None, frames: int | None) -> np.ndarray:
     return np.array([[1, side, side]])
 
 
-def measure(grid: np.ndarray, depth: int | None, one_graph: bool = False, runs: int = 1) -> dict:
+def full_width_tower(depth: int | None) -> tuple[VisionModel, mx.Dtype, int]:
+    """MiMo-VL's tower with random weights, evaluated (`depth` blocks, every 4th attending
+    within frames; default 32), in float32 on the CPU and bfloat16 on a GPU; and its weights'
+    bytes."""
     config = VisionConfig()
     if depth is not None:
         config = VisionConfig(depth=depth, fullatt_block_indexes=tuple(range(3, depth, 4)))
@@ -59,7 +62,12 @@ def measure(grid: np.ndarray, depth: int | None, one_graph: bool = False, runs: 
     tower = VisionModel(config)
     tower.set_dtype(dtype)
     mx.eval(tower.parameters())
-    weights = sum(v.nbytes for _, v in tree_flatten(tower.parameters()))
+    return tower, dtype, sum(v.nbytes for _, v in tree_flatten(tower.parameters()))
+
+
+def measure(grid: np.ndarray, depth: int | None, one_graph: bool = False, runs: int = 1) -> dict:
+    tower, dtype, weights = full_width_tower(depth)
+    config = tower.config
     patches = int(np.prod(grid, axis=1).sum())
     pixels = mx.random.normal((patches, config.patch_dim)).astype(dtype)
     mx.eval(pixels)

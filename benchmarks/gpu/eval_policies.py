@@ -33,14 +33,12 @@ from pathlib import Path
 import click
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from mimo_mlx.model.backend import device_kind
-from mimo_mlx.model.config import VisionConfig
 from mimo_mlx.model.vision import VisionModel
 
 from ..machine import git_state, machine_info, versions
-from ..vision_memory import pass_grid
+from ..vision_memory import full_width_tower, pass_grid
 
 POLICIES = (
     ("one-graph", 0),
@@ -142,14 +140,8 @@ def block_alone(tower, pixels, grid, weights: int, index: int) -> dict:
 @click.option("--out", type=click.Path(path_type=Path), help="Write the results here as JSON.")
 def main(sizes: str, runs: int, depth: int | None, out: Path | None) -> None:
     """Time and peak memory of one vision pass under several evaluation policies."""
-    config = VisionConfig()
-    if depth is not None:
-        config = VisionConfig(depth=depth, fullatt_block_indexes=tuple(range(3, depth, 4)))
-    dtype = mx.float32 if device_kind() == "cpu" else mx.bfloat16
-    tower = VisionModel(config)
-    tower.set_dtype(dtype)
-    mx.eval(tower.parameters())
-    weights = sum(v.nbytes for _, v in tree_flatten(tower.parameters()))
+    tower, dtype, weights = full_width_tower(depth)
+    config = tower.config
     results = []
     for size in (int(s) for s in sizes.split(",")):
         grid = pass_grid(size, None)
