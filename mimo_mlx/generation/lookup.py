@@ -274,11 +274,9 @@ class PromptLookup:
         self.seconds["measuring"] += time.perf_counter() - began
         if not self.cost.pays:
             rows = len(self.cost.ratios)
-            warnings.warn(
-                f"prompt lookup drafts nothing here: a pass over {rows} tokens costs "
-                f"{self.cost.ratios[-1]:.1f} decode steps on this device (measured), so no "
-                "draft can be faster; decoding goes on as without it",
-                stacklevel=4,
+            _no_draft_pays(
+                f"drafts nothing here: a pass over {rows} tokens costs "
+                f"{self.cost.ratios[-1]:.1f} decode steps on this device (measured)"
             )
 
     def _plain_step(self, seconds: float) -> None:
@@ -297,11 +295,9 @@ class PromptLookup:
         paid = self.cost.pays
         self.cost = self.cost.scaled(rows, min(self._observed))
         if paid and not self.cost.pays:
-            warnings.warn(
-                f"prompt lookup stopped drafting: a verification pass over {rows} tokens cost "
-                f"{min(self._observed):.1f} decode steps here (measured while decoding), so no "
-                "draft can be faster; decoding goes on as without it",
-                stacklevel=4,
+            _no_draft_pays(
+                f"stopped drafting: a verification pass over {rows} tokens cost "
+                f"{min(self._observed):.1f} decode steps here (measured while decoding)"
             )
 
     def _limit(self, room: int) -> int:
@@ -346,3 +342,12 @@ class PromptLookup:
         draft, source = self.index.propose(1)
         self._prediction = (draft[0], source) if draft else None
         return bool(draft)
+
+
+def _no_draft_pays(why: str) -> None:
+    """Warn (from the caller's caller's caller: the code iterating over the tokens) that lookup
+    decodes plainly from now on, and why."""
+    warnings.warn(
+        f"prompt lookup {why}, so no draft can be faster; decoding goes on as without it",
+        stacklevel=5,
+    )
