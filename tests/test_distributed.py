@@ -236,3 +236,39 @@ def test_chat_is_refused_under_a_launcher(monkeypatch, tmp_path):
     result = CliRunner().invoke(main, ["chat", "--model", str(tmp_path)])
     assert result.exit_code == 1
     assert "under mlx.launch (or mpirun) use `mimo-mlx generate`" in result.output
+
+
+def test_closing_waits_for_a_heartbeat_being_sent_and_then_tells_the_ranks(monkeypatch):
+    """Ctrl-C closes the leader at any moment, also while its heartbeat thread is sending a
+    heartbeat (holding the lock): close must wait for it and send the stop, or the other ranks
+    wait for a stop that never comes (seen once under mlx.launch: the ranks outlived Ctrl-C)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from mimo_mlx.distributed import lockstep
+
+    sent = []
+    monkeypatch.setattr(lockstep, "send_request", lambda group, request: sent.append(request))
+    monkeypatch.setattr(lockstep, "send_heartbeat", lambda group: None)
+    group = SimpleNamespace(
+        rank=0,
+        label="rank 0",
+        waiting=lambda what: contextlib.nullcontext(),
+        errors=lambda: contextlib.nullcontext(),
+    )
+    leader = lockstep.Leader(model=None, processor=None, group=group)
+    beating = threading.Event()
+
+    def heartbeat_in_flight() -> None:
+        with leader._lock:  # what the heartbeat thread holds while it sends one
+            beating.set()
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=heartbeat_in_flight)
+    thread.start()
+    beating.wait(5)
+    leader.close()
+    thread.join()
+    assert sent == [None]  # the stop went out, after the heartbeat
+    leader._heartbeat.join(1)
+    assert not leader._heartbeat.is_alive()  # and no heartbeat follows it

@@ -57,6 +57,7 @@ _ARRAYS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos",
 # Not 0: a collective MLX's ring backend gives up on (its peer gone) reads as zeros.
 _LOST, _CLOSE, _GENERATE, _HEARTBEAT = 0, 1, 2, 3
 HEARTBEAT_S = 0.05  # the most a request waits for the other ranks to look up
+CLOSE_WAIT_S = 2.0  # how long closing waits for a heartbeat being sent to finish
 
 
 @dataclass(frozen=True)
@@ -256,8 +257,11 @@ class Leader:
         """Tell the other ranks there are no more requests (their `follow` returns).
 
         Does nothing while a stream is open or after one failed: the other ranks are inside its
-        collectives then, and this rank's exit ends them instead."""
-        if not self._lock.acquire(blocking=False):  # a stream left open by a reader's error
+        collectives then, and this rank's exit ends them instead. A heartbeat being sent holds
+        the lock for a moment: close waits for it (and no other starts), or the other ranks
+        would wait for a stop that never comes."""
+        self._closing.set()  # no heartbeat starts from now on
+        if not self._lock.acquire(timeout=CLOSE_WAIT_S):  # a stream left open by a reader's error
             return
         try:
             if self._closed or self._busy:
