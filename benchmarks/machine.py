@@ -16,14 +16,27 @@ PACKAGES = ("mlx", "mlx-vlm", "transformers", "torch", "numpy", "safetensors", "
 
 
 def machine_info() -> dict:
-    """CPU model, cores, RAM and OS of this machine."""
+    """CPU model, cores, RAM and OS of this machine, and its NVIDIA GPUs if any (on a Mac the
+    chip is the CPU's name)."""
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "ram_gb": round(_ram_bytes() / 1e9, 1),
         "os": platform.platform(),
         "python": platform.python_version(),
+        "gpu": _nvidia_gpus(),
     }
+
+
+def _nvidia_gpus() -> str | None:
+    """`nvidia-smi`'s name, memory and driver of each GPU, or None where there is none."""
+    query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    try:
+        done = subprocess.run(query, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    gpus = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+    return "; ".join(gpus) if done.returncode == 0 and gpus else None
 
 
 def versions() -> dict:
@@ -41,23 +54,34 @@ def git_state() -> dict:
     without git (as an offline GPU machine gets it) reports what `benchmarks.gpu.prepare`
     recorded of the checkout it was run in, and says so."""
 
-    def git(*args: str) -> str:
+    def run(*args: str) -> subprocess.CompletedProcess | None:
         try:
-            result = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
         except OSError:  # no git on this machine
-            return ""
-        return result.stdout.strip() if result.returncode == 0 else ""
+            return None
 
-    if commit := git("rev-parse", "HEAD"):
-        return {"commit": commit, "dirty": bool(git("status", "--porcelain"))}
+    def git(*args: str) -> str:
+        result = run(*args)
+        return result.stdout.strip() if result is not None and result.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
     for manifest in [*sorted(REPO.glob(".gpu/upload-*/manifest.json")), STASH / MANIFEST]:
-        if manifest.is_file():
-            prepared = json.loads(manifest.read_text())
-            return {
-                "commit": prepared.get("commit"),
-                "dirty": prepared.get("dirty"),
-                "from": f"{manifest} (no git here): the checkout the wheels were prepared in",
-            }
+        if not manifest.is_file():
+            continue
+        prepared = json.loads(manifest.read_text())
+        contained = run("merge-base", "--is-ancestor", str(prepared.get("commit")), "HEAD")
+        if commit and contained is not None and contained.returncode == 0:
+            break  # prepared here earlier: this checkout's own git is newer or the same
+        # No git here, or a copy of .git older than the files beside it (a lent machine got the
+        # checkout's files with the .git its session started with): the commit prepared is it.
+        why = "no git here" if not commit else f"this copy's .git says {commit[:12]}"
+        return {
+            "commit": prepared.get("commit"),
+            "dirty": prepared.get("dirty"),
+            "from": f"{manifest} ({why}): the checkout the wheels were prepared in",
+        }
+    if commit:
+        return {"commit": commit, "dirty": bool(git("status", "--porcelain"))}
     return {"commit": None, "dirty": None}
 
 

@@ -152,3 +152,48 @@ def test_results_name_the_prepared_commit_where_there_is_no_git(prepared, tmp_pa
     manifest = json.loads((out / "upload-1" / "manifest.json").read_text())
     assert state["commit"] == manifest["commit"] and state["dirty"] == manifest["dirty"]
     assert "no git here" in state["from"]
+
+
+def test_results_name_the_prepared_commit_where_the_copy_of_git_is_stale(
+    prepared, tmp_path, monkeypatch
+):
+    """A lent machine got the checkout's files with the .git its session started with (the H200
+    run's JSON said 187830b, dirty): the prepared commit wins, and says why."""
+    from benchmarks import machine
+
+    out, _ = prepared
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy / ".gpu")
+    subprocess.run(["git", "init", "-q", str(copy)], check=True)
+    subprocess.run(
+        ["git", "-C", str(copy), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+         "--allow-empty", "-m", "older"],
+        check=True,
+    )  # fmt: skip
+    monkeypatch.setattr(machine, "REPO", copy)
+    monkeypatch.setattr(machine, "STASH", tmp_path / "no-stash")
+    state = machine.git_state()
+    manifest = json.loads((out / "upload-1" / "manifest.json").read_text())
+    assert state["commit"] == manifest["commit"] and "this copy's .git says" in state["from"]
+
+
+def test_a_checkout_that_prepared_earlier_names_its_own_commit(prepared, tmp_path, monkeypatch):
+    """Here, where the wheels were prepared and work went on, git's HEAD is the commit measured."""
+    from benchmarks import machine
+
+    out, _ = prepared
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy / ".gpu")
+    commit = ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty"]
+    subprocess.run(["git", "init", "-q", str(copy)], check=True)
+    subprocess.run(["git", "-C", str(copy), *commit, "-m", "prepared here"], check=True)
+    first = subprocess.run(
+        ["git", "-C", str(copy), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    for manifest in (copy / ".gpu").glob("upload-*/manifest.json"):
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "commit": first}))
+    subprocess.run(["git", "-C", str(copy), *commit, "-m", "later work"], check=True)
+    monkeypatch.setattr(machine, "REPO", copy)
+    monkeypatch.setattr(machine, "STASH", tmp_path / "no-stash")
+    state = machine.git_state()
+    assert state["commit"] != first and "from" not in state

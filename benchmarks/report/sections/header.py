@@ -19,9 +19,10 @@ def section(report: dict) -> list[str]:
         "",
         f"`{report['command']}` at {report['started_utc']}, commit `{commit}`"
         + (" (uncommitted changes)" if report["git"]["dirty"] else "")
-        + (" (as prepared: no git on this machine)" if report["git"].get("from") else ""),
+        + (" (as prepared: see the JSON's git.from)" if report["git"].get("from") else ""),
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, {m['os']}.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, {m['os']}"
+        + (f"; GPU: {m['gpu']}." if m.get("gpu") else "."),
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".",
         f"MLX float dtype {s['mlx_float_dtype']}; OpenBLAS preloaded into MLX processes: "
         f"{s['openblas_preload'] or 'no'}. Weights: {weights}.",
