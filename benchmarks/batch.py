@@ -36,7 +36,7 @@ import mimo_mlx
 from mimo_mlx.generation.batch import batch_generate
 from mimo_mlx.model.batch_cache import BatchCache
 
-from .machine import REPO, git_state, machine_info, versions
+from .machine import REPO, provenance
 from .serve_client import QUESTIONS
 from .serve_load import chat_folder
 from .settings import CACHE, OPENBLAS, openblas_preload
@@ -227,10 +227,7 @@ def main(
     report = {
         "benchmark": "batch",
         "started_utc": started.isoformat(timespec="seconds"),
-        "command": " ".join(["python -m benchmarks.batch", *sys.argv[1:]]),
-        "git": git_state(),
-        "machine": machine_info(),
-        "versions": versions(),
+        **provenance("benchmarks.batch"),
         "load_average": {"start": load_start, "end": os.getloadavg()[0]},
         "settings": {
             "weights": f"synthetic `{scale}`",

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from mimo_mlx.model.cache import KVCache, QuantizedKVCache
 from mimo_mlx.model.config import ModelConfig, TextConfig, VisionConfig
 from mimo_mlx.model.mimo_vl import Model
 
-from .machine import git_state, machine_info, versions
+from .machine import provenance, write_json
 
 MIMO_VL_7B_LAYERS = 36
 CACHES = {"float": {}, "8bit": {"kv_bits": 8}, "4bit": {"kv_bits": 4}}
@@ -152,10 +151,7 @@ def main(layers: int, tokens: int, decode: int, caches: str, scale: str, out: Pa
                 row["bf16_bytes_per_token_layer"] / (base["bf16_bytes_per_token_layer"])
             )
     result = {
-        "command": " ".join(["python -m benchmarks.kv_cache", *sys.argv[1:]]),
-        "machine": machine_info(),
-        "versions": versions(),
-        "git": git_state(),
+        **provenance("benchmarks.kv_cache"),
         "ld_preload": os.environ.get("LD_PRELOAD"),
         "device": device_kind(),
         "scale": scale,
@@ -165,11 +161,7 @@ def main(layers: int, tokens: int, decode: int, caches: str, scale: str, out: Pa
         "weight_bytes": weights,
         "results": rows,
     }
-    text = json.dumps(result, indent=2)
-    click.echo(text)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    write_json(result, out)
 
 
 if __name__ == "__main__":

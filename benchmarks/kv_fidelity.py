@@ -16,7 +16,6 @@ moved (a flip needs gap < 2 x moved).
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .machine import git_state, machine_info, versions
+from .machine import provenance, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 CACHES = {"8bit-g64": (8, 64), "8bit-g32": (8, 32), "4bit-g64": (4, 64), "4bit-g32": (4, 32)}
@@ -125,17 +124,10 @@ def measure(seeds: range, tokens: int) -> dict:
 def main(first_seed: int, count: int, tokens: int, out: Path | None) -> None:
     """Measure how far 8- and 4-bit caches move tiny models' logits and greedy answers."""
     result = {
-        "command": " ".join(["python -m benchmarks.kv_fidelity", *sys.argv[1:]]),
-        "machine": machine_info(),
-        "versions": versions(),
-        "git": git_state(),
+        **provenance("benchmarks.kv_fidelity"),
         **measure(range(first_seed, first_seed + count), tokens),
     }
-    text = json.dumps(result, indent=2)
-    click.echo(text)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    write_json(result, out)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,34 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 from .gpu.bundle import MANIFEST, STASH
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("mlx", "mlx-vlm", "transformers", "torch", "numpy", "safetensors", "matplotlib")
+
+
+def provenance(module: str) -> dict:
+    """What every result file starts with: the command that made it (`python -m module` and this
+    process's arguments), the machine, the software versions and the git commit."""
+    return {
+        "command": " ".join([f"python -m {module}", *sys.argv[1:]]),
+        "machine": machine_info(),
+        "versions": versions(),
+        "git": git_state(),
+    }
+
+
+def write_json(result: dict, out: Path | None, echo: bool = True) -> None:
+    """Print `result` as JSON (unless `echo` is False), and write it to `out` if one is given."""
+    text = json.dumps(result, indent=2)
+    if echo:
+        print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
 
 
 def machine_info() -> dict:

@@ -13,8 +13,6 @@ growing with the layers; and the time to the first token.
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +27,7 @@ from mimo_mlx.model.backend import device_kind, prefill_schedule
 from mimo_mlx.model.config import ModelConfig, VisionConfig
 from mimo_mlx.model.mimo_vl import Model
 
-from .machine import git_state, machine_info, versions
+from .machine import provenance, write_json
 
 IMAGE_GRID = (1, 74, 74)  # a 1024x1024 image as the processor sizes it: 37 x 37 merged tokens
 
@@ -121,17 +119,10 @@ def measure(tokens: int, layers: int, step: int) -> dict:
 def main(tokens: int, layers: int, step: int, out: Path | None) -> None:
     """Measure one prompt's prefill peak through the full-width decoder (random weights)."""
     result = {
-        "command": " ".join(["python -m benchmarks.prefill_memory", *sys.argv[1:]]),
-        "machine": machine_info(),
-        "versions": versions(),
-        "git": git_state(),
+        **provenance("benchmarks.prefill_memory"),
         **measure(tokens, layers, step),
     }
-    text = json.dumps(result, indent=2)
-    click.echo(text)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    write_json(result, out)
 
 
 if __name__ == "__main__":

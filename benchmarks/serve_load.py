@@ -32,7 +32,7 @@ import click
 import httpx2
 import numpy as np
 
-from .machine import REPO, git_state, machine_info, versions
+from .machine import REPO, provenance
 from .multiturn import CHATML, EOS, byte_level_tokenizer
 from .serve_client import gaps, load, picture_url, probe_run, request_body, video_frames
 from .settings import CACHE, OPENBLAS, openblas_warning
@@ -390,10 +390,7 @@ def main(
     report = {
         "benchmark": "serve_load",
         "started_utc": started.isoformat(timespec="seconds"),
-        "command": " ".join(["python -m benchmarks.serve_load", *sys.argv[1:]]),
-        "git": git_state(),
-        "machine": machine_info(),
-        "versions": versions(),
+        **provenance("benchmarks.serve_load"),
         "load_average": {"start": load_start, "end": os.getloadavg()[0]},
         "settings": {
             "weights": f"synthetic `{scale}` ({model})" if synthetic else str(model),

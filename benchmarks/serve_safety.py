@@ -30,7 +30,6 @@ import functools
 import io
 import json
 import socket
-import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -45,7 +44,7 @@ from PIL import Image, ImageDraw
 from mimo_mlx.inputs.image_files import EncodedImage, decode_image
 from mimo_mlx.inputs.images import ImageProcessorConfig, preprocess_encoded, preprocess_images
 
-from .machine import REPO, git_state, machine_info, versions
+from .machine import REPO, provenance
 from .serve_load import Server, server_preload, synthetic_server_folder
 from .settings import CACHE
 
@@ -398,10 +397,7 @@ def main(scale, model, openblas, out, cache, **settings) -> None:
     report = {
         "benchmark": "serve_safety",
         "started_utc": started.isoformat(timespec="seconds"),
-        "command": " ".join(["python -m benchmarks.serve_safety", *sys.argv[1:]]),
-        "git": git_state(),
-        "machine": machine_info(),
-        "versions": versions(),
+        **provenance("benchmarks.serve_safety"),
         "settings": {
             "weights": f"synthetic `{scale}` ({model})" if synthetic else str(model),
             "openblas_preload": preload,

@@ -21,8 +21,6 @@ first) and reports their median and the largest peak.
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
 import time
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from mimo_mlx.model.vision import VisionModel, encode, tower_schedule
 from mimo_mlx.model.windows import frame_groups
 from mimo_mlx.options import DEFAULT_VIDEO_MAX_PIXELS
 
-from .machine import git_state, machine_info, versions
+from .machine import provenance, write_json
 from .settings import IMAGE_BOUNDS, VIDEO_BOUNDS
 
 
@@ -135,10 +133,7 @@ def main(
         raise click.UsageError("give --size or --video, not both")
     size = size if size is not None or frames is not None else 1344
     result = {
-        "command": " ".join(["python -m benchmarks.vision_memory", *sys.argv[1:]]),
-        "machine": machine_info(),
-        "versions": versions(),
-        "git": git_state(),
+        **provenance("benchmarks.vision_memory"),
         "size": size,
         "video_frames": frames,
         **measure(pass_grid(size, frames), depth, schedule == "one-graph", runs),
@@ -146,11 +141,7 @@ def main(
     bound = IMAGE_BOUNDS.get(size) if frames is None else VIDEO_BOUNDS.get(result["patches"])
     result["bound_bytes"] = bound
     result["bound_met"] = None if bound is None else result["above_weights_bytes"] <= bound
-    text = json.dumps(result, indent=2)
-    click.echo(text)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    write_json(result, out)
 
 
 if __name__ == "__main__":

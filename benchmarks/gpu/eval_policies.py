@@ -26,7 +26,6 @@ A policy that fails is recorded with its error and the others go on.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import numpy as np
 from mimo_mlx.model.backend import device_kind
 from mimo_mlx.model.vision import VisionModel
 
-from ..machine import git_state, machine_info, versions
+from ..machine import provenance, write_json
 from ..vision_memory import full_width_tower, pass_grid
 
 POLICIES = (
@@ -165,19 +164,14 @@ def main(sizes: str, runs: int, depth: int | None, out: Path | None) -> None:
             click.echo(json.dumps(results[-1]), err=True)
         del pixels
     report = {
-        "command": " ".join(["python -m benchmarks.gpu.eval_policies", *sys.argv[1:]]),
-        "machine": machine_info(),
-        "versions": versions(),
-        "git": git_state(),
+        **provenance("benchmarks.gpu.eval_policies"),
         "device": device_kind(),
         "dtype": str(dtype),
         "depth": config.depth,
         "vision_weight_bytes": weights,
         "results": results,
     }
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, out, echo=False)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ layers (random weights).
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from mimo_mlx.model.backend import device_kind
 
-from ..machine import git_state, machine_info, versions
+from ..machine import provenance, write_json
 from ..prefill_memory import model_with
 
 
@@ -58,19 +57,14 @@ def main(layers: int, context: int, ks: str, steps: int, out: Path | None) -> No
         results.append({"k": k, "new_length_s": new, "seen_length_s": seen})
         click.echo(json.dumps(results[-1]), err=True)
     report = {
-        "command": " ".join(["python -m benchmarks.gpu.pass_offsets", *sys.argv[1:]]),
-        "machine": machine_info(),
-        "versions": versions(),
-        "git": git_state(),
+        **provenance("benchmarks.gpu.pass_offsets"),
         "device": device_kind(),
         "dtype": str(dtype),
         "layers": layers,
         "context": context,
         "results": results,
     }
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, out, echo=False)
 
 
 if __name__ == "__main__":
