@@ -28,6 +28,31 @@ def data_url(path: Path) -> str:
     return f"data:image/{kind};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
+def image_question(photo: Path, text: str) -> list[dict]:
+    """One user message: the photo as a data URL, then `text`."""
+    part = {"type": "image_url", "image_url": {"url": data_url(photo)}}
+    return [{"role": "user", "content": [part, {"type": "text", "text": text}]}]
+
+
+def check_turn_two_reuses_turn_one(api, photo: Path) -> None:
+    """Two turns about `photo` through the openai client `api`: the second's cached tokens
+    cover the image and turn one, and the server's timings say the same."""
+    first_turn = image_question(photo, "Describe the colours.")
+    first = api.chat.completions.create(
+        model="tiny", messages=first_turn, max_tokens=8, temperature=0
+    )
+    history = [*first_turn, {"role": "assistant", "content": first.choices[0].message.content}]
+    second = api.chat.completions.create(
+        model="tiny",
+        messages=[*history, {"role": "user", "content": "And the shapes?"}],
+        max_tokens=8,
+        temperature=0,
+    )
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens  # the image and turn 1 were not computed again
+    assert second.model_extra["timings"]["cache_n"] == cached
+
+
 def long_context_folder(folder: Path, context: int = 65536) -> Path:
     """The tiny test model with a longer context, for generations that last seconds."""
     write_model_folder(folder, seed=21)

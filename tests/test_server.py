@@ -23,7 +23,7 @@ import openai
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from server_process import ServerProcess, data_url
+from server_process import ServerProcess, check_turn_two_reuses_turn_one, image_question
 from test_generate import MAX_PIXELS, write_model_folder
 
 import mimo_mlx
@@ -66,11 +66,6 @@ def client(server, **kwargs) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, **kwargs)
 
 
-def image_question(photo, prompt=PROMPT) -> list[dict]:
-    content = [{"type": "image_url", "image_url": {"url": data_url(photo)}}]
-    return [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
-
-
 def solo(local, prompt: str, images=(), max_tokens=TOKENS) -> tuple[str, str]:
     """(reasoning, answer) of the library's greedy `generate`, alone in this process."""
     result = mimo_mlx.generate(
@@ -88,7 +83,7 @@ def reasoning_of(message) -> str:
 
 def test_an_answer_with_an_image_equals_mimo_mlx_generate(server, folder, photo):
     reply = client(server).chat.completions.create(
-        model="tiny", messages=image_question(photo), max_tokens=TOKENS, temperature=0
+        model="tiny", messages=image_question(photo, PROMPT), max_tokens=TOKENS, temperature=0
     )
     args = ["generate", "--model", folder, "--image", photo, "--prompt", PROMPT]
     args += ["--max-tokens", TOKENS, "--temp", 0, "--max-pixels", MAX_PIXELS]
@@ -110,7 +105,7 @@ def test_an_answer_with_an_image_equals_mimo_mlx_generate(server, folder, photo)
 def test_a_streamed_answer_equals_the_whole_one(server, photo, local):
     stream = client(server).chat.completions.create(
         model="tiny",
-        messages=image_question(photo),
+        messages=image_question(photo, PROMPT),
         max_tokens=TOKENS,
         temperature=0,
         stream=True,
@@ -144,7 +139,7 @@ def test_logprob_bytes_are_each_tokens_real_bytes(server, photo, local):
     ones, so joining them rebuilds the answer."""
     reply = client(server).chat.completions.create(
         model="tiny",
-        messages=image_question(photo),
+        messages=image_question(photo, PROMPT),
         max_tokens=TOKENS,
         temperature=0,
         logprobs=True,
@@ -169,21 +164,7 @@ def test_logprob_bytes_are_each_tokens_real_bytes(server, photo, local):
 
 
 def test_turn_two_reuses_turn_ones_tokens(server, photo):
-    api = client(server)
-    first_turn = image_question(photo, "Describe the colours.")
-    first = api.chat.completions.create(
-        model="tiny", messages=first_turn, max_tokens=8, temperature=0
-    )
-    history = [*first_turn, {"role": "assistant", "content": first.choices[0].message.content}]
-    second = api.chat.completions.create(
-        model="tiny",
-        messages=[*history, {"role": "user", "content": "And the shapes?"}],
-        max_tokens=8,
-        temperature=0,
-    )
-    cached = second.usage.prompt_tokens_details.cached_tokens
-    assert cached >= first.usage.prompt_tokens  # the image and turn 1 were not computed again
-    assert second.model_extra["timings"]["cache_n"] == cached
+    check_turn_two_reuses_turn_one(client(server), photo)
 
 
 def test_concurrent_clients_get_their_solo_answers(server, local):

@@ -14,7 +14,12 @@ import time
 import httpx2
 import openai
 import pytest
-from server_process import ServerProcess, data_url, long_context_folder
+from server_process import (
+    ServerProcess,
+    check_turn_two_reuses_turn_one,
+    image_question,
+    long_context_folder,
+)
 from test_generate import MAX_PIXELS, sample_images
 
 import mimo_mlx
@@ -74,11 +79,6 @@ def solo_answer(local, messages, **options) -> str:
 def long_stream(server, http: httpx2.Client):
     body = {"messages": STORY, "max_tokens": LONG, "temperature": 0, "stream": True}
     return http.stream("POST", server.url + "/v1/chat/completions", json=body)
-
-
-def image_question(photo, text: str) -> list[dict]:
-    part = {"type": "image_url", "image_url": {"url": data_url(photo)}}
-    return [{"role": "user", "content": [part, {"type": "text", "text": text}]}]
 
 
 ANSWER = 160  # tokens per answer in the concurrent test
@@ -190,17 +190,4 @@ def test_turn_two_reuses_turn_one_while_others_run(server, photo):
     api = client(server)
     with httpx2.Client(timeout=60) as http, long_stream(server, http) as other:
         assert other.status_code == 200
-        first_turn = image_question(photo, "Describe the colours.")
-        first = api.chat.completions.create(
-            model="tiny", messages=first_turn, max_tokens=8, temperature=0
-        )
-        history = [*first_turn, {"role": "assistant", "content": first.choices[0].message.content}]
-        second = api.chat.completions.create(
-            model="tiny",
-            messages=[*history, {"role": "user", "content": "And the shapes?"}],
-            max_tokens=8,
-            temperature=0,
-        )
-    cached = second.usage.prompt_tokens_details.cached_tokens
-    assert cached >= first.usage.prompt_tokens  # the image and turn 1 were not computed again
-    assert second.model_extra["timings"]["cache_n"] == cached
+        check_turn_two_reuses_turn_one(api, photo)
