@@ -364,13 +364,17 @@ class ChatCompletion:
                 await self._send_json(send, 200, body)
                 return
 
-    async def _stream(self, send: Send) -> None:
+    async def _start_stream(self, send: Send) -> None:
+        """Begin a 200 server-sent-event stream (proxies told not to buffer it)."""
         headers = [
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+    async def _stream(self, send: Send) -> None:
+        await self._start_stream(send)
         await self._event(send, self._chunk({"role": "assistant", "content": ""}))
         calls = 0
         while True:
@@ -432,12 +436,7 @@ class TextCompletion(ChatCompletion):
                 return
 
     async def _stream(self, send: Send) -> None:
-        headers = [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"),
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self._start_stream(send)
         if self.request.echo:
             await self._event(send, self._body(self.request.prompt, None))
         while True:
