@@ -107,29 +107,19 @@ class ConversationPool:
         """Answer `messages` (the OpenAI shape), continuing the best-matching conversation.
         `options` as for `Conversation.stream_messages`, and cache options (`kv_bits`, ...) over
         the pool's defaults."""
-        stored = CacheOptions(**{**vars(self._blank.cache_options), **pop_cache_options(options)})
+        stored = self._stored(options)
         with self._lock:
             tools = options.pop("tools", None)
             turn = self._blank.prepare(messages, tools, **pop_prompt_options(options))
-            chat = self._running = self._conversation_for(turn, stored)
-            try:
-                yield from chat.stream_turn(turn, **options)
-            finally:
-                self._running = None
-                self._evict()
+            yield from self._stream_turn(turn, stored, options)
 
     def stream_text(self, prompt: str, **options) -> Iterator[GenerationResponse]:
         """Complete a plain text `prompt` (no chat template), reusing cached tokens as `stream`
         does. `options` as for `Conversation.stream_turn`, and cache options over the pool's."""
-        stored = CacheOptions(**{**vars(self._blank.cache_options), **pop_cache_options(options)})
+        stored = self._stored(options)
         with self._lock:
             turn = self._blank.prepare_text(prompt)
-            chat = self._running = self._conversation_for(turn, stored)
-            try:
-                yield from chat.stream_turn(turn, **options)
-            finally:
-                self._running = None
-                self._evict()
+            yield from self._stream_turn(turn, stored, options)
 
     def begin(
         self, messages: Sequence[Message] | None = None, prompt: str | None = None, **options
@@ -139,7 +129,7 @@ class ConversationPool:
         until `end` brings it back (a running turn is never continued by another). `options` as
         for `stream`, less the sampler and processors the caller makes from `TurnStart.sampling`
         (and prompt lookup, which a batch does not do), and cache options over the pool's."""
-        stored = CacheOptions(**{**vars(self._blank.cache_options), **pop_cache_options(options)})
+        stored = self._stored(options)
         with self._lock:
             tools = options.pop("tools", None)
             if prompt is not None:
@@ -159,6 +149,22 @@ class ConversationPool:
         with self._lock:
             chat.end_turn(turn, generated)
             self._entries.append(chat)
+            self._evict()
+
+    def _stored(self, options: dict) -> CacheOptions:
+        """The cache options a request asks for (taken out of `options`) over the pool's."""
+        return CacheOptions(**{**vars(self._blank.cache_options), **pop_cache_options(options)})
+
+    def _stream_turn(
+        self, turn, stored: CacheOptions, options: dict
+    ) -> Iterator[GenerationResponse]:
+        """With the lock held: `turn` answered by the best-matching conversation, which stays
+        in the pool; the pool is trimmed to its budget afterwards, however the turn ended."""
+        chat = self._running = self._conversation_for(turn, stored)
+        try:
+            yield from chat.stream_turn(turn, **options)
+        finally:
+            self._running = None
             self._evict()
 
     def _conversation_for(self, turn, stored: CacheOptions, keep: bool = True) -> Conversation:
