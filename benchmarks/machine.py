@@ -43,7 +43,7 @@ def machine_info() -> dict:
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
-        "ram_gb": round(_ram_bytes() / 1e9, 1),
+        "ram_gb": round(ram_bytes() / 1e9, 1),
         "os": platform.platform(),
         "python": platform.python_version(),
         "gpu": _nvidia_gpus(),
@@ -122,7 +122,8 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _ram_bytes() -> int:
+def ram_bytes() -> int:
+    """This machine's physical memory, bytes."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

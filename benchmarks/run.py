@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from .machine import REPO, git_state, machine_info, versions
+from .machine import REPO, git_state, machine_info, ram_bytes, versions
 from .processes import run_process
 from .ranks import measure as measure_ranks
 from .report import write_report
@@ -378,7 +378,7 @@ class Session:
         """Whole generations per runtime and variant, float ones only where the model fits."""
         self.phase("generate")
         jobs = {}
-        ram = machine_info()["ram_gb"] * 1e9
+        ram = ram_bytes()
         for variant in variants:
             for runtime in runtimes:
                 weights = self.folders.paths.get((runtime, variant))
