@@ -18,7 +18,7 @@ import pytest
 
 from mimo_mlx.generation import loop
 from mimo_mlx.generation.loop import generate_step
-from mimo_mlx.model.backend import VisionSchedule, held_bytes, prefill_schedule
+from mimo_mlx.model.backend import VisionSchedule, block_bytes, held_bytes, prefill_schedule
 from mimo_mlx.model.config import ModelConfig, TextConfig, VisionConfig
 from mimo_mlx.model.language import DecoderLayer
 from mimo_mlx.model.mimo_vl import Model
@@ -48,13 +48,15 @@ def pixels(dtype: mx.Dtype) -> mx.array:
 
 
 class Trace:
-    """Records, in order, each call of the blocks' (layers') own `__call__` and each evaluation."""
+    """Records, in order, each call of the layers' own methods (`methods` of `layer`: a decoder
+    layer's `__call__`, a vision block's two halves) and each evaluation."""
 
-    def __init__(self, monkeypatch, layer: type):
+    def __init__(self, monkeypatch, layer: type, methods: tuple[str, ...] = ("__call__",)):
         self.events: list[str] = []
         for name in ("eval", "async_eval"):
-            monkeypatch.setattr(mx, name, self._recorded("eval", getattr(mx, name)))
-        monkeypatch.setattr(layer, "__call__", self._recorded("layer", layer.__call__))
+            monkeypatch.setattr(mx, name, self._recorded(name, getattr(mx, name)))
+        for name in methods:
+            monkeypatch.setattr(layer, name, self._recorded("layer", getattr(layer, name)))
 
     def _recorded(self, event: str, function):
         def recorded(*args, **kwargs):
@@ -64,6 +66,7 @@ class Trace:
         return recorded
 
     def longest_unevaluated_run(self) -> int:
+        """The most layer calls between two evaluations (queued or waited for)."""
         runs = "".join("L" if e == "layer" else "|" for e in self.events).split("|")
         return max(len(run) for run in runs)
 
@@ -94,23 +97,34 @@ def assert_flat(peaks: list[int], depths: tuple[int, int], state: int) -> None:
     assert grown < (depths[1] - depths[0]) / 2 * state, f"peaks {peaks} at depths {depths}"
 
 
-# Budgets in patches' worth of blocks: two blocks of the whole pass (one group, evaluated every
-# two blocks), and less than one (its frames run in groups, the image alone, then the video's
-# frames, each evaluated every block).
+# Budgets in patches' worth of half-blocks: four half-blocks of the whole pass (one group,
+# evaluated every two blocks), and less than one (its frames run in groups, the image alone, then
+# the video's frames, each evaluated every half-block).
 @pytest.mark.parametrize("kind, dtype", GPU_KINDS)
-@pytest.mark.parametrize("budget, every", [(2 * PATCHES, 2), (200, 1)])
-def test_vision_pass_is_evaluated_as_it_goes(monkeypatch, kind, dtype, budget, every):
-    per_patch = held_bytes(1, VISION["hidden_size"], VISION["intermediate_size"], dtype.size)
+@pytest.mark.parametrize("budget, halves", [(4 * PATCHES, 4), (200, 1)])
+def test_vision_pass_is_evaluated_as_it_goes(monkeypatch, kind, dtype, budget, halves):
+    """Under the schedule a GPU backend gets, the pass runs through the blocks' two halves, each
+    stretch queued before the host waits for the one before it (never more than two in flight);
+    its peak does not grow with depth; its features equal the one-graph pass's."""
+    per_half = block_bytes(1, VISION["hidden_size"], VISION["intermediate_size"], dtype.size) // 2
     peaks = []
     for depth in (4, 16):
         model, values = tower(depth, dtype), pixels(dtype)
-        schedule = tower_schedule(model, GRID, kind, budget=budget * per_patch)
-        assert schedule.blocks_per_eval == every and not schedule.rows
+        schedule = tower_schedule(model, GRID, kind, budget=budget * per_half)
+        assert schedule.halves_per_eval == halves and schedule.overlapped and not schedule.rows
         with monkeypatch.context() as patch:
-            trace = Trace(patch, VisionBlock)
+            trace = Trace(patch, VisionBlock, ("attend", "feed_forward"))
             features = encode(model, values, GRID, schedule)
-        assert trace.events.count("layer") == depth * (2 if budget < PATCHES else 1)
-        assert trace.longest_unevaluated_run() <= every
+        groups = 2 if budget < PATCHES else 1
+        assert trace.events.count("layer") == 2 * depth * groups
+        assert trace.longest_unevaluated_run() <= halves
+        stretches = 2 * depth // halves - 1  # a group's; the last rides with the merger
+        assert trace.events.count("async_eval") == groups * stretches
+        in_flight, most = 0, 0  # stretches queued and not yet waited for
+        for event in trace.events:  # an evaluation waits at least for all but the last queued
+            in_flight = in_flight + 1 if event == "async_eval" else min(in_flight, 1)
+            most = max(most, in_flight)
+        assert most == min(stretches, 2)  # the next is queued before the host waits
         one_graph = encode(model, values, GRID, VisionSchedule())
         tolerance = 1e-5 if dtype == mx.float32 else 2e-2
         np.testing.assert_allclose(

@@ -56,7 +56,8 @@ def test_vision_memory_one_graph_is_the_before_of_the_same_pass(tmp_path):
     assert measured["schedule_name"] == "one-graph"
     assert measured["schedule"] == {
         "group_patches": 0,
-        "blocks_per_eval": 0,
+        "halves_per_eval": 0,
+        "overlapped": False,
         "rows": 0,
         "score_budget": 0,
     }
@@ -69,7 +70,7 @@ def test_every_evaluation_policy_of_the_gpu_probe_computes_the_same_features():
     import mlx.core as mx
     import numpy as np
 
-    from benchmarks.gpu.eval_policies import POLICIES, run_pass
+    from benchmarks.gpu.eval_policies import run_pass, schedules
     from mimo_mlx.model.config import VisionConfig
     from mimo_mlx.model.vision import VisionModel
 
@@ -80,7 +81,9 @@ def test_every_evaluation_policy_of_the_gpu_probe_computes_the_same_features():
     tower = VisionModel(config)
     grid = np.array([[1, 12, 8]])
     pixels = mx.random.normal((96, config.patch_dim), key=mx.random.key(0))
-    expected = np.array(run_pass(tower, pixels, grid, "one-graph", 0))
-    for policy, every in POLICIES[1:]:
-        ours = np.array(run_pass(tower, pixels, grid, policy, every))
-        np.testing.assert_allclose(ours, expected, atol=1e-5, err_msg=f"{policy}-{every}")
+    named = schedules(tower, grid)
+    expected = np.array(run_pass(tower, pixels, grid, named.pop("one-graph")))
+    assert len(named) == 9
+    for name, schedule in named.items():
+        ours = np.array(run_pass(tower, pixels, grid, schedule))
+        np.testing.assert_allclose(ours, expected, atol=1e-5, err_msg=name)

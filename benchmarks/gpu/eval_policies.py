@@ -1,22 +1,20 @@
 """How a vision pass evaluated as it goes spends time and memory, by evaluation policy, on this
 backend: `python -m benchmarks.gpu.eval_policies --out policies.json`.
 
-The tower's schedule (`vision.encode`) evaluates the hidden states after every few blocks so that a
-GPU backend, which frees a buffer only once the command using it has completed, does not hold every
-block's intermediates at once. Each evaluation is a host sync: the device idles while the host
-builds the next stretch's graph. This probe runs MiMo-VL's full-width tower (random weights) at a
-few image sizes under several policies, each pass through the tower's own pieces (`layout`,
-`embed`, `plan`, the blocks' `__call__`, `merge`), and reports the median time and the peak above
-the weights:
+The tower's schedule (`vision.encode`) evaluates the hidden states every few half-blocks so that a
+GPU backend, which keeps a command's inputs until the command has run, does not hold every
+block's intermediates at once. Each evaluation the host waits for drains the device unless the
+next stretch is already queued. This probe runs MiMo-VL's full-width tower (random weights) at a
+few image sizes through `encode` under several schedules (`VisionSchedule`), and reports the
+median time and the peak above the weights:
 
 - one-graph: the whole pass as one lazy graph (before #22);
-- sync-N: `mx.eval` after every N blocks (what `encode` does with blocks_per_eval=N);
-- sync-N+synchronize: the same, then `mx.synchronize()` (every command completed, so every freed
-  buffer returned, before the next stretch is built);
+- backend: the schedule this backend runs (`vision.tower_schedule`);
+- sync-N: `mx.eval` after every N blocks (N=1: what the GPU backends ran from #22's first step);
 - lag-N: `mx.async_eval` after every N blocks, then wait for the stretch before it: the device
   runs one stretch while the host builds the next, at most two in flight;
-- half-sync-1, half-lag-1: the same with a stretch of half a block (`VisionBlock.attend`, then
-  `VisionBlock.feed_forward`), so that two stretches in flight hold about one block;
+- half-sync-1, half-lag-1: the same with a stretch of half a block, so that two stretches in
+  flight hold about one block;
 - block: one block alone (a windowed and a full-attention one) over an evaluated input, the least
   any whole-block schedule can hold.
 
@@ -25,6 +23,7 @@ A policy that fails is recorded with its error and the others go on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -33,74 +32,49 @@ import click
 import mlx.core as mx
 import numpy as np
 
-from mimo_mlx.model.backend import device_kind
-from mimo_mlx.model.vision import VisionModel
+from mimo_mlx.model.backend import VisionSchedule, device_kind
+from mimo_mlx.model.vision import VisionModel, encode, tower_schedule
 
 from ..machine import provenance, write_json
 from ..vision_memory import full_width_tower, pass_grid
 
-POLICIES = (
-    ("one-graph", 0),
-    ("sync", 1),
-    ("sync", 2),
-    ("sync", 4),
-    ("sync+synchronize", 1),
-    ("lag", 1),
-    ("lag", 2),
-    ("lag", 4),
-    ("half-sync", 1),
-    ("half-lag", 1),
-)
+# name -> (half-blocks per evaluation, overlapped)
+POLICIES = {
+    "sync-1": (2, False),
+    "sync-2": (4, False),
+    "sync-4": (8, False),
+    "lag-1": (2, True),
+    "lag-2": (4, True),
+    "lag-4": (8, True),
+    "half-sync-1": (1, False),
+    "half-lag-1": (1, True),
+}
 
 
-def run_pass(
-    tower: VisionModel, pixels: mx.array, grid: np.ndarray, policy: str, every: int
-) -> mx.array:
-    """One pass under `policy`: its features, evaluated."""
-    if policy == "one-graph":
-        features = tower(pixels, grid)
-        mx.eval(features)
-        return features
-    layout = tower.layout(grid)
-    x = tower.embed(pixels, layout)
-    previous, last = None, len(tower.blocks) - 1
+def schedules(tower: VisionModel, grid: np.ndarray) -> dict[str, VisionSchedule]:
+    """Every policy's schedule for a pass of `tower` over `grid` (one group of frames)."""
+    named = {"one-graph": VisionSchedule(), "backend": tower_schedule(tower, grid, device_kind())}
+    for name, (halves, overlapped) in POLICIES.items():
+        named[name] = VisionSchedule(halves_per_eval=halves, overlapped=overlapped)
+    return named
 
-    def evaluate(x: mx.array) -> mx.array | None:
-        if policy.endswith("lag"):
-            mx.async_eval(x)
-            if previous is not None:
-                mx.eval(previous)
-            return x
-        mx.eval(x)
-        if policy == "sync+synchronize":
-            mx.synchronize()
-        return None
 
-    for i, block in enumerate(tower.blocks):
-        plan = tower.plan(i, layout)
-        if policy.startswith("half"):
-            x = block.attend(x, layout.cos, layout.sin, plan)
-            previous = evaluate(x)
-            x = block.feed_forward(x)
-        else:
-            x = block(x, layout.cos, layout.sin, plan)
-        if (i + 1) % every or i == last:
-            continue
-        previous = evaluate(x)
-    features = tower.merge(x, layout)
+def run_pass(tower: VisionModel, pixels: mx.array, grid: np.ndarray, schedule) -> mx.array:
+    """One pass under `schedule`: its features, evaluated."""
+    features = encode(tower, pixels, grid, schedule)
     mx.eval(features)
     return features
 
 
-def measure(tower, pixels, grid, weights: int, runs: int, policy: str, every: int) -> dict:
-    run_pass(tower, pixels, grid, policy, every)  # warm-up: kernels compiled, buffers sized
+def measure(tower, pixels, grid, weights: int, runs: int, schedule: VisionSchedule) -> dict:
+    run_pass(tower, pixels, grid, schedule)  # warm-up: kernels compiled, buffers sized
     seconds, peak = [], 0
     for _ in range(runs):
         mx.synchronize()
         mx.clear_cache()
         mx.reset_peak_memory()
         start = time.perf_counter()
-        run_pass(tower, pixels, grid, policy, every)
+        run_pass(tower, pixels, grid, schedule)
         seconds.append(time.perf_counter() - start)
         peak = max(peak, mx.get_peak_memory())
     return {
@@ -147,12 +121,12 @@ def main(sizes: str, runs: int, depth: int | None, out: Path | None) -> None:
         patches = int(np.prod(grid))
         pixels = mx.random.normal((patches, config.patch_dim)).astype(dtype)
         mx.eval(pixels)
-        for policy, every in POLICIES:
-            name = policy if policy == "one-graph" else f"{policy}-{every}"
+        for name, schedule in schedules(tower, grid).items():
             try:
-                row = measure(tower, pixels, grid, weights, runs, policy, every or 1)
+                row = measure(tower, pixels, grid, weights, runs, schedule)
             except Exception as err:  # noqa: BLE001 - a probe records any failure and goes on
                 row = {"error": f"{type(err).__name__}: {err}"}
+            row["schedule"] = dataclasses.asdict(schedule)
             results.append({"size": size, "patches": patches, "policy": name, **row})
             click.echo(json.dumps(results[-1]), err=True)
         for index in sorted({0, *config.fullatt_block_indexes[:1]}):

@@ -4,11 +4,13 @@ kernel and generation settings.
 The layers build lazy graphs and never evaluate. Backends differ in ways that matter:
 
 - What an evaluated graph holds. The CPU frees an intermediate as soon as its last user has run.
-  A GPU backend (Metal, CUDA) encodes the graph ahead of the device and frees a buffer only once
-  the command using it has completed, so an evaluated stretch may hold every intermediate it
-  creates: one lazy vision pass held 12.4 GB over its weights at 1344x1344 on an H200. There long
-  passes are evaluated as they go, a few blocks (layers) at a time within PASS_BUDGET
-  (`vision_schedule`, `prefill_schedule`).
+  A GPU backend (Metal, CUDA) encodes the graph ahead of the device in command buffers (CUDA
+  graphs) and keeps every input of a buffer's commands until the buffer has run; up to ten buffers
+  are in flight. MLX's CUDA backend fills a buffer with up to 100 commands on an H100 or H200
+  (Metal: 20 to 50, by chip), so one lazy vision pass held 12.4 GB over its weights at 1344x1344
+  on an H200: several blocks' intermediates in each of several buffers. There long passes are
+  evaluated as they go (`vision_schedule`, `prefill_schedule`): a stretch of the pass at a time,
+  each within PASS_BUDGET where a block (layer) allows.
 - Attention. Metal and CUDA (cuDNN, half precision) run `mx.fast.scaled_dot_product_attention` as a
   fused kernel that never holds the (queries x keys) score matrix. The CPU, and float32 on CUDA,
   build the full scores; one 1344x1344 image in full attention would take 5.4 GB of them. There the
@@ -34,18 +36,25 @@ from mlx.utils import tree_reduce
 # Head dims of Metal's fused prefill kernel (query length > 8) that MLX routes to it; 192 and 256
 # exist but MLX prefers its unfused path for them.
 METAL_FUSED_HEAD_DIMS = (64, 72, 80, 96, 128)
-# What an evaluated stretch of a pass may hold on a GPU backend, every intermediate alive at once:
-# per token, a vision block or a decoder layer creates about HELD_HIDDEN hidden-wide tensors (norms,
-# queries, keys, values, the attention output and its copies, projections, residual sums) and
-# HELD_INTERMEDIATE MLP-wide ones (gate, up, their product). For MiMo-VL's tower that is 18 hidden
-# states a block, what one lazy pass held per block on an H200 (12.4 GB over 32 blocks at
-# 1344x1344, 8.2 GB at 1024x1024: 16.4 and 18.3 hidden states).
+# What an evaluated stretch of a pass holds on a GPU backend, every intermediate alive until it has
+# run, per token:
+# - a vision block: BLOCK_HELD_HIDDEN hidden-wide tensors and BLOCK_HELD_INTERMEDIATE MLP-wide ones
+#   (gate, up, their product). Measured on an H200: one full-attention block of MiMo-VL's tower
+#   alone, over an evaluated input, held 0.646 GB at 1344x1344 and 0.384 GB at 1024x1024: 19.3
+#   hidden states beside the MLP's 3 at both sizes (windowed blocks hold a little more where
+#   windows are padded: 0.476 GB at 1024x1024). The attention half holds about 16 of them, the
+#   MLP half the other 3 and the MLP's.
+# - a decoder layer: HELD_HIDDEN and HELD_INTERMEDIATE, an upper estimate (a 4,096-token prefill
+#   evaluated every layer held 0.27 GB over its weights and cache on the H200, against the
+#   estimate's 0.76 GB).
+BLOCK_HELD_HIDDEN = 19
+BLOCK_HELD_INTERMEDIATE = 3
 HELD_HIDDEN = 10
 HELD_INTERMEDIATE = 3
-# A GPU pass is evaluated after as many blocks (layers) as hold at most this much together; at
-# least one. Fewer evaluations where blocks are small: each host sync drains the device (on the
-# H200 the CPU's schedule, about 14 syncs a block, took a 448x448 pass from 15 to 58 ms: roughly
-# 0.1 ms a sync), and 32 at 448x448 would cost a fifth of the pass.
+# A GPU pass is evaluated in stretches that hold at most this much each (at least one half-block or
+# decoder layer). Fewer evaluations where blocks are small: each host sync costs about 0.1 ms
+# on the H200 when it drains the device (the CPU's schedule, about 14 syncs a block, took a
+# 448x448 pass from 15 to 58 ms there).
 PASS_BUDGET = 256 * 2**20
 # Where the tower runs in evaluated pieces, budgets in hidden states of the pass (patches x width).
 # A query chunk's attention scores stay within SCORE_HIDDEN_STATES. A piece of per-token work (the
@@ -92,9 +101,16 @@ def fused_attention(kind: str, dtype: mx.Dtype, head_dim: int, queries: int) -> 
 
 
 def held_bytes(tokens: int, hidden_size: int, intermediate_size: int, itemsize: int) -> int:
-    """What one vision block or decoder layer over `tokens` tokens may hold on a GPU backend when
-    its intermediates all live until the end of the evaluation (see HELD_HIDDEN)."""
+    """What one decoder layer over `tokens` tokens may hold on a GPU backend when its
+    intermediates all live until the end of the evaluation (see HELD_HIDDEN)."""
     return tokens * (HELD_HIDDEN * hidden_size + HELD_INTERMEDIATE * intermediate_size) * itemsize
+
+
+def block_bytes(tokens: int, hidden_size: int, intermediate_size: int, itemsize: int) -> int:
+    """What one vision block over `tokens` patches holds on a GPU backend when its intermediates
+    all live until it has run (see BLOCK_HELD_HIDDEN)."""
+    per_token = BLOCK_HELD_HIDDEN * hidden_size + BLOCK_HELD_INTERMEDIATE * intermediate_size
+    return tokens * per_token * itemsize
 
 
 @dataclass(frozen=True)
@@ -104,8 +120,12 @@ class VisionSchedule:
     group_patches: the frames run in consecutive groups of whole frames, at most this many patches
     each (a larger frame alone), each group a pass of its own whose features are evaluated before
     the next starts. Attention never crosses frames, so the features are the same. 0: one group.
-    blocks_per_eval: the hidden states are evaluated after every this many blocks (0: never
-    inside a group).
+    halves_per_eval: the blocks run as their two halves (`VisionBlock.attend`, then
+    `VisionBlock.feed_forward`), and the hidden states are evaluated after every this many
+    half-blocks (0: never inside a group).
+    overlapped: each such stretch is queued (`mx.async_eval`) and the host then waits only for
+    the stretch before it, so the device runs one stretch while the host builds the next: two
+    in flight at most. Otherwise each is evaluated before the next is built.
     rows: where attention is not fused, every half-block runs in pieces instead, each evaluated
     before the next is built: the per-token work (norms, projections, rotary embedding, MLP)
     `rows` tokens at a time, attention in query chunks whose scores stay under `score_budget`
@@ -113,7 +133,8 @@ class VisionSchedule:
     """
 
     group_patches: int = 0
-    blocks_per_eval: int = 0
+    halves_per_eval: int = 0
+    overlapped: bool = False
     rows: int = 0
     score_budget: int = 0
 
@@ -145,24 +166,26 @@ def vision_schedule(
     has `longest_frame` patches (the largest full-attention segment), in a tower `hidden_size`
     wide whose MLP is `intermediate_size` wide.
 
-    Frames are grouped so that a group's work fits in `budget` (a frame larger than that is a
-    group of its own). Where attention is fused, a group runs whole blocks, evaluated after as
-    many as fit in `budget` together (`held_bytes` each), at least one: the pass then holds, above
-    its pixels and features, about max(budget, held_bytes(largest frame)). For MiMo-VL's tower in
-    bfloat16 that is every block at 1024x1024 and 1344x1344 (0.25 and 0.43 GB a block), every 5th
-    at 448x448, and groups of 5 frames for a video at the default 1024 patches a frame. Elsewhere
-    a group runs every half-block in pieces (see `VisionSchedule`) within the budgets above: rows
-    such that the MLP's temporaries fit in ROW_HIDDEN_STATES, query chunks whose scores fit in
-    SCORE_HIDDEN_STATES; 3 row pieces for MiMo-VL's widths, full-attention chunks of 2 x head_dim
-    queries.
+    Where attention is fused (Metal; CUDA in half precision), frames are grouped so that half a
+    block of a group holds at most `budget` (`block_bytes`; a frame larger than that is a group
+    of its own), and each group runs in overlapped stretches of as many half-blocks as fit in
+    `budget`, at least one. Two stretches in flight then hold about max(2 x budget, one block of
+    the largest frame) above the pixels and features. For MiMo-VL's tower in bfloat16: a stretch
+    of one half-block at 1024x1024 and 1344x1344 (a block holds 0.38 and 0.65 GB), of 7 (three
+    and a half blocks) at 448x448, and groups of 7 frames of a video at the default 1024 patches
+    a frame.
+
+    Elsewhere a group runs every half-block in pieces (see `VisionSchedule`) within the budgets
+    above: rows such that the MLP's temporaries fit in ROW_HIDDEN_STATES, query chunks whose
+    scores fit in SCORE_HIDDEN_STATES; 3 row pieces for MiMo-VL's widths, full-attention chunks
+    of 2 x head_dim queries.
     """
     size = dtype.size
     if fused_attention(kind, dtype, head_dim, longest_frame):
-        per_patch = held_bytes(1, hidden_size, intermediate_size, size)
-        group = min(patches, max(longest_frame, budget // per_patch))
-        return VisionSchedule(
-            group_patches=group, blocks_per_eval=max(1, budget // (group * per_patch))
-        )
+        per_half = block_bytes(1, hidden_size, intermediate_size, size) // 2  # a patch's share
+        group = min(patches, max(longest_frame, budget // per_half))
+        halves = max(1, budget // (group * per_half))
+        return VisionSchedule(group_patches=group, halves_per_eval=halves, overlapped=True)
     group = min(patches, max(longest_frame, budget // (PIECES_HELD_HIDDEN * hidden_size * size)))
     state = group * hidden_size * size
     per_row = 3 * intermediate_size * size  # gate, up, their product

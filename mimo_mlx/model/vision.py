@@ -2,8 +2,9 @@
 
 Attribute names equal the checkpoint's keys under `visual.`, so weights load by name. The modules
 build one lazy graph and never evaluate; `encode` runs the same math under a backend's memory
-schedule (`tower_schedule`): groups of frames, each evaluated every few blocks where attention is
-fused, in evaluated pieces where the backend would otherwise hold every attention score.
+schedule (`tower_schedule`): groups of frames, each in overlapped stretches of half-blocks where
+attention is fused, in evaluated pieces where the backend would otherwise hold every attention
+score.
 """
 
 from __future__ import annotations
@@ -259,10 +260,10 @@ def encode(
     features come back evaluated, so the pass's last stretch is not left to the next graph).
 
     Frames run in groups (`VisionSchedule.group_patches`), each group's patches a run of rows.
-    Within a group the blocks run whole, through `VisionBlock.__call__`, evaluated every
-    `blocks_per_eval` blocks; or every half-block in pieces, which repeats the block's two
-    residual lines piece by piece (rows of tokens for the per-token work, query chunks for
-    attention); the math is the same.
+    Within a group the blocks run as their two halves (`VisionBlock.attend`, `feed_forward`),
+    evaluated every `halves_per_eval` half-blocks, overlapped or not; or every half-block in
+    pieces, which repeats the block's two residual lines piece by piece (rows of tokens for the
+    per-token work, query chunks for attention); the math is the same.
     """
     if schedule.one_graph:
         return tower(pixel_values, grid_thw)
@@ -293,10 +294,22 @@ def _encode_group(tower: VisionModel, pixel_values, grid_thw, schedule: VisionSc
             x = _attention_half(x, block, layout, tower.plan(i, layout), schedule)
             x = _mlp_half(x, block, schedule.rows)
         return tower.merge(x, layout)
-    every, last = schedule.blocks_per_eval, len(tower.blocks) - 1
-    for i, block in enumerate(tower.blocks):
-        x = block(x, layout.cos, layout.sin, tower.plan(i, layout))
-        if every and (i + 1) % every == 0 and i < last:  # the merger rides with the last stretch
+    every, halves = schedule.halves_per_eval, 2 * len(tower.blocks)
+    in_flight = None  # the stretch queued before the last one (overlapped)
+    for half in range(halves):
+        block = tower.blocks[half // 2]
+        if half % 2 == 0:
+            x = block.attend(x, layout.cos, layout.sin, tower.plan(half // 2, layout))
+        else:
+            x = block.feed_forward(x)
+        if not every or (half + 1) % every or half == halves - 1:
+            continue  # the merger rides with the last stretch
+        if schedule.overlapped:
+            mx.async_eval(x)
+            if in_flight is not None:
+                mx.eval(in_flight)  # waits for it: two stretches in flight at most
+            in_flight = x
+        else:
             mx.eval(x)
     return tower.merge(x, layout)
 
