@@ -61,6 +61,16 @@ def _nvidia_gpus() -> str | None:
     return "; ".join(gpus) if done.returncode == 0 and gpus else None
 
 
+def gpu_memory_bytes() -> int | None:
+    """The first NVIDIA GPU's memory (`nvidia-smi`), bytes; None where there is none."""
+    query = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
+    try:
+        done = subprocess.run(query, capture_output=True, text=True, timeout=20)
+        return int(done.stdout.split()[0]) * 2**20 if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
 def versions() -> dict:
     found = {}
     for name in PACKAGES:

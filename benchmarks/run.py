@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 
-from .machine import REPO, git_state, machine_info, ram_bytes, versions
+from .machine import REPO, git_state, gpu_memory_bytes, machine_info, ram_bytes, versions
 from .processes import run_process
 from .ranks import measure as measure_ranks
 from .report import write_report
@@ -34,6 +36,7 @@ from .settings import (
     model_fits,
     openblas_preload,
     openblas_warning,
+    precompile_together,
     profile,
     settings,
     size_plans,
@@ -47,17 +50,24 @@ MIN_START_S = 5.0  # a worker is not started with less of the time budget left t
 
 
 def run_worker(
-    spec: dict, out: Path, name: str, preload: str | None, log, limit_s: float | None = None
+    spec: dict,
+    out: Path,
+    name: str,
+    preload: str | None,
+    log,
+    limit_s: float | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict:
-    """Run one measurement in a fresh process, killed after `limit_s` seconds. A failure is
-    recorded with how it ended, the end of its log and the progress it reported."""
+    """Run one measurement in a fresh process (`env` added to this one's environment), killed
+    after `limit_s` seconds. A failure is recorded with how it ended, the end of its log and the
+    progress it reported."""
     work = out / "work"
     spec_path, result_path = work / f"{name}.spec.json", work / f"{name}.json"
     work.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2, default=str))
     for stale in (result_path, partial_path(result_path)):
         stale.unlink(missing_ok=True)
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     if preload:
         env["LD_PRELOAD"] = preload
     limit = f" (limit {limit_s:.0f} s)" if limit_s else ""
@@ -131,6 +141,13 @@ def run_worker(
 )
 @click.option("--kernels/--no-kernels", default=True, help="Measure the kernel bounds.")
 @click.option(
+    "--precompile/--no-precompile",
+    default=None,
+    help="Before measuring, run each MLX worker's first pass, several at once, so that MLX's "
+    "CUDA build compiles its kernels in parallel rather than inside each measurement (default: "
+    "on with MLX's CUDA build, where compiling took minutes of a full-scale run; off elsewhere).",
+)
+@click.option(
     "--ranks",
     default="1,2",
     show_default=True,
@@ -168,6 +185,7 @@ def main(
     lookup_tokens,
     openblas,
     kernels,
+    precompile,
     ranks,
     out,
     cache,
@@ -226,6 +244,12 @@ def main(
         return
     session.config = json.loads(((folders.source or mlx_model) / "config.json").read_text())
     wanted = set(scenarios)
+    if precompile is None:
+        precompile = not cpu and not mx.metal.is_available()  # MLX's CUDA build
+    compiled = {}
+    if precompile and (jobs := session.precompile_jobs(runtimes, variants, cpu, wanted)):
+        memory = (ram_bytes() if cpu else gpu_memory_bytes()) or 0
+        compiled = session.precompile(jobs, precompile_together(session.config, len(jobs), memory))
     # Most wanted first: a run cut short by its time budget loses the last (and says so). Vision
     # before prompt lookup: on an H200 it took 38 s against lookup's 136, and a budget that cut
     # both lost the memory figures of issue 22.
@@ -255,6 +279,7 @@ def main(
         "weights": weights,
         "results": results,
         "kernel_bounds": bounds,
+        "precompile": compiled,
         "skipped": session.skipped,
         "phases_s": session.phases,
         "time_budget_s": time_budget,
@@ -281,6 +306,9 @@ class Session:
     rounds: int = 1
     skipped: list[dict] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
+    worker_env: dict[str, str] = field(
+        default_factory=dict
+    )  # for every worker after the precompile phase
     _phase: tuple[str, float] | None = None
 
     def __post_init__(self) -> None:
@@ -332,7 +360,9 @@ class Session:
     def preload_for(self, runtime: str | None) -> str | None:
         return self.preload if runtime in MLX_RUNTIMES else None  # never into torch
 
-    def run(self, spec: dict, name: str, preload: str | None) -> dict:
+    def run(
+        self, spec: dict, name: str, preload: str | None, env: dict[str, str] | None = None
+    ) -> dict:
         """One worker, under its task's time limit cut to the run's deadline."""
         limit = self.limits(spec["task"])
         if self.deadline is not None:
@@ -343,7 +373,8 @@ class Session:
                 self.skip(spec.get("runtime", "-"), spec.get("variant", "-"), name, reason)
                 return {"error": reason, "not_run": True}
             limit = min(limit, left)
-        return run_worker(spec, self.out, name, preload, self.log, limit)
+        env = {**self.worker_env, **(env or {})}
+        return run_worker(spec, self.out, name, preload, self.log, limit, env)
 
     def in_rounds(self, jobs: dict[str, tuple[dict, str, str]]) -> dict:
         """Run each job (key -> (spec, worker name, runtime)) once per round, jobs taking turns
@@ -358,6 +389,9 @@ class Session:
     def vision(self, runtimes: list[str], variants: list[str]) -> dict:
         """The float tower of each runtime (the 4-bit folders keep the same float tower)."""
         self.phase("vision")
+        return self.in_rounds(self.vision_jobs(runtimes, variants))
+
+    def vision_jobs(self, runtimes: list[str], variants: list[str]) -> dict:
         jobs = {}
         for runtime in runtimes:
             weights = self.folders.paths.get((runtime, "float"))
@@ -372,11 +406,24 @@ class Session:
                 "opcount": max(self.options["sizes"]) if runtime in MLX_RUNTIMES else None,
             }
             jobs[runtime] = (spec, f"vision-{runtime}", runtime)
-        return self.in_rounds(jobs)
+        return jobs
 
     def generate(self, runtimes: list[str], variants: list[str], cpu: bool) -> dict:
         """Whole generations per runtime and variant, float ones only where the model fits."""
         self.phase("generate")
+        results = self.in_rounds(self.generate_jobs(runtimes, variants, cpu))
+        for entry in results.values():  # ratios from the pooled medians, not one round's
+            if "overhead" in entry and "error" not in entry:
+                over = entry["overhead"]
+                over["step_s"] = entry["decode_step_s"]["median"]
+                over["overhead"] = over["step_s"] / over["kernels_step_s"]["median"] - 1.0
+        return results
+
+    def generate_jobs(
+        self, runtimes: list[str], variants: list[str], cpu: bool, record: bool = True
+    ) -> dict:
+        """The generate workers' jobs; a float one that does not fit is recorded as skipped
+        (once: the precompile phase asks with `record=False`)."""
         jobs = {}
         ram = ram_bytes()
         for variant in variants:
@@ -392,7 +439,8 @@ class Session:
                             f"the float model needs {need:.0f} GB, more than 80% of this "
                             f"machine's {ram / 1e9:.0f} GB"
                         )
-                        self.skip(runtime, variant, "generate", reason)
+                        if record:
+                            self.skip(runtime, variant, "generate", reason)
                         continue
                 spec = {
                     "task": "generate",
@@ -408,13 +456,7 @@ class Session:
                     "overhead": runtime == "mimo-mlx",
                 }
                 jobs[f"{runtime}/{variant}"] = (spec, f"generate-{runtime}-{variant}", runtime)
-        results = self.in_rounds(jobs)
-        for entry in results.values():  # ratios from the pooled medians, not one round's
-            if "overhead" in entry and "error" not in entry:
-                over = entry["overhead"]
-                over["step_s"] = entry["decode_step_s"]["median"]
-                over["overhead"] = over["step_s"] / over["kernels_step_s"]["median"] - 1.0
-        return results
+        return jobs
 
     def multiturn(self, variants: list[str]) -> dict:
         """mimo-mlx's second turn about the same image, with and without reuse, per variant."""
@@ -447,6 +489,14 @@ class Session:
         """mimo-mlx with and without prompt lookup on a copy-heavy task and plain ones
         (benchmarks/lookup.py), per variant."""
         self.phase("prompt lookup")
+        results = self.in_rounds(self.lookup_jobs(variants))
+        for entry in results.values():  # speedups from the pooled medians, not one round's
+            for task in entry.get("tasks", {}).values() if "error" not in entry else ():
+                medians = [task[k]["decode_tps"]["median"] for k in ("with", "without")]
+                task["speedup"] = medians[0] / medians[1]
+        return results
+
+    def lookup_jobs(self, variants: list[str], record: bool = True) -> dict:
         jobs = {}
         for variant in variants:
             weights = self.folders.paths.get(("mimo-mlx", variant))
@@ -454,7 +504,8 @@ class Session:
                 continue
             if not self.options["lookup"]:
                 reason = "--lookup-tokens 0 (the default at full scale on a CPU: minutes a pass)"
-                self.skip("mimo-mlx", variant, "prompt lookup", reason)
+                if record:
+                    self.skip("mimo-mlx", variant, "prompt lookup", reason)
                 continue
             spec = {
                 "task": "lookup",
@@ -468,12 +519,7 @@ class Session:
                 "runs": self.options["gen_runs"],
             }
             jobs[variant] = (spec, f"lookup-mimo-mlx-{variant}", "mimo-mlx")
-        results = self.in_rounds(jobs)
-        for entry in results.values():  # speedups from the pooled medians, not one round's
-            for task in entry.get("tasks", {}).values() if "error" not in entry else ():
-                medians = [task[k]["decode_tps"]["median"] for k in ("with", "without")]
-                task["speedup"] = medians[0] / medians[1]
-        return results
+        return jobs
 
     def ranks(self, variants: list[str], counts: list[int], cache: Path, cpu: bool) -> dict:
         """mimo-mlx's folders split across each number of ranks (`ranks.py`); on a CPU only
@@ -496,6 +542,61 @@ class Session:
         return measure_ranks(
             folders, counts, self.options, self.out, self.preload, self.mlx_dtype, self.log
         )
+
+    def precompile(self, jobs: dict[str, tuple[dict, str, str]], together: int) -> dict:
+        """Each job's first pass, nothing timed, `together` workers at a time (task "precompile").
+
+        On CUDA MLX compiles a kernel the first time a process uses it (NVRTC; one 4-bit matmul
+        took 45 s on the H200) and keeps it on disk (MLX_PTX_CACHE_DIR), so the measurements
+        after this find their kernels compiled: the compiling runs here in parallel, not inside
+        each measurement in turn. Each worker compiles into a folder of its own (two processes
+        writing one file could leave it torn); the folders of those that finished are joined
+        into the one every later worker reads."""
+        self.phase("precompile")
+        folders = self.out / "work" / "kernels"
+        shared = folders / "all"
+        shared.mkdir(parents=True, exist_ok=True)
+
+        def first_pass(job: tuple[dict, str, str]) -> tuple[Path, dict]:
+            spec, name, runtime = job
+            own = folders / name
+            env = {"MLX_PTX_CACHE_DIR": str(own)}
+            first = {"task": "precompile", "of": spec}
+            return own, self.run(first, f"precompile-{name}", self.preload_for(runtime), env)
+
+        with ThreadPoolExecutor(max_workers=together) as pool:
+            done = dict(zip(jobs, pool.map(first_pass, jobs.values()), strict=True))
+        workers = {}
+        for key, (own, result) in done.items():
+            if "error" not in result and own.is_dir():
+                shutil.copytree(own, shared, dirs_exist_ok=True)
+            workers[key] = result
+        self.worker_env["MLX_PTX_CACHE_DIR"] = str(shared)
+        files = sum(1 for f in shared.rglob("*") if f.is_file())
+        self.log(f"precompile: {files} compiled kernel files for the measurements")
+        return {"together": together, "kernel_files": files, "workers": workers}
+
+    def precompile_jobs(
+        self, runtimes: list[str], variants: list[str], cpu: bool, wanted: set[str]
+    ) -> dict[str, tuple[dict, str, str]]:
+        """What the precompile phase runs: each MLX worker the run will start that could need
+        kernels no other one compiles, longest first. Prompt lookup's passes over 1 to 16 tokens
+        cover its variant's generation (and multi-turn), which then has no first pass here."""
+        jobs = {}
+        if "mimo-mlx" in runtimes and "lookup" in wanted:
+            jobs |= {f"lookup/{k}": job for k, job in self.lookup_jobs(variants, False).items()}
+        if wanted & {"generate", "multiturn"}:
+            for key, job in self.generate_jobs(runtimes, variants, cpu, False).items():
+                runtime, variant = key.split("/")
+                covered = runtime == "mimo-mlx" and f"lookup/{variant}" in jobs
+                needed = "generate" in wanted or runtime == "mimo-mlx"
+                if runtime in MLX_RUNTIMES and needed and not covered:
+                    jobs[f"generate/{key}"] = job
+        if "vision" in wanted:
+            for runtime, job in self.vision_jobs(runtimes, variants).items():
+                if runtime in MLX_RUNTIMES:
+                    jobs[f"vision/{runtime}"] = job
+        return jobs
 
     def kernel_bounds(self, quick: bool) -> dict:
         """MLX's kernels as shipped, and (Linux CPU) with the system OpenBLAS preloaded."""

@@ -67,6 +67,7 @@ TIME_LIMITS = {
         "generate": 150,
         "multiturn": 120,
         "lookup": 180,
+        "precompile": 150,
         "default": 150,
     },
 }
@@ -114,6 +115,13 @@ def size_plans(settings: dict) -> list[dict]:
 
 def model_parameters(config: dict) -> int:
     return sum(math.prod(s) for s in checkpoint_shapes(config).values())
+
+
+def precompile_together(config: dict, jobs: int, memory_bytes: int) -> int:
+    """How many precompile workers may run at once in `memory_bytes` of device memory: each may
+    hold the bfloat16 weights and, while it makes a 4-bit variant in memory, half as much again."""
+    need = model_parameters(config) * 2 * 1.5
+    return max(1, min(jobs, int(0.8 * memory_bytes // max(need, 1))))
 
 
 def model_fits(config: dict, ram_bytes: int, bytes_per_param: int) -> tuple[bool, float]:

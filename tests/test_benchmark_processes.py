@@ -84,7 +84,9 @@ def session(tmp_path, deadline: float | None, logged: list) -> harness.Session:
 def test_the_time_budget_cuts_limits_and_skips_what_is_left(tmp_path, monkeypatch):
     limits = []
     monkeypatch.setattr(
-        harness, "run_worker", lambda spec, out, name, preload, log, limit: limits.append(limit)
+        harness,
+        "run_worker",
+        lambda spec, out, name, preload, log, limit, env: limits.append(limit),
     )
     logged = []
     soon = session(tmp_path, time.perf_counter() + 60, logged)
@@ -113,3 +115,46 @@ def test_a_timed_out_worker_keeps_the_progress_it_reported(tmp_path, monkeypatch
     found = harness.run_worker({"task": "lookup"}, tmp_path, "lookup", None, lambda m: None, 30)
     assert found["timed_out"] and found["error"] == "timed out: killed at its 30 s limit"
     assert found["partial"] == {"phases_s": {"pass_cost": 1.5}} and found["log_tail"] == "loading\n"
+
+
+def test_precompile_joins_the_kernels_of_the_passes_that_finished(tmp_path, monkeypatch):
+    """Each first pass compiles into a folder of its own; those of the passes that finished are
+    joined into one that every later worker is given (a killed one's may hold a torn file)."""
+    seen = []
+
+    def first_pass(spec, out, name, preload, log, limit, env):
+        seen.append((name, spec, env))
+        own = Path(env["MLX_PTX_CACHE_DIR"])
+        (own / "nested").mkdir(parents=True, exist_ok=True)
+        (own / "nested" / f"{name}.ptx").write_text(name)
+        if name == "precompile-generate-mlx-vlm-float":
+            return {"error": "timed out: killed at its 150 s limit", "timed_out": True}
+        return {"of": spec.get("of", spec)["task"]}
+
+    monkeypatch.setattr(harness, "run_worker", first_pass)
+    runs = session(tmp_path, None, [])
+    jobs = {
+        "lookup/4bit": ({"task": "lookup"}, "lookup-mimo-mlx-4bit", "mimo-mlx"),
+        "generate/mlx-vlm/float": ({"task": "generate"}, "generate-mlx-vlm-float", "mlx-vlm"),
+        "vision/mimo-mlx": ({"task": "vision"}, "vision-mimo-mlx", "mimo-mlx"),
+    }
+    found = runs.precompile(jobs, together=2)
+    shared = tmp_path / "work" / "kernels" / "all"
+    kept = sorted(p.name for p in (shared / "nested").iterdir())
+    assert kept == ["precompile-lookup-mimo-mlx-4bit.ptx", "precompile-vision-mimo-mlx.ptx"]
+    assert found["kernel_files"] == 2 and found["together"] == 2
+    assert "error" in found["workers"]["generate/mlx-vlm/float"]
+    assert {spec["task"] for _, spec, _ in seen} == {"precompile"}
+    assert len({env["MLX_PTX_CACHE_DIR"] for _, _, env in seen}) == 3  # a folder each
+    runs.run({"task": "generate"}, "generate-mimo-mlx-float", None)
+    assert seen[-1][2] == {"MLX_PTX_CACHE_DIR": str(shared)}
+
+
+def test_precompile_runs_as_many_at_once_as_the_device_holds():
+    from benchmarks.settings import precompile_together
+    from benchmarks.synthetic import scaled_config
+
+    full, h200 = scaled_config("full"), 143771 * 2**20  # MiB, as nvidia-smi gives it
+    assert precompile_together(full, 6, h200) == 4  # 25 GB each: bfloat16 and a 4-bit copy
+    assert precompile_together(full, 6, 24 * 10**9) == 1
+    assert precompile_together(scaled_config("tiny"), 6, 24 * 10**9) == 6

@@ -29,10 +29,12 @@ def results(tmp_path_factory) -> Path:
         sys.executable, "-m", "benchmarks.run", "--scale", "tiny", "--sizes", "448",
         "--runs", "1", "--warmup", "0", "--decode-tokens", "4", "--text-tokens", "8",
         "--no-openblas", "--cache", str(root / "cache"), "--out", str(out), "--time-budget", "900",
+        "--precompile",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    for phase in ("weights", "kernel bounds", "vision", "generate", "prompt lookup", "report"):
+    phases = ("weights", "precompile", "kernel bounds", "vision", "generate", "prompt lookup")
+    for phase in (*phases, "report"):
         assert f"] == {phase}: " in done.stderr  # each phase's time, printed as it ends
     return out
 
@@ -64,6 +66,14 @@ def test_json_holds_every_measurement(results):
     assert any(s["runtime"] == "torch" and s["variant"] == "4bit" for s in report["skipped"])
     assert report["weights"]["made"] and report["weights"]["parameters"] > 0
     assert {"weights", "kernel bounds", "vision", "generate"} <= report["phases_s"].keys()
+    # The first passes before the measurements: each MLX worker whose kernels no other compiles
+    # (lookup's passes cover its variant's generation), all done, nothing timed.
+    compiled = report["precompile"]
+    expected_passes = {"lookup/float", "lookup/4bit", "generate/mlx-vlm/float"}
+    expected_passes |= {"generate/mlx-vlm/4bit", "vision/mimo-mlx", "vision/mlx-vlm"}
+    assert set(compiled["workers"]) == expected_passes and compiled["together"] >= 1
+    for key, entry in compiled["workers"].items():
+        assert "error" not in entry and entry["of"] == key.split("/")[0], (key, entry)
     for key in ("mimo-mlx/4bit", "mlx-vlm/4bit"):  # quantized in memory, by each one's recipe
         assert generate[key]["recipe"] and generate[key]["quantized_fingerprint"]
     fingerprints = {generate[k]["quantized_fingerprint"] for k in ("mimo-mlx/4bit", "mlx-vlm/4bit")}
