@@ -3,11 +3,13 @@
 
 Prompt lookup verifies each draft with one pass over k = draft + 1 tokens, and every verification
 continues the cache at a new length. On an H200 a 9-token verification took about 65 ms against
-about 8 ms for a decode step, while the same pass repeated at one cache length cost 1.2 steps:
-the cost looks like a per-shape build (MLX routes attention over more than 8 queries to a fused
-kernel; fewer go to its vector kernel). This probe times passes of k tokens at successive new
-cache lengths and again at a length already seen, through MiMo-VL's full-width decoder with a few
-layers (random weights).
+about 8 ms for a decode step, while the same pass repeated at one cache length cost 1.2 steps.
+The cause, in MLX's source: its CUDA build runs attention over more than one query through
+cuDNN, which builds a graph per new shape of queries and keys; since then mimo-mlx runs 2 to 16
+queries as plain matmuls there (`backend.plain_attention`). This probe times passes of k tokens
+at successive new cache lengths and again at a length already seen, through MiMo-VL's full-width
+decoder with a few layers (random weights): the sizes up to 16 show the plain path, 17 and up
+(prefill chunks) what cuDNN's builds cost a prompt of a length not seen before.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..prefill_memory import model_with
 @click.command()
 @click.option("--layers", default=2, show_default=True)
 @click.option("--context", default=1024, show_default=True, help="Prompt tokens first.")
-@click.option("--ks", default="1,4,8,9,12,16", show_default=True, help="Pass sizes.")
+@click.option("--ks", default="1,4,8,9,12,16,17,64,512", show_default=True, help="Pass sizes.")
 @click.option("--steps", default=6, show_default=True, help="New cache lengths per size.")
 @click.option("--out", type=click.Path(path_type=Path))
 def main(layers: int, context: int, ks: str, steps: int, out: Path | None) -> None:

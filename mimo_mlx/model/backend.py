@@ -15,6 +15,11 @@ The layers build lazy graphs and never evaluate. Backends differ in ways that ma
   fused kernel that never holds the (queries x keys) score matrix. The CPU, and float32 on CUDA,
   build the full scores; one 1344x1344 image in full attention would take 5.4 GB of them. There the
   vision tower runs every half-block in evaluated pieces that each stay within a small budget.
+- Setting up attention. CUDA runs a fused attention over more than one query through cuDNN,
+  which builds a graph for each new shape of queries and keys: 44-70 ms for a pass over 4 to 16
+  tokens at a cache length not seen before on the H200, 1.7 ms at one already seen. Every
+  prompt-lookup verification continues the cache at a new length, so there a few queries go
+  through plain matmuls instead (`plain_attention`).
 - Rotary embedding. Metal and CUDA run `mx.fast.rope` as one kernel; the CPU has none, so there the
   decoder builds its cos/sin table once per forward pass rather than once per layer (`rope_kernel`).
 - Apple silicon. Generation pins the weights in memory (wired limit), runs on its own stream and
@@ -67,6 +72,9 @@ PASS_BUDGET = 256 * 2**20
 SCORE_HIDDEN_STATES = 2
 ROW_HIDDEN_STATES = 3
 PIECES_HELD_HIDDEN = 10
+# On CUDA, attention over 2 to this many queries runs as plain matmuls, not cuDNN (see
+# `plain_attention`): prompt lookup verifies up to 16 tokens a pass.
+PLAIN_ATTENTION_QUERIES = 16
 # Apple silicon: return freed buffers to the system every this many generated tokens.
 CACHE_RELEASE_INTERVAL = 256
 
@@ -98,6 +106,17 @@ def fused_attention(kind: str, dtype: mx.Dtype, head_dim: int, queries: int) -> 
     if kind == "cuda":  # cuDNN: half precision, head dims that are multiples of 8 up to 128
         return dtype in (mx.float16, mx.bfloat16) and head_dim % 8 == 0 and head_dim <= 128
     return False
+
+
+def plain_attention(kind: str, dtype: mx.Dtype, head_dim: int, queries: int) -> bool:
+    """Whether attention over `queries` queries should run as plain matmuls rather than MLX's
+    fused kernel: on CUDA, for 2 to PLAIN_ATTENTION_QUERIES queries where MLX would pick cuDNN,
+    which builds a graph for every new shape (tens of ms: far more than a few queries' scores
+    cost to compute). One query runs MLX's vector kernel, which has no such cost; so does
+    everything on Metal."""
+    if kind != "cuda" or not 1 < queries <= PLAIN_ATTENTION_QUERIES:
+        return False
+    return fused_attention(kind, dtype, head_dim, queries)
 
 
 def held_bytes(tokens: int, hidden_size: int, intermediate_size: int, itemsize: int) -> int:

@@ -12,7 +12,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .activations import swiglu
-from .backend import device_kind, rope_kernel
+from .backend import device_kind, plain_attention, rope_kernel
 from .cache import LayerCache, QuantizedArray
 from .config import TextConfig
 from .vision import rotate_half
@@ -85,14 +85,18 @@ def attention(
     Quantized keys and values are read by MLX's quantized matmuls, never dequantized whole, when
     the scores are no larger than they would be dequantized (decode steps, prompt-lookup drafts).
     A prefill chunk of many queries dequantizes them for the fused attention instead: its scores
-    would be far larger (a GPU's fused kernel never holds them), and the result is the same.
+    would be far larger (a GPU's fused kernel never holds them), and the result is the same. On
+    CUDA a few queries (a prompt-lookup verification) run as plain matmuls, where the fused
+    kernel would first build a graph for the new cache length (`backend.plain_attention`).
     """
+    heads, length, head_dim = queries.shape[1:]
     if isinstance(keys, QuantizedArray):
-        heads, length = queries.shape[1], queries.shape[2]
-        kv_heads, head_dim = keys.packed.shape[1], keys.shape[-1]
+        kv_heads = keys.packed.shape[1]
         if heads * length <= 2 * kv_heads * head_dim:
             return quantized_attention(queries, keys, values, scale, mask)
         keys, values = keys.dequantize(), values.dequantize()
+    if length > 1 and plain_attention(device_kind(), queries.dtype, head_dim, length):
+        return plain_grouped_attention(queries, keys, values, scale, mask)
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
 
@@ -107,14 +111,50 @@ def quantized_attention(
     `quantized_scaled_dot_product_attention`). mask: None, "causal" (aligned to the end of the
     keys, as MLX's fused attention aligns it), or a boolean or additive array that broadcasts
     to (L, N) or, as the fused attention takes it, to (B, H, L, N)."""
-    batch, heads, length, head_dim = queries.shape
-    kv_heads = keys.packed.shape[1]
-    groups = heads // kv_heads
-    q = (queries * scale).reshape(batch, kv_heads, groups, length, head_dim)  # (B, Hkv, G, L, D)
     k = [part[:, :, None] for part in keys.parts]  # (B, Hkv, 1, N, .)
     v = [part[:, :, None] for part in values.parts]
     quant = dict(group_size=keys.group_size, bits=keys.bits)
-    scores = mx.quantized_matmul(q, *k, transpose=True, **quant)  # (B, Hkv, G, L, N)
+    return _grouped(
+        queries,
+        keys.packed.shape[1],
+        scale,
+        mask,
+        lambda q: mx.quantized_matmul(q, *k, transpose=True, **quant),
+        lambda weights: mx.quantized_matmul(weights, *v, transpose=False, **quant),
+    )
+
+
+def plain_grouped_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: str | mx.array | None
+) -> mx.array:
+    """`attention` through plain matmuls (as MLX's own unfused path), for a few queries where
+    the fused kernel costs more to set up than to run (`backend.plain_attention`); the masks of
+    `quantized_attention`."""
+    k, v = keys[:, :, None], values[:, :, None]  # (B, Hkv, 1, N, D)
+    return _grouped(
+        queries,
+        keys.shape[1],
+        scale,
+        mask,
+        lambda q: q @ k.swapaxes(-1, -2),
+        lambda weights: weights @ v,
+    )
+
+
+def _grouped(
+    queries: mx.array,
+    kv_heads: int,
+    scale: float,
+    mask: str | mx.array | None,
+    scores_of: Callable[[mx.array], mx.array],
+    weighted: Callable[[mx.array], mx.array],
+) -> mx.array:
+    """softmax(scores_of(scaled queries), masked) through `weighted`, the query heads grouped
+    over their key/value head: (B, Hkv, G, L, D) queries give (B, Hkv, G, L, N) scores."""
+    batch, heads, length, head_dim = queries.shape
+    groups = heads // kv_heads
+    q = (queries * scale).reshape(batch, kv_heads, groups, length, head_dim)  # (B, Hkv, G, L, D)
+    scores = scores_of(q)  # (B, Hkv, G, L, N)
     if isinstance(mask, str):  # "causal"
         count = scores.shape[-1]
         mask = mx.arange(count - length, count)[:, None] >= mx.arange(count)[None]  # (L, N)
@@ -126,8 +166,7 @@ def quantized_attention(
     elif mask is not None:
         scores = scores + mask
     weights = mx.softmax(scores, axis=-1, precise=True)
-    out = mx.quantized_matmul(weights, *v, transpose=False, **quant)  # (B, Hkv, G, L, D)
-    return out.reshape(batch, heads, length, head_dim)
+    return weighted(weights).reshape(batch, heads, length, head_dim)  # from (B, Hkv, G, L, D)
 
 
 class Attention(nn.Module):
