@@ -40,19 +40,19 @@ def test_fused_attention_follows_mlx_routing(kind, dtype, head_dim, queries, fus
 
 
 def test_vision_schedule_per_backend():
-    """Fused attention: overlapped stretches of half-blocks (one each at 1344x1344); else every
-    half-block in evaluated pieces."""
+    """Fused attention: overlapped stretches of a block's steps (one each at 1344x1344); else
+    every half-block in evaluated pieces."""
     big = 9216  # a 1344x1344 image, through MiMo-VL's tower
     for kind, dtype in (("metal", mx.bfloat16), ("metal", mx.float16), ("cuda", mx.bfloat16)):
         schedule = vision_schedule(kind, dtype, 80, big, big, 1280, 3456)
-        assert schedule == VisionSchedule(group_patches=big, halves_per_eval=1, overlapped=True)
+        assert schedule == VisionSchedule(group_patches=big, steps_per_eval=1, overlapped=True)
     for kind, dtype in (("cpu", mx.float32), ("cpu", mx.bfloat16), ("cuda", mx.float32)):
         schedule = vision_schedule(kind, dtype, 80, big, big, 1280, 3456)
-        assert schedule.rows and schedule.score_budget and not schedule.halves_per_eval
+        assert schedule.rows and schedule.score_budget and not schedule.steps_per_eval
 
 
 # MiMo-VL's tower in bfloat16 (weights 1.37 GB): the pass's grid, the bound it must keep above
-# its weights, and how many half-blocks Metal and CUDA run between evaluations.
+# its weights, and how many of a block's three steps Metal and CUDA run between evaluations.
 FULL_SCALE_PASSES = {
     "448x448": ([[1, 32, 32]], None, 7),
     "1024x1024": ([[1, 74, 74]], 0.6e9, 1),
@@ -72,23 +72,24 @@ def test_a_vision_block_holds_what_the_h200_measured():
 @pytest.mark.parametrize("kind", ["metal", "cuda"])
 @pytest.mark.parametrize("name", list(FULL_SCALE_PASSES))
 def test_gpu_vision_schedule_at_full_scale(kind, name):
-    """On the GPU backends MiMo-VL's tower runs in overlapped stretches of half-blocks (one at
-    1024x1024 and up; seven, three and a half blocks, at 448x448: a few syncs), and what it may
-    hold stays within the pass's bound: two stretches in flight (at least a whole block of the
-    largest group: its two halves), the pixels, two hidden states of the group (a stretch's
-    input and output), the features and one group's features (written into them)."""
-    grid, bound, halves = FULL_SCALE_PASSES[name]
+    """On the GPU backends MiMo-VL's tower runs in overlapped stretches of a block's steps (one
+    at 1024x1024 and up; seven, two blocks and a third, at 448x448: a few syncs), and what it may
+    hold stays within the pass's bound: three stretches alive (one running, one queued, one
+    returning its buffers), the pixels, two hidden states of the group (a stretch's input and
+    output), the features and one group's features (written into them)."""
+    grid, bound, steps = FULL_SCALE_PASSES[name]
     hidden, intermediate, out, size = 1280, 3456, 4096, 2
     frames = frame_lengths(np.array(grid))
     patches = int(frames.sum())
     schedule = vision_schedule(
         kind, mx.bfloat16, 80, patches, int(frames.max()), hidden, intermediate
     )
-    assert schedule.halves_per_eval == halves and schedule.overlapped and not schedule.rows
+    assert schedule.steps_per_eval == steps and schedule.overlapped and not schedule.rows
     group = max(int(g.prod(axis=1).sum()) for g in frame_groups(grid, schedule.group_patches))
-    in_flight = max(2 * halves, 2) * backend.block_bytes(group, hidden, intermediate, size) // 2
+    step = backend.block_bytes(group, hidden, intermediate, size) // backend.BLOCK_STEPS
+    alive = 3 * steps * step
     features = patches // 4 * out * size
-    held = in_flight + patches * 1176 * size + 2 * group * hidden * size + features
+    held = alive + patches * 1176 * size + 2 * group * hidden * size + features
     held += group // 4 * out * size
     assert bound is None or held <= bound, f"{held / 1e9:.2f} GB"
     if name == "128-frame video":
@@ -130,7 +131,7 @@ def test_query_chunks_keep_scores_under_the_budget():
     chunk = schedule.query_chunk(heads=16, segments=1, size=9216, itemsize=4)
     assert chunk * 16 * 9216 * 4 <= 64 * 2**20 < (chunk + 1) * 16 * 9216 * 4
     assert schedule.query_chunk(heads=16, segments=100, size=64, itemsize=4) is None  # windows
-    assert VisionSchedule(halves_per_eval=1).query_chunk(16, 1, 9216, 4) is None
+    assert VisionSchedule(steps_per_eval=1).query_chunk(16, 1, 9216, 4) is None
 
 
 @pytest.fixture(scope="module")

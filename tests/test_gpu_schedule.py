@@ -18,7 +18,13 @@ import pytest
 
 from mimo_mlx.generation import loop
 from mimo_mlx.generation.loop import generate_step
-from mimo_mlx.model.backend import VisionSchedule, block_bytes, held_bytes, prefill_schedule
+from mimo_mlx.model.backend import (
+    BLOCK_STEPS,
+    VisionSchedule,
+    block_bytes,
+    held_bytes,
+    prefill_schedule,
+)
 from mimo_mlx.model.config import ModelConfig, TextConfig, VisionConfig
 from mimo_mlx.model.language import DecoderLayer
 from mimo_mlx.model.mimo_vl import Model
@@ -97,28 +103,29 @@ def assert_flat(peaks: list[int], depths: tuple[int, int], state: int) -> None:
     assert grown < (depths[1] - depths[0]) / 2 * state, f"peaks {peaks} at depths {depths}"
 
 
-# Budgets in patches' worth of half-blocks: four half-blocks of the whole pass (one group,
-# evaluated every two blocks), and less than one (its frames run in groups, the image alone, then
-# the video's frames, each evaluated every half-block).
+# Budgets in patches' worth of a block's steps: six steps of the whole pass (one group, evaluated
+# every two blocks), and less than one (its frames run in groups, the image alone, then the
+# video's frames, each evaluated every step).
 @pytest.mark.parametrize("kind, dtype", GPU_KINDS)
-@pytest.mark.parametrize("budget, halves", [(4 * PATCHES, 4), (200, 1)])
-def test_vision_pass_is_evaluated_as_it_goes(monkeypatch, kind, dtype, budget, halves):
-    """Under the schedule a GPU backend gets, the pass runs through the blocks' two halves, each
-    stretch queued before the host waits for the one before it (never more than two in flight);
-    its peak does not grow with depth; its features equal the one-graph pass's."""
-    per_half = block_bytes(1, VISION["hidden_size"], VISION["intermediate_size"], dtype.size) // 2
+@pytest.mark.parametrize("budget, steps", [(6 * PATCHES, 6), (200, 1)])
+def test_vision_pass_is_evaluated_as_it_goes(monkeypatch, kind, dtype, budget, steps):
+    """Under the schedule a GPU backend gets, the pass runs through the three steps of each
+    block, each stretch queued before the host waits for the one before it (never more than two
+    in flight); its peak does not grow with depth; its features equal the one-graph pass's."""
+    per_step = block_bytes(1, VISION["hidden_size"], VISION["intermediate_size"], dtype.size)
+    per_step //= BLOCK_STEPS
     peaks = []
     for depth in (4, 16):
         model, values = tower(depth, dtype), pixels(dtype)
-        schedule = tower_schedule(model, GRID, kind, budget=budget * per_half)
-        assert schedule.halves_per_eval == halves and schedule.overlapped and not schedule.rows
+        schedule = tower_schedule(model, GRID, kind, budget=budget * per_step)
+        assert schedule.steps_per_eval == steps and schedule.overlapped and not schedule.rows
         with monkeypatch.context() as patch:
-            trace = Trace(patch, VisionBlock, ("attend", "feed_forward"))
+            trace = Trace(patch, VisionBlock, ("project", "attend", "feed_forward"))
             features = encode(model, values, GRID, schedule)
         groups = 2 if budget < PATCHES else 1
-        assert trace.events.count("layer") == 2 * depth * groups
-        assert trace.longest_unevaluated_run() <= halves
-        stretches = 2 * depth // halves - 1  # a group's; the last rides with the merger
+        assert trace.events.count("layer") == BLOCK_STEPS * depth * groups
+        assert trace.longest_unevaluated_run() <= steps <= 2 * BLOCK_STEPS  # every 2 blocks
+        stretches = BLOCK_STEPS * depth // steps - 1  # a group's; the last rides with the merger
         assert trace.events.count("async_eval") == groups * stretches
         in_flight, most = 0, 0  # stretches queued and not yet waited for
         for event in trace.events:  # an evaluation waits at least for all but the last queued

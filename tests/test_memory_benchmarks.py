@@ -56,7 +56,7 @@ def test_vision_memory_one_graph_is_the_before_of_the_same_pass(tmp_path):
     assert measured["schedule_name"] == "one-graph"
     assert measured["schedule"] == {
         "group_patches": 0,
-        "halves_per_eval": 0,
+        "steps_per_eval": 0,
         "overlapped": False,
         "rows": 0,
         "score_budget": 0,
@@ -83,7 +83,7 @@ def test_every_evaluation_policy_of_the_gpu_probe_computes_the_same_features():
     pixels = mx.random.normal((96, config.patch_dim), key=mx.random.key(0))
     named = schedules(tower, grid)
     expected = np.array(run_pass(tower, pixels, grid, named.pop("one-graph")))
-    assert len(named) == 9
+    assert len(named) == 10
     for name, schedule in named.items():
         ours = np.array(run_pass(tower, pixels, grid, schedule))
         np.testing.assert_allclose(ours, expected, atol=1e-5, err_msg=name)

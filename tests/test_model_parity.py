@@ -142,8 +142,8 @@ def test_batch_of_two_sequences(model, reference):
     [
         VisionSchedule(),
         VisionSchedule(rows=13, score_budget=2 * 4 * 64 * 7),
-        VisionSchedule(group_patches=150, halves_per_eval=1),
-        VisionSchedule(group_patches=150, halves_per_eval=3, overlapped=True),
+        VisionSchedule(group_patches=150, steps_per_eval=1),
+        VisionSchedule(group_patches=150, steps_per_eval=2, overlapped=True),
         VisionSchedule(group_patches=150, rows=13, score_budget=2 * 4 * 64 * 7),
     ],
     ids=[
@@ -158,7 +158,7 @@ def test_vision_tower_many_images_and_frames(model, reference, schedule):
     """The tower alone, with images and video frames of different sizes in one call: as one lazy
     graph; as evaluated pieces (13 rows of per-token work, query chunks of 7); in groups of whole
     frames of at most 150 patches (the video's 4 frames of 64 split 2 + 2), evaluated after every
-    half-block, in overlapped stretches of three half-blocks, or in pieces. The same result."""
+    step of a block, in overlapped stretches of two steps, or in pieces. The same result."""
     rng = np.random.default_rng(6)
     grids = np.array([AWKWARD, [4, 8, 8], BELOW_MIN_PIXELS, [1, 16, 16], [1, 18, 10]])
     px = pixels(grids, rng)

@@ -13,8 +13,8 @@ median time and the peak above the weights:
 - sync-N: `mx.eval` after every N blocks (N=1: what the GPU backends ran from #22's first step);
 - lag-N: `mx.async_eval` after every N blocks, then wait for the stretch before it: the device
   runs one stretch while the host builds the next, at most two in flight;
-- half-sync-1, half-lag-1: the same with a stretch of half a block, so that two stretches in
-  flight hold about one block;
+- step-sync-N, step-lag-N: the same with a stretch of N of a block's three steps (`project`,
+  `attend`, `feed_forward`), so that the stretches alive at once hold about one block;
 - block: one block alone (a windowed and a full-attention one) over an evaluated input, the least
   any whole-block schedule can hold.
 
@@ -38,24 +38,25 @@ from mimo_mlx.model.vision import VisionModel, encode, tower_schedule
 from ..machine import provenance, write_json
 from ..vision_memory import full_width_tower, pass_grid
 
-# name -> (half-blocks per evaluation, overlapped)
+# name -> (steps per evaluation, a block being three, overlapped)
 POLICIES = {
-    "sync-1": (2, False),
-    "sync-2": (4, False),
-    "sync-4": (8, False),
-    "lag-1": (2, True),
-    "lag-2": (4, True),
-    "lag-4": (8, True),
-    "half-sync-1": (1, False),
-    "half-lag-1": (1, True),
+    "sync-1": (3, False),
+    "sync-2": (6, False),
+    "sync-4": (12, False),
+    "lag-1": (3, True),
+    "lag-2": (6, True),
+    "lag-4": (12, True),
+    "step-sync-1": (1, False),
+    "step-lag-1": (1, True),
+    "step-lag-2": (2, True),
 }
 
 
 def schedules(tower: VisionModel, grid: np.ndarray) -> dict[str, VisionSchedule]:
     """Every policy's schedule for a pass of `tower` over `grid` (one group of frames)."""
     named = {"one-graph": VisionSchedule(), "backend": tower_schedule(tower, grid, device_kind())}
-    for name, (halves, overlapped) in POLICIES.items():
-        named[name] = VisionSchedule(halves_per_eval=halves, overlapped=overlapped)
+    for name, (steps, overlapped) in POLICIES.items():
+        named[name] = VisionSchedule(steps_per_eval=steps, overlapped=overlapped)
     return named
 
 

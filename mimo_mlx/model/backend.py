@@ -10,7 +10,7 @@ The layers build lazy graphs and never evaluate. Backends differ in ways that ma
   (Metal: 20 to 50, by chip), so one lazy vision pass held 12.4 GB over its weights at 1344x1344
   on an H200: several blocks' intermediates in each of several buffers. There long passes are
   evaluated as they go (`vision_schedule`, `prefill_schedule`): a stretch of the pass at a time,
-  each within PASS_BUDGET where a block (layer) allows.
+  each within a budget where a step of a block (a layer) allows.
 - Attention. Metal and CUDA (cuDNN, half precision) run `mx.fast.scaled_dot_product_attention` as a
   fused kernel that never holds the (queries x keys) score matrix. The CPU, and float32 on CUDA,
   build the full scores; one 1344x1344 image in full attention would take 5.4 GB of them. There the
@@ -47,8 +47,7 @@ METAL_FUSED_HEAD_DIMS = (64, 72, 80, 96, 128)
 #   (gate, up, their product). Measured on an H200: one full-attention block of MiMo-VL's tower
 #   alone, over an evaluated input, held 0.646 GB at 1344x1344 and 0.384 GB at 1024x1024: 19.3
 #   hidden states beside the MLP's 3 at both sizes (windowed blocks hold a little more where
-#   windows are padded: 0.476 GB at 1024x1024). The attention half holds about 16 of them, the
-#   MLP half the other 3 and the MLP's.
+#   windows are padded: 0.476 GB at 1024x1024).
 # - a decoder layer: HELD_HIDDEN and HELD_INTERMEDIATE, an upper estimate (a 4,096-token prefill
 #   evaluated every layer held 0.27 GB over its weights and cache on the H200, against the
 #   estimate's 0.76 GB).
@@ -56,10 +55,20 @@ BLOCK_HELD_HIDDEN = 19
 BLOCK_HELD_INTERMEDIATE = 3
 HELD_HIDDEN = 10
 HELD_INTERMEDIATE = 3
-# A GPU pass is evaluated in stretches that hold at most this much each (at least one half-block or
-# decoder layer). Fewer evaluations where blocks are small: each host sync costs about 0.1 ms
-# on the H200 when it drains the device (the CPU's schedule, about 14 syncs a block, took a
-# 448x448 pass from 15 to 58 ms there).
+# A vision block runs as the three steps its call composes (`VisionBlock.project`: norm, queries,
+# keys, values, rotary embedding; `attend`: attention, projection, residual; `feed_forward`), a
+# third of the block's hold each, taken as even.
+BLOCK_STEPS = 3
+# On a GPU backend the vision pass runs in overlapped stretches of steps, each within this budget
+# (at least one step): one stretch runs while the next is queued, and the one before may not have
+# returned its buffers yet, so about three stretches' worth is alive at once, at most one block
+# where a step is larger than the budget. Larger stretches where steps are small: each stretch is
+# a host sync, and at 448x448 on the H200 stretches of two blocks (this budget's seven steps)
+# took 16.2 ms against 15.3 for one graph, of one block 17.3.
+STRETCH_BUDGET = 160 * 2**20
+# A GPU prefill is evaluated after as many decoder layers as hold this much together, at least
+# one (each evaluation a host sync: about 0.1 ms when it drains the H200). Also the budget of a
+# group of frames where the tower runs in evaluated pieces.
 PASS_BUDGET = 256 * 2**20
 # Where the tower runs in evaluated pieces, budgets in hidden states of the pass (patches x width).
 # A query chunk's attention scores stay within SCORE_HIDDEN_STATES. A piece of per-token work (the
@@ -139,9 +148,9 @@ class VisionSchedule:
     group_patches: the frames run in consecutive groups of whole frames, at most this many patches
     each (a larger frame alone), each group a pass of its own whose features are evaluated before
     the next starts. Attention never crosses frames, so the features are the same. 0: one group.
-    halves_per_eval: the blocks run as their two halves (`VisionBlock.attend`, then
-    `VisionBlock.feed_forward`), and the hidden states are evaluated after every this many
-    half-blocks (0: never inside a group).
+    steps_per_eval: the blocks run as their three steps (`VisionBlock.project`, `attend`,
+    `feed_forward`), and what the next step needs is evaluated after every this many steps (0:
+    never inside a group).
     overlapped: each such stretch is queued (`mx.async_eval`) and the host then waits only for
     the stretch before it, so the device runs one stretch while the host builds the next: two
     in flight at most. Otherwise each is evaluated before the next is built.
@@ -152,7 +161,7 @@ class VisionSchedule:
     """
 
     group_patches: int = 0
-    halves_per_eval: int = 0
+    steps_per_eval: int = 0
     overlapped: bool = False
     rows: int = 0
     score_budget: int = 0
@@ -179,32 +188,34 @@ def vision_schedule(
     longest_frame: int,
     hidden_size: int,
     intermediate_size: int,
-    budget: int = PASS_BUDGET,
+    budget: int | None = None,
 ) -> VisionSchedule:
     """The schedule for a vision pass on backend `kind` over `patches` patches whose longest frame
     has `longest_frame` patches (the largest full-attention segment), in a tower `hidden_size`
     wide whose MLP is `intermediate_size` wide.
 
-    Where attention is fused (Metal; CUDA in half precision), frames are grouped so that half a
-    block of a group holds at most `budget` (`block_bytes`; a frame larger than that is a group
-    of its own), and each group runs in overlapped stretches of as many half-blocks as fit in
-    `budget`, at least one. Two stretches in flight then hold about max(2 x budget, one block of
-    the largest frame) above the pixels and features. For MiMo-VL's tower in bfloat16: a stretch
-    of one half-block at 1024x1024 and 1344x1344 (a block holds 0.38 and 0.65 GB), of 7 (three
-    and a half blocks) at 448x448, and groups of 7 frames of a video at the default 1024 patches
-    a frame.
+    Where attention is fused (Metal; CUDA in half precision), frames are grouped so that a step of
+    a block over a group holds at most `budget` (default STRETCH_BUDGET; `block_bytes` /
+    BLOCK_STEPS; a frame larger than that is a group of its own), and each group runs in
+    overlapped stretches of as many steps as fit in `budget`, at least one. About three
+    stretches are alive at once: max(3 x budget, one block of the largest frame) above the
+    pixels and features. For MiMo-VL's tower in bfloat16: stretches of one step at 1024x1024
+    and 1344x1344 (a block holds 0.38 and 0.65 GB), of 7 (two blocks and a third) at 448x448,
+    and groups of 7 frames of a video at the default 1024 patches a frame.
 
-    Elsewhere a group runs every half-block in pieces (see `VisionSchedule`) within the budgets
-    above: rows such that the MLP's temporaries fit in ROW_HIDDEN_STATES, query chunks whose
-    scores fit in SCORE_HIDDEN_STATES; 3 row pieces for MiMo-VL's widths, full-attention chunks
-    of 2 x head_dim queries.
+    Elsewhere a group runs every half-block in pieces (see `VisionSchedule`) within `budget`
+    (default PASS_BUDGET): rows such that the MLP's temporaries fit in ROW_HIDDEN_STATES, query
+    chunks whose scores fit in SCORE_HIDDEN_STATES; 3 row pieces for MiMo-VL's widths,
+    full-attention chunks of 2 x head_dim queries.
     """
     size = dtype.size
     if fused_attention(kind, dtype, head_dim, longest_frame):
-        per_half = block_bytes(1, hidden_size, intermediate_size, size) // 2  # a patch's share
-        group = min(patches, max(longest_frame, budget // per_half))
-        halves = max(1, budget // (group * per_half))
-        return VisionSchedule(group_patches=group, halves_per_eval=halves, overlapped=True)
+        budget = budget or STRETCH_BUDGET
+        per_step = block_bytes(1, hidden_size, intermediate_size, size) // BLOCK_STEPS
+        group = min(patches, max(longest_frame, budget // per_step))
+        steps = max(1, budget // (group * per_step))
+        return VisionSchedule(group_patches=group, steps_per_eval=steps, overlapped=True)
+    budget = budget or PASS_BUDGET
     group = min(patches, max(longest_frame, budget // (PIECES_HELD_HIDDEN * hidden_size * size)))
     state = group * hidden_size * size
     per_row = 3 * intermediate_size * size  # gate, up, their product

@@ -2,8 +2,8 @@
 
 Attribute names equal the checkpoint's keys under `visual.`, so weights load by name. The modules
 build one lazy graph and never evaluate; `encode` runs the same math under a backend's memory
-schedule (`tower_schedule`): groups of frames, each in overlapped stretches of half-blocks where
-attention is fused, in evaluated pieces where the backend would otherwise hold every attention
+schedule (`tower_schedule`): groups of frames, each in overlapped stretches of a block's steps
+where attention is fused, in evaluated pieces where the backend would otherwise hold every attention
 score.
 """
 
@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .activations import swiglu
-from .backend import PASS_BUDGET, VisionSchedule, vision_schedule
+from .backend import BLOCK_STEPS, VisionSchedule, vision_schedule
 from .config import VisionConfig
 from .windows import (
     AttentionGroup,
@@ -114,7 +114,7 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
 
     def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, plan: AttentionPlan) -> mx.array:
-        return self.proj(segment_attention(*self.heads(x, cos, sin), plan, self.scale))
+        return self.output(self.heads(x, cos, sin), plan)
 
     def heads(self, x: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, ...]:
         """Rotated queries and keys, and values: (H, N, D) each."""
@@ -122,6 +122,11 @@ class VisionAttention(nn.Module):
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, -1).transpose(1, 2, 0, 3)  # (3, H, N, D)
         q, k = apply_rotary(qkv[:2], cos, sin)  # q and k in one pass
         return q, k, qkv[2]
+
+    def output(self, heads: tuple[mx.array, ...], plan: AttentionPlan) -> mx.array:
+        """Attention of the queries over the keys and values within the plan's segments, then
+        the output projection: (N, C)."""
+        return self.proj(segment_attention(*heads, plan, self.scale))
 
 
 class VisionMLP(nn.Module):
@@ -144,11 +149,15 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(config)
 
     def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, plan: AttentionPlan) -> mx.array:
-        return self.feed_forward(self.attend(x, cos, sin, plan))
+        return self.feed_forward(self.attend(x, self.project(x, cos, sin), plan))
 
-    def attend(self, x: mx.array, cos: mx.array, sin: mx.array, plan: AttentionPlan) -> mx.array:
-        """The block's first residual line: x + attention(norm1(x))."""
-        return x + self.attn(self.norm1(x), cos, sin, plan)
+    def project(self, x: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, ...]:
+        """The first residual line's queries, keys and values: of norm1(x), rotated."""
+        return self.attn.heads(self.norm1(x), cos, sin)
+
+    def attend(self, x: mx.array, heads: tuple[mx.array, ...], plan: AttentionPlan) -> mx.array:
+        """The block's first residual line, from `project`'s heads: x + attention(norm1(x))."""
+        return x + self.attn.output(heads, plan)
 
     def feed_forward(self, x: mx.array) -> mx.array:
         """The block's second residual line, token by token: x + mlp(norm2(x))."""
@@ -235,10 +244,10 @@ class VisionModel(nn.Module):
 
 
 def tower_schedule(
-    tower: VisionModel, grid_thw: np.ndarray, kind: str, budget: int = PASS_BUDGET
+    tower: VisionModel, grid_thw: np.ndarray, kind: str, budget: int | None = None
 ) -> VisionSchedule:
     """How backend `kind` runs a pass of `tower` over `grid_thw`: `backend.vision_schedule` for
-    the pass's sizes and the tower's widths and dtype, within `budget` bytes."""
+    the pass's sizes and the tower's widths and dtype, within `budget` bytes (its default)."""
     cfg = tower.config
     frames = frame_lengths(np.asarray(grid_thw).reshape(-1, 3))
     return vision_schedule(
@@ -260,10 +269,10 @@ def encode(
     features come back evaluated, so the pass's last stretch is not left to the next graph).
 
     Frames run in groups (`VisionSchedule.group_patches`), each group's patches a run of rows.
-    Within a group the blocks run as their two halves (`VisionBlock.attend`, `feed_forward`),
-    evaluated every `halves_per_eval` half-blocks, overlapped or not; or every half-block in
-    pieces, which repeats the block's two residual lines piece by piece (rows of tokens for the
-    per-token work, query chunks for attention); the math is the same.
+    Within a group the blocks run as the three steps their call composes (`VisionBlock.project`,
+    `attend`, `feed_forward`), evaluated every `steps_per_eval` steps, overlapped or not; or
+    every half-block in pieces, which repeats the block's two residual lines piece by piece (rows
+    of tokens for the per-token work, query chunks for attention); the math is the same.
     """
     if schedule.one_graph:
         return tower(pixel_values, grid_thw)
@@ -294,23 +303,26 @@ def _encode_group(tower: VisionModel, pixel_values, grid_thw, schedule: VisionSc
             x = _attention_half(x, block, layout, tower.plan(i, layout), schedule)
             x = _mlp_half(x, block, schedule.rows)
         return tower.merge(x, layout)
-    every, halves = schedule.halves_per_eval, 2 * len(tower.blocks)
-    in_flight = None  # the stretch queued before the last one (overlapped)
-    for half in range(halves):
-        block = tower.blocks[half // 2]
-        if half % 2 == 0:
-            x = block.attend(x, layout.cos, layout.sin, tower.plan(half // 2, layout))
+    every, steps = schedule.steps_per_eval, BLOCK_STEPS * len(tower.blocks)
+    heads, in_flight = (), ()  # the stretch queued before the last one (overlapped)
+    for step in range(steps):
+        index, part = divmod(step, BLOCK_STEPS)
+        block = tower.blocks[index]
+        if part == 0:
+            heads = block.project(x, layout.cos, layout.sin)
+        elif part == 1:
+            x, heads = block.attend(x, heads, tower.plan(index, layout)), ()
         else:
             x = block.feed_forward(x)
-        if not every or (half + 1) % every or half == halves - 1:
+        if not every or (step + 1) % every or step == steps - 1:
             continue  # the merger rides with the last stretch
         if schedule.overlapped:
-            mx.async_eval(x)
-            if in_flight is not None:
-                mx.eval(in_flight)  # waits for it: two stretches in flight at most
-            in_flight = x
+            mx.async_eval(x, *heads)
+            if in_flight:
+                mx.eval(*in_flight)  # waits for it: two stretches in flight at most
+            in_flight = (x, *heads)
         else:
-            mx.eval(x)
+            mx.eval(x, *heads)
     return tower.merge(x, layout)
 
 
