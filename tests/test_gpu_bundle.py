@@ -70,6 +70,7 @@ def test_each_upload_fits_and_the_manifest_says_what_is_where(prepared, wheels):
     assert "carry .gpu/upload-1 (3.0 MB): python3 -m benchmarks.gpu.stash" in lines[2]
     assert "carry .gpu/upload-2" in lines[3] and "benchmarks.gpu.install && python3 -m " in lines[3]
     assert "--scale full --time-budget" in lines[3]
+    assert "install && bash benchmarks/gpu/everything.sh" in lines[4]
 
 
 def test_the_parts_rebuild_the_same_wheels_one_upload_at_a_time(prepared, wheels, tmp_path):

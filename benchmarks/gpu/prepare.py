@@ -23,6 +23,8 @@ from .bundle import UPLOAD_BYTES, pack
 REPO = Path(__file__).resolve().parents[2]
 PLATFORMS = ("manylinux_2_35_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64")
 RUN = 'python3 -m benchmarks.run --scale full --time-budget 390 --out "$OUT/gpu-full"'
+# The harness, memory.sh and both probes in one command, packed into one file to bring back.
+EVERYTHING = 'bash benchmarks/gpu/everything.sh /tmp/everything "$OUT"'
 
 
 def installed(name: str, fallback: str) -> str:
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         if part["upload"] == count:
             command = f"python3 -m benchmarks.gpu.install && {RUN}"
         print(f"  carry {upload} ({part['size'] / 1e6:.1f} MB): {command}")
+    print(f"  (or, the harness and the memory probes: ... install && {EVERYTHING})")
     if about["dirty"]:
         print("note: the checkout has uncommitted changes; the results will say so")
 
