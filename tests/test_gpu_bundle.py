@@ -21,6 +21,8 @@ from benchmarks.gpu import install, prepare
 from benchmarks.gpu.bundle import BundleError, sha256, stash, unpack
 
 REPO = Path(__file__).resolve().parent.parent
+
+REPO = Path(__file__).resolve().parent.parent
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 SIZES = {  # bytes: the CUDA build is larger than one upload
     "mlx-0.32.4-cp312-cp312-manylinux_2_35_x86_64.whl": 700_000,
@@ -198,3 +200,26 @@ def test_a_checkout_that_prepared_earlier_names_its_own_commit(prepared, tmp_pat
     monkeypatch.setattr(machine, "STASH", tmp_path / "no-stash")
     state = machine.git_state()
     assert state["commit"] != first and "from" not in state
+
+
+def test_the_verdict_reads_the_published_h200_run(tmp_path):
+    """`benchmarks.gpu.verdict` on the H200 files as published: the figures the README quotes,
+    each against its issue's target."""
+    from benchmarks.gpu.verdict import verdict
+
+    rows = {r["check"]: r for r in verdict(REPO / "benchmarks/published/h200-cuda-full")}
+    expect = {
+        "vision 1344x1344: peak above the tower's weights": ("1.34 GB", "NOT met"),
+        "vision 1024x1024: time against one lazy graph": ("75.4 / 51.6 ms = 1.46x", "NOT met"),
+        "128-frame video: peak above the tower's weights": ("1.03 GB", "met"),
+        ".: whole 4-bit generation, peak memory against mlx-vlm": ("6.32 / 11.80 GB", "met"),
+        "lookup-4bit: prompt lookup 4bit, copy task, against plain decoding": ("0.90x", "NOT met"),
+        ".: prompt lookup float, copy task, against plain decoding": ("1.30x", "met"),
+    }
+    for check, (measured, found) in expect.items():
+        assert (rows[check]["measured"], rows[check]["verdict"]) == (measured, found), check
+    (whole,) = [r for k, r in rows.items() if k.startswith(".: harness time")]
+    assert whole["verdict"] == "NOT met" and "5 measurements cut" in whole["measured"]
+    partial = rows["lookup-4bit: harness time, lookup (no kernel bounds)"]
+    assert partial["verdict"] == "not measured"  # one scenario is not the whole harness
+    assert all(r["verdict"] == "not measured" for r in verdict(tmp_path))  # nothing there

@@ -2,7 +2,8 @@
 # Everything a lent CUDA machine measures for the open GPU questions, after the install, in one
 # command of under 10 minutes: the full-scale harness first (within its time budget), then the
 # memory of one vision pass and one prefill (memory.sh), then the probes of evaluation policies
-# and of passes at new cache lengths. Each part under its own time limit; one that fails is
+# and of passes at new cache lengths, then the verdict on the issues' targets
+# (`benchmarks.gpu.verdict`). Each part under its own time limit; one that fails is
 # logged and the rest go on. The results go to WORK_FOLDER; after each part they are packed
 # again into BRING_BACK/everything.tar.gz (one file, whatever stops the command later). From the
 # checkout's root:
@@ -21,6 +22,8 @@ part() {  # NAME LIMIT COMMAND...: COMMAND's output in NAME.log; its status and 
 }
 part harness "${HARNESS_LIMIT:-400}" "$python" -m benchmarks.run --scale full \
   --time-budget "${BUDGET:-390}" --out "$out/full"
-part memory 100 env PYTHON="$python" bash benchmarks/gpu/memory.sh "$out/memory"
+part memory 90 env PYTHON="$python" bash benchmarks/gpu/memory.sh "$out/memory"
 part policies 50 "$python" -m benchmarks.gpu.eval_policies --out "$out/policies.json"
 part offsets 40 "$python" -m benchmarks.gpu.pass_offsets --out "$out/offsets.json"
+part verdict 10 "$python" -m benchmarks.gpu.verdict "$out"
+cat "$out/verdict.log"
