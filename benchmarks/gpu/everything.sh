@@ -22,6 +22,8 @@ part() {  # NAME LIMIT COMMAND...: COMMAND's output in NAME.log; its status and 
 }
 part harness "${HARNESS_LIMIT:-400}" "$python" -m benchmarks.run --scale full \
   --time-budget "${BUDGET:-390}" --out "$out/full"
+# The kernels the harness compiled, for the rest (MLX's CUDA build reads them from there).
+[[ -d $out/full/work/kernels/all ]] && export MLX_PTX_CACHE_DIR=$out/full/work/kernels/all
 part memory 90 env PYTHON="$python" bash benchmarks/gpu/memory.sh "$out/memory"
 part policies 50 "$python" -m benchmarks.gpu.eval_policies --out "$out/policies.json"
 part offsets 40 "$python" -m benchmarks.gpu.pass_offsets --out "$out/offsets.json"
