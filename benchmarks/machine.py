@@ -52,23 +52,28 @@ def machine_info() -> dict:
 
 def _nvidia_gpus() -> str | None:
     """`nvidia-smi`'s name, memory and driver of each GPU, or None where there is none."""
-    query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    gpus = _nvidia_smi("name,memory.total,driver_version", "csv,noheader")
+    return "; ".join(gpus) if gpus else None
+
+
+def gpu_memory_bytes() -> int | None:
+    """The first NVIDIA GPU's memory (`nvidia-smi`), bytes; None where there is none."""
+    gpus = _nvidia_smi("memory.total", "csv,noheader,nounits")  # MiB
+    try:
+        return int(gpus[0]) * 2**20 if gpus else None
+    except ValueError:
+        return None
+
+
+def _nvidia_smi(fields: str, form: str) -> list[str] | None:
+    """`nvidia-smi`'s line of `fields` for each GPU, or None where it cannot say."""
+    query = ["nvidia-smi", f"--query-gpu={fields}", f"--format={form}"]
     try:
         done = subprocess.run(query, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return None
     gpus = [line.strip() for line in done.stdout.splitlines() if line.strip()]
-    return "; ".join(gpus) if done.returncode == 0 and gpus else None
-
-
-def gpu_memory_bytes() -> int | None:
-    """The first NVIDIA GPU's memory (`nvidia-smi`), bytes; None where there is none."""
-    query = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
-    try:
-        done = subprocess.run(query, capture_output=True, text=True, timeout=20)
-        return int(done.stdout.split()[0]) * 2**20 if done.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
-        return None
+    return gpus if done.returncode == 0 and gpus else None
 
 
 def versions() -> dict:

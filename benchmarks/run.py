@@ -306,9 +306,8 @@ class Session:
     rounds: int = 1
     skipped: list[dict] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
-    worker_env: dict[str, str] = field(
-        default_factory=dict
-    )  # for every worker after the precompile phase
+    # The environment every worker after the precompile phase gets (its compiled kernels).
+    worker_env: dict[str, str] = field(default_factory=dict)
     _phase: tuple[str, float] | None = None
 
     def __post_init__(self) -> None:

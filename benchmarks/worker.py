@@ -82,16 +82,21 @@ def measure_vision(spec: dict) -> dict:
     return result
 
 
+def generation(spec: dict) -> tuple:
+    """A generate spec's runner, loaded, and its prompt: (runner, ids, pixels, grid)."""
+    config = json.loads((Path(spec["folder"]) / "config.json").read_text())
+    module = runner_module(spec["runtime"])
+    runner = module.Generate(Path(spec["folder"]), spec["dtype"], spec.get("recipe"))
+    pixels, grid = image_inputs(spec["image_size"])
+    return runner, prompt_ids(config, grid, spec["text_tokens"]), pixels, grid
+
+
 def measure_generate(spec: dict) -> dict:
     """TTFT (vision + prefill) and its peak memory, prefill and decode tokens/s, peak memory over
     whole generations."""
-    module = runner_module(spec["runtime"])
-    config = json.loads((Path(spec["folder"]) / "config.json").read_text())
     start = time.perf_counter()
-    runner = module.Generate(Path(spec["folder"]), spec["dtype"], spec.get("recipe"))
+    runner, ids, pixels, grid = generation(spec)
     load_s = time.perf_counter() - start
-    pixels, grid = image_inputs(spec["image_size"])
-    ids = prompt_ids(config, grid, spec["text_tokens"])
     n = spec["decode_tokens"]
     ttft, prefill, decode, step, tokens = [], [], [], [], None
     runner.reset_peak()
@@ -212,9 +217,9 @@ PRECOMPILE_TOKENS = 16  # tokens a precompile pass decodes (prompt lookup: twice
 
 def precompile(spec: dict, progress: Callable[[dict], None]) -> dict:
     """A measurement's first pass and nothing timed (the spec under "of"): loads what it loads
-    and runs the passes it runs, so that MLX compiles the kernels they use (see
-    `run.Session.precompile`). Prompt lookup runs its pass-cost table (passes over 1 to 16 tokens) and
-    each task once, with short answers."""
+    and runs the passes it runs, on the same inputs, so that MLX compiles the kernels they use
+    (see `run.Session.precompile`). Prompt lookup runs its pass-cost table (passes over 1 to 16
+    tokens) and each task once, with short answers."""
     inner = spec["of"]
     task, runtime = inner["task"], inner["runtime"]
     if task == "vision":
@@ -222,14 +227,8 @@ def precompile(spec: dict, progress: Callable[[dict], None]) -> dict:
         for plan in inner["sizes"]:
             runner.encode(*image_inputs(plan["size"]))
     elif task == "generate":
-        config = json.loads((Path(inner["folder"]) / "config.json").read_text())
-        runner = runner_module(runtime).Generate(
-            Path(inner["folder"]), inner["dtype"], inner.get("recipe")
-        )
-        pixels, grid = image_inputs(inner["image_size"])
-        runner.generate(
-            prompt_ids(config, grid, inner["text_tokens"]), pixels, grid, PRECOMPILE_TOKENS
-        )
+        runner, ids, pixels, grid = generation(inner)
+        runner.generate(ids, pixels, grid, PRECOMPILE_TOKENS)
     elif task == "lookup":
         from .lookup import measure
 

@@ -113,9 +113,6 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
 
-    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, plan: AttentionPlan) -> mx.array:
-        return self.output(self.heads(x, cos, sin), plan)
-
     def heads(self, x: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, ...]:
         """Rotated queries and keys, and values: (H, N, D) each."""
         n = x.shape[0]
