@@ -25,6 +25,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from mimo_mlx.convert.plan import OutputTensor
+from mimo_mlx.convert.writer import assign_shards
 from mimo_mlx.model.config import ModelConfig
 from mimo_mlx.model.mimo_vl import Model
 
@@ -189,17 +191,9 @@ def random_tensor(name: str, shape: tuple[int, ...], key: mx.array) -> mx.array:
 
 def shard_groups(shapes: dict[str, tuple[int, ...]], max_bytes: int) -> list[list[str]]:
     """Tensor names packed in order into shards of at most `max_bytes` of bfloat16 (a larger
-    tensor gets its own)."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = 2 * math.prod(shape)
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
+    tensor gets its own), as the converter packs its output (`writer.assign_shards`)."""
+    tensors = [[OutputTensor(name, "BF16", tuple(shape))] for name, shape in shapes.items()]
+    return [[t.name for t in shard] for shard in assign_shards(tensors, max_bytes)]
 
 
 def write_checkpoint(
