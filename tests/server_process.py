@@ -63,6 +63,14 @@ def long_context_folder(folder: Path, context: int = 65536) -> Path:
     return folder
 
 
+def wait_for(condition, timeout: float = 10.0, poll: float = 0.02) -> None:
+    """Until `condition()` holds; fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(poll)
+
+
 class ServerProcess:
     """A running server: `url`, `log()`, `health()`; a context manager that stops it."""
 
@@ -96,6 +104,12 @@ class ServerProcess:
 
     def health(self) -> dict:
         return httpx2.get(self.url + "/health", timeout=10).json()
+
+    def client(self, api_key: str = "none", **options):
+        """The real openai client for this server, without retries (a failure shows at once)."""
+        import openai  # noqa: PLC0415  (the test extra installs it)
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, **options)
 
     def stop(self) -> None:
         if self.process.poll() is None:

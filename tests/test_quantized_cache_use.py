@@ -240,7 +240,7 @@ def test_a_request_s_cache_fields_are_checked():
 def test_the_server_stores_caches_as_its_flag_and_each_request_say(folder, photo, ours, tmp_path):
     flags = ["--kv-bits", "8", "--model-name", "x", "--max-pixels", str(MAX_PIXELS)]
     with ServerProcess(folder, tmp_path / "server.log", *flags) as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        client = server.client()
         content = [{"type": "image_url", "image_url": {"url": data_url(photo)}}]
         messages = [{"role": "user", "content": [*content, {"type": "text", "text": "What?"}]}]
         answers = {}

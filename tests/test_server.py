@@ -63,7 +63,7 @@ def local(folder):
 
 
 def client(server, **kwargs) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, **kwargs)
+    return server.client(api_key=KEY, **kwargs)
 
 
 def solo(local, prompt: str, images=(), max_tokens=TOKENS) -> tuple[str, str]:
@@ -219,7 +219,7 @@ def test_stop_sequences_end_the_answer(server, local):
 
 def test_the_api_key_guards_everything_but_health(server):
     with pytest.raises(openai.AuthenticationError) as caught:
-        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        server.client(api_key="wrong").models.list()
     assert caught.value.body["code"] == "invalid_api_key"
     anonymous = httpx2.post(server.url + "/v1/chat/completions", json={"messages": []})
     assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"] == "Bearer"

@@ -51,7 +51,7 @@ def local(folder):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    return server.client()
 
 
 def validate_call(call, tools=(WEATHER, SEARCH)) -> dict:

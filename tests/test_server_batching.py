@@ -12,13 +12,13 @@ import threading
 import time
 
 import httpx2
-import openai
 import pytest
 from server_process import (
     ServerProcess,
     check_turn_two_reuses_turn_one,
     image_question,
     long_context_folder,
+    wait_for,
 )
 from test_generate import MAX_PIXELS, sample_images
 
@@ -51,19 +51,8 @@ def photo(tmp_path_factory):
     return sample_images(tmp_path_factory.mktemp("batching-images"))[0]
 
 
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-
-def wait_for(condition, timeout=10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
-
-
 def streamed_text(server, messages, **options) -> str:
-    stream = client(server).chat.completions.create(
+    stream = server.client(timeout=120).chat.completions.create(
         model="tiny", messages=messages, stream=True, **options
     )
     return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
@@ -187,7 +176,7 @@ def test_the_queue_holds_what_the_batch_cannot(server):
 def test_turn_two_reuses_turn_one_while_others_run(server, photo):
     """A conversation answered in a batch goes back to the pool with its answer: its next turn
     reuses the image and turn one, though other requests ran meanwhile."""
-    api = client(server)
+    api = server.client(timeout=120)
     with httpx2.Client(timeout=60) as http, long_stream(server, http) as other:
         assert other.status_code == 200
         check_turn_two_reuses_turn_one(api, photo)

@@ -20,7 +20,7 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
-from server_process import ServerProcess, data_url, long_context_folder
+from server_process import ServerProcess, data_url, long_context_folder, wait_for
 from test_generate import MAX_PIXELS
 
 TIME_LIMIT_S = 3.0
@@ -90,17 +90,6 @@ def server(folder, shared, tmp_path_factory):
         yield running
 
 
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-
-def wait_for(condition, timeout=10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
-
-
 def open_stream(server, http: httpx2.Client, max_tokens: int = LONG):
     body = {"messages": STORY, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     return http.stream("POST", server.url + "/v1/chat/completions", json=body)
@@ -119,7 +108,7 @@ def send_only(server, body: dict) -> socket.socket:
 def short_answer(server) -> float:
     """Seconds a four-token request takes."""
     started = time.monotonic()
-    reply = client(server).chat.completions.create(
+    reply = server.client(timeout=60).chat.completions.create(
         model=server.health()["model"], messages=[{"role": "user", "content": "Hi"}], max_tokens=4
     )
     assert reply.choices[0].finish_reason in ("stop", "length")
@@ -128,7 +117,7 @@ def short_answer(server) -> float:
 
 def test_the_time_limit_ends_a_stream_with_length(server):
     started = time.monotonic()
-    stream = client(server).chat.completions.create(
+    stream = server.client(timeout=60).chat.completions.create(
         model=server.health()["model"],
         messages=STORY,
         max_tokens=LONG,
@@ -203,7 +192,7 @@ def test_a_full_queue_is_refused_at_once(server):
 def test_fetched_and_local_images_answer_as_a_data_url_does(server, photo, files):
     def answer(url: str) -> str:
         part = {"type": "image_url", "image_url": {"url": url}}
-        reply = client(server).chat.completions.create(
+        reply = server.client(timeout=60).chat.completions.create(
             model=server.health()["model"],
             messages=[{"role": "user", "content": [part, {"type": "text", "text": "What?"}]}],
             max_tokens=12,
@@ -223,7 +212,7 @@ def test_fetching_is_bounded(server, files, path, code):
     part = {"type": "image_url", "image_url": {"url": files + path}}
     started = time.monotonic()
     with pytest.raises(openai.BadRequestError) as caught:
-        client(server).chat.completions.create(
+        server.client(timeout=60).chat.completions.create(
             model=server.health()["model"], messages=[{"role": "user", "content": [part]}]
         )
     assert caught.value.body["code"] == code and time.monotonic() - started < 2.5
@@ -237,12 +226,12 @@ def test_a_video_of_frames_on_disk(server, shared):
         frame = rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)
         Image.fromarray(frame).save(frames / f"frame{i:02d}.png")
     part = {"type": "video_url", "video_url": {"url": "frames"}}  # relative to the folder
-    reply = client(server).chat.completions.create(
+    reply = server.client(timeout=60).chat.completions.create(
         model=server.health()["model"],
         messages=[{"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}],
         max_tokens=4,
     )
-    text_only = client(server).chat.completions.create(
+    text_only = server.client(timeout=60).chat.completions.create(
         model=server.health()["model"],
         messages=[{"role": "user", "content": "What happens?"}],
         max_tokens=4,
