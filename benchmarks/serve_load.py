@@ -68,6 +68,15 @@ def synthetic_server_folder(cache: Path, scale: str, log) -> Path:
     return chat_folder(converted.paths[("mimo-mlx", "float")].folder, cache / scale / "serve")
 
 
+def served_model(model: Path | None, cache: Path, scale: str, log) -> tuple[Path, str, str]:
+    """What a server benchmark serves: `model`, or the synthetic folder at `scale`; with the name
+    its results folder takes and what its report says of the weights."""
+    if model is not None:
+        return model, model.name, str(model)
+    folder = synthetic_server_folder(cache, scale, log)
+    return folder, scale, f"synthetic `{scale}` ({folder})"
+
+
 def server_preload(openblas: bool | None, log) -> str | None:
     """The system OpenBLAS to preload into a server on Linux (warned about where missing)."""
     linux = sys.platform.startswith("linux")
@@ -340,10 +349,7 @@ def main(
     started = datetime.now(timezone.utc)
     load_start = os.getloadavg()[0]
     preload = server_preload(openblas, log)
-    synthetic = model is None
-    if synthetic:
-        model = synthetic_server_folder(cache, scale, log)
-    name = scale if synthetic else model.name
+    model, name, weights = served_model(model, cache, scale, log)
     out = out or REPO / "benchmarks" / "results" / f"serve-{name}-{started:%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     frames = video_frames(out / "video", probe_frames, probe_size) if probe else None
@@ -393,7 +399,7 @@ def main(
         **provenance("benchmarks.serve_load"),
         "load_average": {"start": load_start, "end": os.getloadavg()[0]},
         "settings": {
-            "weights": f"synthetic `{scale}` ({model})" if synthetic else str(model),
+            "weights": weights,
             "requests": count,
             "clients": clients,
             "max_batch": batches,

@@ -45,7 +45,7 @@ from mimo_mlx.inputs.image_files import EncodedImage, decode_image
 from mimo_mlx.inputs.images import ImageProcessorConfig, preprocess_encoded, preprocess_images
 
 from .machine import REPO, provenance
-from .serve_load import Server, server_preload, synthetic_server_folder
+from .serve_load import Server, served_model, server_preload
 from .settings import CACHE
 
 MB = 1e6
@@ -387,10 +387,7 @@ def main(scale, model, openblas, out, cache, **settings) -> None:
     log = lambda message: click.echo(message, err=True)  # noqa: E731
     started = datetime.now(timezone.utc)
     preload = server_preload(openblas, log)
-    synthetic = model is None
-    if synthetic:
-        model = synthetic_server_folder(cache, scale, log)
-    name = scale if synthetic else model.name
+    model, name, weights = served_model(model, cache, scale, log)
     out = out or REPO / "benchmarks" / "results" / f"serve-safety-{name}-{started:%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     results = run_all(model, out, preload, settings)
@@ -399,7 +396,7 @@ def main(scale, model, openblas, out, cache, **settings) -> None:
         "started_utc": started.isoformat(timespec="seconds"),
         **provenance("benchmarks.serve_safety"),
         "settings": {
-            "weights": f"synthetic `{scale}` ({model})" if synthetic else str(model),
+            "weights": weights,
             "openblas_preload": preload,
             **settings,
         },
