@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
+import mlx.core as mx
 import numpy as np
 import pytest
 import transformers
@@ -12,9 +15,14 @@ from tiny_tokenizer import CHAT_TEMPLATE, TOOLS_CHAT_TEMPLATE
 from tool_models import write_tool_model_folder
 
 from mimo_mlx import MimoError
+from mimo_mlx.generation.loop import GenerationResponse
 from mimo_mlx.generation.tool_calls import ToolCall, ToolCallStream, parse_call
 from mimo_mlx.inputs.processor import Processor
 from mimo_mlx.inputs.template import IMAGE_TOKEN, renders_tools
+from mimo_mlx.serve.answers import JobAnswer
+from mimo_mlx.serve.events import Delta, Job
+from mimo_mlx.serve.requests import Limits
+from mimo_mlx.serve.tools import parse_chat
 
 WEATHER = {
     "type": "function",
@@ -167,3 +175,72 @@ def test_one_call_only_when_asked():
 )
 def test_blocks_that_are_not_calls(block):
     assert parse_call(block) is None
+
+
+LIMITS = Limits(("tiny",), context=4096)
+
+
+def served_answer(text: str, tools: list[dict], piece: int = 3):
+    """(deltas, finish_reason) the server makes of an answer the model wrote freely, `piece`
+    characters per decoded step, for a request offering `tools` with tool_choice "auto"."""
+    request = parse_chat(
+        {"messages": [{"role": "user", "content": "Hi"}], "tools": tools, "tool_choice": "auto"},
+        LIMITS,
+    )
+    assert request.output_format is None  # "auto": nothing is forced, the answer is parsed
+    loop = asyncio.new_event_loop()
+    job = Job(
+        id="t",
+        messages=[],
+        options={},
+        deadline=time.monotonic() + 60,
+        loop=loop,
+        tool_names=tuple(request.tools.names),
+    )
+    answer = JobAnswer(job, tokenizer=None, opens_thinking=False)
+    pieces = [text[i : i + piece] for i in range(0, len(text), piece)]
+    for i, text_piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        response = GenerationResponse(
+            text_piece,
+            0,
+            mx.zeros(1),
+            False,
+            5,
+            1.0,
+            i + 1,
+            1.0,
+            0.0,
+            0.1,
+            "stop" if last else None,
+        )
+        if answer.add(response):
+            break
+    _, finished = answer.end()
+    loop.run_until_complete(asyncio.sleep(0))  # deliver what the generation thread emitted
+    events = []
+    while not job.events.empty():
+        events.append(job.events.get_nowait())
+    loop.close()
+    return [e for e in events if isinstance(e, Delta)], finished.finish_reason
+
+
+def test_with_tool_choice_auto_the_models_own_call_is_taken_out_of_its_answer():
+    text = (
+        "<think>The user wants the weather.</think>Let me check.\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    )
+    deltas, finish = served_answer(text, [WEATHER])
+    assert "".join(d.reasoning for d in deltas) == "The user wants the weather."
+    assert "".join(d.content for d in deltas) == "Let me check."
+    assert [c for d in deltas for c in d.tool_calls] == [
+        ToolCall("get_weather", '{"city": "Oslo"}')
+    ]
+    assert finish == "tool_calls"
+
+
+def test_with_tool_choice_auto_a_call_to_no_offered_tool_stays_text():
+    text = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    deltas, finish = served_answer(text, [WEATHER])
+    assert "".join(d.content for d in deltas) == text
+    assert not any(d.tool_calls for d in deltas) and finish == "stop"

@@ -82,9 +82,9 @@ def _origins(values: tuple[str, ...]) -> tuple[str, ...]:
     "--model-name",
     metavar="NAME",
     help="The model id /v1/models lists, and a strict check of the 'model' requests send: "
-    "then only NAME, the model folder's name and the hub id it came from are accepted (others "
-    "get 404). Without it, any name is answered (one model is served) and the id is the "
-    "--model value.",
+    "then only NAME, the --model value, the model folder's name and the hub id it came from "
+    "are accepted (others get 404). Without it, any name is answered (one model is served) and "
+    "the id is the --model value.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(

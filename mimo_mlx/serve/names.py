@@ -2,9 +2,10 @@
 
 A client with a fixed model name (an editor plugin that sends "gpt-4o", a script written for the
 hub id) should not have to be reconfigured for a one-model server, so by default any name is
-answered, as llama.cpp does. `--model-name NAME` makes the check strict: then NAME, the model
-folder's name and the hub id it was converted from (or was given as) are accepted, and any other
-name is a 404 `model_not_found`. `/v1/models` lists the served id: NAME, else the --model value.
+answered, as llama.cpp does. `--model-name NAME` makes the check strict: then NAME, the --model
+value, the model folder's name and the hub id it was converted from (or was given as) are
+accepted, and any other name is a 404 `model_not_found`. `/v1/models` lists the served id:
+NAME, else the --model value.
 """
 
 from __future__ import annotations
