@@ -155,7 +155,12 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
                 id=f"cmpl-{uuid.uuid4().hex}",
                 messages=[],
                 prompt=parsed.prompt,
-                options={"max_tokens": max_tokens, **settings.sampling, **parsed.sampling},
+                options={
+                    "max_tokens": max_tokens,
+                    **settings.sampling,
+                    **parsed.sampling,
+                    **parsed.cache,
+                },
                 deadline=arrived + settings.request_timeout,
                 loop=asyncio.get_running_loop(),
                 stop=parsed.stop,
