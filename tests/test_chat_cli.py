@@ -56,6 +56,25 @@ def test_piped_messages_and_commands(folder, photo, tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_a_video_past_its_token_budget_is_noted_once(folder, tmp_path):
+    """As `generate` notes it (test_cli_generate): one line, for the turn that brought the
+    video, not for the turns after it."""
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)).save(clip / f"{i}.png")
+    lines = [f"/video {clip}", "What happens?", "And then?"]
+    done = chat(folder, lines, "--video-max-tokens", "300")
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stderr.splitlines() if line.startswith("note: clip")]
+    assert notes == [
+        "note: clip: 12 frames at 392x280 would take 840 tokens, more than --video-max-tokens "
+        "(300): 4 of the 12 frames kept, evenly spaced"
+    ]
+    assert len(stats_lines(done.stderr)) == 2
+
+
 def test_a_saved_chat_resumes_identically_in_a_new_process(folder, photo, tmp_path):
     whole = chat(
         folder, [f"/image {photo}", "Describe it.", "/save c.safetensors", "Go on."], cwd=tmp_path

@@ -31,8 +31,9 @@ from tiny_models import WIDE_HEADS, build_ids, mlx_logits, pixels, save_checkpoi
 from mimo_mlx import MimoError, load_model
 from mimo_mlx.generation.loop import generate_step
 from mimo_mlx.model import language
-from mimo_mlx.model.cache import KVCache, QuantizedArray, QuantizedKVCache
+from mimo_mlx.model.cache import KVCache, QuantizedArray, QuantizedKVCache, check_cache_options
 from mimo_mlx.model.language import attention, quantized_attention
+from mimo_mlx.options import CacheOptions
 
 TOLERANCE = 1e-4  # float32: the same math, summed in another order
 BOUND_8, MEAN_BOUND_8 = 0.03, 0.004  # of the largest |logit| of the prompt
@@ -233,8 +234,12 @@ def test_cache_options_are_checked(model, tmp_path):
         model.make_cache(kv_bits=8, kv_group_size=16)
     with pytest.raises(MimoError, match="quantized_kv_start must be an integer >= 0"):
         model.make_cache(kv_bits=8, quantized_kv_start=-1)
-    with pytest.raises(MimoError, match="does not divide this model's head dimension"):
+    with pytest.raises(MimoError, match="does not divide this model's head dimension") as wide:
         model.make_cache(kv_bits=8, kv_group_size=128)  # head dimension 64
+    assert str(wide.value).endswith("use a group size that divides it: 32 or 64")
+    check_cache_options(CacheOptions(kv_bits=8), head_dim=128)  # MiMo-VL-7B's: any size
+    with pytest.raises(MimoError, match=r"\(80\).*no group size .* divides it: its cache cannot"):
+        check_cache_options(CacheOptions(kv_bits=8, kv_group_size=32), head_dim=80)
     cache = model.make_cache()
     with pytest.raises(
         MimoError, match="stores its tokens full-precision, but 8-bit .* was asked for"

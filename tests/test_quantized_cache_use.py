@@ -20,6 +20,7 @@ from server_process import ServerProcess, data_url
 from test_bfloat16 import parity_prompts
 from test_generate import MAX_PIXELS, sample_images, write_model_folder
 from test_prompt_lookup import copy_prompt, forced
+from test_server_apps import raw_greedy
 from tiny_models import WIDE_HEADS
 
 import mimo_mlx
@@ -29,10 +30,12 @@ from mimo_mlx.conversation.conversation import Conversation
 from mimo_mlx.conversation.pool import ConversationPool
 from mimo_mlx.conversation.vision_cache import VisionCache
 from mimo_mlx.generation.loop import generate_step, lookup_generate_step, stream_generate
+from mimo_mlx.serve.completions import parse_completion_request
 from mimo_mlx.serve.requests import APIError, Limits, parse_chat_request
 
 TOKENS = 16
 EIGHT = dict(kv_bits=8)
+RAW = "The quick brown fox"  # a /v1/completions prompt
 
 
 @pytest.fixture(scope="module")
@@ -223,18 +226,24 @@ def test_the_pool_counts_quantized_bytes_and_keeps_each_storage_apart(ours):
     assert pool.nbytes == sum(entry.cache.nbytes for entry in pool._entries)
 
 
-def test_a_request_s_cache_fields_are_checked():
+@pytest.mark.parametrize("endpoint", ["chat", "text"])
+def test_a_request_s_cache_fields_are_checked(endpoint):
     limits = Limits(("tiny",), context=4096)
-    hello = [{"role": "user", "content": "Hi"}]
-    request = parse_chat_request({"messages": hello, "kv_bits": 4, "kv_group_size": 32}, limits)
+    if endpoint == "chat":
+        base = {"messages": [{"role": "user", "content": "Hi"}]}
+        parse = parse_chat_request
+    else:  # /v1/completions takes the same fields
+        base = {"prompt": "Hi"}
+        parse = parse_completion_request
+    request = parse({**base, "kv_bits": 4, "kv_group_size": 32}, limits)
     assert request.cache == {"kv_bits": 4, "kv_group_size": 32}
-    assert parse_chat_request({"messages": hello}, limits).cache == {}
+    assert parse(base, limits).cache == {}
     for field, value in (("kv_bits", 5), ("kv_bits", "8"), ("kv_group_size", 16)):
         with pytest.raises(APIError) as refused:
-            parse_chat_request({"messages": hello, field: value}, limits)
+            parse({**base, field: value}, limits)
         assert refused.value.param == field and refused.value.status == 400
     with pytest.raises(APIError, match="quantized_kv_start"):
-        parse_chat_request({"messages": hello, "quantized_kv_start": 5000}, limits)
+        parse({**base, "quantized_kv_start": 5000}, limits)
 
 
 def test_the_server_stores_caches_as_its_flag_and_each_request_say(folder, photo, ours, tmp_path):
@@ -258,6 +267,15 @@ def test_the_server_stores_caches_as_its_flag_and_each_request_say(folder, photo
                 model="x", messages=messages, max_tokens=2, extra_body={"kv_bits": 3}
             )
         assert server.health()["cache"]["conversations"] == 2
+        # /v1/completions takes the same fields: a raw prompt continued with a 4-bit cache
+        text = client.completions.create(
+            model="x", prompt=RAW, max_tokens=TOKENS, temperature=0, extra_body={"kv_bits": 4}
+        )
+        with pytest.raises(openai.BadRequestError, match="kv_bits"):
+            client.completions.create(model="x", prompt=RAW, extra_body={"kv_bits": 3})
+    four = raw_greedy(ours, RAW, TOKENS, kv_bits=4)
+    assert (text.choices[0].text, text.choices[0].finish_reason) == four
+    assert four != raw_greedy(ours, RAW, TOKENS, kv_bits=8)  # so the answer shows the field
     for bits, stored in ((None, 8), (4, 4)):
         expected = mimo_mlx.generate(
             *ours, "What?", [photo], max_tokens=TOKENS, temp=0.0, kv_bits=stored,

@@ -387,6 +387,10 @@ def test_a_data_url_video_is_a_temporary_file_removed_afterwards():
     message = resolved.scrub(f"{path} could not be decoded (<av.Stream object at 0x7f00aa>)")
     assert str(path) not in message and "messages[0].content[0].video_url.url" in message
     assert "0x7f" not in message
+    # A notice names a video by its file name (the video budget's): the field, here too.
+    notice = resolved.scrub(f"{path.name}: 4 frames at 56x56 would take 8 tokens")
+    field = "the video of 'messages[0].content[0].video_url.url'"
+    assert notice == f"{field}: 4 frames at 56x56 would take 8 tokens"
     resolved.remove()
     assert not path.exists()
 

@@ -192,13 +192,14 @@ def test_a_schema_it_cannot_enforce_is_a_400(client):
     assert "uniqueItems" in error["message"]
 
 
-def raw_greedy(local, prompt: str, max_tokens: int) -> tuple[str, str]:
-    """(text, finish_reason) of plain greedy decoding of the raw prompt, in this process."""
+def raw_greedy(local, prompt: str, max_tokens: int, **cache_options) -> tuple[str, str]:
+    """(text, finish_reason) of plain greedy decoding of the raw prompt, in this process, with
+    a cache stored as `cache_options` (kv_bits, ...) say."""
     model, processor = local
     tokenizer = processor.tokenizer
     ids = np.array(tokenizer.encode(prompt))
     tokens = []
-    for token, _ in generate_step(ids, model, max_tokens=max_tokens):
+    for token, _ in generate_step(ids, model, max_tokens=max_tokens, **cache_options):
         if token in tokenizer.eos_token_ids:
             return tokenizer.decode(tokens, skip_special_tokens=True), "stop"
         tokens.append(token)

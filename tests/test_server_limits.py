@@ -85,6 +85,7 @@ def server(folder, shared, tmp_path_factory):
     flags += ["100KiB", "--fetch-timeout", "1", "--video-min-pixels", "3136"]
     flags += ["--allow-local-files", str(shared)]
     flags += ["--video-max-pixels", "3136", "--max-frames", "4"]
+    flags += ["--video-max-tokens", "6"]  # 4 frames of 56x56 take 8: 2 are kept, and said so
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     with ServerProcess(folder, log, *flags) as running:
         yield running
@@ -237,6 +238,23 @@ def test_a_video_of_frames_on_disk(server, shared):
         max_tokens=4,
     )
     assert reply.usage.prompt_tokens > text_only.usage.prompt_tokens + 2  # the frames' tokens
+    # What the token budget did is said to the client (and in the log), naming the video as
+    # the request named it; an answer it did not touch has no notices.
+    notice = (
+        "frames: 4 frames at 56x56 would take 8 tokens, more than video_max_tokens (6): "
+        "2 of the 4 frames kept, evenly spaced"
+    )
+    assert reply.notices == [notice] and "notices" not in text_only.model_extra
+    stream = server.client(timeout=60).chat.completions.create(
+        model=server.health()["model"],
+        messages=[{"role": "user", "content": [part, {"type": "text", "text": "Go on."}]}],
+        max_tokens=4,
+        stream=True,
+    )
+    chunks = list(stream)
+    assert chunks[0].notices == [notice]
+    assert all("notices" not in chunk.model_extra for chunk in chunks[1:])
+    assert notice in server.log()
 
 
 def test_ctrl_c_ends_the_requests_and_the_server_promptly(folder, tmp_path):

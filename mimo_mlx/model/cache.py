@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import MimoError
-from ..options import CacheOptions
+from ..options import KV_GROUP_SIZES, CacheOptions
 
 
 @dataclass(frozen=True)
@@ -167,11 +167,18 @@ LayerCache = KVCache | QuantizedKVCache
 
 
 def check_cache_options(options: CacheOptions, head_dim: int) -> None:
-    """A group size must divide the head dimension the cache quantizes along."""
+    """A group size must divide the head dimension the cache quantizes along; the error names
+    the sizes that do (a tiny model's head may take only 32)."""
     if options.kv_bits is not None and head_dim % options.kv_group_size:
+        fitting = [str(size) for size in KV_GROUP_SIZES if head_dim % size == 0]
+        advice = (
+            f"use a group size that divides it: {' or '.join(fitting)}"
+            if fitting
+            else "no group size MLX quantizes with divides it: its cache cannot be quantized"
+        )
         raise MimoError(
             f"kv_group_size {options.kv_group_size} does not divide this model's head dimension "
-            f"({head_dim}): the cache is quantized along it; use a group size that divides it"
+            f"({head_dim}): the cache is quantized along it; {advice}"
         )
 
 

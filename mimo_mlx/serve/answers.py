@@ -26,7 +26,7 @@ class JobAnswer:
         self, job: Job, tokenizer: Tokenizer, opens_thinking: bool, notices: tuple[str, ...] = ()
     ) -> None:
         """`notices`: what the pool changed in the request (a video fitted to its budget), for
-        the log."""
+        the log and (without temporary file names) the client."""
         self.job, self.tokenizer = job, tokenizer
         self.notices = tuple(notices)
         self.stream = AnswerStream(job.stop, opens_thinking, raw=job.prompt is not None)
@@ -47,7 +47,8 @@ class JobAnswer:
             self.started, self.first_at = True, time.perf_counter()
             for notice in self.notices:
                 log.info("%s: %s", job.id, notice)
-            job.emit(Started(response.prompt_tokens, response.cached_tokens))
+            notices = tuple(job.scrub(notice) for notice in self.notices)
+            job.emit(Started(response.prompt_tokens, response.cached_tokens, notices))
         if job.cancelled:
             return True
         self.last, self.last_at = response, time.perf_counter()

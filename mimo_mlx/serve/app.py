@@ -46,7 +46,7 @@ from ..options import DEFAULT_MAX_TOKENS, pop_cache_options, pop_prompt_options
 from .bounds import PromptBounds
 from .completions import parse_completion_request, text_completion_body
 from .engine import Engine
-from .events import Delta, Failed, Finished, Job, queue_timeout
+from .events import Delta, Failed, Finished, Job, Started, queue_timeout
 from .media import MediaPolicy, read_at_most, resolve_media
 from .names import ModelNames
 from .requests import (
@@ -155,7 +155,12 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
                 id=f"cmpl-{uuid.uuid4().hex}",
                 messages=[],
                 prompt=parsed.prompt,
-                options={"max_tokens": max_tokens, **settings.sampling, **parsed.sampling},
+                options={
+                    "max_tokens": max_tokens,
+                    **settings.sampling,
+                    **parsed.sampling,
+                    **parsed.cache,
+                },
                 deadline=arrived + settings.request_timeout,
                 loop=asyncio.get_running_loop(),
                 stop=parsed.stop,
@@ -289,13 +294,16 @@ async def _internal_error(request: Request, error: Exception) -> JSONResponse:
 
 class ChatCompletion:
     """The ASGI response of one chat completion: waits for its job's first event, then answers
-    whole or as a stream, watching the connection to cancel the job if the client goes away."""
+    whole or as a stream, watching the connection to cancel the job if the client goes away.
+    What preparing the request's media changed (a video fitted to its token budget) goes to the
+    client as `notices`, beside the choices of the whole answer or of the stream's first chunk."""
 
     def __init__(self, engine: Engine, job: Job, request: ChatRequest, model: str) -> None:
         self.engine, self.job, self.request = engine, job, request
         self.created = int(time.time())
         self.model = model
         self._answered = False
+        self.notices: dict[str, list[str]] = {}  # {"notices": [...]} when there are any
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as group:
@@ -328,6 +336,8 @@ class ChatCompletion:
 
     async def _respond(self, send: Send) -> None:
         first = await self._first()
+        if isinstance(first, Started) and first.notices:
+            self.notices = {"notices": list(first.notices)}
         if isinstance(first, Failed):
             await self._send_json(send, first.error.status, first.error.body())
         elif self.request.stream:
@@ -361,7 +371,7 @@ class ChatCompletion:
                     logprobs=logprobs if self.request.top_logprobs is not None else None,
                     tool_calls=tool_call_entries(calls, 0),
                 )
-                await self._send_json(send, 200, body)
+                await self._send_json(send, 200, {**body, **self.notices})
                 return
 
     async def _start_stream(self, send: Send) -> None:
@@ -375,7 +385,8 @@ class ChatCompletion:
 
     async def _stream(self, send: Send) -> None:
         await self._start_stream(send)
-        await self._event(send, self._chunk({"role": "assistant", "content": ""}))
+        first = self._chunk({"role": "assistant", "content": ""}, **self.notices)
+        await self._event(send, first)
         calls = 0
         while True:
             event = await self._next()

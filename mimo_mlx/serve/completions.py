@@ -1,18 +1,20 @@
 """OpenAI's legacy text completions (`POST /v1/completions`): a raw text prompt, no chat template
 and no images, continued as it is (editors' completion plugins and older clients send these, and
-mlx-lm's server answers them). The sampling fields, stop sequences and streaming are the chat
-endpoint's; the answer's text is not split into reasoning and content. No HTTP and no MLX here.
+mlx-lm's server answers them). The sampling fields, stop sequences, streaming and the cache
+fields (kv_bits, ...) are the chat endpoint's; the answer's text is not split into reasoning and
+content. No HTTP and no MLX here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .requests import (
     APIError,
     Limits,
     _boolean,
+    _cache_options,
     _integer,
     _object,
     _refuse_unsupported,
@@ -35,6 +37,7 @@ class CompletionRequest:
     include_usage: bool
     echo: bool
     model: str | None
+    cache: dict[str, Any] = field(default_factory=dict)  # kv_bits, kv_group_size, ...
     top_logprobs: None = None  # log-probabilities are not offered here
 
 
@@ -84,6 +87,7 @@ def parse_completion_request(body: Any, limits: Limits) -> CompletionRequest:
         include_usage=bool(_boolean(stream_options, "include_usage")),
         echo=bool(_boolean(body, "echo")),
         model=model,
+        cache=_cache_options(body, limits),
     )
 
 

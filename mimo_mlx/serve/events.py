@@ -23,8 +23,12 @@ OUTCOMES = ("completed", "cancelled", "timed_out", "invalid", "failed", "rejecte
 
 @dataclass(frozen=True)
 class Started:
+    """The first token came; `notices` say what preparing the request's media changed (a
+    video fitted to its token budget), for the client."""
+
     prompt_tokens: int
     cached_tokens: int
+    notices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

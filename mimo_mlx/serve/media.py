@@ -66,8 +66,8 @@ class MediaPolicy:
 @dataclass
 class ResolvedMedia:
     """A request's messages with every `MediaRef` replaced (an `EncodedImage`, or a video path),
-    `remove()` for the temporary files made, and `scrub(message)` to take their paths (and any
-    object's repr, which shows a memory address) out of an error message."""
+    `remove()` for the temporary files made, and `scrub(message)` to take their paths or names
+    (and any object's repr, which shows a memory address) out of an error message or a notice."""
 
     messages: list[dict]
     temporary: dict[str, str] = field(default_factory=dict)  # path -> the request's field
@@ -78,7 +78,8 @@ class ResolvedMedia:
 
     def scrub(self, message: str) -> str:
         for path, param in self.temporary.items():
-            message = message.replace(path, f"the video of '{param}'")
+            field = f"the video of '{param}'"
+            message = message.replace(path, field).replace(Path(path).name, field)
         return _OBJECT_REPR.sub("the data", message)
 
 
