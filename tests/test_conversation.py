@@ -282,10 +282,46 @@ def test_a_conversation_keeps_features_not_pixels(ours, images):
     assert chat._inputs.pixel_values is None and chat._inputs.media[0].pixel_values is None
     (features,) = chat._features.values()
     assert features.shape[0] == int(np.prod(media[0].grid_thw)) // 4
-    assert chat.nbytes == chat.cache.nbytes + features.nbytes
+    token_ids = 8 * chat.cached_tokens  # int64, one per cached token
+    assert chat.nbytes >= chat.cache.nbytes + features.nbytes + token_ids
+    assert chat.nbytes < chat.cache.nbytes + features.nbytes + 100 * token_ids + 10_000
     history = chat.processor.prepare_messages([*chat.messages, {"role": "user", "content": "?"}])
     with pytest.raises(MimoError, match="encoded by a Conversation"):  # not a model error
         next(mimo_mlx.stream_generate(chat.model, chat.processor, "", inputs=history))
+
+
+def test_a_conversation_counts_the_text_and_token_ids_it_keeps(ours):
+    chat = conversation(ours)
+    text = "Read this. " * 200  # the tiny tokenizer: about two characters a token
+    chat.ask(text, max_tokens=2)
+    kept = chat.nbytes - chat.cache.nbytes
+    # The message, the prompt rendered from it and the answer; its token ids twice (the
+    # conversation's and the last prompt's), 8 bytes each.
+    assert kept >= 2 * len(text) + 2 * 8 * chat.cached_tokens
+
+
+def test_a_turn_ended_before_its_images_were_encoded_counts_their_pixels(ours, images):
+    """A client that leaves while its request waits in a batch for the vision tower: the turn
+    ends with no answer and its images' preprocessed pixels still held. The pool counts them,
+    and drops the conversation once they pass its budget."""
+    from mimo_mlx.conversation.pool import ConversationPool
+
+    messages = [{"role": "user", "content": [{"type": "image", "image": pil(images[0])},
+                                             {"type": "text", "text": "Describe."}]}]  # fmt: skip
+    pool = ConversationPool(*ours, vision_cache=VisionCache(), max_pixels=MAX_PIXELS)
+    chat, turn, _ = pool.begin(messages, max_tokens=4)
+    (item,) = turn.inputs.media
+    patch_dim = ours[0].config.vision.patch_dim
+    pixels = int(np.prod(item.grid_thw)) * patch_dim * 4  # float32, a patch of each grid cell
+    pool.end(chat, turn, [])
+    assert len(pool) == 1 and pool.nbytes >= pixels
+    stats = pool.stats()
+    assert stats["bytes"] == stats["kv_bytes"] + stats["vision_bytes"] + stats["history_bytes"]
+    assert stats["history_bytes"] >= pixels
+    pool = ConversationPool(*ours, max_bytes=pixels // 2, max_pixels=MAX_PIXELS)
+    chat, turn, _ = pool.begin(messages, max_tokens=4)
+    pool.end(chat, turn, [])
+    assert len(pool) == 0 and pool.nbytes == 0
 
 
 def test_another_conversation_reuses_the_features_a_history_carries(ours, images, tmp_path):

@@ -16,7 +16,7 @@ from tiny_tokenizer import build_tiny_tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import mimo_mlx
-from mimo_mlx import MimoError
+from mimo_mlx.errors import ContextFull
 from mimo_mlx.generation.loop import generate, stream_generate
 from mimo_mlx.generation.sampling import make_logits_processors
 
@@ -339,8 +339,9 @@ def test_prompt_longer_than_the_context(ours, monkeypatch):
     model, processor = ours
     short = dataclasses.replace(model.config.text, max_position_embeddings=16)
     monkeypatch.setattr(model, "config", dataclasses.replace(model.config, text=short))
-    with pytest.raises(MimoError, match="the model's context is 16"):
+    with pytest.raises(ContextFull, match="the model's context is 16") as caught:
         generate(model, processor, "Tell me a story about a long prompt.", max_tokens=2)
+    assert caught.value.limit == 16 and caught.value.tokens > 16  # a server words it itself
 
 
 def test_generation_never_reruns_the_vision_tower(ours, images, monkeypatch):

@@ -204,7 +204,7 @@ def test_the_pool_counts_quantized_bytes_and_keeps_each_storage_apart(ours):
     hello = [{"role": "user", "content": "Tell me a story."}]
     first = list(pool.stream(hello, max_tokens=6, temp=0.0))
     assert first[-1].cached_tokens == 0 and pool._entries[0].cache.quantized
-    assert pool.nbytes == pool._entries[0].cache.nbytes
+    assert pool.stats()["kv_bytes"] == pool._entries[0].cache.nbytes
     float_bytes = sum(layer.nbytes for layer in Conversation(*ours).cache.layers) + sum(
         2 * 256 * 256 * 4
         for _ in ours[0].model.layers  # one 256-token step of float32 k + v
@@ -223,7 +223,8 @@ def test_the_pool_counts_quantized_bytes_and_keeps_each_storage_apart(ours):
         *ours, "", inputs=pool._entries[-1]._inputs, max_tokens=6, temp=0.0, **EIGHT
     )
     assert [r.token for r in again] == [r.token for r in expected]
-    assert pool.nbytes == sum(entry.cache.nbytes for entry in pool._entries)
+    kept = sum(entry.cache.nbytes + entry.history_bytes for entry in pool._entries)
+    assert pool.nbytes == kept and pool.stats()["vision_bytes"] == 0  # no images: KV and history
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "text"])

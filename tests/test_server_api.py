@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import http.server
 import io
 import json
 import random
+import re
 import socket
 import threading
 import time
+from pathlib import Path
 
 import anyio
 import pytest
 from PIL import Image
 
+import mimo_mlx.serve
 from mimo_mlx.generation.answer_stream import AnswerStream
 from mimo_mlx.inputs.image_files import EncodedImage
 from mimo_mlx.inputs.template import split_thinking
@@ -37,6 +41,9 @@ def refused(body) -> APIError:
         parse_chat(body, LIMITS)
     assert caught.value.status == 400 and caught.value.body()["error"]["message"]
     return caught.value
+
+
+CLI_FLAG = re.compile(r"--[a-z]")
 
 
 def png_data_url(size=(64, 48), mode="RGB") -> str:
@@ -312,7 +319,8 @@ def test_too_many_pixels_are_refused_from_the_header():
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     assert refused_media(url, max_image_pixels=64 * 10**6).code == "image_too_large"
     error = refused_media(png_data_url(size=(64, 48)), max_image_pixels=64 * 48 - 1)
-    assert error.code == "image_too_large" and "--max-image-pixels" in error.message
+    assert error.code == "image_too_large" and f"at most {64 * 48 - 1})" in error.message
+    assert not CLI_FLAG.search(error.message)  # a client cannot pass the server's flags
 
 
 def test_a_request_s_images_are_bounded_together_and_by_count():
@@ -330,13 +338,15 @@ def test_a_request_s_images_are_bounded_together_and_by_count():
     policy = MediaPolicy(max_request_pixels=2 * 64 * 48 - 1)
     with pytest.raises(APIError) as caught:
         anyio.run(resolve_media, two, policy)
-    assert caught.value.code == "images_too_large" and "--max-request-pixels" in str(caught.value)
+    assert caught.value.code == "images_too_large" and str(2 * 64 * 48 - 1) in str(caught.value)
+    assert not CLI_FLAG.search(caught.value.message)
     assert caught.value.param == "messages[0].content[1].image_url.url"
     assert len(anyio.run(resolve_media, two, MediaPolicy()).messages[0]["content"]) == 2
     many = {"messages": two_messages(17)}
     with pytest.raises(APIError) as caught:
         parse_chat_request(many, LIMITS)
-    assert caught.value.code == "too_many_images" and "--max-images" in caught.value.message
+    assert caught.value.code == "too_many_images" and "at most 16 per request" in str(caught.value)
+    assert not CLI_FLAG.search(caught.value.message)
 
 
 def two_messages(images: int) -> list[dict]:
@@ -550,3 +560,19 @@ def test_a_text_completion_request():
         True,
     )
     assert request.sampling == {"temp": 0.0}
+
+
+def test_no_error_a_client_gets_names_a_command_line_flag():
+    """Every APIError the server builds, read from its source: the text says what the limit
+    is, never which flag of the server's owner sets it (the end-to-end check is in
+    test_server_security, for the errors a request can reach)."""
+    found = 0
+    for path in Path(mimo_mlx.serve.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            called = getattr(node, "func", None)
+            if isinstance(node, ast.Call) and getattr(called, "id", None) == "APIError":
+                found += 1
+                for text in ast.walk(node.args[0]) if node.args else ():
+                    if isinstance(text, ast.Constant) and isinstance(text.value, str):
+                        assert not CLI_FLAG.search(text.value), f"{path.name}: {text.value}"
+    assert found > 20

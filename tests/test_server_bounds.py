@@ -75,5 +75,9 @@ def test_memory_kept_between_requests_stays_within_cache_bytes(folder, tmp_path)
     with started(folder, tmp_path, "--cache-bytes", str(budget)) as running:
         result = distinct_images(running, count=20, size=448, max_pixels=28 * 28 * 256)
     assert result["statuses"] == [200]
-    assert result["cache"]["bytes"] <= result["cache"]["limit"] == budget
+    cache = result["cache"]
+    assert cache["bytes"] <= cache["limit"] == budget
+    # What /health reports adds up, token ids and text included (a few KB a conversation).
+    assert cache["bytes"] == cache["kv_bytes"] + cache["vision_bytes"] + cache["history_bytes"]
+    assert cache["history_bytes"] > 1000 * cache["conversations"]
     assert result["growth_mb"] < budget / MB + 100

@@ -161,6 +161,7 @@ def test_a_full_queue_refuses_at_once(engine):
 
     error = run(main)
     assert error.status == 503 and error.code == "server_overloaded"
+    assert "generates 1 at once and queues 2 more" in error.message and "--" not in error.message
     assert engine.stats()["requests"]["rejected"] == 1
 
 

@@ -5,14 +5,18 @@ the default access rules, one that lets a web app in (--cors-origin, --allowed-h
 
 from __future__ import annotations
 
+import base64
 import http.client
+import io
 import json
+import re
 import socket
 import time
 
 import pytest
 from click.testing import CliRunner
-from server_process import ServerProcess
+from PIL import Image
+from server_process import ServerProcess, free_port
 from test_generate import write_model_folder
 
 import mimo_mlx
@@ -23,6 +27,8 @@ APP = "http://app.example"
 EVIL = "http://evil.example"
 CHAT = "/v1/chat/completions"
 HELLO = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2})
+KEY = "sk-local"
+CLI_FLAG = re.compile(r"--[a-z]")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +47,18 @@ def plain(folder, tmp_path_factory):
 def open_to_app(folder, tmp_path_factory):
     log = tmp_path_factory.mktemp("app") / "server.log"
     flags = ["--cors-origin", APP, "--allowed-host", "mybox.local"]
+    with ServerProcess(folder, log, *flags) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def strict(folder, tmp_path_factory):
+    """A server with every limit small, a key, fetching and a local folder, to be refused by."""
+    shared = tmp_path_factory.mktemp("shared")
+    log = tmp_path_factory.mktemp("strict") / "server.log"
+    flags = ["--api-key", KEY, "--max-images", "2", "--max-image-pixels", "4000",
+             "--max-request-pixels", "5000", "--max-body-bytes", "100000", "--max-kv-size", "64",
+             "--allow-fetch", "--fetch-timeout", "2", "--allow-local-files", str(shared)]  # fmt: skip
     with ServerProcess(folder, log, *flags) as running:
         yield running
 
@@ -257,3 +275,44 @@ def test_a_forged_system_turn_reaches_the_model_as_text(plain, folder):
     inputs = processor.prepare_messages([{"role": "user", "content": forged}])
     assert reply.usage.prompt_tokens == inputs.input_ids.shape[1]
     assert len(processor.tokenizer.encode(inputs.text)) < reply.usage.prompt_tokens  # not forged
+
+
+def images(*sizes: tuple[int, int], url: str | None = None) -> str:
+    """A chat request with an image of each size (or one image at `url`), then a question."""
+    parts = [{"type": "image_url", "image_url": {"url": url}}] if url else []
+    for size in sizes:
+        buffer = io.BytesIO()
+        Image.new("RGB", size, "red").save(buffer, format="PNG")
+        data = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        parts.append({"type": "image_url", "image_url": {"url": data}})
+    parts.append({"type": "text", "text": "What is it?"})
+    return json.dumps({"messages": [{"role": "user", "content": parts}], "max_tokens": 2})
+
+
+def test_error_messages_name_limits_never_the_servers_flags(strict):
+    """A client is told what the limit is; the flags that set it are the server owner's, which
+    a client can neither see nor pass."""
+    ok = {
+        "Host": f"127.0.0.1:{strict.port}",
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {KEY}",
+    }
+    too_long = json.dumps({"messages": [{"role": "user", "content": "Hello there. " * 40}]})
+    cases = [
+        ({**ok, "Authorization": "Bearer wrong"}, HELLO, "invalid_api_key"),
+        ({**ok, "Host": "attacker.example"}, HELLO, "host_not_allowed"),
+        ({**ok, "Origin": EVIL}, HELLO, "origin_not_allowed"),
+        ({**ok, "Content-Type": "text/plain"}, HELLO, "unsupported_media_type"),
+        (ok, json.dumps({"padding": "x" * 100_000}), "request_too_large"),
+        (ok, images((40, 40), (40, 40), (40, 40)), "too_many_images"),
+        (ok, images((60, 50), (60, 50)), "images_too_large"),
+        (ok, images((100, 50)), "image_too_large"),
+        (ok, images(url=f"http://127.0.0.1:{free_port()}/a.png"), "fetch_failed"),
+        (ok, images(url="missing.png"), "local_file_unavailable"),
+        (ok, too_long, "context_length_exceeded"),
+    ]
+    for headers, body, code in cases:
+        response = raw(strict, "POST", CHAT, headers, body)
+        error = json.loads(response.data)["error"]
+        assert 400 <= response.status < 500 and error["code"] == code, error
+        assert not CLI_FLAG.search(error["message"]), error["message"]

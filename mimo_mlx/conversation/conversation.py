@@ -16,6 +16,7 @@ content key, never by their placeholder ids, and encoded items come from a share
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -132,6 +133,7 @@ class Conversation:
         self._inputs: ModelInputs | None = None  # the last turn's (without pixels)
         self._features: dict[str, mx.array] = {}  # media key -> merged vision features
         self.answer_start = 0  # where the last answer's tokens begin in the cache
+        self._history_bytes = 0  # of messages and _inputs (`_count_history`)
 
     @property
     def cached_tokens(self) -> int:
@@ -139,9 +141,17 @@ class Conversation:
 
     @property
     def nbytes(self) -> int:
-        """What this conversation holds: its KV cache and the vision features of its media.
-        Pixels are not kept once a turn has encoded them."""
-        return self.cache.nbytes + sum(f.nbytes for f in self._features.values())
+        """What this conversation holds: its KV cache, the vision features of its media and
+        its history (`history_bytes`). Pixels are not kept once a turn has encoded them."""
+        features = sum(f.nbytes for f in self._features.values())
+        return self.cache.nbytes + features + self.history_bytes
+
+    @property
+    def history_bytes(self) -> int:
+        """What the history holds besides the cache and the features: the token ids, the text
+        of the messages and of the last prompt, and the pixels of media not encoded (a turn
+        that ended before the vision tower ran, an old saved file's history)."""
+        return self._tokens.nbytes + self._history_bytes
 
     @property
     def opens_thinking(self) -> bool:
@@ -192,6 +202,7 @@ class Conversation:
         chat = cls(model, processor, **settings)
         chat.messages, chat._tokens, chat.cache = saved.messages, saved.tokens, saved.cache
         chat._features = dict(saved.features)
+        chat._count_history()
         return chat
 
     def ask(self, content: str | list, images=(), videos=(), **kwargs) -> GenerationResult:
@@ -409,6 +420,18 @@ class Conversation:
             self.messages.append({"role": "assistant", "content": text})
         else:
             self.messages.pop()  # no answer at all: as if the turn was never sent
+        self._count_history()
+
+    def _count_history(self) -> None:
+        """Count what `messages` and `_inputs` hold (`history_bytes`), once each time they
+        change: a pool asks for every conversation's bytes after each request."""
+        media: dict[int, PreparedMedia] = {}
+        total = _held_bytes(self.messages, media)
+        if self._inputs is not None:
+            total += self._inputs.input_ids.nbytes + sys.getsizeof(self._inputs.text)
+            media.update((id(m), m) for m in self._inputs.media)
+        held = (m.pixel_values for m in media.values() if m.pixel_values is not None)
+        self._history_bytes = total + sum(pixels.nbytes for pixels in held)
 
     def _settle(self) -> None:
         """Make the cache and `_tokens` agree: both cut to what both hold. A turn stopped
@@ -546,6 +569,21 @@ def token_identity(inputs: ModelInputs, config) -> np.ndarray:
         codes = np.array([media_code(m.key) for m in items], dtype=np.int64)
         ids[ids == token_id] = np.repeat(codes, counts)
     return ids
+
+
+def _held_bytes(value, media: dict[int, PreparedMedia]) -> int:
+    """The bytes of the strings in a message structure (what Python holds for them); its
+    media are gathered into `media` by identity (a history and a prompt share them)."""
+    if isinstance(value, str):
+        return sys.getsizeof(value)
+    if isinstance(value, PreparedMedia):
+        media[id(value)] = value
+        return 0
+    if isinstance(value, dict):
+        return sum(_held_bytes(item, media) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_held_bytes(item, media) for item in value)
+    return 0
 
 
 def _grids(media: list[PreparedMedia]) -> np.ndarray | None:

@@ -9,8 +9,9 @@ its cache to be stored otherwise than the pool's default (kv_bits, ...): it cont
 conversation stored that way.
 
 The budget bounds everything kept between requests: each conversation's KV cache (the bytes it
-holds, quantized or not) and the vision features of its images (never their pixels), and the
-pool's own vision cache, which may use a quarter of it. After each request, conversations are
+holds, quantized or not), the vision features of its images (never their pixels, but for a turn
+that ended before they were encoded: those are counted) and its history (token ids and text),
+and the pool's own vision cache, which may use a quarter of it. After each request, conversations are
 dropped, least recently used first, until the total fits; the one just used too if it alone does
 not (features shared between a conversation and the vision cache count twice: the bound errs on
 the safe side).
@@ -76,19 +77,24 @@ class ConversationPool:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held between requests: conversations (KV and vision features) and the vision
-        cache."""
+        """Bytes held between requests: conversations (KV, vision features, history) and the
+        vision cache."""
         return sum(entry.nbytes for entry in self._entries) + self.vision_cache.nbytes
 
     def stats(self) -> dict:
-        """What /health reports about the memory kept."""
+        """What /health reports about the memory kept: KV caches, vision features (the
+        conversations' and the vision cache's) and histories (token ids, text, and pixels of
+        media a turn ended without encoding)."""
         kv = sum(entry.cache.nbytes for entry in self._entries)
+        history = sum(entry.history_bytes for entry in self._entries)
+        total = self.nbytes
         return {
             "conversations": len(self._entries),
-            "bytes": self.nbytes,
+            "bytes": total,
             "limit": self.max_bytes,
             "kv_bytes": kv,
-            "vision_bytes": self.nbytes - kv,
+            "vision_bytes": total - kv - history,
+            "history_bytes": history,
         }
 
     @property

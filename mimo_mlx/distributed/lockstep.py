@@ -354,7 +354,8 @@ class LeaderPool:
 
     def stats(self) -> dict:
         """Nothing is kept between requests (for /health)."""
-        return {"conversations": 0, "bytes": 0, "limit": 0, "kv_bytes": 0, "vision_bytes": 0}
+        kept = ("bytes", "limit", "kv_bytes", "vision_bytes", "history_bytes")
+        return {"conversations": 0, **dict.fromkeys(kept, 0)}
 
     def stream(self, messages: Sequence[dict], **options) -> Iterator[GenerationResponse]:
         refuse_structured(options)

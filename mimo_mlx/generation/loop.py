@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..errors import MimoError
+from ..errors import ContextFull, MimoError
 from ..grounding.parse import ParseResult
 from ..inputs.processor import ImageInput, ModelInputs, Processor
 from ..inputs.template import split_thinking
@@ -560,12 +560,15 @@ def collect(
 
 
 def check_context(model: Model, inputs: ModelInputs) -> None:
-    """A prompt that leaves no room for an answer in the model's context is refused up front."""
+    """A prompt that leaves no room for an answer in the model's context is refused up front
+    (ContextFull: a server answers it in its own words, without the command line's flags)."""
     limit = model.config.text.max_position_embeddings
     length = inputs.input_ids.shape[1]
     if length >= limit:
-        raise MimoError(
+        raise ContextFull(
             f"the prompt is {length} tokens ({inputs.vision_tokens} of them for images/video) but "
             f"the model's context is {limit}; use fewer or smaller images (--max-pixels), fewer "
-            "video frames (--max-frames) or a shorter prompt"
+            "video frames (--max-frames) or a shorter prompt",
+            tokens=length,
+            limit=limit,
         )

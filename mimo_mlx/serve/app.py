@@ -234,8 +234,7 @@ def _authorize(request: Request, api_key: str | None) -> None:
         token.strip().encode(), api_key.encode()
     ):
         raise APIError(
-            "missing or incorrect API key: send 'Authorization: Bearer KEY' with the key the "
-            "server was started with (--api-key)",
+            "missing or incorrect API key: send 'Authorization: Bearer KEY' with the server's key",
             401,
             code="invalid_api_key",
         )
@@ -244,7 +243,7 @@ def _authorize(request: Request, api_key: str | None) -> None:
 async def _read_json(request: Request, limit: int) -> Any:
     """The request body as JSON; 413 past `limit` bytes (checked as it arrives)."""
     too_large = APIError(
-        f"the request body is larger than this server accepts ({limit} bytes, --max-body-bytes)",
+        f"the request body is larger than this server accepts (at most {limit} bytes)",
         413,
         code="request_too_large",
     )

@@ -114,8 +114,8 @@ class Engine:
                 self.counts["rejected"] += 1
                 raise APIError(
                     f"the server is busy: {len(self._running)} requests are generating and "
-                    f"{len(self._waiting) + self._reserved} already waiting (--max-batch "
-                    f"{self.max_batch}, --queue-size {self.queue_size}); retry later",
+                    f"{len(self._waiting) + self._reserved} already waiting (it generates "
+                    f"{self.max_batch} at once and queues {self.queue_size} more); retry later",
                     503,
                     "server_error",
                     code="server_overloaded",

@@ -111,8 +111,7 @@ def shutting_down() -> APIError:
 def queue_timeout() -> APIError:
     """The error for a request whose time ran out before its generation started."""
     return APIError(
-        "the request waited in the queue past the server's time limit (--request-timeout); "
-        "retry later",
+        "the request waited in the queue past the server's time limit; retry later",
         503,
         "server_error",
         code="timeout",
@@ -130,8 +129,7 @@ def client_error(err: MimoError, scrub: Callable[[str], str] = str) -> APIError:
 def context_exceeded(tokens: int, limit: int) -> APIError:
     return APIError(
         f"the prompt is at least {tokens} tokens, but at most {limit} fit in this server's "
-        "context (the model's, or --max-kv-size); send a shorter conversation, or fewer or "
-        "smaller images (max_pixels)",
+        "context; send a shorter conversation, or fewer or smaller images (max_pixels)",
         param="messages",
         code="context_length_exceeded",
     )

@@ -96,8 +96,8 @@ async def resolve_media(request: ChatRequest, policy: MediaPolicy) -> ResolvedMe
                 if pixels > policy.max_request_pixels:
                     raise APIError(
                         f"the request's images hold more than {policy.max_request_pixels} pixels "
-                        "together, more than this server decodes for one request "
-                        "(--max-request-pixels); send fewer or smaller images",
+                        "together, more than this server decodes for one request; send fewer or "
+                        "smaller images",
                         param=ref.param,
                         code="images_too_large",
                     )
@@ -121,8 +121,8 @@ async def _read(ref: MediaRef, policy: MediaPolicy, resolved: ResolvedMedia):
     elif (scheme := _SCHEME.match(url)) and scheme.group(1).lower() in ("http", "https"):
         if not policy.allow_fetch:
             raise APIError(
-                f"'{ref.param}': this server does not fetch URLs (start it with --allow-fetch); "
-                "send the file as a base64 data: URL",
+                f"'{ref.param}': this server does not fetch URLs; send the file as a base64 "
+                "data: URL",
                 param=ref.param,
                 code="fetch_disabled",
             )
@@ -150,8 +150,8 @@ async def _checked_image(source: bytes | Path, ref: MediaRef, policy: MediaPolic
         )
     except ImageTooLarge:
         raise APIError(
-            f"'{ref.param}': the image has more pixels than this server decodes "
-            f"({policy.max_image_pixels}, --max-image-pixels); scale it down first",
+            f"'{ref.param}': the image has more pixels than this server decodes (at most "
+            f"{policy.max_image_pixels}); scale it down first",
             param=ref.param,
             code="image_too_large",
         ) from None
@@ -188,8 +188,8 @@ def _local_path(ref: MediaRef, policy: MediaPolicy) -> Path:
     outside it and for one that does not exist there."""
     if policy.local_root is None:
         raise APIError(
-            f"'{ref.param}': this server does not open local files (start it with "
-            "--allow-local-files DIR); send the file as a base64 data: URL",
+            f"'{ref.param}': this server does not open local files; send the file as a base64 "
+            "data: URL",
             param=ref.param,
             code="local_files_disabled",
         )
@@ -205,7 +205,7 @@ def _local_path(ref: MediaRef, policy: MediaPolicy) -> Path:
     if not (inside and found):
         raise APIError(
             f"'{ref.param}': there is no {ref.kind} at that path in the folder this server reads "
-            "local files from (--allow-local-files)",
+            "local files from",
             param=ref.param,
             code="local_file_unavailable",
         )
@@ -239,14 +239,14 @@ async def fetch(url: str, policy: MediaPolicy, param: str) -> bytes:
 
     limit = policy.fetch_max_bytes
     too_large = APIError(
-        f"'{param}': {url} is larger than this server fetches ({limit} bytes, --fetch-max-bytes)",
+        f"'{param}': {url} is larger than this server fetches (at most {limit} bytes)",
         param=param,
         code="media_too_large",
     )
     where = "" if policy.allow_fetch_private else " from a public address"
     failed = APIError(
         f"'{param}': could not fetch {url}: no answer with status 200{where} within "
-        f"{policy.fetch_timeout:g} s (--fetch-timeout)",
+        f"{policy.fetch_timeout:g} s",
         param=param,
         code="fetch_failed",
     )

@@ -404,7 +404,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     if media > limits.max_images:
         raise APIError(
             f"the conversation holds {media} images and videos; this server takes at most "
-            f"{limits.max_images} per request (--max-images)",
+            f"{limits.max_images} per request",
             param="messages",
             code="too_many_images",
         )

@@ -106,15 +106,15 @@ class AccessGuard:
             return (
                 403,
                 f"this server does not answer to the host name {host!r} (a web page may be "
-                "trying to reach it); call it by its address, or start it with --allowed-host",
+                "trying to reach it); call it by its address, or by a name the server allows",
                 "host_not_allowed",
             )
         origin = headers.get("origin")
         if origin is not None and not self.policy.origin_allowed(origin):
             return (
                 403,
-                f"requests from the web origin {origin!r} are not allowed (start the server with "
-                "--cors-origin to let a web page call it)",
+                f"requests from the web origin {origin!r} are not allowed: this server answers "
+                "web pages only from the origins it was told to allow",
                 "origin_not_allowed",
             )
         if scope["method"] == "POST":
