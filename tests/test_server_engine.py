@@ -398,3 +398,44 @@ def test_a_request_whose_media_take_long_to_prepare_does_not_stall_the_batch(tmp
         "".join(e.content for e in events if isinstance(e, Delta)) for events in (found, other)
     ]
     assert answers == list(expected.values())
+
+
+def test_a_request_that_leaves_while_its_media_are_prepared_frees_its_place_at_once(tmp_path):
+    """(--max-batch 2) A client goes away while its request's media take a second to prepare:
+    the request is counted cancelled and its place is free at once, not when the preparation
+    ends; the next request is answered as it would be alone."""
+    model, processor = mimo_mlx.load(write_model_folder(tmp_path / "model", seed=21))
+    expected = mimo_mlx.generate(model, processor, "Hello", max_tokens=8, temp=0.0).answer
+    prepare_messages = processor.prepare_messages
+
+    def slow_prepare(messages, **options):
+        if "slow" in str(messages):
+            time.sleep(1.0)
+        return prepare_messages(messages, **options)
+
+    processor.prepare_messages = slow_prepare
+    engine = Engine(ConversationPool(model, processor), processor.tokenizer, 1, max_batch=2)
+    engine.start()
+
+    async def main():
+        slow = job("A slow one.", max_tokens=8)
+        engine.submit(slow)
+        await asyncio.sleep(0.2)  # its preparation has begun
+        assert engine.stats()["queue"]["running"] == 1
+        left = time.perf_counter()
+        engine.cancel(slow)
+        while engine.stats()["requests"]["cancelled"] == 0:
+            await asyncio.sleep(0.01)
+        freed = time.perf_counter() - left
+        assert engine.stats()["queue"]["running"] == 0
+        after = job("Hello", max_tokens=8)
+        after.options["temp"] = 0.0
+        engine.submit(after)
+        return freed, await events(after)
+
+    try:
+        freed, found = run(main)
+    finally:
+        engine.close()
+    assert freed < 0.5, f"the place was freed {freed:.2f} s after the client left"
+    assert "".join(e.content for e in found if isinstance(e, Delta)) == expected

@@ -26,7 +26,17 @@ from ..errors import MimoError
 from ..generation.batch import BatchGenerator
 from ..generation.sampling import make_logits_processors, make_sampler
 from .answers import JobAnswer
-from .events import Failed, Finished, Job, client_error, internal_error, queue_timeout
+from .events import (
+    COUNTED_AS,
+    REASONS,
+    Failed,
+    Finished,
+    Job,
+    client_error,
+    internal_error,
+    queue_timeout,
+    shutting_down,
+)
 
 log = logging.getLogger("mimo_mlx.serve")
 
@@ -98,8 +108,7 @@ class BatchLoop:
         self.preparing.append((job, future))
 
     def _start_prepared(self, batch: BatchGenerator) -> None:
-        """Start the jobs whose turns are ready (a client gone meanwhile leaves at once, as from
-        the batch: `_drop_stopped`)."""
+        """Start the jobs whose turns are ready."""
         ready = [(job, future) for job, future in self.preparing if future.done()]
         for job, future in ready:
             self.preparing.remove((job, future))
@@ -141,8 +150,23 @@ class BatchLoop:
 
     def _drop_stopped(self, batch: BatchGenerator) -> None:
         """Jobs whose client went away, or whose time ran out before their first token, leave
-        the batch now (their conversations keep what was computed)."""
+        now: from the batch (their conversations keep what was computed), or while their turns
+        are prepared (their places free at once; the preparation's result is dropped)."""
         now = time.monotonic()
+        for job, future in list(self.preparing):
+            if not (job.cancelled or now >= job.deadline):
+                continue
+            self.preparing.remove((job, future))
+            future.cancel()  # if it has not begun
+            if job.cancelled:
+                gone = job.cancelled == "disconnected"
+                log.info("%s: %s while its media were prepared", job.id, REASONS[job.cancelled])
+                self.engine.done(
+                    job, COUNTED_AS[job.cancelled], None if gone else Failed(shutting_down())
+                )
+            else:
+                log.info("%s: its time ran out while its media were prepared", job.id)
+                self.engine.done(job, "timed_out", Failed(queue_timeout()))
         for uid, row in list(self.rows.items()):
             job = row.job
             late = not row.answer.started and now >= job.deadline
