@@ -152,5 +152,6 @@ async def probe_run(url: str, frames: Path, running_tokens: int, timeout: float)
         "gap_before_p50_s": float(np.median(before)) if before else None,
         "gap_during_max_s": max(during) if during else None,
         "gaps_during": len(during),
+        "gaps_during_s": during,  # in order: which units of the video's work stalled it
         "running_latency_s": first["latency_s"],
     }

@@ -264,16 +264,18 @@ def markdown(report: dict) -> str:
             "read, encoded and prefilled (until its first token):",
             "",
             "| --max-batch | video prompt tokens | video TTFT ms | running gap before p50 ms | "
-            "longest gap during ms | gaps during |",
-            "|---|---|---|---|---|---|",
+            "longest gap during ms | gaps during | gaps over twice the one before, in order, ms |",
+            "|---|---|---|---|---|---|---|",
         ]
         for batch, p in r["probe"].items():
             if "error" in p:
-                lines.append(f"| {batch} | error: {p['error']} | | | | |")
+                lines.append(f"| {batch} | error: {p['error']} | | | | | |")
                 continue
+            long = [g for g in p.get("gaps_during_s", []) if g > 2 * p["gap_before_p50_s"]]
             lines.append(
                 f"| {batch} | {p['video_prompt_tokens']} | {ms(p['video_ttft_s'])} | "
-                f"{ms(p['gap_before_p50_s'])} | {ms(p['gap_during_max_s'])} | {p['gaps_during']} |"
+                f"{ms(p['gap_before_p50_s'])} | {ms(p['gap_during_max_s'])} | {p['gaps_during']} "
+                f"| {', '.join(ms(g) for g in long)} |"
             )
     lines += [
         "",

@@ -345,3 +345,98 @@ def test_a_cancelled_job_leaves_the_batch_within_a_step_and_the_other_goes_on(tm
     # Sent, plus the token the step in flight fed and the one it drew (not sent), at most.
     assert sent <= answered <= sent + 2
     assert "".join(e.content for e in rest if isinstance(e, Delta)) == expected.answer
+
+
+def test_a_request_whose_media_take_long_to_prepare_does_not_stall_the_batch(tmp_path):
+    """On the real pool (--max-batch 2): a request's chat template and media preparation (here
+    made to take a second, as decoding a long video's frames may) runs beside the batch, so the
+    running answer keeps getting tokens meanwhile; both answers are their solo answers."""
+    model, processor = mimo_mlx.load(write_model_folder(tmp_path / "model", seed=21))
+    expected = {
+        prompt: mimo_mlx.generate(model, processor, prompt, max_tokens=tokens, temp=0.0).answer
+        for prompt, tokens in (("Tell me a long story.", 300), ("A slow one.", 8))
+    }
+    preparing: list[float] = []  # when the slow preparation started and ended
+    prepare_messages = processor.prepare_messages
+
+    def slow_prepare(messages, **options):
+        if "slow" not in str(messages):
+            return prepare_messages(messages, **options)
+        preparing.append(time.perf_counter())
+        time.sleep(1.0)
+        try:
+            return prepare_messages(messages, **options)
+        finally:
+            preparing.append(time.perf_counter())
+
+    processor.prepare_messages = slow_prepare
+    engine = Engine(ConversationPool(model, processor), processor.tokenizer, 1, max_batch=2)
+    engine.start()
+
+    async def main():
+        running = job("Tell me a long story.", max_tokens=300, top_logprobs=0)
+        slow = job("A slow one.", max_tokens=8)
+        for each in (running, slow):
+            each.options["temp"] = 0.0
+        engine.submit(running)
+        arrived, found = [], []
+        while not found or not isinstance(found[-1], Finished | Failed):
+            found.append(await asyncio.wait_for(running.events.get(), 30))
+            arrived.append(time.perf_counter())
+            if len(found) == 5:  # the answer runs: the slow request arrives
+                engine.submit(slow)
+        return arrived, found, await events(slow)
+
+    try:
+        arrived, found, other = run(main)
+    finally:
+        engine.close()
+    start, end = preparing
+    assert end - start >= 1.0
+    during = [t for t in arrived if start < t < end]
+    assert len(during) >= 3, f"{len(during)} tokens of the running answer while the other prepared"
+    answers = [
+        "".join(e.content for e in events if isinstance(e, Delta)) for events in (found, other)
+    ]
+    assert answers == list(expected.values())
+
+
+def test_a_request_that_leaves_while_its_media_are_prepared_frees_its_place_at_once(tmp_path):
+    """(--max-batch 2) A client goes away while its request's media take a second to prepare:
+    the request is counted cancelled and its place is free at once, not when the preparation
+    ends; the next request is answered as it would be alone."""
+    model, processor = mimo_mlx.load(write_model_folder(tmp_path / "model", seed=21))
+    expected = mimo_mlx.generate(model, processor, "Hello", max_tokens=8, temp=0.0).answer
+    prepare_messages = processor.prepare_messages
+
+    def slow_prepare(messages, **options):
+        if "slow" in str(messages):
+            time.sleep(1.0)
+        return prepare_messages(messages, **options)
+
+    processor.prepare_messages = slow_prepare
+    engine = Engine(ConversationPool(model, processor), processor.tokenizer, 1, max_batch=2)
+    engine.start()
+
+    async def main():
+        slow = job("A slow one.", max_tokens=8)
+        engine.submit(slow)
+        await asyncio.sleep(0.2)  # its preparation has begun
+        assert engine.stats()["queue"]["running"] == 1
+        left = time.perf_counter()
+        engine.cancel(slow)
+        while engine.stats()["requests"]["cancelled"] == 0:
+            await asyncio.sleep(0.01)
+        freed = time.perf_counter() - left
+        assert engine.stats()["queue"]["running"] == 0
+        after = job("Hello", max_tokens=8)
+        after.options["temp"] = 0.0
+        engine.submit(after)
+        return freed, await events(after)
+
+    try:
+        freed, found = run(main)
+    finally:
+        engine.close()
+    assert freed < 0.5, f"the place was freed {freed:.2f} s after the client left"
+    assert "".join(e.content for e in found if isinstance(e, Delta)) == expected

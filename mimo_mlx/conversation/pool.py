@@ -127,21 +127,36 @@ class ConversationPool:
             turn = self._blank.prepare_text(prompt)
             yield from self._stream_turn(turn, stored, options)
 
-    def begin(
+    def prepare(
         self, messages: Sequence[Message] | None = None, prompt: str | None = None, **options
+    ) -> tuple[Turn, dict]:
+        """The first half of `begin`: the chat `messages` (or a plain text `prompt`) as a turn
+        (the chat template, the media decoded and preprocessed), and the options `begin` still
+        takes. It reads no conversation and no MLX array, so it may run on another thread while
+        the generation thread steps a batch: a long video's frames are decoded meanwhile."""
+        tools = options.pop("tools", None)
+        if prompt is not None:
+            return self._blank.prepare_text(prompt), options
+        return self._blank.prepare(messages, tools, **pop_prompt_options(options)), options
+
+    def begin(
+        self,
+        messages: Sequence[Message] | None = None,
+        prompt: str | None = None,
+        *,
+        turn: Turn | None = None,
+        **options,
     ) -> tuple[Conversation, Turn, TurnStart]:
         """A turn taken out of the pool to run in a batch: the chat `messages` (or a plain text
-        `prompt`) prepared and given to the best-matching conversation, which leaves the pool
-        until `end` brings it back (a running turn is never continued by another). `options` as
-        for `stream`, less the sampler and processors the caller makes from `TurnStart.sampling`
-        (and prompt lookup, which a batch does not do), and cache options over the pool's."""
+        `prompt`, or a `turn` from `prepare` with the options it left) given to the
+        best-matching conversation, which leaves the pool until `end` brings it back (a running
+        turn is never continued by another). `options` as for `stream`, less the sampler and
+        processors the caller makes from `TurnStart.sampling` (and prompt lookup, which a batch
+        does not do), and cache options over the pool's."""
+        if turn is None:
+            turn, options = self.prepare(messages, prompt, **options)
         stored = self._stored(options)
         with self._lock:
-            tools = options.pop("tools", None)
-            if prompt is not None:
-                turn = self._blank.prepare_text(prompt)
-            else:
-                turn = self._blank.prepare(messages, tools, **pop_prompt_options(options))
             chat = self._conversation_for(turn, stored, keep=False)
             try:
                 return chat, turn, chat.begin_turn(turn, **options)

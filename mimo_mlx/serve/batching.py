@@ -7,15 +7,18 @@ conversation in use is not continued by another request until it is back.
 
 Each loop does one `BatchGenerator.next`: one unit of a new prompt's prefill (the vision pass of
 its new media, or a chunk of `prefill_step_size` tokens), then one token for every running job.
-Between loops a job starts (its chat template and media preparation run here, on this thread),
-and jobs whose client went away or whose time ran out leave; the others' tokens never change,
-since each row is computed as it would be alone.
+A job's chat template and media preparation (decoding and resizing a video's frames: host work
+that grows with the video) run on a helper thread meanwhile (`ConversationPool.prepare`); the job
+starts between two loops once they are done. Between loops, too, jobs whose client went away or
+whose time ran out leave; the others' tokens never change, since each row is computed as it
+would be alone.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from ..conversation.conversation import Conversation, Turn
@@ -23,7 +26,17 @@ from ..errors import MimoError
 from ..generation.batch import BatchGenerator
 from ..generation.sampling import make_logits_processors, make_sampler
 from .answers import JobAnswer
-from .events import Failed, Finished, Job, client_error, internal_error, queue_timeout
+from .events import (
+    COUNTED_AS,
+    REASONS,
+    Failed,
+    Finished,
+    Job,
+    client_error,
+    internal_error,
+    queue_timeout,
+    shutting_down,
+)
 
 log = logging.getLogger("mimo_mlx.serve")
 
@@ -43,10 +56,15 @@ class BatchLoop:
     def __init__(self, engine) -> None:
         self.engine, self.pool = engine, engine.pool
         self.rows: dict[int, _Row] = {}
+        # Jobs taken whose turns are being prepared, in order of arrival (they hold their places
+        # in the batch meanwhile), and the thread preparing them.
+        self.preparing: list[tuple[Job, Future]] = []
+        self.preparer: ThreadPoolExecutor | None = None
 
     def run(self) -> None:
-        while not self._serve():
-            log.error("the batch was reset after an internal error; new requests are served")
+        with ThreadPoolExecutor(1, thread_name_prefix="mimo-mlx-prepare") as self.preparer:
+            while not self._serve():
+                log.error("the batch was reset after an internal error; new requests are served")
 
     def _serve(self) -> bool:
         """Serve with one BatchGenerator: True when the engine has closed, False after an
@@ -59,11 +77,12 @@ class BatchLoop:
             prefill_step_size=engine.prefill_step_size,
         ) as batch:
             while True:
-                job = engine.take(len(self.rows))
+                job = engine.take(len(self.rows) + len(self.preparing))
                 if job is not None:
-                    self._start(batch, job)
-                elif not self.rows and engine.closed:
+                    self._prepare(job)
+                elif not self.rows and not self.preparing and engine.closed:
                     return True
+                self._start_prepared(batch)
                 self._drop_stopped(batch)
                 if batch.has_work:
                     try:
@@ -73,16 +92,33 @@ class BatchLoop:
                         self._fail_all()
                         return False
                     self._dispatch(batch, items)
+                elif self.preparing and job is None:  # nothing to step: wait for a preparation
+                    wait([future for _, future in self.preparing], 0.05, FIRST_COMPLETED)
                 engine.batch_bytes = batch.nbytes
 
-    def _start(self, batch: BatchGenerator, job: Job) -> None:
-        """Take the job's conversation out of the pool and queue its sequence."""
+    def _prepare(self, job: Job) -> None:
+        """Prepare the job's turn on the helper thread (`ConversationPool.prepare`)."""
         if time.monotonic() >= job.deadline:
             log.info("%s: its time ran out while it waited in the queue", job.id)
             self.engine.done(job, "timed_out", Failed(queue_timeout()))
             return
+        future = self.preparer.submit(
+            self.pool.prepare, job.messages, prompt=job.prompt, **job.options
+        )
+        self.preparing.append((job, future))
+
+    def _start_prepared(self, batch: BatchGenerator) -> None:
+        """Start the jobs whose turns are ready."""
+        ready = [(job, future) for job, future in self.preparing if future.done()]
+        for job, future in ready:
+            self.preparing.remove((job, future))
+            self._start(batch, job, future)
+
+    def _start(self, batch: BatchGenerator, job: Job, prepared: Future) -> None:
+        """Take the job's conversation out of the pool and queue its sequence."""
         try:
-            chat, turn, start = self.pool.begin(job.messages, prompt=job.prompt, **job.options)
+            turn, options = prepared.result()
+            chat, turn, start = self.pool.begin(turn=turn, **options)
         except MimoError as err:
             log.info("%s: refused: %s", job.id, err)
             self.engine.done(job, "invalid", Failed(client_error(err, job.scrub)))
@@ -114,8 +150,23 @@ class BatchLoop:
 
     def _drop_stopped(self, batch: BatchGenerator) -> None:
         """Jobs whose client went away, or whose time ran out before their first token, leave
-        the batch now (their conversations keep what was computed)."""
+        now: from the batch (their conversations keep what was computed), or while their turns
+        are prepared (their places free at once; the preparation's result is dropped)."""
         now = time.monotonic()
+        for job, future in list(self.preparing):
+            if not (job.cancelled or now >= job.deadline):
+                continue
+            self.preparing.remove((job, future))
+            future.cancel()  # if it has not begun
+            if job.cancelled:
+                gone = job.cancelled == "disconnected"
+                log.info("%s: %s while its media were prepared", job.id, REASONS[job.cancelled])
+                self.engine.done(
+                    job, COUNTED_AS[job.cancelled], None if gone else Failed(shutting_down())
+                )
+            else:
+                log.info("%s: its time ran out while its media were prepared", job.id)
+                self.engine.done(job, "timed_out", Failed(queue_timeout()))
         for uid, row in list(self.rows.items()):
             job = row.job
             late = not row.answer.started and now >= job.deadline
@@ -165,7 +216,7 @@ class BatchLoop:
 
     def _fail_all(self) -> None:
         """After a failed step: every running job fails; their conversations are dropped (their
-        caches may be part-way through the step)."""
+        caches may be part-way through the step). Jobs being prepared wait for the next batch."""
         for row in self.rows.values():
             self.engine.done(row.job, "failed", Failed(internal_error()))
         self.rows.clear()
