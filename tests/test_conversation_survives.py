@@ -224,23 +224,33 @@ def test_a_save_into_a_folder_not_ours(ours, tmp_path):
     assert_intact_and_saves(chat, tmp_path, ours)
 
 
-def test_a_read_only_disk_fails_once_with_one_reason(ours, tmp_path, monkeypatch):
-    """On a read-only disk the file cannot be made and its cleanup fails too (macOS says so for
-    a file that is not there): still one error, and the conversation goes on."""
+@pytest.mark.parametrize(
+    "code, reason",
+    [
+        (errno.EROFS, "is on a read-only disk"),
+        (errno.EACCES, "no permission to write in"),  # what root, as CI runs, never meets
+        (errno.ENOSPC, "the disk is full"),
+    ],
+    ids=["read-only", "no-permission", "full"],
+)
+def test_a_disk_that_refuses_fails_once_with_one_reason(ours, tmp_path, monkeypatch, code, reason):
+    """The file cannot be made and its cleanup fails too (macOS says so for a file that is not
+    there, on a read-only disk): still one error naming the reason, and the conversation goes
+    on."""
     chat = answered(ours)
 
-    def read_only(method):
+    def refused(method):
         def on_this_disk(self, *args, **kwargs):
             if self.parent == tmp_path:
-                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+                raise OSError(code, os.strerror(code))
             return method(self, *args, **kwargs)
 
         return on_this_disk
 
     with monkeypatch.context() as patch:
-        patch.setattr(Path, "open", read_only(Path.open))
-        patch.setattr(Path, "unlink", read_only(Path.unlink))
-        with pytest.raises(CannotWrite, match="is on a read-only disk; nothing was written"):
+        patch.setattr(Path, "open", refused(Path.open))
+        patch.setattr(Path, "unlink", refused(Path.unlink))
+        with pytest.raises(CannotWrite, match=f"{reason}.*; nothing was written$"):
             chat.save(tmp_path / "chat.safetensors")
     assert_intact_and_saves(chat, tmp_path, ours)
 
@@ -280,3 +290,26 @@ def test_a_full_disk_leaves_no_partial_file(folder, tmp_path):
 def test_loading_a_folder_says_it_is_a_folder(ours, tmp_path):
     with pytest.raises(mimo_mlx.MimoError, match="is a folder, not a conversation file"):
         Conversation.load(tmp_path, *ours)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"hello\n", b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(64)],
+    ids=["empty", "text", "jpeg"],
+)
+def test_loading_a_file_that_is_no_safetensors_says_so(ours, tmp_path, data):
+    """An empty file, a note or a photo given to /load: one plain sentence, not MLX's reader's
+    words ("[read] Unable to read 8 bytes from file")."""
+    path = tmp_path / "chat.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(mimo_mlx.MimoError) as caught:
+        Conversation.load(path, *ours)
+    assert str(caught.value) == f"{path} is not a mimo-mlx conversation file"
+
+
+def test_loading_a_truncated_conversation_says_it_is_incomplete(ours, tmp_path):
+    path = answered(ours).save(tmp_path / "chat.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(mimo_mlx.MimoError, match=r"^\S+ is damaged or incomplete \(.*\)$"):
+        Conversation.load(path, *ours)

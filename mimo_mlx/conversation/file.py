@@ -200,9 +200,14 @@ def _read(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     if not path.is_file():
         raise MimoError(f"conversation file not found: {path}")
     try:
-        path.open("rb").close()  # a file we may not read says so (MLX would only say it failed)
+        # A file we may not read says so (MLX would only say it failed), and one that is not
+        # safetensors at all (empty, a photo) is named as such, not by MLX's reader's words.
+        with path.open("rb") as file:
+            start = file.read(9)
     except OSError as err:
         raise MimoError(f"cannot read {path}: {err.strerror or err}") from None
+    if len(start) < 9 or start[8:9] != b"{":  # 8 bytes of header length, then JSON
+        raise MimoError(f"{path} is not a mimo-mlx conversation file")
     try:
         # The format is named: MLX would pick it from the extension, and a user may give any.
         arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
@@ -210,7 +215,7 @@ def _read(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     except KeyError:
         raise MimoError(f"{path} is not a mimo-mlx conversation file") from None
     except (RuntimeError, ValueError, json.JSONDecodeError) as err:
-        raise MimoError(f"{path} could not be read as a conversation ({err})") from None
+        raise MimoError(f"{path} is damaged or incomplete ({str(err).rstrip('.')})") from None
 
 
 def _media_and_messages(messages: list) -> tuple[list[PreparedMedia], list]:
