@@ -17,6 +17,7 @@ from PIL import Image
 from test_generate import MAX_PIXELS, write_model_folder
 
 import mimo_mlx
+from mimo_mlx.cli.chat import ChatSession
 from mimo_mlx.conversation.conversation import Conversation
 from mimo_mlx.conversation.file import CannotWrite
 from mimo_mlx.conversation.pool import ConversationPool
@@ -171,6 +172,25 @@ def test_the_pool_keeps_a_request_stopped_midway(ours, monkeypatch):
     fresh = ConversationPool(*ours, vision_cache=VisionCache(), max_pixels=MAX_PIXELS)
     assert [r.token for r in answer] == [r.token for r in fresh.stream(turn2, max_tokens=8)]
     assert answer[-1].cached_tokens > 0
+
+
+@pytest.mark.parametrize("where", ["inside a prefill chunk", "reading the 7th token"])
+def test_chat_says_whether_a_stopped_message_was_kept(ours, photos, monkeypatch, capsys, where):
+    """Ctrl-C before the first token drops the message (and what was attached to it) from the
+    conversation: chat says so, so nobody asks a follow-up about an image it never kept."""
+    session = ChatSession(new_chat(ours), hide_thinking=False, max_tokens=40, sampling={})
+    session.images = [photos[0]]
+    with monkeypatch.context() as patch:
+        INTERRUPTS[where](patch, ours[0])
+        assert session._answer(STORY)
+    said = capsys.readouterr().err.splitlines()[-1]
+    if where == "inside a prefill chunk":
+        assert session.chat.messages == []
+        kept = "the message and its attachments were not kept"
+        assert said == f"[stopped before the answer began: {kept}]"
+    else:
+        assert [m["role"] for m in session.chat.messages][-2:] == ["user", "assistant"]
+        assert said == "[stopped]"
 
 
 # ---------------------------------------------------------------- a save that cannot write

@@ -110,17 +110,25 @@ class ChatSession:
         printer, last = None, None
         try:
             for response in stream:
+                last = response
                 if printer is None:  # the template's choice to open <think> is known by now
                     for notice in self.chat.notices:  # e.g. a video shrunk to its budget
                         print_note(notice)
                     printer = StreamPrinter(self.hide_thinking, self.chat.opens_thinking)
                 printer.write(response.text)
-                last = response
         except KeyboardInterrupt:
             stream.close()  # the answer so far stays in the conversation
             if printer is not None:
                 printer.close()
-            click.echo("[stopped]", err=True)
+            if last is None:  # no token yet: the conversation is as if the message was not sent
+                what = (
+                    "the message and its attachments were"
+                    if images or videos
+                    else "the message was"
+                )
+                click.echo(f"[stopped before the answer began: {what} not kept]", err=True)
+            else:
+                click.echo("[stopped]", err=True)
             return True
         if printer is not None:
             printer.close()
