@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
@@ -305,6 +308,43 @@ def test_a_full_disk_leaves_no_partial_file(folder, tmp_path):
     assert "MLX could not write it" in error or "the disk is full" in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["later.safetensors"]
     assert saved.startswith("saved ")
+
+
+def test_a_full_disk_says_how_much_is_free_once_the_partial_file_is_gone(
+    ours, tmp_path, monkeypatch
+):
+    """A disk with less room than the file: MLX's write fails once the disk is full, so the free
+    space to report is what is left after the partial file is removed (not the 0 bytes the
+    partial file left), against what the whole file needs."""
+    chat = answered(ours)
+    size = chat.save(tmp_path / "whole.safetensors").stat().st_size
+    (tmp_path / "whole.safetensors").unlink()
+    capacity = size - 1000  # the file does not fit, its arrays alone may
+
+    def used() -> int:
+        return sum(p.stat().st_size for p in tmp_path.iterdir() if p.is_file())
+
+    def small_disk(path):
+        return shutil._ntuple_diskusage(capacity, used(), capacity - used())
+
+    def write_until_full(file, arrays, metadata=None):
+        Path(file).write_bytes(bytes(capacity - used()))
+        raise RuntimeError("[write] Unable to write 4096 bytes to file.")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "disk_usage", small_disk)
+        patch.setattr(mx, "save_safetensors", write_until_full)
+        with pytest.raises(CannotWrite) as caught:
+            chat.save(tmp_path / "chat.safetensors")
+    said = re.fullmatch(
+        rf"cannot write {re.escape(str(tmp_path / 'chat.safetensors'))}: the disk is full "
+        r"\(([\d,]+) kB free, about ([\d,]+) kB needed\); nothing was written",
+        str(caught.value),
+    )
+    assert said, str(caught.value)
+    free, needed = (int(n.replace(",", "")) for n in said.groups())
+    assert free == round(capacity / 1e3) and abs(needed - size / 1e3) <= 1
+    assert_intact_and_saves(chat, tmp_path, ours)
 
 
 def test_loading_a_folder_says_it_is_a_folder(ours, tmp_path):
