@@ -4,6 +4,7 @@ the reference libraries, and labelled as random weights everywhere it is seen.""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -107,3 +108,18 @@ def test_an_existing_path_is_never_replaced(folder):
     assert done.returncode == 1
     assert done.stderr == f"error: {folder} exists; give a new folder (nothing is ever replaced)\n"
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_a_damaged_random_model_is_made_again_not_downloaded(folder, tmp_path):
+    """Nobody downloaded it: the remedy for a damaged file is the command that wrote it."""
+    damaged = tmp_path / "tiny-random"
+    shutil.copytree(folder, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    done = mimo_mlx("generate", "--model", damaged, "-p", "Hi", "-m", 2)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: {weights} is damaged or incomplete")
+    assert done.stderr.endswith(
+        f"{damaged} was written by mimo-mlx random-model: write it again (mimo-mlx random-model "
+        "NEW_FOLDER)\n"
+    )
