@@ -16,7 +16,7 @@ import click
 from ..conversation.conversation import Conversation
 from ..errors import MimoError
 from .console import StreamPrinter, stats_line, stop_reason
-from .usage import print_note
+from .usage import as_typed, print_note
 
 HELP = """\
 Type a message and press Enter. Commands:
@@ -78,8 +78,8 @@ class ChatSession:
                 continue
             try:
                 keep_going = self._command(line) if line.startswith("/") else self._answer(line)
-            except MimoError as err:
-                click.secho(f"error: {err}", fg="red", err=True)
+            except MimoError as err:  # options are named as typed: --max-pixels, not max_pixels
+                click.secho(f"error: {as_typed(str(err))}", fg="red", err=True)
                 self.failed = True
                 keep_going = True
             except KeyboardInterrupt:  # Ctrl-C during a command (/save, /load): it did nothing
