@@ -73,6 +73,20 @@ def test_a_flag_that_does_not_exist_is_one_line_and_status_2():
 
 
 @pytest.mark.parametrize(
+    "args, line",
+    [
+        (["annotate", "--answer", "a.txt"], "missing option '--image'. ('mimo-mlx annotate --help' lists the options)"),  # noqa: E501
+        (["convert", "--hf-path", "x"], "missing option '--mlx-path'. ('mimo-mlx convert --help' lists the options)"),  # noqa: E501
+        (["random-model"], "missing argument 'FOLDER'. ('mimo-mlx random-model --help' lists the options)"),  # noqa: E501
+        (["frob"], "no such command 'frob'. ('mimo-mlx --help' lists the commands)"),
+        (["--frob"], "no such option '--frob'. ('mimo-mlx --help' lists the options)"),
+    ],
+)  # fmt: skip
+def test_a_missing_flag_or_an_unknown_command_is_one_line_and_status_2(args, line):
+    assert one_error(invoke(*args), 2) == line
+
+
+@pytest.mark.parametrize(
     "args, stdin, line",
     [
         (["-p", ""], None, "the --prompt is empty: there is no question to answer"),

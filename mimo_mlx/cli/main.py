@@ -74,16 +74,23 @@ class _Group(click.Group):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["typed"] = list(args)  # the command's name, then its flags as typed
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as err:  # `mimo-mlx --frob`, before any command
+            _fail(usage_mistake(err, "mimo-mlx"), 2)
 
     def invoke(self, ctx: click.Context):
         args = ctx.meta.get("typed", [])
         try:
             with one_line_warnings():
                 return super().invoke(ctx)
-        except click.BadParameter as err:  # a value out of range: a mistake like any other
-            _fail(bad_value(err, self._command(ctx, args), args[1:]), 1)
-        except click.UsageError as err:  # a flag that does not exist, or one missing
+        except click.BadParameter as err:
+            if isinstance(err, click.MissingParameter):  # a required flag or argument not given
+                _fail(usage_mistake(err, " ".join(["mimo-mlx", *args[:1]])), 2)
+            _fail(bad_value(err, self._command(ctx, args), args[1:]), 1)  # a value out of range
+        except click.UsageError as err:  # a flag or a command that does not exist
+            if args and self._command(ctx, args) is None:
+                _fail(usage_mistake(err, "mimo-mlx", "commands"), 2)
             _fail(usage_mistake(err, " ".join(["mimo-mlx", *args[:1]])), 2)
         except MimoError as err:
             _fail(in_flag_words(str(err), self._command(ctx, args), args[1:]), 1)

@@ -35,10 +35,11 @@ def bad_value(err: click.BadParameter, command: click.Command | None, args: list
     return f"{flag}: {err.message.rstrip('.')}"
 
 
-def usage_mistake(err: click.UsageError, command_path: str) -> str:
-    """Any other mistake in how a command was called (an unknown flag, a missing one)."""
+def usage_mistake(err: click.UsageError, command_path: str, listed: str = "options") -> str:
+    """Any other mistake in how a command was called (an unknown flag or command, a missing
+    one), and where the `listed` options (or commands) are."""
     message = err.format_message()
-    return f"{message[:1].lower()}{message[1:]} ('{command_path} --help' lists the options)"
+    return f"{message[:1].lower()}{message[1:]} ('{command_path} --help' lists the {listed})"
 
 
 def range_words(kind: click.IntRange | click.FloatRange) -> str:
