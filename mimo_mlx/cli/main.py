@@ -102,6 +102,17 @@ class _Group(click.Group):
         return self.get_command(ctx, args[0]) if args else None
 
 
+def _unreadable(err: OSError | UnicodeDecodeError) -> str:
+    """Why a text file could not be read, in words (not Python's '[Errno 2] ...: path')."""
+    if isinstance(err, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    if isinstance(err, FileNotFoundError):
+        return "there is no such file"
+    if isinstance(err, IsADirectoryError):
+        return "it is a folder"
+    return err.strerror or str(err)
+
+
 def _fail(message: str, status: int) -> None:
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(status)
@@ -318,7 +329,7 @@ def _read_json_schema(path: str | None) -> dict | None:
     try:
         schema = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:
-        raise MimoError(f"cannot read the JSON schema {path}: {err}") from None
+        raise MimoError(f"cannot read the JSON schema {path}: {_unreadable(err)}") from None
     except json.JSONDecodeError as err:
         raise MimoError(f"{path} is not JSON ({err})") from None
     json_format(schema).check()
@@ -545,7 +556,7 @@ def annotate(image, answer_path, out_path, max_pixels, min_pixels):
     try:
         text = sys.stdin.read() if answer_path == "-" else Path(answer_path).read_text()
     except (OSError, UnicodeDecodeError) as err:
-        raise MimoError(f"cannot read the answer from {answer_path}: {err}") from None
+        raise MimoError(f"cannot read the answer from {answer_path}: {_unreadable(err)}") from None
     found = to_original(parse_grounding(text), geometry_of(image, min_pixels, max_pixels))
     if not (found.boxes or found.points or found.actions):
         note = f" ({'; '.join(found.skipped)})" if found.skipped else ""
