@@ -114,10 +114,18 @@ PREPROCESSOR = {
 
 def write_random_model(path: str | os.PathLike) -> Path:
     """Write the random model folder at `path`, which must not exist yet; returns its path."""
+    if not os.fspath(path).strip():
+        raise MimoError(
+            f"FOLDER {os.fspath(path)!r} is empty; give the folder to create (an unset shell "
+            "variable expands to nothing)"
+        )
     target = target_path(path)
     if target.exists() or target.is_symlink():
         raise MimoError(f"{target} exists; give a new folder (nothing is ever replaced)")
     if not target.parent.is_dir():
+        above = next((p for p in reversed(target.parents) if p.exists() and not p.is_dir()), None)
+        if above is not None:
+            raise MimoError(f"{above} is a file, not a folder")
         raise MimoError(f"the folder {target.parent} does not exist")
     work = None
     try:
@@ -126,6 +134,10 @@ def write_random_model(path: str | os.PathLike) -> Path:
         os.rename(work, target)
     except OSError as err:
         raise MimoError(f"cannot write {target}: {err.strerror or err}") from None
+    except RuntimeError as err:  # MLX could not write the weights: it says no more than that
+        full = shutil.disk_usage(target.parent).free < 1 << 20  # the partial file filled it
+        reason = "the disk is full" if full else f"MLX failed ({str(err).rstrip('.')})"
+        raise MimoError(f"cannot write {target}: {reason}; nothing was written") from None
     finally:
         if work is not None and work.exists():
             shutil.rmtree(work, ignore_errors=True)

@@ -107,6 +107,23 @@ def test_mistakes_are_one_line_and_the_chat_goes_on(folder, tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_a_message_s_mistake_names_the_flags_as_typed(folder, photo):
+    """Options are checked when a message uses them: the line names the flag typed (as generate
+    does), not the library's argument (max_pixels, temp)."""
+    done = chat(folder, [f"/image {photo}", "What is it?"], "--max-pixels", "100")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: --max-pixels (100) is below --min-pixels (3136, the model's): no size fits both; "
+        "give a larger --max-pixels or a smaller --min-pixels"
+    ], done.stderr
+    done = chat(folder, ["Hi"], "--temperature", "inf")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: --temperature must be a finite"), (
+        done.stderr
+    )
+    assert done.returncode == 1
+
+
 def test_a_save_that_cannot_write_keeps_the_chat_going(folder, tmp_path):
     (tmp_path / "a-file").write_text("mine")
     lines = ["Hi", "/save nowhere/c.safetensors", "/save a-file/c.safetensors", "/load ."]

@@ -73,6 +73,20 @@ def test_a_flag_that_does_not_exist_is_one_line_and_status_2():
 
 
 @pytest.mark.parametrize(
+    "args, line",
+    [
+        (["annotate", "--answer", "a.txt"], "missing option '--image'. ('mimo-mlx annotate --help' lists the options)"),  # noqa: E501
+        (["convert", "--hf-path", "x"], "missing option '--mlx-path'. ('mimo-mlx convert --help' lists the options)"),  # noqa: E501
+        (["random-model"], "missing argument 'FOLDER'. ('mimo-mlx random-model --help' lists the options)"),  # noqa: E501
+        (["frob"], "no such command 'frob'. ('mimo-mlx --help' lists the commands)"),
+        (["--frob"], "no such option '--frob'. ('mimo-mlx --help' lists the options)"),
+    ],
+)  # fmt: skip
+def test_a_missing_flag_or_an_unknown_command_is_one_line_and_status_2(args, line):
+    assert one_error(invoke(*args), 2) == line
+
+
+@pytest.mark.parametrize(
     "args, stdin, line",
     [
         (["-p", ""], None, "the --prompt is empty: there is no question to answer"),
@@ -82,6 +96,29 @@ def test_a_flag_that_does_not_exist_is_one_line_and_status_2():
 )
 def test_an_empty_prompt_is_refused(folder, args, stdin, line):
     assert one_error(invoke("generate", "--model", folder, *args, input=stdin), 1) == line
+
+
+def test_a_file_that_cannot_be_read_or_written_says_why_in_words(folder, photo, tmp_path):
+    """Python's '[Errno 2] No such file or directory: ...' is not shown; a file in the way of an
+    output path is called a file."""
+    (tmp_path / "answer.txt").write_text('[{"bbox_2d": [1, 2, 30, 40], "label": "x"}]')
+    (tmp_path / "latin1.json").write_bytes(b'{"title": "caf\xe9"}')
+    cases = [
+        (["generate", "--model", folder, "-p", "x", "--json-schema", tmp_path / "no.json"],
+         f"cannot read the JSON schema {tmp_path / 'no.json'}: there is no such file"),
+        (["generate", "--model", folder, "-p", "x", "--json-schema", tmp_path],
+         f"cannot read the JSON schema {tmp_path}: it is a folder"),
+        (["generate", "--model", folder, "-p", "x", "--json-schema", tmp_path / "latin1.json"],
+         f"cannot read the JSON schema {tmp_path / 'latin1.json'}: it is not UTF-8 text"),
+        (["annotate", "--image", photo, "--answer", tmp_path / "no.txt"],
+         f"cannot read the answer from {tmp_path / 'no.txt'}: there is no such file"),
+        (["annotate", "--image", photo, "--answer", tmp_path / "answer.txt", "--out",
+          tmp_path / "answer.txt" / "out.png"],
+         f"cannot write {tmp_path / 'answer.txt' / 'out.png'}: {tmp_path / 'answer.txt'} is a "
+         "file, not a folder"),
+    ]  # fmt: skip
+    for args, line in cases:
+        assert one_error(invoke(*args), 1) == line
 
 
 def test_library_messages_name_the_flags_typed(folder, photo):

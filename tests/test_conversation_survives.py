@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
 from test_generate import MAX_PIXELS, write_model_folder
 
 import mimo_mlx
+from mimo_mlx.cli.chat import ChatSession
 from mimo_mlx.conversation.conversation import Conversation
 from mimo_mlx.conversation.file import CannotWrite
 from mimo_mlx.conversation.pool import ConversationPool
@@ -173,6 +177,25 @@ def test_the_pool_keeps_a_request_stopped_midway(ours, monkeypatch):
     assert answer[-1].cached_tokens > 0
 
 
+@pytest.mark.parametrize("where", ["inside a prefill chunk", "reading the 7th token"])
+def test_chat_says_whether_a_stopped_message_was_kept(ours, photos, monkeypatch, capsys, where):
+    """Ctrl-C before the first token drops the message (and what was attached to it) from the
+    conversation: chat says so, so nobody asks a follow-up about an image it never kept."""
+    session = ChatSession(new_chat(ours), hide_thinking=False, max_tokens=40, sampling={})
+    session.images = [photos[0]]
+    with monkeypatch.context() as patch:
+        INTERRUPTS[where](patch, ours[0])
+        assert session._answer(STORY)
+    said = capsys.readouterr().err.splitlines()[-1]
+    if where == "inside a prefill chunk":
+        assert session.chat.messages == []
+        kept = "the message and its attachments were not kept"
+        assert said == f"[stopped before the answer began: {kept}]"
+    else:
+        assert [m["role"] for m in session.chat.messages][-2:] == ["user", "assistant"]
+        assert said == "[stopped]"
+
+
 # ---------------------------------------------------------------- a save that cannot write
 
 
@@ -224,23 +247,33 @@ def test_a_save_into_a_folder_not_ours(ours, tmp_path):
     assert_intact_and_saves(chat, tmp_path, ours)
 
 
-def test_a_read_only_disk_fails_once_with_one_reason(ours, tmp_path, monkeypatch):
-    """On a read-only disk the file cannot be made and its cleanup fails too (macOS says so for
-    a file that is not there): still one error, and the conversation goes on."""
+@pytest.mark.parametrize(
+    "code, reason",
+    [
+        (errno.EROFS, "is on a read-only disk"),
+        (errno.EACCES, "no permission to write in"),  # what root, as CI runs, never meets
+        (errno.ENOSPC, "the disk is full"),
+    ],
+    ids=["read-only", "no-permission", "full"],
+)
+def test_a_disk_that_refuses_fails_once_with_one_reason(ours, tmp_path, monkeypatch, code, reason):
+    """The file cannot be made and its cleanup fails too (macOS says so for a file that is not
+    there, on a read-only disk): still one error naming the reason, and the conversation goes
+    on."""
     chat = answered(ours)
 
-    def read_only(method):
+    def refused(method):
         def on_this_disk(self, *args, **kwargs):
             if self.parent == tmp_path:
-                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+                raise OSError(code, os.strerror(code))
             return method(self, *args, **kwargs)
 
         return on_this_disk
 
     with monkeypatch.context() as patch:
-        patch.setattr(Path, "open", read_only(Path.open))
-        patch.setattr(Path, "unlink", read_only(Path.unlink))
-        with pytest.raises(CannotWrite, match="is on a read-only disk; nothing was written"):
+        patch.setattr(Path, "open", refused(Path.open))
+        patch.setattr(Path, "unlink", refused(Path.unlink))
+        with pytest.raises(CannotWrite, match=f"{reason}.*; nothing was written$"):
             chat.save(tmp_path / "chat.safetensors")
     assert_intact_and_saves(chat, tmp_path, ours)
 
@@ -277,6 +310,66 @@ def test_a_full_disk_leaves_no_partial_file(folder, tmp_path):
     assert saved.startswith("saved ")
 
 
+def test_a_full_disk_says_how_much_is_free_once_the_partial_file_is_gone(
+    ours, tmp_path, monkeypatch
+):
+    """A disk with less room than the file: MLX's write fails once the disk is full, so the free
+    space to report is what is left after the partial file is removed (not the 0 bytes the
+    partial file left), against what the whole file needs."""
+    chat = answered(ours)
+    size = chat.save(tmp_path / "whole.safetensors").stat().st_size
+    (tmp_path / "whole.safetensors").unlink()
+    capacity = size - 1000  # the file does not fit, its arrays alone may
+
+    def used() -> int:
+        return sum(p.stat().st_size for p in tmp_path.iterdir() if p.is_file())
+
+    def small_disk(path):
+        return shutil._ntuple_diskusage(capacity, used(), capacity - used())
+
+    def write_until_full(file, arrays, metadata=None):
+        Path(file).write_bytes(bytes(capacity - used()))
+        raise RuntimeError("[write] Unable to write 4096 bytes to file.")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "disk_usage", small_disk)
+        patch.setattr(mx, "save_safetensors", write_until_full)
+        with pytest.raises(CannotWrite) as caught:
+            chat.save(tmp_path / "chat.safetensors")
+    said = re.fullmatch(
+        rf"cannot write {re.escape(str(tmp_path / 'chat.safetensors'))}: the disk is full "
+        r"\(([\d,]+) kB free, about ([\d,]+) kB needed\); nothing was written",
+        str(caught.value),
+    )
+    assert said, str(caught.value)
+    free, needed = (int(n.replace(",", "")) for n in said.groups())
+    assert free == round(capacity / 1e3) and abs(needed - size / 1e3) <= 1
+    assert_intact_and_saves(chat, tmp_path, ours)
+
+
 def test_loading_a_folder_says_it_is_a_folder(ours, tmp_path):
     with pytest.raises(mimo_mlx.MimoError, match="is a folder, not a conversation file"):
         Conversation.load(tmp_path, *ours)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"hello\n", b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(64)],
+    ids=["empty", "text", "jpeg"],
+)
+def test_loading_a_file_that_is_no_safetensors_says_so(ours, tmp_path, data):
+    """An empty file, a note or a photo given to /load: one plain sentence, not MLX's reader's
+    words ("[read] Unable to read 8 bytes from file")."""
+    path = tmp_path / "chat.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(mimo_mlx.MimoError) as caught:
+        Conversation.load(path, *ours)
+    assert str(caught.value) == f"{path} is not a mimo-mlx conversation file"
+
+
+def test_loading_a_truncated_conversation_says_it_is_incomplete(ours, tmp_path):
+    path = answered(ours).save(tmp_path / "chat.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(mimo_mlx.MimoError, match=r"^\S+ is damaged or incomplete \(.*\)$"):
+        Conversation.load(path, *ours)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 
 import numpy as np
 import pytest
@@ -124,6 +125,31 @@ def test_garbage_and_damaged_files_say_so_without_object_reprs():
     png = encoded(picture(400, 300), "PNG")
     with pytest.raises(MimoError, match="could not be decoded: the file is damaged or truncated"):
         decode_image(png[: len(png) // 2], "it")
+
+
+DAMAGED_HEADERS = {
+    "PNG": b"\x89PNG\r\n\x1a\nnot really an image",
+    "JPEG": b"\xff\xd8\xff\xe0 not really an image",
+    "GIF": b"GIF89a\x00\x00\x00",
+    "BMP": b"BM" + b"\x01" * 20,
+    "WebP": b"RIFF\x10\x00\x00\x00WEBPVP8 not really",
+}
+
+
+@pytest.mark.parametrize("name", sorted(DAMAGED_HEADERS))
+def test_a_damaged_file_of_a_format_read_is_called_damaged_not_refused(name, tmp_path):
+    """A file that starts like a PNG but is not one is damaged: saying that mimo-mlx does not open
+    PNG would be false."""
+    data = DAMAGED_HEADERS[name]
+    path = tmp_path / "photo.img"
+    path.write_bytes(data)
+    damaged = f"is not a readable image: its {name} header is damaged$"
+    with pytest.raises(MimoError, match=f"^{re.escape(str(path))} {damaged}"):
+        load_image(path)
+    with pytest.raises(MimoError, match=f"^it {damaged}"):
+        decode_image(data, "it")
+    with pytest.raises(MimoError, match=f"^it {damaged}"):
+        EncodedImage.open(data, "it", max_pixels=10**8)
 
 
 def test_the_header_decides_before_any_pixel_is_decoded():

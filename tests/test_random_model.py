@@ -4,6 +4,7 @@ the reference libraries, and labelled as random weights everywhere it is seen.""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -107,3 +108,47 @@ def test_an_existing_path_is_never_replaced(folder):
     assert done.returncode == 1
     assert done.stderr == f"error: {folder} exists; give a new folder (nothing is ever replaced)\n"
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_a_damaged_random_model_is_made_again_not_downloaded(folder, tmp_path):
+    """Nobody downloaded it: the remedy for a damaged file is the command that wrote it."""
+    damaged = tmp_path / "tiny-random"
+    shutil.copytree(folder, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    done = mimo_mlx("generate", "--model", damaged, "-p", "Hi", "-m", 2)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: {weights} is damaged or incomplete")
+    assert done.stderr.endswith(
+        f"{damaged} was written by mimo-mlx random-model: write it again (mimo-mlx random-model "
+        "NEW_FOLDER)\n"
+    )
+
+
+def test_a_folder_it_cannot_make_is_one_true_line(tmp_path):
+    (tmp_path / "a-file").write_text("mine")
+    for target, line in [
+        ("", "FOLDER '' is empty; give the folder to create (an unset shell variable expands to "
+         "nothing)"),
+        (tmp_path / "nowhere" / "tiny", f"the folder {tmp_path / 'nowhere'} does not exist"),
+        (tmp_path / "a-file" / "tiny", f"{tmp_path / 'a-file'} is a file, not a folder"),
+    ]:  # fmt: skip
+        done = mimo_mlx("random-model", target)
+        assert (done.returncode, done.stderr) == (1, f"error: {line}\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """A file-size limit stops MLX's write as a full disk would: one line, no traceback, no
+    hidden work folder left."""
+    script = (
+        "import resource, signal\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))\n"
+        + FORBID_REFERENCES
+    )
+    command = [sys.executable, "-c", script, "random-model", str(tmp_path / "tiny")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: cannot write {tmp_path / 'tiny'}: ")
+    assert list(tmp_path.iterdir()) == []

@@ -16,7 +16,7 @@ import click
 from ..conversation.conversation import Conversation
 from ..errors import MimoError
 from .console import StreamPrinter, stats_line, stop_reason
-from .usage import print_note
+from .usage import as_typed, print_note
 
 HELP = """\
 Type a message and press Enter. Commands:
@@ -78,8 +78,8 @@ class ChatSession:
                 continue
             try:
                 keep_going = self._command(line) if line.startswith("/") else self._answer(line)
-            except MimoError as err:
-                click.secho(f"error: {err}", fg="red", err=True)
+            except MimoError as err:  # options are named as typed: --max-pixels, not max_pixels
+                click.secho(f"error: {as_typed(str(err))}", fg="red", err=True)
                 self.failed = True
                 keep_going = True
             except KeyboardInterrupt:  # Ctrl-C during a command (/save, /load): it did nothing
@@ -110,17 +110,25 @@ class ChatSession:
         printer, last = None, None
         try:
             for response in stream:
+                last = response
                 if printer is None:  # the template's choice to open <think> is known by now
                     for notice in self.chat.notices:  # e.g. a video shrunk to its budget
                         print_note(notice)
                     printer = StreamPrinter(self.hide_thinking, self.chat.opens_thinking)
                 printer.write(response.text)
-                last = response
         except KeyboardInterrupt:
             stream.close()  # the answer so far stays in the conversation
             if printer is not None:
                 printer.close()
-            click.echo("[stopped]", err=True)
+            if last is None:  # no token yet: the conversation is as if the message was not sent
+                what = (
+                    "the message and its attachments were"
+                    if images or videos
+                    else "the message was"
+                )
+                click.echo(f"[stopped before the answer began: {what} not kept]", err=True)
+            else:
+                click.echo("[stopped]", err=True)
             return True
         if printer is not None:
             printer.close()

@@ -74,16 +74,23 @@ class _Group(click.Group):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["typed"] = list(args)  # the command's name, then its flags as typed
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as err:  # `mimo-mlx --frob`, before any command
+            _fail(usage_mistake(err, "mimo-mlx"), 2)
 
     def invoke(self, ctx: click.Context):
         args = ctx.meta.get("typed", [])
         try:
             with one_line_warnings():
                 return super().invoke(ctx)
-        except click.BadParameter as err:  # a value out of range: a mistake like any other
-            _fail(bad_value(err, self._command(ctx, args), args[1:]), 1)
-        except click.UsageError as err:  # a flag that does not exist, or one missing
+        except click.BadParameter as err:
+            if isinstance(err, click.MissingParameter):  # a required flag or argument not given
+                _fail(usage_mistake(err, " ".join(["mimo-mlx", *args[:1]])), 2)
+            _fail(bad_value(err, self._command(ctx, args), args[1:]), 1)  # a value out of range
+        except click.UsageError as err:  # a flag or a command that does not exist
+            if args and self._command(ctx, args) is None:
+                _fail(usage_mistake(err, "mimo-mlx", "commands"), 2)
             _fail(usage_mistake(err, " ".join(["mimo-mlx", *args[:1]])), 2)
         except MimoError as err:
             _fail(in_flag_words(str(err), self._command(ctx, args), args[1:]), 1)
@@ -93,6 +100,17 @@ class _Group(click.Group):
 
     def _command(self, ctx: click.Context, args: list[str]) -> click.Command | None:
         return self.get_command(ctx, args[0]) if args else None
+
+
+def _unreadable(err: OSError | UnicodeDecodeError) -> str:
+    """Why a text file could not be read, in words (not Python's '[Errno 2] ...: path')."""
+    if isinstance(err, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    if isinstance(err, FileNotFoundError):
+        return "there is no such file"
+    if isinstance(err, IsADirectoryError):
+        return "it is a folder"
+    return err.strerror or str(err)
 
 
 def _fail(message: str, status: int) -> None:
@@ -311,7 +329,7 @@ def _read_json_schema(path: str | None) -> dict | None:
     try:
         schema = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:
-        raise MimoError(f"cannot read the JSON schema {path}: {err}") from None
+        raise MimoError(f"cannot read the JSON schema {path}: {_unreadable(err)}") from None
     except json.JSONDecodeError as err:
         raise MimoError(f"{path} is not JSON ({err})") from None
     json_format(schema).check()
@@ -538,7 +556,7 @@ def annotate(image, answer_path, out_path, max_pixels, min_pixels):
     try:
         text = sys.stdin.read() if answer_path == "-" else Path(answer_path).read_text()
     except (OSError, UnicodeDecodeError) as err:
-        raise MimoError(f"cannot read the answer from {answer_path}: {err}") from None
+        raise MimoError(f"cannot read the answer from {answer_path}: {_unreadable(err)}") from None
     found = to_original(parse_grounding(text), geometry_of(image, min_pixels, max_pixels))
     if not (found.boxes or found.points or found.actions):
         note = f" ({'; '.join(found.skipped)})" if found.skipped else ""

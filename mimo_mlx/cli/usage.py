@@ -35,10 +35,11 @@ def bad_value(err: click.BadParameter, command: click.Command | None, args: list
     return f"{flag}: {err.message.rstrip('.')}"
 
 
-def usage_mistake(err: click.UsageError, command_path: str) -> str:
-    """Any other mistake in how a command was called (an unknown flag, a missing one)."""
+def usage_mistake(err: click.UsageError, command_path: str, listed: str = "options") -> str:
+    """Any other mistake in how a command was called (an unknown flag or command, a missing
+    one), and where the `listed` options (or commands) are."""
     message = err.format_message()
-    return f"{message[:1].lower()}{message[1:]} ('{command_path} --help' lists the options)"
+    return f"{message[:1].lower()}{message[1:]} ('{command_path} --help' lists the {listed})"
 
 
 def range_words(kind: click.IntRange | click.FloatRange) -> str:
@@ -92,14 +93,19 @@ def in_flag_words(message: str, command: click.Command | None, args: list[str]) 
     return message
 
 
+def as_typed(message: str) -> str:
+    """A library message in the running command's flags, as typed (see `in_flag_words`)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return message
+    typed_args = ctx.find_root().meta.get("typed", [])[1:]
+    return in_flag_words(message, ctx.command, typed_args)
+
+
 def print_note(message: str) -> None:
     """A library notice (a video fitted to its token budget) as `note: ...` on stderr, options
     named as the running command's flags."""
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None:
-        typed_args = ctx.find_root().meta.get("typed", [])[1:]
-        message = in_flag_words(message, ctx.command, typed_args)
-    click.echo(f"note: {message}", err=True)
+    click.echo(f"note: {as_typed(message)}", err=True)
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:

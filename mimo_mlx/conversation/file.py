@@ -91,24 +91,37 @@ def save_conversation(saved: SavedConversation, model: Model, path: str | Path) 
         "kv_cache": {**dataclasses.asdict(saved.cache.options), "quantized": saved.cache.quantized},
         "options": saved.options,
     }
+    metadata = {METADATA_KEY: json.dumps(meta)}
     temporary = path.with_name(f".{path.name}.{os.getpid()}.partial.safetensors")
     try:
         # Opened here first, so a folder that is missing, read-only or not ours is an OSError
         # with its reason; MLX's own open would only say that it failed.
         temporary.open("wb").close()
-        mx.save_safetensors(str(temporary), arrays, metadata={METADATA_KEY: json.dumps(meta)})
+        mx.save_safetensors(str(temporary), arrays, metadata=metadata)
         os.replace(temporary, path)
     except OSError as err:
         raise CannotWrite(
             f"cannot write {path}: {_reason(err, path)}; nothing was written"
         ) from None
     except RuntimeError as err:  # MLX could not write the whole file
-        reason = _write_failure(path, arrays, err)
+        _remove(temporary)  # first: the free space to report is the disk's without it
+        reason = _write_failure(path, _file_size(arrays, metadata), err)
         raise CannotWrite(f"cannot write {path}: {reason}; nothing was written") from None
     finally:
-        with contextlib.suppress(OSError):  # on a read-only disk even this fails
-            temporary.unlink(missing_ok=True)
+        _remove(temporary)
     return path
+
+
+def _remove(temporary: Path) -> None:
+    with contextlib.suppress(OSError):  # on a read-only disk even this fails
+        temporary.unlink(missing_ok=True)
+
+
+def _file_size(arrays: dict[str, mx.array], metadata: dict[str, str]) -> int:
+    """About the size of the safetensors file holding `arrays`: their bytes, the metadata and
+    each array's entry in the header (its name, dtype, shape and offsets: under 100 bytes)."""
+    entries = sum(len(name) + 100 for name in arrays)
+    return sum(array.nbytes for array in arrays.values()) + len(json.dumps(metadata)) + entries
 
 
 def _reason(err: OSError, path: Path) -> str:
@@ -138,14 +151,18 @@ def _first_file(folder: Path) -> Path:
     return folder
 
 
-def _write_failure(path: Path, arrays: dict[str, mx.array], err: RuntimeError) -> str:
-    """Why MLX could not write `arrays` next to `path`, as far as can be told."""
-    needed = sum(array.nbytes for array in arrays.values())
+def _write_failure(path: Path, needed: int, err: RuntimeError) -> str:
+    """Why MLX could not write a file of about `needed` bytes next to `path`, as far as can be
+    told (MLX says only that a write failed)."""
     with contextlib.suppress(OSError):
         free = shutil.disk_usage(path.parent).free
         if free < needed:
-            return f"the disk is full ({needed / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free)"
+            return f"the disk is full ({_size(free)} free, about {_size(needed)} needed)"
     return f"MLX could not write it ({str(err).rstrip('.')})"
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e6:,.1f} MB" if count >= 1e6 else f"{count / 1e3:,.0f} kB"
 
 
 def load_conversation(path: str | Path, model: Model) -> SavedConversation:
@@ -200,9 +217,14 @@ def _read(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     if not path.is_file():
         raise MimoError(f"conversation file not found: {path}")
     try:
-        path.open("rb").close()  # a file we may not read says so (MLX would only say it failed)
+        # A file we may not read says so (MLX would only say it failed), and one that is not
+        # safetensors at all (empty, a photo) is named as such, not by MLX's reader's words.
+        with path.open("rb") as file:
+            start = file.read(9)
     except OSError as err:
         raise MimoError(f"cannot read {path}: {err.strerror or err}") from None
+    if len(start) < 9 or start[8:9] != b"{":  # 8 bytes of header length, then JSON
+        raise MimoError(f"{path} is not a mimo-mlx conversation file")
     try:
         # The format is named: MLX would pick it from the extension, and a user may give any.
         arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
@@ -210,7 +232,7 @@ def _read(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     except KeyError:
         raise MimoError(f"{path} is not a mimo-mlx conversation file") from None
     except (RuntimeError, ValueError, json.JSONDecodeError) as err:
-        raise MimoError(f"{path} could not be read as a conversation ({err})") from None
+        raise MimoError(f"{path} is damaged or incomplete ({str(err).rstrip('.')})") from None
 
 
 def _media_and_messages(messages: list) -> tuple[list[PreparedMedia], list]:

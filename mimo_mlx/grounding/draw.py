@@ -143,6 +143,9 @@ def check_destination(image: str | Path | Image.Image, out_path: str | Path) -> 
             f"refusing to overwrite the input image {source}; choose another output path"
         )
     if not out.parent.is_dir():
+        in_the_way = next((p for p in reversed(out.parents) if p.exists() and not p.is_dir()), None)
+        if in_the_way is not None:
+            raise MimoError(f"cannot write {out}: {in_the_way} is a file, not a folder")
         raise MimoError(f"cannot write {out}: the folder {out.parent} does not exist")
     return image_format
 

@@ -90,6 +90,11 @@ def _name_format(prefix: bytes) -> str | None:
 
 def _refusal(name: str, prefix: bytes) -> MimoError:
     found = _name_format(prefix)
+    if found in image_formats():  # its reader was asked and could not parse the header
+        return MimoError(
+            f"{name} is not a readable image: its {_FORMAT_NAMES.get(found, found)} header is "
+            "damaged"
+        )
     if found == "HEIF":
         return MimoError(
             f"{name} is a HEIC image; reading it needs pillow-heif: "

@@ -101,9 +101,15 @@ def check_readable(file: Path) -> None:
 
 def remedy(folder: Path, config: dict[str, Any]) -> str:
     """What to do about a damaged weight file: a folder `mimo-mlx convert` wrote is converted
-    again; anything else came from a download (or another tool's conversion)."""
+    again, one `mimo-mlx random-model` wrote is written again; anything else came from a
+    download (or another tool's conversion)."""
     if isinstance(config.get("mimo_mlx"), dict):
         return f"{folder} was written by mimo-mlx convert: convert it again (--force replaces it)"
+    if "random_weights" in config:
+        return (
+            f"{folder} was written by mimo-mlx random-model: write it again (mimo-mlx "
+            "random-model NEW_FOLDER)"
+        )
     return "download it again (or convert it again, if you converted it yourself)"
 
 
