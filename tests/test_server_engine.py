@@ -347,6 +347,26 @@ def test_a_cancelled_job_leaves_the_batch_within_a_step_and_the_other_goes_on(tm
     assert "".join(e.content for e in rest if isinstance(e, Delta)) == expected.answer
 
 
+def _slow_down_preparation(processor, seconds: float = 1.0) -> list[float]:
+    """Make preparing a request that mentions "slow" take `seconds` longer (as decoding a long
+    video's frames may); returns the list its start and end times are appended to."""
+    preparing: list[float] = []
+    prepare_messages = processor.prepare_messages
+
+    def slow_prepare(messages, **options):
+        if "slow" not in str(messages):
+            return prepare_messages(messages, **options)
+        preparing.append(time.perf_counter())
+        time.sleep(seconds)
+        try:
+            return prepare_messages(messages, **options)
+        finally:
+            preparing.append(time.perf_counter())
+
+    processor.prepare_messages = slow_prepare
+    return preparing
+
+
 def test_a_request_whose_media_take_long_to_prepare_does_not_stall_the_batch(tmp_path):
     """On the real pool (--max-batch 2): a request's chat template and media preparation (here
     made to take a second, as decoding a long video's frames may) runs beside the batch, so the
@@ -356,20 +376,7 @@ def test_a_request_whose_media_take_long_to_prepare_does_not_stall_the_batch(tmp
         prompt: mimo_mlx.generate(model, processor, prompt, max_tokens=tokens, temp=0.0).answer
         for prompt, tokens in (("Tell me a long story.", 300), ("A slow one.", 8))
     }
-    preparing: list[float] = []  # when the slow preparation started and ended
-    prepare_messages = processor.prepare_messages
-
-    def slow_prepare(messages, **options):
-        if "slow" not in str(messages):
-            return prepare_messages(messages, **options)
-        preparing.append(time.perf_counter())
-        time.sleep(1.0)
-        try:
-            return prepare_messages(messages, **options)
-        finally:
-            preparing.append(time.perf_counter())
-
-    processor.prepare_messages = slow_prepare
+    preparing = _slow_down_preparation(processor)
     engine = Engine(ConversationPool(model, processor), processor.tokenizer, 1, max_batch=2)
     engine.start()
 
@@ -407,14 +414,7 @@ def test_a_request_that_leaves_while_its_media_are_prepared_frees_its_place_at_o
     ends; the next request is answered as it would be alone."""
     model, processor = mimo_mlx.load(write_model_folder(tmp_path / "model", seed=21))
     expected = mimo_mlx.generate(model, processor, "Hello", max_tokens=8, temp=0.0).answer
-    prepare_messages = processor.prepare_messages
-
-    def slow_prepare(messages, **options):
-        if "slow" in str(messages):
-            time.sleep(1.0)
-        return prepare_messages(messages, **options)
-
-    processor.prepare_messages = slow_prepare
+    _slow_down_preparation(processor)
     engine = Engine(ConversationPool(model, processor), processor.tokenizer, 1, max_batch=2)
     engine.start()
 
