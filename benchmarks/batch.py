@@ -9,10 +9,11 @@ loop of solo calls (see benchmarks/README.md).
    variants interleaved round by round in one process. Decoding reads every weight once whatever
    B is, so a step should cost little more for 8 rows than for 1, except where a kernel reads the
    weights once per row (MLX's 4-bit `quantized_matmul` for 2-8 rows: ml-explore/mlx#4265).
-2. `batch_generate` against `generate` called once per prompt, for N prompts in `--prompts`
-   (each one `--image-size` image and a question, greedy, `--max-tokens` tokens), alternating:
-   wall time, generated tokens/s over it, each sequence's time to its first token (from the call's
-   start) and the peak memory. The answers must agree token for token.
+2. `batch_generate` against `stream_generate` called once per prompt, for N prompts in
+   `--prompts` (each one `--image-size` image and a question, greedy, `--max-tokens` tokens),
+   alternating: wall time, prompts/s and generated tokens/s over it, each sequence's time to its
+   first token (from the call's start), the 95th percentile of the gaps between a sequence's
+   tokens, and the peak memory. The answers must agree token for token.
 
 The weights are the harness's synthetic conversions at `--scale` (made once in the cache) with a
 byte-level tokenizer and ChatML template beside them, as `serve_load` serves. On Linux the system
@@ -34,6 +35,7 @@ import numpy as np
 
 import mimo_mlx
 from mimo_mlx.generation.batch import batch_generate
+from mimo_mlx.generation.loop import collect
 from mimo_mlx.model.batch_cache import BatchCache
 
 from .machine import REPO, provenance
@@ -92,32 +94,42 @@ def prompts_for(count: int, images: list[Path], max_tokens: int) -> list[dict]:
 
 
 def api_runs(model, processor, counts: list[int], images: list[Path], max_tokens: int) -> list:
-    """`batch_generate` and a loop of `generate` for each prompt count, alternating."""
+    """`batch_generate` and a loop of `stream_generate` for each prompt count, alternating; each
+    token's arrival is timed from the call's start."""
     results = []
     for count in counts:
         prompts = prompts_for(count, images, max_tokens)
         for way in ("loop", "batch"):
+            arrivals: dict[int, list[float]] = {i: [] for i in range(count)}
             mx.reset_peak_memory()
             started = time.perf_counter()
+
+            def arrived(index: int, _response, start: float = started, times=arrivals) -> None:
+                times[index].append(time.perf_counter() - start)
+
             if way == "loop":
-                answers, firsts = [], []
-                for request in prompts:
-                    begun = time.perf_counter()
-                    answers.append(mimo_mlx.generate(model, processor, **request))
-                    firsts.append(begun - started + answers[-1].stats.time_to_first_token)
+                answers = []
+                for i, request in enumerate(prompts):
+                    steps = mimo_mlx.stream_generate(model, processor, **request)
+                    answers.append(collect(steps, on_text=lambda _, i=i: arrived(i, None)))
             else:
-                answers = batch_generate(model, processor, prompts, max_batch=count)
-                firsts = [a.stats.time_to_first_token for a in answers]
+                answers = batch_generate(
+                    model, processor, prompts, max_batch=count, on_response=arrived
+                )
             wall = time.perf_counter() - started
             tokens = sum(len(a.tokens) for a in answers)
+            firsts = [times[0] for times in arrivals.values()]
+            gaps = np.concatenate([np.diff(times) for times in arrivals.values()])
             results.append({
                 "prompts": count,
                 "way": way,
                 "wall_s": wall,
+                "requests_per_s": count / wall,
                 "tokens": tokens,
                 "tokens_per_s": tokens / wall,
                 "ttft_p50_s": float(np.percentile(firsts, 50)),
                 "ttft_p95_s": float(np.percentile(firsts, 95)),
+                "inter_token_p95_s": float(np.percentile(gaps, 95)) if gaps.size else None,
                 "peak_memory_gb": mx.get_peak_memory() / 1e9,
                 "answers": [a.tokens for a in answers],
             })  # fmt: skip
@@ -152,18 +164,23 @@ def markdown(report: dict) -> str:
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"`batch_generate` against a loop of `generate` (float; each prompt one "
+        f"`batch_generate` against a loop of `stream_generate` (float; each prompt one "
         f"{s['image_size']}x{s['image_size']} image and a question, greedy, {s['max_tokens']} "
-        "tokens; TTFT counted from the call's start):",
+        "tokens; TTFT counted from the call's start; errors: none, or the run would have "
+        "stopped):",
         "",
-        "| prompts | way | wall s | tokens/s | TTFT p50 ms | TTFT p95 ms | peak GB |",
-        "|---|---|---|---|---|---|---|",
+        "| prompts | way | wall s | requests/s | tokens/s | TTFT p50 / p95 ms | inter-token p95 "
+        "ms | peak GB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for run in r["api"]:
+        gap = run.get("inter_token_p95_s")  # runs before it was measured lack it
         lines.append(
-            f"| {run['prompts']} | {run['way']} | {run['wall_s']:.2f} | {run['tokens_per_s']:.1f} "
-            f"| {1000 * run['ttft_p50_s']:.0f} | {1000 * run['ttft_p95_s']:.0f} | "
-            f"{run['peak_memory_gb']:.2f} |"
+            f"| {run['prompts']} | {run['way']} | {run['wall_s']:.2f} "
+            f"| {run.get('requests_per_s', run['prompts'] / run['wall_s']):.2f} "
+            f"| {run['tokens_per_s']:.1f} "
+            f"| {1000 * run['ttft_p50_s']:.0f} / {1000 * run['ttft_p95_s']:.0f} "
+            f"| {'' if gap is None else f'{1000 * gap:.0f}'} | {run['peak_memory_gb']:.2f} |"
         )
     lines += ["", f"Answers agree token for token: {r['answers_agree']}."]
     return "\n".join(lines) + "\n"
@@ -193,7 +210,7 @@ def main(
     scale, sizes, variants, context, rounds, steps, prompts, max_tokens, image_size, openblas,
     out, cache,
 ) -> None:  # fmt: skip
-    """The decode step's cost by batch size, and batch_generate against a loop of generate."""
+    """The decode step's cost by batch size, and batch_generate against a loop of stream_generate."""
     preload = openblas_preload(openblas, mx.default_device() == mx.cpu)
     if preload and os.environ.get("LD_PRELOAD") != OPENBLAS:  # it must be there from the start
         env = {**os.environ, "LD_PRELOAD": OPENBLAS}
@@ -218,7 +235,7 @@ def main(
     costs = step_costs({v: m for v, (m, _) in loaded.items()}, sizes, context, rounds, steps)
     images = [_picture(out / f"image{i}.png", image_size, i) for i in range(4)]
     model, processor = loaded["float" if "float" in loaded else variants[0]]
-    log(f"batch_generate against a loop of generate: {counts} prompts")
+    log(f"batch_generate against a loop of stream_generate: {counts} prompts")
     api = api_runs(model, processor, counts, images, max_tokens)
     by_count = {}
     for run in api:

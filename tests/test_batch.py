@@ -141,11 +141,17 @@ def test_mixed_batch_with_joins_and_a_cancel_equals_solo_runs(tiny, media):
 
 
 def test_batch_generate_matches_generate(tiny, media):
-    """The library call: per-prompt options over shared ones, results in order."""
+    """The library call: per-prompt options over shared ones, results in order; on_response
+    sees every step of each prompt, under its index."""
     model, processor = tiny
     wanted = list(requests(media).values())
     prompts = [{**request, "max_tokens": 12} for request in wanted]
-    results = batch_generate(model, processor, prompts, max_batch=4, repetition_penalty=1.2)
+    seen: dict[int, list[int]] = {}  # what on_response saw, by the prompt's index
+    results = batch_generate(
+        model, processor, prompts, max_batch=4, repetition_penalty=1.2,
+        on_response=lambda i, response: seen.setdefault(i, []).append(response.token),
+    )  # fmt: skip
+    assert seen == {i: result.tokens for i, result in enumerate(results)}
     for request, result in zip(prompts, results, strict=True):
         alone = mimo_mlx.generate(model, processor, **request, repetition_penalty=1.2)
         assert result.tokens == alone.tokens

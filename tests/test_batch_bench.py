@@ -29,7 +29,10 @@ def test_the_batch_benchmark_writes_its_report(tmp_path):
         assert costs["3"]["median"] > 0 and len(costs["3"]["values"]) == 2
     ways = [(run["prompts"], run["way"]) for run in results["api"]]
     assert ways == [(1, "loop"), (1, "batch"), (3, "loop"), (3, "batch")]
-    assert all(run["tokens"] > 0 and run["ttft_p95_s"] > 0 for run in results["api"])
+    for run in results["api"]:
+        assert run["tokens"] > 0 and 0 < run["ttft_p50_s"] <= run["ttft_p95_s"] < run["wall_s"]
+        assert run["requests_per_s"] == run["prompts"] / run["wall_s"]
+        assert 0 < run["inter_token_p95_s"] < run["wall_s"]
     assert results["answers_agree"] is True
     assert {"git", "machine", "versions", "settings", "load_average"} <= report.keys()
     assert "| prompts | way | wall s |" in (out / "results.md").read_text()

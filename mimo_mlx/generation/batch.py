@@ -419,6 +419,7 @@ def batch_generate(
     max_batch: int = DEFAULT_MAX_BATCH,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     verbose: bool = False,
+    on_response: Callable[[int, GenerationResponse], None] | None = None,
     **options,
 ) -> list[GenerationResult]:
     """Answer several prompts together; the results in order (see `BatchGenerator`).
@@ -427,7 +428,8 @@ def batch_generate(
     (`prompt`, `images`, `videos`, `max_tokens`, sampling, prompt and cache options,
     `json_schema`) that override the shared `options`. Every sequence's answer is its `generate`
     answer (greedy: token for token; sampled with a `seed`: the same draws). Prompt lookup is not
-    available in a batch.
+    available in a batch. `on_response(index, response)` sees each step of the prompt at `index`
+    as it comes, to stream several answers at once or time them.
     """
     requests = [_request(item, options) for item in prompts]
     started = time.perf_counter()
@@ -438,11 +440,14 @@ def batch_generate(
     ) as batch:
         order = [batch.insert(**settings, started=started) for _, settings in prepared]
         results = {uid: [] for uid in order}
+        index = {uid: i for i, uid in enumerate(order)}
         while batch.has_work:
             for item in batch.next():
                 if item.error is not None:
                     raise item.error
                 results[item.uid].append(item.response)
+                if on_response is not None:
+                    on_response(index[item.uid], item.response)
     answers = []
     for uid, (inputs, _) in zip(order, prepared, strict=True):
         answers.append(collect(results[uid]).with_inputs(inputs))
