@@ -108,14 +108,16 @@ def test_mistakes_are_one_line_and_the_chat_goes_on(folder, tmp_path):
 
 
 def test_a_message_s_mistake_names_the_flags_as_typed(folder, photo):
-    """Options are checked when a message uses them: the line names the flag typed (as generate
-    does), not the library's argument (max_pixels, temp)."""
-    done = chat(folder, [f"/image {photo}", "What is it?"], "--max-pixels", "100")
+    """The line names the flag typed (as generate does), not the library's argument (max_pixels,
+    temp). Pixel limits no image could meet are refused at the start, as serve refuses them, not
+    at the first image after a conversation has begun."""
+    done = chat(folder, ["Hi", f"/image {photo}", "What is it?"], "--max-pixels", "100")
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [
         "error: --max-pixels (100) is below --min-pixels (3136, the model's): no size fits both; "
         "give a larger --max-pixels or a smaller --min-pixels"
     ], done.stderr
+    assert stats_lines(done.stderr) == [] and done.returncode == 1  # not even "Hi" was answered
     done = chat(folder, ["Hi"], "--temperature", "inf")
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: --temperature must be a finite"), (

@@ -230,6 +230,14 @@ def small_context(ours):
     return ours, 120
 
 
+def test_pixel_limits_no_image_could_meet_are_refused_at_once(ours):
+    """A conversation refuses such limits when it is made, not at its first image."""
+    with pytest.raises(MimoError, match=r"max_pixels \(100\) is below min_pixels"):
+        Conversation(*ours, max_pixels=100)
+    with pytest.raises(MimoError, match=r"video_max_pixels \(10\) is below video_min_pixels"):
+        Conversation(*ours, video_max_pixels=10)
+
+
 def test_at_the_context_limit_a_turn_is_refused(small_context):
     model_processor, limit = small_context
     chat = conversation(model_processor, max_kv_size=limit)

@@ -116,6 +116,7 @@ class Conversation:
         self.model, self.processor = model, processor
         self.cache_options = CacheOptions(kv_bits, kv_group_size, quantized_kv_start)
         self.prompt_options = PromptOptions(**prompt_options)
+        processor.check_options(self.prompt_options)  # at the start, not at the first image
         self.vision_cache = vision_cache if vision_cache is not None else shared_vision_cache()
         context = model.config.text.max_position_embeddings
         if max_kv_size is not None and not 0 < max_kv_size <= context:

@@ -24,6 +24,7 @@ from .images import (
     ImageProcessorConfig,
     load_image,
     load_processor_config,
+    pixel_range,
     preprocess_encoded,
     preprocess_images,
 )
@@ -38,7 +39,7 @@ from .template import (
     renders_tools,
 )
 from .tokenizer import Tokenizer
-from .video import preprocess_video, read_video
+from .video import VIDEO_PIXEL_NAMES, preprocess_video, read_video
 
 ImageInput = str | Path | Image.Image
 _MARKER = re.compile("(\x00[0-9a-f]{16}:\\d+\x00)")  # stands for a typed text while rendering
@@ -150,6 +151,14 @@ class Processor:
             load_chat_template(folder),
             load_processor_config(folder),
             load_tool_template(folder),
+        )
+
+    def check_options(self, opts: PromptOptions) -> None:
+        """Refuse pixel limits no image or video frame could meet (MimoError), before any
+        media comes: a chat or a server started with them would fail at the first image."""
+        pixel_range(self.image_config, opts.min_pixels, opts.max_pixels)
+        pixel_range(
+            self.image_config, opts.video_min_pixels, opts.video_max_pixels, VIDEO_PIXEL_NAMES
         )
 
     def prepare(
