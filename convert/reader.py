@@ -24,6 +24,7 @@ from mimo_mlx.errors import MimoError
 # safetensors dtype -> (bytes per element, numpy dtype the raw bytes are read as)
 FLOAT_DTYPES = {"BF16": (2, np.uint16), "F16": (2, np.float16), "F32": (4, np.float32)}
 _MAX_HEADER_BYTES = 100 << 20  # the format's own limit; anything larger is not a safetensors file
+DOWNLOAD_AGAIN = "download it again"  # where a damaged file came from is not known
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class SourceTensor:
     shape: tuple[int, ...]
     start: int
     nbytes: int
+    advice: str = DOWNLOAD_AGAIN  # what to do if the file turns out damaged
 
     @property
     def row_elements(self) -> int:
@@ -58,19 +60,20 @@ def open_source(file: Path) -> BinaryIO:
         ) from None
 
 
-def read_header(file: Path) -> dict[str, SourceTensor]:
-    """The tensors of one safetensors file, checked against the file's size (truncation)."""
+def read_header(file: Path, advice: str = DOWNLOAD_AGAIN) -> dict[str, SourceTensor]:
+    """The tensors of one safetensors file, checked against the file's size (truncation).
+    `advice`: what a damaged file's message tells the user to do (`checkpoint.remedy`)."""
     with open_source(file) as handle:
         size = os.fstat(handle.fileno()).st_size
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise MimoError(f"{file} is truncated (it is {size} bytes long); download it again")
+            raise MimoError(f"{file} is truncated (it is {size} bytes long); {advice}")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > _MAX_HEADER_BYTES:
             raise MimoError(f"{file} is not a safetensors file (its header length is implausible)")
         raw = handle.read(header_len)
     if len(raw) < header_len:
-        raise MimoError(f"{file} is truncated inside its header; download it again")
+        raise MimoError(f"{file} is truncated inside its header; {advice}")
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -82,17 +85,19 @@ def read_header(file: Path) -> dict[str, SourceTensor]:
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        tensors[key] = _source_tensor(file, key, info, data_start)
+        tensors[key] = _source_tensor(file, key, info, data_start, advice)
     end = max((t.start + t.nbytes for t in tensors.values()), default=data_start)
     if end > size:
         raise MimoError(
             f"{file} is truncated: its header describes {end} bytes but the file has {size}; "
-            "download it again"
+            f"{advice}"
         )
     return tensors
 
 
-def _source_tensor(file: Path, key: str, info: object, data_start: int) -> SourceTensor:
+def _source_tensor(
+    file: Path, key: str, info: object, data_start: int, advice: str
+) -> SourceTensor:
     try:
         dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
         begin, end = (int(o) for o in info["data_offsets"])
@@ -106,14 +111,14 @@ def _source_tensor(file: Path, key: str, info: object, data_start: int) -> Sourc
     itemsize = FLOAT_DTYPES[dtype][0]
     if end - begin != math.prod(shape) * itemsize or begin < 0:
         raise MimoError(f"{file}: tensor {key} has {end - begin} bytes for shape {list(shape)}")
-    return SourceTensor(key, file, dtype, shape, data_start + begin, end - begin)
+    return SourceTensor(key, file, dtype, shape, data_start + begin, end - begin, advice)
 
 
-def read_headers(files: list[Path]) -> dict[str, SourceTensor]:
+def read_headers(files: list[Path], advice: str = DOWNLOAD_AGAIN) -> dict[str, SourceTensor]:
     """All tensors of a sharded checkpoint; a key found in two shards is an error."""
     tensors: dict[str, SourceTensor] = {}
     for file in files:
-        shard = read_header(file)
+        shard = read_header(file, advice)
         clash = sorted(tensors.keys() & shard.keys())
         if clash:
             raise MimoError(f"{file.name} repeats tensors found in another shard: {clash[:3]}")
@@ -131,7 +136,7 @@ def read_rows(tensor: SourceTensor, handle: BinaryIO, first: int, count: int) ->
     except OSError as err:  # e.g. a disk or network share gone away mid-read
         raise MimoError(f"reading {tensor.file} failed: {err.strerror or err}") from None
     if len(raw) != count * row_bytes:
-        raise MimoError(f"{tensor.file} ended early while reading {tensor.key}; download it again")
+        raise MimoError(f"{tensor.file} ended early while reading {tensor.key}; {tensor.advice}")
     shape = (count, *tensor.shape[1:]) if len(tensor.shape) > 1 else tensor.shape
     block = mx.array(np.frombuffer(raw, dtype=np_dtype)).reshape(shape)
     if tensor.dtype == "BF16":

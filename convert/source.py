@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mimo_mlx.errors import MimoError
-from mimo_mlx.model.checkpoint import read_config, safetensors_files
+from mimo_mlx.model.checkpoint import read_config, remedy, safetensors_files
 from mimo_mlx.model.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from mimo_mlx.model.weights import detect_layout
 
@@ -70,7 +70,7 @@ def open_checkpoint(folder: Path) -> Checkpoint:
         raise MimoError(
             f"{folder} has no tokenizer.json; a converted model needs the checkpoint's tokenizer"
         )
-    tensors = read_headers(safetensors_files(folder))
+    tensors = read_headers(safetensors_files(folder), remedy(folder, raw))
     dtype, origin = saved_dtype(raw, tensors, folder)
     return Checkpoint(folder, raw, config, tensors, detect_layout(tensors, raw), dtype, origin)
 

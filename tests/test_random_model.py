@@ -152,3 +152,19 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"error: cannot write {tmp_path / 'tiny'}: ")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_converting_a_damaged_random_model_says_to_make_it_again(folder, tmp_path):
+    """The converter gives the same remedy as loading: the command that wrote the folder."""
+    damaged = tmp_path / "tiny-random"
+    shutil.copytree(folder, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    done = mimo_mlx("convert", "--hf-path", damaged, "--mlx-path", tmp_path / "out")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: {weights} is truncated")
+    assert done.stderr.endswith(
+        f"{damaged} was written by mimo-mlx random-model: write it again (mimo-mlx random-model "
+        "NEW_FOLDER)\n"
+    )
+    assert not (tmp_path / "out").exists()
