@@ -13,7 +13,7 @@ from mimo_mlx.model.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from mimo_mlx.model.weights import detect_layout
 
 from .plan import FLOAT_DTYPES
-from .reader import SourceTensor, read_headers
+from .reader import DOWNLOAD_AGAIN, SourceTensor, read_headers
 
 # Sizes that decide every weight's shape: a config relying on defaults for them is not trusted.
 _TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -70,7 +70,8 @@ def open_checkpoint(folder: Path) -> Checkpoint:
         raise MimoError(
             f"{folder} has no tokenizer.json; a converted model needs the checkpoint's tokenizer"
         )
-    tensors = read_headers(safetensors_files(folder), remedy(folder, raw))
+    advice = remedy(folder, raw, otherwise=DOWNLOAD_AGAIN)  # for a damaged file: who wrote it
+    tensors = read_headers(safetensors_files(folder), advice)
     dtype, origin = saved_dtype(raw, tensors, folder)
     return Checkpoint(folder, raw, config, tensors, detect_layout(tensors, raw), dtype, origin)
 

@@ -99,10 +99,14 @@ def check_readable(file: Path) -> None:
         raise MimoError(f"cannot read {file}: {err.strerror or err}") from None
 
 
-def remedy(folder: Path, config: dict[str, Any]) -> str:
+def remedy(
+    folder: Path,
+    config: dict[str, Any],
+    otherwise: str = "download it again (or convert it again, if you converted it yourself)",
+) -> str:
     """What to do about a damaged weight file: a folder `mimo-mlx convert` wrote is converted
     again, one `mimo-mlx random-model` wrote is written again; anything else came from a
-    download (or another tool's conversion)."""
+    download (or another tool's conversion): `otherwise` says what to do then."""
     if isinstance(config.get("mimo_mlx"), dict):
         return f"{folder} was written by mimo-mlx convert: convert it again (--force replaces it)"
     if "random_weights" in config:
@@ -110,7 +114,7 @@ def remedy(folder: Path, config: dict[str, Any]) -> str:
             f"{folder} was written by mimo-mlx random-model: write it again (mimo-mlx "
             "random-model NEW_FOLDER)"
         )
-    return "download it again (or convert it again, if you converted it yourself)"
+    return otherwise
 
 
 def quantize_like(model: Model, names: Iterable[str], quantization: dict | None) -> None:
