@@ -104,11 +104,16 @@ def test_far_off_coordinates_draw_what_is_visible(tmp_path):
     assert share(pixels, 0, 70, 100, 71, PALETTE[1]) == 1.0  # the shaft, in the colour of "drag"
 
 
-def test_actions_without_a_point_draw_nothing(tmp_path):
-    pixels = drawn(
-        tmp_path, (200, 100), actions=[Action("press", arguments=(("keys", ["enter"]),))]
-    )
-    assert share(pixels, 0, 0, 200, 100, GREY) == 1.0
+def test_actions_without_a_point_draw_nothing_and_say_so(tmp_path):
+    notes = []
+    press = Action("press", arguments=(("keys", ["enter"]),))
+    out = annotate(Image.new("RGB", (200, 100), GREY), [], [], tmp_path / "out.png", [press],
+                   report=notes.append)  # fmt: skip
+    with Image.open(out) as image:
+        assert share(np.asarray(image.convert("RGB")), 0, 0, 200, 100, GREY) == 1.0
+    assert notes == [
+        f"the action {press.label!r} has no point on the image: nothing is drawn for it"
+    ]
 
 
 # ---------------------------------------------------------------- labels

@@ -276,6 +276,11 @@ def _draw(
         [b.label for b in boxes] + [p.label for p in points] + [a.label for a in actions]
     )
     labels: list[tuple[str, Box | Point, RGB]] = []  # drawn last, over every shape
+    notes = [
+        f"the action {a.label!r} has no point on the image: nothing is drawn for it"
+        for a in actions
+        if a.start is None
+    ]
     for box in boxes:
         _rectangle(draw, box, colours[box.label], style.line)
         labels.append((box.label, box, colours[box.label]))
@@ -292,7 +297,6 @@ def _draw(
         labels.append((point.label, point, colours[point.label]))
     # Labels keep off every marker's centre and off each other where the image has room.
     taken = [(round(p.x), round(p.y), round(p.x), round(p.y)) for _, p, _ in labels[len(boxes) :]]
-    notes = []
     for text, where, colour in labels:
         if not text:
             continue
