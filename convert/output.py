@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mimo_mlx.errors import MimoError
+from mimo_mlx.errors import MimoError, file_in_the_way
 
 from .hub import SIDE_FILES
 from .report import format_size
@@ -291,7 +291,7 @@ def filesystem_errors(target: Path, need: int | None = None) -> Iterator[None]:
 
 def _describe(err: OSError, target: Path, need: int | None) -> str:
     if err.errno in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT):
-        blocker = _file_above(target)
+        blocker = file_in_the_way(target.parent)
         if blocker is not None:
             return (
                 f"cannot create {target}: {blocker} is a file, not a folder; choose another "
@@ -303,11 +303,3 @@ def _describe(err: OSError, target: Path, need: int | None) -> str:
     needed = f"the converted model needs {format_size(need)}: " if need else ""
     advice = _ADVICE.get(err.errno, "choose another --mlx-path").format(need=needed)
     return f"cannot write {target}: {err.strerror or err} ({place}); {advice}"
-
-
-def _file_above(target: Path) -> Path | None:
-    """The nearest existing folder above `target` when it is in fact a file."""
-    for parent in target.parents:
-        if exists(parent):
-            return None if parent.is_dir() else parent
-    return None

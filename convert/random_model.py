@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
-from mimo_mlx.errors import MimoError
+from mimo_mlx.errors import MimoError, file_in_the_way
 from mimo_mlx.model.config import ModelConfig
 from mimo_mlx.model.mimo_vl import Model
 
@@ -123,7 +123,7 @@ def write_random_model(path: str | os.PathLike) -> Path:
     if target.exists() or target.is_symlink():
         raise MimoError(f"{target} exists; give a new folder (nothing is ever replaced)")
     if not target.parent.is_dir():
-        above = next((p for p in reversed(target.parents) if p.exists() and not p.is_dir()), None)
+        above = file_in_the_way(target.parent)
         if above is not None:
             raise MimoError(f"{above} is a file, not a folder")
         raise MimoError(f"the folder {target.parent} does not exist")

@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..errors import MimoError
+from ..errors import MimoError, file_in_the_way
 from ..inputs.processor import PreparedMedia
 from ..model.cache import PromptCache
 from ..model.mimo_vl import Model
@@ -129,7 +129,7 @@ def _reason(err: OSError, path: Path) -> str:
     if isinstance(err, FileNotFoundError):
         return f"the folder {path.parent} does not exist"
     if isinstance(err, NotADirectoryError):
-        return f"{_first_file(path.parent)} is a file, not a folder"
+        return f"{file_in_the_way(path.parent) or path.parent} is a file, not a folder"
     if isinstance(err, IsADirectoryError):
         return "it is a folder"
     if err.errno == errno.EROFS:
@@ -141,14 +141,6 @@ def _reason(err: OSError, path: Path) -> str:
     if err.errno == errno.EFBIG:
         return "the file is larger than this disk or this process may write"
     return err.strerror or str(err)
-
-
-def _first_file(folder: Path) -> Path:
-    """The first part of `folder` that exists and is not a folder."""
-    for part in reversed([folder, *folder.parents]):
-        if part.exists() and not part.is_dir():
-            return part
-    return folder
 
 
 def _write_failure(path: Path, needed: int, err: RuntimeError) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, features
 
-from ..errors import MimoError
+from ..errors import MimoError, file_in_the_way
 from ..inputs.images import load_image, to_rgb
 from .parse import Action, Box, Point
 
@@ -143,7 +143,7 @@ def check_destination(image: str | Path | Image.Image, out_path: str | Path) -> 
             f"refusing to overwrite the input image {source}; choose another output path"
         )
     if not out.parent.is_dir():
-        in_the_way = next((p for p in reversed(out.parents) if p.exists() and not p.is_dir()), None)
+        in_the_way = file_in_the_way(out.parent)
         if in_the_way is not None:
             raise MimoError(f"cannot write {out}: {in_the_way} is a file, not a folder")
         raise MimoError(f"cannot write {out}: the folder {out.parent} does not exist")
