@@ -93,11 +93,12 @@ def engine():
     engine.close()
 
 
-def job(name, max_tokens=5, timeout=30.0, **kwargs) -> Job:
+def job(name, max_tokens=5, timeout=30.0, greedy=False, **kwargs) -> Job:
+    """A job asking `name`; `greedy`: at temperature 0, to compare with a solo greedy answer."""
     return Job(
         id=name,
         messages=[{"role": "user", "content": name}],
-        options={"max_tokens": max_tokens},
+        options={"max_tokens": max_tokens, **({"temp": 0.0} if greedy else {})},
         deadline=time.monotonic() + timeout,
         loop=asyncio.get_running_loop(),
         **kwargs,
@@ -296,8 +297,7 @@ def test_a_template_that_opens_thinking_puts_the_answer_in_reasoning(tmp_path):
     engine.start()
 
     async def main():
-        asked = job("Hello", max_tokens=12)
-        asked.options["temp"] = 0.0
+        asked = job("Hello", max_tokens=12, greedy=True)
         engine.submit(asked)
         return await events(asked)
 
@@ -321,10 +321,9 @@ def test_a_cancelled_job_leaves_the_batch_within_a_step_and_the_other_goes_on(tm
     engine.start()
 
     async def main():
-        leaving = job("Tell me a long story.", max_tokens=2000, top_logprobs=0)
-        staying = job("Count to ten.", max_tokens=60)
+        leaving = job("Tell me a long story.", max_tokens=2000, greedy=True, top_logprobs=0)
+        staying = job("Count to ten.", max_tokens=60, greedy=True)
         for each in (leaving, staying):
-            each.options["temp"] = 0.0
             engine.submit(each)
         sent = 0
         while sent < 10:  # every token has a delta: its log-probability
@@ -381,10 +380,8 @@ def test_a_request_whose_media_take_long_to_prepare_does_not_stall_the_batch(tmp
     engine.start()
 
     async def main():
-        running = job("Tell me a long story.", max_tokens=300, top_logprobs=0)
-        slow = job("A slow one.", max_tokens=8)
-        for each in (running, slow):
-            each.options["temp"] = 0.0
+        running = job("Tell me a long story.", max_tokens=300, greedy=True, top_logprobs=0)
+        slow = job("A slow one.", max_tokens=8, greedy=True)
         engine.submit(running)
         arrived, found = [], []
         while not found or not isinstance(found[-1], Finished | Failed):
@@ -429,8 +426,7 @@ def test_a_request_that_leaves_while_its_media_are_prepared_frees_its_place_at_o
             await asyncio.sleep(0.01)
         freed = time.perf_counter() - left
         assert engine.stats()["queue"]["running"] == 0
-        after = job("Hello", max_tokens=8)
-        after.options["temp"] = 0.0
+        after = job("Hello", max_tokens=8, greedy=True)
         engine.submit(after)
         return freed, await events(after)
 
