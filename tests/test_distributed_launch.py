@@ -88,6 +88,13 @@ def launch(ranks: int, *command: str) -> tuple[str, str]:
     return finish(process)
 
 
+def error_lines(stderr: str, marker: str = "error: ") -> list[str]:
+    """The ranks' one-line errors in the launcher's merged stderr, each from `marker` on. MLX's ring
+    backend writes its "[ring] Socket ... closed" warnings from its own thread in pieces, and the
+    launcher passes on each rank's output as it comes, so an error line may follow such a piece."""
+    return [line[line.index(marker) :] for line in stderr.splitlines() if marker in line]
+
+
 def write_spec(tmp_path: Path, folder: Path, **spec) -> Path:
     out = tmp_path / "out"
     out.mkdir()
@@ -203,7 +210,7 @@ def test_a_refused_image_on_rank_0_releases_the_other_ranks(folders, tmp_path):
     args = ["generate", "--model", str(folders["float32"]), "--image", str(tmp_path / "no.png")]
     _, stderr = launch(2, sys.executable, "-m", "mimo_mlx", *args, "-p", "Hi", "--max-tokens", "4")
     assert time.monotonic() - started < 60
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    errors = error_lines(stderr)
     assert len(errors) == 1 and "not found" in errors[0], stderr
     assert "Traceback" not in stderr
 
@@ -214,8 +221,9 @@ def test_prompt_lookup_under_mlx_launch_is_refused_in_one_line(folders):
     args = ["generate", "--model", str(folders["float32"]), "-p", "Hi", "--prompt-lookup"]
     _, stderr = launch(2, sys.executable, "-m", "mimo_mlx", *args, "--max-tokens", "4")
     assert time.monotonic() - started < 60
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "--prompt-lookup is not available under mlx.launch" in errors[0]
+    errors = error_lines(stderr)
+    assert len(errors) == 1, stderr
+    assert "--prompt-lookup is not available under mlx.launch" in errors[0], stderr
     assert "Traceback" not in stderr
 
 
@@ -225,7 +233,7 @@ def test_a_head_count_the_group_cannot_split_is_refused(folders):
     args = ["generate", "--model", str(folders["float32"]), "-p", "Hi", "--max-tokens", "4"]
     _, stderr = launch(3, sys.executable, "-m", "mimo_mlx", *args)
     assert time.monotonic() - started < 60
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    errors = error_lines(stderr)
     refused = [e for e in errors if "cannot be split across 3 ranks" in e]
     assert refused and "group sizes that fit this model: 2" in refused[0], stderr
     assert all(re.match(r"error: rank \d of 3: this model cannot be split", e) for e in refused)
@@ -237,10 +245,8 @@ def test_a_head_count_the_group_cannot_split_is_refused(folders):
 def ended_with_one_line(stderr: str, timeout: int) -> str:
     """Rank 0's one error line: the lost connection, the launcher's SIGTERM, or (when MLX's ring
     backend declares the peer lost but leaves a queued collective waiting, about one run in
-    six here) the watchdog after `timeout` s. MLX's ring backend writes its "[ring] Socket ...
-    closed" warnings from its own thread, in pieces, so the line may follow such a fragment."""
-    marker = "error: rank 0 of 2"
-    errors = [line[line.index(marker) :] for line in stderr.splitlines() if marker in line]
+    six here) the watchdog after `timeout` s."""
+    errors = error_lines(stderr, "error: rank 0 of 2")
     assert len(errors) == 1, stderr[-3000:]
     assert "Traceback" not in stderr
     kinds = ("lost the connection to another rank", "stopped by SIGTERM", f"waited {timeout} s")
@@ -377,8 +383,8 @@ def test_serve_refuses_what_it_cannot_split_yet(folders, flag, value):
         2, sys.executable, "-m", "mimo_mlx", "serve", "--model", str(folders["float32"]),
         flag, value,
     )  # fmt: skip
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert errors and all(f"{flag} is not available under mlx.launch" in e for e in errors)
+    errors = error_lines(stderr)
+    assert errors and all(f"{flag} is not available under mlx.launch" in e for e in errors), stderr
     assert "Traceback" not in stderr
 
 
@@ -422,7 +428,7 @@ def test_a_rank_lost_while_the_server_idles_ends_the_other(folders, tmp_path, vi
             process.kill()
             process.communicate()
     assert time.monotonic() - started < timeout + 30
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    errors = error_lines(stderr)
     # When rank 0 dies, MLX's ring backend either hands the follower's pending heartbeat the
     # lost-rank marker, or raises its own lost-connection error, or (seen on a loaded machine)
     # leaves it waiting ("Failing pending tasks" reaching no caller), and the follower's watchdog
