@@ -436,3 +436,50 @@ def test_a_request_that_leaves_while_its_media_are_prepared_frees_its_place_at_o
         engine.close()
     assert freed < 0.5, f"the place was freed {freed:.2f} s after the client left"
     assert "".join(e.content for e in found if isinstance(e, Delta)) == expected
+
+
+def test_a_request_is_prepared_as_soon_as_it_has_a_place_not_when_the_step_ends(
+    tmp_path, monkeypatch
+):
+    """(--max-batch 2) A request that arrives while a decode step runs (each made to last half a
+    second here) has its turn prepared at once, beside that step, so it can start at the next
+    step rather than one later; its answer is its solo answer."""
+    from mimo_mlx.generation.batch import BatchGenerator  # noqa: PLC0415
+
+    step_s = 0.5
+    model, processor = mimo_mlx.load(write_model_folder(tmp_path / "model", seed=21))
+    expected = mimo_mlx.generate(model, processor, "A slow one.", max_tokens=8, temp=0.0).answer
+    preparing = _slow_down_preparation(processor, seconds=0.0)  # when it began and ended
+    steps: list[tuple[float, float]] = []
+    step = BatchGenerator.next
+
+    def slow_step(self):
+        began = time.perf_counter()
+        time.sleep(step_s)
+        try:
+            return step(self)
+        finally:
+            steps.append((began, time.perf_counter()))
+
+    monkeypatch.setattr(BatchGenerator, "next", slow_step)
+    engine = Engine(ConversationPool(model, processor), processor.tokenizer, 1, max_batch=2)
+    engine.start()
+
+    async def main():
+        running = job("Tell me a long story.", max_tokens=20, greedy=True, top_logprobs=0)
+        engine.submit(running)
+        for _ in range(2):  # Started, then a token: the next step is running now
+            await asyncio.wait_for(running.events.get(), 30)
+        arrived = time.perf_counter()
+        second = job("A slow one.", max_tokens=8, greedy=True)
+        engine.submit(second)
+        return arrived, await events(second)
+
+    try:
+        arrived, found = run(main)
+    finally:
+        engine.close()
+    began = preparing[0]
+    assert began - arrived < step_s / 2, f"prepared {began - arrived:.2f} s after it arrived"
+    assert any(start < began < end for start, end in steps), "not beside a running step"
+    assert "".join(e.content for e in found if isinstance(e, Delta)) == expected

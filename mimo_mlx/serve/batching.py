@@ -8,8 +8,10 @@ conversation in use is not continued by another request until it is back.
 Each loop does one `BatchGenerator.next`: one unit of a new prompt's prefill (the vision pass of
 its new media, or a chunk of `prefill_step_size` tokens), then one token for every running job.
 A job's chat template and media preparation (decoding and resizing a video's frames: host work
-that grows with the video) run on a helper thread meanwhile (`ConversationPool.prepare`); the job
-starts between two loops once they are done. Between loops, too, jobs whose client went away or
+that grows with the video) run on a helper thread meanwhile (`ConversationPool.prepare`), from
+the moment the job has a place in the batch: when it is queued, or when a running job ends
+(`Engine.admit_with`), not when the step running then ends. The job starts between two loops
+once they are done. Between loops, too, jobs whose client went away or
 whose time ran out leave; the others' tokens never change, since each row is computed as it
 would be alone.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -60,11 +63,19 @@ class BatchLoop:
         # in the batch meanwhile), and the thread preparing them.
         self.preparing: list[tuple[Job, Future]] = []
         self.preparer: ThreadPoolExecutor | None = None
+        # Jobs admitted by other threads (`Engine.admit_with`), for the generation thread to take.
+        self.admitted: deque[tuple[Job, Future]] = deque()
 
     def run(self) -> None:
         with ThreadPoolExecutor(1, thread_name_prefix="mimo-mlx-prepare") as self.preparer:
-            while not self._serve():
-                log.error("the batch was reset after an internal error; new requests are served")
+            self.engine.admit_with(self._admit)
+            try:
+                while not self._serve():
+                    log.error(
+                        "the batch was reset after an internal error; new requests are served"
+                    )
+            finally:
+                self.engine.admit_with(None)
 
     def _serve(self) -> bool:
         """Serve with one BatchGenerator: True when the engine has closed, False after an
@@ -77,11 +88,12 @@ class BatchLoop:
             prefill_step_size=engine.prefill_step_size,
         ) as batch:
             while True:
-                job = engine.take(len(self.rows) + len(self.preparing))
-                if job is not None:
-                    self._prepare(job)
-                elif not self.rows and not self.preparing and engine.closed:
-                    return True
+                self._take_admitted()
+                if not self.rows and not self.preparing:
+                    if engine.closed:
+                        return True
+                    engine.wait_for(lambda: bool(self.admitted))
+                    continue
                 self._start_prepared(batch)
                 self._drop_stopped(batch)
                 if batch.has_work:
@@ -92,12 +104,13 @@ class BatchLoop:
                         self._fail_all()
                         return False
                     self._dispatch(batch, items)
-                elif self.preparing and job is None:  # nothing to step: wait for a preparation
+                else:  # nothing to step: wait for a preparation
                     wait([future for _, future in self.preparing], 0.05, FIRST_COMPLETED)
                 engine.batch_bytes = batch.nbytes
 
-    def _prepare(self, job: Job) -> None:
-        """Prepare the job's turn on the helper thread (`ConversationPool.prepare`)."""
+    def _admit(self, job: Job) -> None:
+        """A job has a place in the batch (on the thread that queued it or freed the place):
+        its turn's preparation starts on the helper thread at once."""
         if time.monotonic() >= job.deadline:
             log.info("%s: its time ran out while it waited in the queue", job.id)
             self.engine.done(job, "timed_out", Failed(queue_timeout()))
@@ -105,7 +118,13 @@ class BatchLoop:
         future = self.preparer.submit(
             self.pool.prepare, job.messages, prompt=job.prompt, **job.options
         )
-        self.preparing.append((job, future))
+        self.admitted.append((job, future))
+        self.engine.wake()
+
+    def _take_admitted(self) -> None:
+        """The jobs admitted since the last step join those being prepared (in order)."""
+        while self.admitted:
+            self.preparing.append(self.admitted.popleft())
 
     def _start_prepared(self, batch: BatchGenerator) -> None:
         """Start the jobs whose turns are ready."""

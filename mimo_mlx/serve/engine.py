@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 
 from ..conversation.pool import ConversationPool
 from ..errors import MimoError
@@ -77,6 +78,7 @@ class Engine:
         self._reserved = 0  # places taken by requests still reading their media
         self._cond = threading.Condition()
         self._closed = False
+        self._admit: Callable[[Job], None] | None = None  # a batching loop's: see `admit_with`
         self.counts: Counter[str] = Counter()
         self.peak_memory = 0.0  # GB, the most any step needed
         self.batch_bytes = 0  # what the running batch's cache holds
@@ -142,6 +144,7 @@ class Engine:
                 raise shutting_down()
             self._waiting.append(job)
             self._cond.notify()
+        self._admit_waiting()
 
     def cancel(self, job: Job) -> None:
         """The job's client went away: a waiting job leaves the queue, a running one stops at
@@ -190,6 +193,39 @@ class Engine:
             job.emit(Failed(shutting_down()))
         finish_job(job)
 
+    def admit_with(self, admit: Callable[[Job], None] | None) -> None:
+        """Batched: from now on each job starts as soon as the batch has room for it, on the
+        thread that queued it or made the room (`admit(job)`: an asyncio request's, or the
+        generation thread's), rather than when the generation thread ends its current step: a
+        request's media are prepared while the running ones decode. None: back to `take`."""
+        self._admit = admit
+        self._admit_waiting()
+
+    def wait_for(self, ready: Callable[[], bool], timeout: float | None = None) -> None:
+        """For the generation thread: until `ready()`, the engine closes, or `timeout` s."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed or ready(), timeout)
+
+    def wake(self) -> None:
+        """Wake the generation thread from `wait_for`."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def _admit_waiting(self) -> None:
+        """Start waiting jobs while the batch has room (with `admit_with`)."""
+        admit = self._admit
+        if admit is None:
+            return
+        started = []
+        with self._cond:
+            while not self._closed and self._waiting and len(self._running) < self.max_batch:
+                job = self._waiting.popleft()
+                job.state = "running"
+                self._running.append(job)
+                started.append(job)
+        for job in started:
+            admit(job)
+
     def take(self, running: int) -> Job | None:
         """For the generation thread: the next job to start, now `running` run. Waits while
         nothing runs and nothing waits; None when nothing is to start (closed, or no room)."""
@@ -217,6 +253,7 @@ class Engine:
         if last_event is not None:
             job.emit(last_event)
         finish_job(job)
+        self._admit_waiting()  # its place in the batch is free
 
     def _run(self) -> None:
         if self.max_batch > 1:
