@@ -92,7 +92,7 @@ class _Sequence:
     prefill: Iterator | None = None
     history: mx.array | None = None
     token: mx.array | None = None  # (1,) the next token: emitted and fed at the next step
-    logprobs: mx.array | None = None  # (1, vocab)
+    logprobs: mx.array | None = None  # (vocab,), of that token
 
     @property
     def plain_greedy(self) -> bool:
@@ -250,7 +250,7 @@ class BatchGenerator:
                 out.append(BatchResponse(seq.uid, error=errors[seq.uid]))
                 done.append(seq)
                 continue
-            response = seq.responses.add(seq.token.item(), seq.logprobs[0])
+            response = seq.responses.add(seq.token.item(), seq.logprobs)
             out.append(BatchResponse(seq.uid, response))
             seq.token, seq.logprobs = token, logprobs
             if response.finish_reason:
@@ -282,7 +282,8 @@ class BatchGenerator:
             # now, so that nothing of it waits for the garbage collector.
             seq.prefill.close()
             seq.prefill = seq.source = None
-            seq.token, seq.logprobs = first
+            seq.token, seq.logprobs = first[0], first[1][0]
+            mx.async_eval(seq.logprobs)  # read once the next step is queued: computed first
             self._join(seq)
         return None
 
@@ -369,18 +370,21 @@ class BatchGenerator:
             if all(seq.plain_greedy for seq in rows):
                 tokens = mx.argmax(logits, axis=-1)  # greedy reads the logits, as alone
                 logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-                fed = [(tokens[i : i + 1], logprobs[i : i + 1]) for i in range(len(rows))]
+                fed = [(tokens[i : i + 1], logprobs[i]) for i in range(len(rows))]
             else:
                 if any(seq.constraint is not None for seq in rows):
                     mx.async_eval(logits)  # the pass runs while the grammars work
                 fed = []
                 for i, seq in enumerate(rows):
                     try:
-                        fed.append(self._row(seq, logits[i : i + 1], ids[i : i + 1], offsets[i]))
+                        token, row = self._row(seq, logits[i : i + 1], ids[i : i + 1], offsets[i])
+                        fed.append((token, row[0]))
                     except Exception as err:  # noqa: BLE001  (that row fails, not the batch)
                         errors[seq.uid] = err
-                        fed.append((ids[i], logits[i : i + 1]))
-        mx.async_eval([token for token, _ in fed], logits)
+                        fed.append((ids[i], logits[i]))
+        # The log-probabilities too: a caller reads them while the next step runs, which a lazy
+        # read would instead queue behind that whole step.
+        mx.async_eval([array for pair in fed for array in pair])
         return fed, errors
 
     @staticmethod

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 
-import mlx.core as mx
+import numpy as np
 
 from ..generation.answer_stream import AnswerStream
 from ..generation.loop import GenerationResponse
@@ -116,13 +116,14 @@ class JobAnswer:
         for end tokens, which are not part of the answer."""
         if top is None or response.token in self.tokenizer.eos_token_ids:
             return None
-        logprobs = response.logprobs
+        # Read on the host: an MLX op on them would wait for the step queued since.
+        logprobs = np.asarray(response.logprobs).reshape(-1)
         best = []
         if top:
-            ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+            ids = np.argpartition(-logprobs, top - 1)[:top]
             pairs = sorted(zip(logprobs[ids].tolist(), ids.tolist(), strict=True), reverse=True)
             best = [(*self._token(i), value) for value, i in pairs]
-        chosen = logprobs[response.token].item()
+        chosen = float(logprobs[response.token])
         return [logprob_entry(*self._token(response.token), chosen, best)]
 
     def _token(self, token_id: int) -> tuple[str, bytes]:
