@@ -177,6 +177,18 @@ def test_an_allowed_origin_gets_preflights_and_cors_headers(open_to_app):
     assert raw(server, "POST", CHAT, {**headers, "Origin": EVIL}, HELLO).status == 403
 
 
+def test_an_allowed_page_can_read_why_its_body_was_refused(open_to_app):
+    """A page of an allowed origin that posts text/plain gets the 415 with the CORS header, so
+    it can read the reason rather than a bare CORS failure; another origin learns nothing."""
+    server = open_to_app
+    headers = {"Host": f"127.0.0.1:{server.port}", "Origin": APP, "Content-Type": "text/plain"}
+    refused = raw(server, "POST", CHAT, headers, HELLO)
+    assert refused.status == 415 and error_code(refused) == "unsupported_media_type"
+    assert refused.getheader("access-control-allow-origin") == APP
+    stranger = raw(server, "POST", CHAT, {**headers, "Origin": EVIL}, HELLO)
+    assert stranger.status == 403 and stranger.getheader("access-control-allow-origin") is None
+
+
 def test_an_allowed_host_name_is_answered(open_to_app):
     server = open_to_app
     assert raw(server, "GET", "/v1/models", {"Host": f"mybox.local:{server.port}"}).status == 200

@@ -15,7 +15,8 @@ any route runs, keep pages out unless the user lets one in:
   preflight are text/plain, form data and multipart.
 
 With --cors-origin, Starlette's CORSMiddleware answers the allowed origins' preflights (OPTIONS)
-and adds Access-Control-Allow-Origin to their answers.
+and adds Access-Control-Allow-Origin to their answers; the checks add it to their own refusals of
+an allowed origin's request (a body that is not JSON), so that its page can read why.
 """
 
 from __future__ import annotations
@@ -92,6 +93,12 @@ class AccessGuard:
             status, message, code = refusal
             body = json.dumps(error_body(message, "invalid_request_error", None, code)).encode()
             headers = [(b"content-type", b"application/json"), (b"vary", b"Origin")]
+            origin = _header(scope, "origin")
+            if origin is not None and self.policy.origin_allowed(origin):
+                # An allowed page reads why (a body that is not JSON), as CORSMiddleware would
+                # let it read any other answer.
+                allowed = "*" if "*" in self.policy.origins else origin
+                headers.append((b"access-control-allow-origin", allowed.encode("latin-1")))
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return
@@ -126,6 +133,12 @@ class AccessGuard:
                     "unsupported_media_type",
                 )
         return None
+
+
+def _header(scope: Scope, name: str) -> str | None:
+    """The first value of the header `name` (lower case) in `scope`, or None."""
+    key = name.encode("latin-1")
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == key), None)
 
 
 def _normalized(name: str) -> str:
