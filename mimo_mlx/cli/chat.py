@@ -185,7 +185,8 @@ class ChatSession:
         cache = vars(self.chat.cache_options)
         self.chat = Conversation.load(path, self.chat.model, self.chat.processor, **cache)
         turns = sum(m["role"] == "user" for m in self.chat.messages)
-        click.echo(f"(loaded {path}: {turns} turn(s), {self.chat.cached_tokens} tokens)", err=True)
+        tokens = self.chat.cached_tokens  # more than the turns hold after an interrupted prefill
+        click.echo(f"(loaded {path}: {turns} turn(s) answered, {tokens} tokens cached)", err=True)
         return True
 
     def _help(self, _: str) -> bool:
