@@ -19,7 +19,7 @@ from tiny_models import WIDE_HEADS
 import mimo_mlx
 from mimo_mlx import MimoError
 from mimo_mlx.generation.batch import BatchGenerator, batch_generate, prompt_steps
-from mimo_mlx.generation.loop import stream_generate
+from mimo_mlx.generation.loop import generate_step, stream_generate
 from mimo_mlx.model.batch_cache import BatchCache
 from mimo_mlx.model.cache import PromptCache
 
@@ -199,20 +199,36 @@ def test_structured_rows_follow_their_own_schemas(tiny):
 
 def test_a_long_prefill_is_interleaved_with_running_decodes(tiny):
     """While a long prompt is prefilled chunk by chunk, the running sequence gets a token at
-    every step."""
+    every step; the prompt's last chunk runs in the same pass as that step (one pass, not two),
+    and the new sequence's first token comes with the next step."""
     model, processor = tiny
     rng = np.random.default_rng(3)
     long_ids, short_ids = rng.integers(0, 390, (1, 100)), rng.integers(0, 390, (1, 6))
+    tokens: dict[int, list[int]] = {}
+
+    def step(batch) -> list[int]:
+        items = batch.next()
+        for item in items:
+            tokens.setdefault(item.uid, []).append(item.response.token)
+        return sorted(item.uid for item in items)
+
     with BatchGenerator(model, processor.tokenizer, prefill_step_size=8) as batch:
         short = batch.insert(model.prepare_prompt(short_ids), max_tokens=40)
-        assert [item.uid for item in batch.next()] == [short]  # prefilled in one chunk
-        long = batch.insert(model.prepare_prompt(long_ids), max_tokens=4)
+        assert step(batch) == [short]  # prefilled in one chunk
+        long = batch.insert(model.prepare_prompt(long_ids), max_tokens=6)
         chunks = -(-long_ids.shape[1] // 8)
         for _ in range(chunks - 1):
-            assert [item.uid for item in batch.next()] == [short]
+            assert step(batch) == [short]
             assert batch.active == 1
-        assert sorted(item.uid for item in batch.next()) == sorted([short, long])
+        assert step(batch) == [short]  # and the last chunk
         assert batch.active == 2
+        assert step(batch) == sorted([short, long])
+        while batch.has_work:
+            step(batch)
+    # Its last chunk, computed with another sequence's step, gives the tokens it gives alone.
+    for uid, ids, count in ((long, long_ids, 6), (short, short_ids, 40)):
+        alone = [token for token, _ in generate_step(ids, model, max_tokens=count)]
+        assert tokens[uid] and tokens[uid] == alone[: len(tokens[uid])]  # an end token stops it
 
 
 def test_a_decoding_sequence_keeps_nothing_of_its_prompt(tiny, media):

@@ -55,7 +55,8 @@ def pixels(dtype: mx.Dtype) -> mx.array:
 
 class Trace:
     """Records, in order, each call of the layers' own methods (`methods` of `layer`: a decoder
-    layer's `__call__`, a vision block's two halves) and each evaluation."""
+    layer's `segments`, which its `__call__` runs too, a vision block's steps) and each
+    evaluation."""
 
     def __init__(self, monkeypatch, layer: type, methods: tuple[str, ...] = ("__call__",)):
         self.events: list[str] = []
@@ -179,7 +180,7 @@ def first_token(monkeypatch, model: Model, kind: str, budget: int, trace: bool =
     with monkeypatch.context() as patch:
         patch.setattr(loop, "device_kind", lambda: kind)
         patch.setattr(loop, "prefill_schedule", partial(prefill_schedule, budget=budget))
-        traced = Trace(patch, DecoderLayer) if trace else None
+        traced = Trace(patch, DecoderLayer, ("segments",)) if trace else None
         cache = model.make_cache()
         steps = generate_step(
             image_prompt(model), model, max_tokens=1, prompt_cache=cache, prefill_step_size=64

@@ -13,8 +13,12 @@ answers a list of prompts with it.
 Each `next` does at most one unit of prefill work for the first waiting sequence (its vision
 pass, or one chunk of `prefill_step_size` tokens) and then one decode step for every sequence in
 the batch, so a long prompt (a video) delays the running answers by a chunk at a time, not by its
-whole length. A sequence's prefill is `generate`'s own (the same chunks, the same passes, its own
-`PromptCache`), so images, videos and cached prefixes work as they do alone; it then joins the
+whole length. A prompt's last chunk (often its only one: a question after a cached image) runs
+in the decode step's own pass when one pass serves the batch (`Model.decode_with_chunk`): its
+rows share every matmul with the batch's, one read of the weights for both, and the sequence
+decodes from the next step on. A sequence's prefill is `generate`'s own (the same chunks, the
+same passes, its own `PromptCache`), so images, videos and cached prefixes work as they do
+alone; it then joins the
 batch (`model.batch_cache.BatchCache`), where every step feeds one token of each row through one
 forward pass. Each row keeps its own sampler, logits processors, structured-output constraint,
 token budget, end tokens and cache options: rows whose caches are quantized (`kv_bits`) decode in
@@ -54,6 +58,7 @@ from .loop import (
     DEFAULT_PREFILL_STEP,
     GenerationResponse,
     GenerationResult,
+    LastChunk,
     ResponseStream,
     _history,
     _stepper,
@@ -90,6 +95,7 @@ class _Sequence:
     context: np.ndarray | None
     responses: ResponseStream
     prefill: Iterator | None = None
+    step: Callable | None = None  # its `_stepper`, once its prompt is made
     history: mx.array | None = None
     token: mx.array | None = None  # (1,) the next token: emitted and fed at the next step
     logprobs: mx.array | None = None  # (vocab,), of that token
@@ -134,6 +140,8 @@ class BatchGenerator:
         self._stream: mx.Stream | None = None
         self._settings = None
         self._steps = 0
+        # A waiting sequence whose last prefill chunk runs in this step's decode pass.
+        self._chunk: tuple[_Sequence, LastChunk] | None = None
 
     def __enter__(self) -> BatchGenerator:
         self._settings = generation_settings(self.model)
@@ -243,7 +251,8 @@ class BatchGenerator:
             return out
         self._quantize_due()
         rows = self._rows
-        fed, errors = self._decode(rows)  # queued; the tokens below are read meanwhile
+        chunk, self._chunk = self._chunk, None
+        fed, errors, first = self._decode(rows, chunk)  # queued; tokens below read meanwhile
         done = []
         for seq, (token, logprobs) in zip(rows, fed, strict=True):
             if seq.uid in errors:
@@ -257,6 +266,13 @@ class BatchGenerator:
                 done.append(seq)
         if done:
             self._leave(done)
+        if chunk is not None:  # its prefill ended in this pass: it joins for the next step
+            seq = chunk[0]
+            if isinstance(first, Exception):
+                self._end_prefill(seq)
+                out.append(BatchResponse(seq.uid, error=first))
+            else:
+                self._joined(seq, first)
         self._steps += 1
         release_cache(self._steps)
         return out
@@ -273,19 +289,34 @@ class BatchGenerator:
             if seq.prefill is None:
                 seq.prefill = self._prefill(seq)
             first = next(seq.prefill)
+            if isinstance(first, LastChunk):
+                decoding = [group for group in self._groups.values() if group.rows]
+                if len(decoding) == 1 and not self._due():  # one decode pass this step
+                    self._chunk = (seq, first)  # run in it
+                    return None
+                first = seq.step(seq.history, logits_to_keep=1, **_chunk_arguments(first))
         except Exception as err:  # noqa: BLE001  (reported to the sequence's owner)
-            self._waiting.popleft()
+            self._end_prefill(seq)
             return BatchResponse(seq.uid, error=err)
         if first is not None:
-            self._waiting.popleft()
-            # Its frame holds the prompt (pixels, features) and refers back to `seq`: closed
-            # now, so that nothing of it waits for the garbage collector.
-            seq.prefill.close()
-            seq.prefill = seq.source = None
-            seq.token, seq.logprobs = first[0], first[1][0]
-            mx.async_eval(seq.logprobs)  # read once the next step is queued: computed first
-            self._join(seq)
+            self._joined(seq, first)
         return None
+
+    def _end_prefill(self, seq: _Sequence) -> None:
+        """The sequence's prefill is over (done or failed): it stops waiting, and the frame of
+        its prefill, which holds the prompt (pixels, features) and refers back to `seq`, is
+        closed now, so that nothing of it waits for the garbage collector."""
+        self._waiting.remove(seq)
+        if seq.prefill is not None:
+            seq.prefill.close()
+        seq.prefill = seq.source = None
+
+    def _joined(self, seq: _Sequence, first: tuple[mx.array, mx.array]) -> None:
+        """The sequence's prefill gave its first token: it joins the batch."""
+        self._end_prefill(seq)
+        seq.token, seq.logprobs = first[0], first[1][0]
+        mx.async_eval(seq.logprobs)  # read once the next step is queued: computed first
+        self._join(seq)
 
     def _join(self, seq: _Sequence) -> None:
         """The sequence's tokens join the batch that stores them as its cache does."""
@@ -300,22 +331,26 @@ class BatchGenerator:
     def _quantize_due(self) -> None:
         """Rows whose caches are to be quantized from now on (kv_bits, `quantized_kv_start`
         reached) move to a quantized batch, as `generate_step` would quantize them alone."""
-        group = self._groups.get(None)
-        if group is None:
-            return
-        lengths = group.cache.lengths
-        due = [
-            seq
-            for seq, length in zip(group.rows, lengths, strict=True)
-            if seq.cache.options.kv_bits is not None
-            and length >= seq.cache.options.quantized_kv_start
-        ]
+        due = self._due()
         if not due:
             return
         self._leave(due)
         for seq in due:
             seq.cache.quantize()
             self._join(seq)
+
+    def _due(self) -> list[_Sequence]:
+        """The float rows whose caches are to be quantized before the next pass."""
+        group = self._groups.get(None)
+        if group is None:
+            return []
+        lengths = group.cache.lengths
+        return [
+            seq
+            for seq, length in zip(group.rows, lengths, strict=True)
+            if seq.cache.options.kv_bits is not None
+            and length >= seq.cache.options.quantized_kv_start
+        ]
 
     def _prefill(self, seq: _Sequence) -> Iterator:
         """The sequence's prefill in units: its prompt (the vision pass, when a function makes
@@ -340,18 +375,28 @@ class BatchGenerator:
             )
         seq.responses.prompt_length = prompt.length
         seq.history = _history(prompt, seq.context, seq.processors)
-        step = _stepper(
+        seq.step = _stepper(
             self.model, seq.cache, seq.sampler, seq.processors, self._stream, seq.constraint
         )
         yield from prefill_chunks(
-            prompt, self.model, seq.cache, step, seq.history, self.prefill_step_size, self._stream
+            prompt,
+            self.model,
+            seq.cache,
+            seq.step,
+            seq.history,
+            self.prefill_step_size,
+            self._stream,
+            run_last=False,
         )
 
     # ------------------------------------------------------------------ decode
 
-    def _decode(self, rows: list[_Sequence]):
+    def _decode(self, rows: list[_Sequence], chunk: tuple[_Sequence, LastChunk] | None = None):
         """Feed every row's next token through one pass; each row's next (token, log-probs),
-        queued, and the rows whose own processing failed (uid -> error)."""
+        queued, the rows whose own processing failed (uid -> error), and with a waiting
+        sequence's last prefill `chunk` (one group only), that sequence's first (token,
+        log-probs) from the same pass, or the error that ended it."""
+        first = None
         errors: dict[int, Exception] = {}
         groups = [group for group in self._groups.values() if group.rows]
         # Each row's own cache offset, as `generate_step` sees it.
@@ -364,7 +409,20 @@ class BatchGenerator:
             parts, start = [], 0
             for group in groups:
                 end = start + len(group.rows)
-                parts.append(self.model(ids[start:end], cache=group.cache)[:, 0])
+                if chunk is None:
+                    parts.append(self.model(ids[start:end], cache=group.cache)[:, 0])
+                else:
+                    seq, last = chunk
+                    offset = seq.cache.offset  # where the chunk goes
+                    batch_logits, chunk_logits = self.model.decode_with_chunk(
+                        ids[start:end], group.cache, last.inputs, seq.cache, last.layers_per_eval
+                    )
+                    parts.append(batch_logits[:, 0])
+                    try:
+                        ids_in = last.inputs["input_ids"]
+                        first = seq.step.pick(chunk_logits[0], seq.history, ids_in, offset)
+                    except Exception as err:  # noqa: BLE001  (that sequence fails, not the batch)
+                        first = err
                 start = end
             logits = (parts[0] if len(parts) == 1 else mx.concatenate(parts)).astype(mx.float32)
             if all(seq.plain_greedy for seq in rows):
@@ -385,7 +443,7 @@ class BatchGenerator:
         # The log-probabilities too: a caller reads them while the next step runs, which a lazy
         # read would instead queue behind that whole step.
         mx.async_eval([array for pair in fed for array in pair])
-        return fed, errors
+        return fed, errors, first
 
     @staticmethod
     def _row(seq: _Sequence, logits: mx.array, ids: mx.array, offset: int):
@@ -537,3 +595,8 @@ def prompt_steps(
         cache=cache,
         vision_features=features,
     )
+
+
+def _chunk_arguments(chunk: LastChunk) -> dict:
+    """`step`'s keyword arguments for a last chunk run alone."""
+    return {"layers_per_eval": chunk.layers_per_eval, **chunk.inputs}

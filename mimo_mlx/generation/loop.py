@@ -195,12 +195,18 @@ def _stepper(model: Model, cache: PromptCache, sampler, processors, stream, cons
     def step(history: mx.array | None, logits_to_keep: int = 0, **inputs):
         offset = cache.offset  # where these inputs go
         with mx.stream(stream or mx.default_stream(mx.default_device())):
+            logits = model(**inputs, cache=cache, logits_to_keep=logits_to_keep)[0]
+        return pick(logits, history, inputs["input_ids"], offset)
+
+    def pick(logits: mx.array, history: mx.array | None, ids: mx.array, offset: int):
+        """The tokens and log-probabilities of `step`, from the logits (R, vocab) of the last R
+        of inputs `ids` (1, L) that went into the cache at `offset` (a pass made elsewhere:
+        `Model.decode_with_chunk`)."""
+        with mx.stream(stream or mx.default_stream(mx.default_device())):
             # float32 from here on, as transformers' generate does: processors, log-probs
             # and sampling see full-precision scores whatever the model computes in.
-            logits = model(**inputs, cache=cache, logits_to_keep=logits_to_keep)[0]
             logits = logits.astype(mx.float32)  # (R, vocab)
             if processors:
-                ids = inputs["input_ids"]
                 first = ids.shape[1] - logits.shape[0]  # the input of row 0
                 rows = []
                 for i in range(logits.shape[0]):
@@ -214,7 +220,7 @@ def _stepper(model: Model, cache: PromptCache, sampler, processors, stream, cons
                 logits = mx.concatenate(rows)
             if constraint is not None:
                 mx.async_eval(logits)
-                logits = constraint.mask(logits, inputs["input_ids"], offset)
+                logits = constraint.mask(logits, ids, offset)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             # Greedy reads the logits (the same argmax, transformers' own choice): the vocabulary's
             # log-sum-exp then runs only if the caller reads the log-probabilities.
@@ -222,6 +228,7 @@ def _stepper(model: Model, cache: PromptCache, sampler, processors, stream, cons
         mx.async_eval(token, logits)
         return token, logprobs
 
+    step.pick = pick
     return step
 
 
@@ -235,10 +242,22 @@ def _prefill(prompt: Prompt, model: Model, cache, step, history, step_size: int,
     return first
 
 
-def prefill_chunks(prompt: Prompt, model: Model, cache, step, history, step_size: int, stream):
+@dataclass(frozen=True)
+class LastChunk:
+    """The last chunk of a prefill, not run yet: `Model.__call__`'s arguments for it, and the
+    memory plan its pass should follow."""
+
+    inputs: dict
+    layers_per_eval: int
+
+
+def prefill_chunks(
+    prompt: Prompt, model: Model, cache, step, history, step_size: int, stream, run_last=True
+):
     """`_prefill` one chunk at a time: yields None after each evaluated chunk but the last, then
-    the first token and its log-probabilities (queued). A batch interleaves these chunks with
-    the decode steps of sequences already running."""
+    the first token and its log-probabilities (queued), or with `run_last` False the last chunk
+    unrun (`LastChunk`: a batch runs it in its next decode pass). A batch interleaves these
+    chunks with the decode steps of sequences already running."""
     text = model.config.text
     plan = prefill_schedule(
         device_kind(),
@@ -255,6 +274,9 @@ def prefill_chunks(prompt: Prompt, model: Model, cache, step, history, step_size
         mx.eval(cache.state)  # keep the graph one chunk deep
         start += step_size
         yield None
+    if not run_last:
+        yield LastChunk(prompt.chunk(start), plan)
+        return
     yield step(history, logits_to_keep=1, layers_per_eval=plan, **prompt.chunk(start))
 
 

@@ -6,6 +6,7 @@ Attribute names equal the checkpoint's keys under `model.`, so weights load by n
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -169,6 +170,29 @@ def _grouped(
     return weighted(weights).reshape(batch, heads, length, head_dim)  # from (B, Hkv, G, L, D)
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One input of a decoder pass that runs several (`DecoderLayer.segments`): its rotation,
+    attention mask and layer cache, and how many of its last tokens to compute past the keys
+    and values (0: all)."""
+
+    rotate: Rotation
+    mask: str | mx.array | None
+    cache: LayerCache | None
+    keep: int = 0
+
+
+def rows_through(layer: Callable[[mx.array], mx.array], xs: list[mx.array]) -> list[mx.array]:
+    """`layer` (row-wise: a projection, the MLP) over every row of `xs` (each (B, L, C)) in one
+    call, split back. One input goes through as it is."""
+    if len(xs) == 1:
+        return [layer(xs[0])]
+    rows = [x.reshape(-1, x.shape[-1]) for x in xs]
+    out = layer(mx.concatenate(rows))
+    ends = np.cumsum([r.shape[0] for r in rows])[:-1].tolist()
+    return [o.reshape(*x.shape[:2], -1) for o, x in zip(mx.split(out, ends), xs, strict=True)]
+
+
 class Attention(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
@@ -183,17 +207,28 @@ class Attention(nn.Module):
 
     def __call__(self, x, rotate: Rotation, mask, cache: LayerCache | None, keep: int = 0):
         """Keys and values of every token of x; queries and outputs for the last `keep` (0: all)."""
-        batch, length, _ = x.shape
-        queries = x[:, -keep:] if keep else x
-        q = self.q_proj(queries).reshape(batch, queries.shape[1], self.num_heads, -1)
-        q = q.transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
-        q, k = rotate(q), rotate(k)  # (B, H, L, D)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, self.scale, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, q.shape[2], -1))
+        return self.segments([x], [Segment(rotate, mask, cache, keep)])[0]
+
+    def segments(self, xs: list[mx.array], parts: list[Segment]) -> list[mx.array]:
+        """`__call__` for several inputs at once, each with its own positions, mask and cache
+        (a batch's decode rows and a prompt's chunk): the projections are one matmul over all
+        their rows, the attention runs apart."""
+        queries = [
+            x[:, -part.keep :] if part.keep else x for x, part in zip(xs, parts, strict=True)
+        ]
+        qs = rows_through(self.q_proj, queries)
+        ks, vs = rows_through(self.k_proj, xs), rows_through(self.v_proj, xs)
+        outs = []
+        for q, k, v, part in zip(qs, ks, vs, parts, strict=True):
+            q = q.reshape(*q.shape[:2], self.num_heads, -1).transpose(0, 2, 1, 3)
+            k = k.reshape(*k.shape[:2], self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+            v = v.reshape(*v.shape[:2], self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+            q, k = part.rotate(q), part.rotate(k)  # (B, H, L, D)
+            if part.cache is not None:
+                k, v = part.cache.update_and_fetch(k, v)
+            out = attention(q, k, v, self.scale, part.mask)
+            outs.append(out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1))
+        return rows_through(self.o_proj, outs)
 
 
 class MLP(nn.Module):
@@ -218,10 +253,17 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, rotate: Rotation, mask, cache: LayerCache | None, keep: int = 0):
         """The next hidden states of every token of x, or of its last `keep` (0: all) while
         every token still goes into the cache."""
-        h = self.input_layernorm(x)
-        x = x[:, -keep:] if keep else x
-        x = x + self.self_attn(h, rotate, mask, cache, keep)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return self.segments([x], [Segment(rotate, mask, cache, keep)])[0]
+
+    def segments(self, xs: list[mx.array], parts: list[Segment]) -> list[mx.array]:
+        """`__call__` for several inputs at once (see `Attention.segments`): every matmul is one
+        over all their rows."""
+        hs = [self.input_layernorm(x) for x in xs]
+        xs = [x[:, -part.keep :] if part.keep else x for x, part in zip(xs, parts, strict=True)]
+        attended = self.self_attn.segments(hs, parts)
+        xs = [x + a for x, a in zip(xs, attended, strict=True)]
+        normed = [self.post_attention_layernorm(x) for x in xs]
+        return [x + m for x, m in zip(xs, rows_through(self.mlp, normed), strict=True)]
 
 
 class TextModel(nn.Module):
@@ -253,17 +295,31 @@ class TextModel(nn.Module):
         mask: a boolean (B, 1, L, keys) mask replacing the causal rule (a batch's padding, see
         `BatchCache.attention_mask`).
         """
+        return self.segments([(embeds, positions, cache, keep, mask)], layers_per_eval)[0]
+
+    def segments(self, inputs: list[tuple], layers_per_eval: int = 0) -> list[mx.array]:
+        """`__call__` for several inputs in one pass, each (embeds, positions, cache, keep,
+        mask) as `__call__` takes them, e.g. a batch's decode rows and a prompt's chunk: every
+        matmul takes all their rows at once (on a CPU or GPU a few more rows cost little more
+        than the weights' one read), and each input attends to its own cache."""
         kernel = rope_kernel(device_kind())
-        rotate = self._rope(positions, embeds.dtype, embeds.shape[1], kernel)
-        # Causal over the new tokens; MLX aligns the causal mask to the end of a longer cached key
-        # list (and of the keys when the last layer keeps only the last queries).
-        if mask is None:
-            mask = "causal" if embeds.shape[1] > 1 else None
-        cache = cache or [None] * len(self.layers)
-        x = embeds
+        rotations, masks = [], []
+        for embeds, positions, _, _, mask in inputs:
+            rotations.append(self._rope(positions, embeds.dtype, embeds.shape[1], kernel))
+            # Causal over the new tokens; MLX aligns the causal mask to the end of a longer
+            # cached key list (and of the keys when the last layer keeps only the last queries).
+            masks.append(mask if mask is not None else "causal" if embeds.shape[1] > 1 else None)
+        caches = [cache or [None] * len(self.layers) for _, _, cache, _, _ in inputs]
+        xs = [embeds for embeds, *_ in inputs]
         last = len(self.layers) - 1
-        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
-            x = layer(x, rotate, mask, layer_cache, keep if i == last else 0)
+        for i, layer in enumerate(self.layers):
+            parts = [
+                Segment(rotate, mask, cache[i], keep if i == last else 0)
+                for rotate, mask, cache, (*_, keep, _) in zip(
+                    rotations, masks, caches, inputs, strict=True
+                )
+            ]
+            xs = layer.segments(xs, parts)
             if layers_per_eval and (i + 1) % layers_per_eval == 0 and i < last:
-                mx.eval(x)
-        return self.norm(x)
+                mx.eval(xs)
+        return [self.norm(x) for x in xs]

@@ -28,7 +28,7 @@ from .backend import device_kind
 from .batch_cache import BatchCache
 from .cache import PromptCache, check_cache_options
 from .config import ModelConfig
-from .language import TextModel
+from .language import TextModel, rows_through
 from .mrope import VisionTokens, rope_index
 from .vision import VisionModel, encode, tower_schedule
 
@@ -111,6 +111,37 @@ class Model(nn.Module):
         The cache's rotary offsets are updated here and nowhere else, and here it switches to
         quantized storage when its options say it is time.
         """
+        text = self._text_input(input_ids, cache, positions, vision_features, logits_to_keep)
+        return self.logits(self.model.segments([text], layers_per_eval)[0])
+
+    def decode_with_chunk(
+        self,
+        ids: mx.array,
+        cache: BatchCache,
+        chunk: dict[str, Any],
+        chunk_cache: PromptCache,
+        layers_per_eval: int = 0,
+    ) -> tuple[mx.array, mx.array]:
+        """A batch's decode step and another sequence's prompt chunk in one pass: logits
+        (B, 1, vocab) of `ids` (B, 1) continuing the `BatchCache`, and (1, 1, vocab) of the last
+        token of `chunk` (`Prompt.chunk`'s arguments) continuing `chunk_cache`, each as its own
+        call would compute them (bit for bit where the backend computes each row of a matmul as
+        it would alone: see `generation.batch`). Every matmul takes both inputs' rows at once, so
+        the chunk costs little more than the weights' one read the step makes anyway; the
+        attention runs apart, each input over its own cache."""
+        inputs = [
+            self._text_input(ids, cache, None, None, 0),
+            self._text_input(
+                chunk["input_ids"], chunk_cache, chunk["positions"], chunk["vision_features"], 1
+            ),
+        ]
+        batch, prompt = rows_through(self.logits, self.model.segments(inputs, layers_per_eval))
+        return batch, prompt
+
+    def _text_input(self, input_ids, cache, positions, vision_features, keep: int) -> tuple:
+        """What the decoder takes for tokens `input_ids` continuing `cache` (`__call__`'s
+        arguments): (embeddings, rotary positions, layer caches, keep, attention mask). The
+        cache's positions are recorded and its storage switched here."""
         ids = input_ids if isinstance(input_ids, mx.array) else mx.array(input_ids)
         embeds = self.model.embed_tokens(ids)
         if vision_features is not None:
@@ -129,8 +160,7 @@ class Model(nn.Module):
             rope = int(starts[0]) if same else mx.array(starts.astype(np.int32))
         layers = None if cache is None else cache.layers
         mask = None if cache is None else cache.attention_mask(ids.shape[1])
-        hidden = self.model(embeds, rope, layers, logits_to_keep, layers_per_eval, mask)
-        return self.logits(hidden)
+        return embeds, rope, layers, keep, mask
 
     def prepare_prompt(
         self,
