@@ -12,6 +12,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from distributed_folders import write_quantized_folder
 from PIL import Image
 from test_generate import MAX_PIXELS, sample_images, write_model_folder
 from tiny_models import WIDE_HEADS
@@ -427,3 +428,21 @@ def test_quantized_caches_decode_in_a_batch_as_alone(wide, media):
         )
     assert [c.quantized for c in caches] == [True, True, True, False, True]
     assert caches[2].offset > 30  # it crossed quantized_kv_start inside the batch
+
+
+def test_a_4bit_model_batches_as_alone(tmp_path, media):
+    """A converted 4-bit model (quantized matmuls): five requests, three at a time, so two join
+    while the others decode, their prompts (one with an image) riding in the running rows'
+    pass; each gives its solo tokens."""
+    model, processor = mimo_mlx.load(write_quantized_folder(tmp_path / "4bit", group_size=32))
+    images, _ = media
+    prompts = [
+        dict(prompt="Hello there.", max_tokens=12),
+        dict(prompt="Tell me a story about a cat.", max_tokens=12),
+        dict(prompt="Count to ten.", max_tokens=12),
+        dict(prompt="What is in this picture?", images=images[:1], max_tokens=12) | PIXELS,
+        dict(prompt="Name a colour.", max_tokens=12),
+    ]
+    results = batch_generate(model, processor, prompts, max_batch=3)
+    for request, result in zip(prompts, results, strict=True):
+        assert result.tokens == mimo_mlx.generate(model, processor, **request).tokens
