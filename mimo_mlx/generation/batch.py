@@ -140,8 +140,6 @@ class BatchGenerator:
         self._stream: mx.Stream | None = None
         self._settings = None
         self._steps = 0
-        # A waiting sequence whose last prefill chunk runs in this step's decode pass.
-        self._chunk: tuple[_Sequence, LastChunk] | None = None
 
     def __enter__(self) -> BatchGenerator:
         self._settings = generation_settings(self.model)
@@ -244,14 +242,13 @@ class BatchGenerator:
         """One step: a unit of prefill work (if a sequence waits and the batch has room), then
         one token for every sequence in the batch. Sequences that finish leave the batch here."""
         out: list[BatchResponse] = []
-        failed = self._prefill_unit()
+        failed, chunk = self._prefill_unit()
         if failed is not None:
             out.append(failed)
         if not self._groups:
             return out
         self._quantize_due()
         rows = self._rows
-        chunk, self._chunk = self._chunk, None
         fed, errors, first = self._decode(rows, chunk)  # queued; tokens below read meanwhile
         done = []
         for seq, (token, logprobs) in zip(rows, fed, strict=True):
@@ -279,11 +276,13 @@ class BatchGenerator:
 
     # ------------------------------------------------------------------ prefill
 
-    def _prefill_unit(self) -> BatchResponse | None:
+    def _prefill_unit(self) -> tuple[BatchResponse | None, tuple[_Sequence, LastChunk] | None]:
         """One unit of the first waiting sequence's prefill; when it completes, the sequence
-        joins the batch with its first token. A failure ends that sequence only."""
+        joins the batch with its first token. A failure ends that sequence only (its response
+        comes first). When one decode pass serves the batch this step, the prefill's last chunk
+        is not run here but returned with its sequence (second), for that pass to run."""
         if not self._waiting or len(self._rows) >= self.max_batch:
-            return None
+            return None, None
         seq = self._waiting[0]
         try:
             if seq.prefill is None:
@@ -292,15 +291,17 @@ class BatchGenerator:
             if isinstance(first, LastChunk):
                 decoding = [group for group in self._groups.values() if group.rows]
                 if len(decoding) == 1 and not self._due():  # one decode pass this step
-                    self._chunk = (seq, first)  # run in it
-                    return None
-                first = seq.step(seq.history, logits_to_keep=1, **_chunk_arguments(first))
+                    return None, (seq, first)
+                plan = first.layers_per_eval
+                first = seq.step(
+                    seq.history, logits_to_keep=1, layers_per_eval=plan, **first.inputs
+                )
         except Exception as err:  # noqa: BLE001  (reported to the sequence's owner)
             self._end_prefill(seq)
-            return BatchResponse(seq.uid, error=err)
+            return BatchResponse(seq.uid, error=err), None
         if first is not None:
             self._joined(seq, first)
-        return None
+        return None, None
 
     def _end_prefill(self, seq: _Sequence) -> None:
         """The sequence's prefill is over (done or failed): it stops waiting, and the frame of
@@ -406,24 +407,24 @@ class BatchGenerator:
             if seq.history is not None:
                 seq.history = mx.concatenate([seq.history, seq.token])
         with mx.stream(self._stream or mx.default_stream(mx.default_device())):
-            parts, start = [], 0
-            for group in groups:
-                end = start + len(group.rows)
-                if chunk is None:
+            if chunk is None:
+                parts, start = [], 0
+                for group in groups:
+                    end = start + len(group.rows)
                     parts.append(self.model(ids[start:end], cache=group.cache)[:, 0])
-                else:
-                    seq, last = chunk
-                    offset = seq.cache.offset  # where the chunk goes
-                    batch_logits, chunk_logits = self.model.decode_with_chunk(
-                        ids[start:end], group.cache, last.inputs, seq.cache, last.layers_per_eval
-                    )
-                    parts.append(batch_logits[:, 0])
-                    try:
-                        ids_in = last.inputs["input_ids"]
-                        first = seq.step.pick(chunk_logits[0], seq.history, ids_in, offset)
-                    except Exception as err:  # noqa: BLE001  (that sequence fails, not the batch)
-                        first = err
-                start = end
+                    start = end
+            else:  # one group, and the chunk in its pass
+                (group,), (seq, last) = groups, chunk
+                offset = seq.cache.offset  # where the chunk goes
+                batch_logits, chunk_logits = self.model.decode_with_chunk(
+                    ids, group.cache, last.inputs, seq.cache, last.layers_per_eval
+                )
+                parts = [batch_logits[:, 0]]
+                try:
+                    ids_in = last.inputs["input_ids"]
+                    first = seq.step.pick(chunk_logits[0], seq.history, ids_in, offset)
+                except Exception as err:  # noqa: BLE001  (that sequence fails, not the batch)
+                    first = err
             logits = (parts[0] if len(parts) == 1 else mx.concatenate(parts)).astype(mx.float32)
             if all(seq.plain_greedy for seq in rows):
                 tokens = mx.argmax(logits, axis=-1)  # greedy reads the logits, as alone
@@ -595,8 +596,3 @@ def prompt_steps(
         cache=cache,
         vision_features=features,
     )
-
-
-def _chunk_arguments(chunk: LastChunk) -> dict:
-    """`step`'s keyword arguments for a last chunk run alone."""
-    return {"layers_per_eval": chunk.layers_per_eval, **chunk.inputs}
