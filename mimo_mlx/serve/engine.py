@@ -226,13 +226,13 @@ class Engine:
         for job in started:
             admit(job)
 
-    def take(self, running: int) -> Job | None:
-        """For the generation thread: the next job to start, now `running` run. Waits while
-        nothing runs and nothing waits; None when nothing is to start (closed, or no room)."""
+    def take(self) -> Job | None:
+        """For the generation thread serving one job at a time: the next job, once one waits;
+        None when the engine has closed. (A batching loop is given its jobs: `admit_with`.)"""
         with self._cond:
-            while not running and not self._waiting and not self._closed:
+            while not self._waiting and not self._closed:
                 self._cond.wait()
-            if self._closed or running >= self.max_batch or not self._waiting:
+            if self._closed:
                 return None
             job = self._waiting.popleft()
             job.state = "running"
@@ -261,7 +261,7 @@ class Engine:
 
             BatchLoop(self).run()
             return
-        while (job := self.take(0)) is not None:
+        while (job := self.take()) is not None:
             try:
                 outcome, last_event = self._generate(job)
             except Exception:  # a bug must cost one request, never the server
