@@ -116,6 +116,16 @@ def run(coroutine):
     return asyncio.run(coroutine())
 
 
+def run_started(engine: Engine, coroutine):
+    """`run(coroutine)` with `engine`'s generation thread started, and closed afterwards whatever
+    happens (for the tests that make their own engine)."""
+    engine.start()
+    try:
+        return run(coroutine)
+    finally:
+        engine.close()
+
+
 def test_a_job_streams_started_deltas_and_finished(engine):
     async def main():
         first = job("a", max_tokens=3, stop=("w3",))
@@ -294,17 +304,13 @@ def test_a_template_that_opens_thinking_puts_the_answer_in_reasoning(tmp_path):
     expected = mimo_mlx.generate(model, processor, "Hello", max_tokens=12, temp=0.0)
     assert expected.inputs.opens_thinking and expected.thinking and not expected.answer
     engine = Engine(ConversationPool(model, processor), processor.tokenizer, queue_size=1)
-    engine.start()
 
     async def main():
         asked = job("Hello", max_tokens=12, greedy=True)
         engine.submit(asked)
         return await events(asked)
 
-    try:
-        found = run(main)
-    finally:
-        engine.close()
+    found = run_started(engine, main)
     deltas = [e for e in found if isinstance(e, Delta)]
     assert "".join(d.reasoning for d in deltas) == expected.thinking
     assert "".join(d.content for d in deltas) == expected.answer == ""
@@ -318,7 +324,6 @@ def test_a_cancelled_job_leaves_the_batch_within_a_step_and_the_other_goes_on(tm
     expected = mimo_mlx.generate(model, processor, "Count to ten.", max_tokens=60, temp=0.0)
     pool = ConversationPool(model, processor)
     engine = Engine(pool, processor.tokenizer, queue_size=1, max_batch=2)
-    engine.start()
 
     async def main():
         leaving = job("Tell me a long story.", max_tokens=2000, greedy=True, top_logprobs=0)
@@ -333,11 +338,8 @@ def test_a_cancelled_job_leaves_the_batch_within_a_step_and_the_other_goes_on(tm
         rest = await events(staying)
         return sent, rest
 
-    try:
-        sent, rest = run(main)
-        stats = engine.stats()
-    finally:
-        engine.close()
+    sent, rest = run_started(engine, main)
+    stats = engine.stats()
     assert stats["requests"]["cancelled"] == 1 and stats["queue"]["running"] == 0
     story = next(c for c in pool._entries if "story" in str(c.messages[0]))
     answered = len(story._tokens) - story.answer_start
@@ -377,7 +379,6 @@ def test_a_request_whose_media_take_long_to_prepare_does_not_stall_the_batch(tmp
     }
     preparing = _slow_down_preparation(processor)
     engine = Engine(ConversationPool(model, processor), processor.tokenizer, 1, max_batch=2)
-    engine.start()
 
     async def main():
         running = job("Tell me a long story.", max_tokens=300, greedy=True, top_logprobs=0)
@@ -391,10 +392,7 @@ def test_a_request_whose_media_take_long_to_prepare_does_not_stall_the_batch(tmp
                 engine.submit(slow)
         return arrived, found, await events(slow)
 
-    try:
-        arrived, found, other = run(main)
-    finally:
-        engine.close()
+    arrived, found, other = run_started(engine, main)
     start, end = preparing
     assert end - start >= 1.0
     during = [t for t in arrived if start < t < end]
@@ -413,7 +411,6 @@ def test_a_request_that_leaves_while_its_media_are_prepared_frees_its_place_at_o
     expected = mimo_mlx.generate(model, processor, "Hello", max_tokens=8, temp=0.0).answer
     _slow_down_preparation(processor)
     engine = Engine(ConversationPool(model, processor), processor.tokenizer, 1, max_batch=2)
-    engine.start()
 
     async def main():
         slow = job("A slow one.", max_tokens=8)
@@ -430,10 +427,7 @@ def test_a_request_that_leaves_while_its_media_are_prepared_frees_its_place_at_o
         engine.submit(after)
         return freed, await events(after)
 
-    try:
-        freed, found = run(main)
-    finally:
-        engine.close()
+    freed, found = run_started(engine, main)
     assert freed < 0.5, f"the place was freed {freed:.2f} s after the client left"
     assert "".join(e.content for e in found if isinstance(e, Delta)) == expected
 
@@ -463,7 +457,6 @@ def test_a_request_is_prepared_as_soon_as_it_has_a_place_not_when_the_step_ends(
 
     monkeypatch.setattr(BatchGenerator, "next", slow_step)
     engine = Engine(ConversationPool(model, processor), processor.tokenizer, 1, max_batch=2)
-    engine.start()
 
     async def main():
         running = job("Tell me a long story.", max_tokens=20, greedy=True, top_logprobs=0)
@@ -475,10 +468,7 @@ def test_a_request_is_prepared_as_soon_as_it_has_a_place_not_when_the_step_ends(
         engine.submit(second)
         return arrived, await events(second)
 
-    try:
-        arrived, found = run(main)
-    finally:
-        engine.close()
+    arrived, found = run_started(engine, main)
     began = preparing[0]
     assert began - arrived < step_s / 2, f"prepared {began - arrived:.2f} s after it arrived"
     # Before the step it arrived in (or between, the one after) had ended.
