@@ -436,8 +436,9 @@ class BatchGenerator:
                 fed = []
                 for i, seq in enumerate(rows):
                     try:
-                        token, row = self._row(seq, logits[i : i + 1], ids[i : i + 1], offsets[i])
-                        fed.append((token, row[0]))
+                        row, row_ids, offset = logits[i : i + 1], ids[i : i + 1], int(offsets[i])
+                        token, row_logprobs = seq.step.pick(row, seq.history, row_ids, offset)
+                        fed.append((token, row_logprobs[0]))
                     except Exception as err:  # noqa: BLE001  (that row fails, not the batch)
                         errors[seq.uid] = err
                         fed.append((ids[i], logits[i]))
@@ -445,18 +446,6 @@ class BatchGenerator:
         # read would instead queue behind that whole step.
         mx.async_eval([array for pair in fed for array in pair])
         return fed, errors, first
-
-    @staticmethod
-    def _row(seq: _Sequence, logits: mx.array, ids: mx.array, offset: int):
-        """One row's token and log-probabilities from its logits (1, vocab), as `_stepper` makes
-        them for a sequence alone."""
-        for processor in seq.processors:
-            logits = processor(seq.history, logits)
-        if seq.constraint is not None:
-            logits = seq.constraint.mask(logits, ids, int(offset))
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = seq.sampler(logits if seq.sampler is greedy else logprobs)
-        return token, logprobs
 
     def _leave(self, done: list[_Sequence]) -> None:
         """Rows leave the batch; their caches get their tokens back, evaluated now so that they
